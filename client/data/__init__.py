@@ -1,0 +1,1 @@
+"""Site data: DICOM ingest and preprocessing, labels, the on-disk cache, the patient split."""

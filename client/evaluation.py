@@ -1,0 +1,52 @@
+"""Evaluate the global model on the site's validation split.
+
+Returns only summable statistics (see :mod:`common.metrics`): never a
+per-image score, label or identifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from common.metrics import sufficient_statistics
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    loss: float
+    num_examples: int
+    statistics: dict[str, list[int]]
+
+
+def evaluate(
+    model: nn.Module, *, images: np.ndarray, labels: np.ndarray, device: torch.device, batch_size: int = 256
+) -> EvalOutcome:
+    """Mean BCE loss and sufficient statistics of ``model`` on ``images``/``labels``."""
+    import torch
+
+    model = model.to(device).eval()
+    probs: list[torch.Tensor] = []
+    total_loss = 0.0
+    targets = torch.from_numpy(labels.astype(np.float32))
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32))
+            logits = model(x.to(device)).squeeze(1).cpu()
+            y = targets[start : start + batch_size]
+            total_loss += float(
+                torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+            )
+            probs.append(torch.sigmoid(logits))
+    all_probs = torch.cat(probs) if probs else torch.zeros(0)
+    return EvalOutcome(
+        loss=total_loss / max(len(labels), 1),
+        num_examples=int(len(labels)),
+        statistics=sufficient_statistics(probs=all_probs, targets=targets.long()),
+    )

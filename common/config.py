@@ -1,0 +1,240 @@
+"""Typed configuration for each side, validated once.
+
+``RunConfig`` holds the coordinator's choices (Flower's ``run_config``);
+``SiteConfig`` holds a site's own choices (Flower's ``node_config``): its data,
+its work directory, its privacy budget and its device. Anything a site must
+control comes from the node config only, whatever the run config says.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    # name: (center, width) in Hounsfield units
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "bone": (600.0, 2800.0),
+    "lung": (-600.0, 1500.0),
+    "soft-tissue": (50.0, 400.0),
+}
+
+DEVICES = ("auto", "cpu", "cuda")
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def _get(source: Mapping[str, Any], key: str, default: Any) -> Any:
+    return source[key] if key in source else default
+
+
+def positive_float(key: str, value: Any) -> float:
+    """Return ``value`` as a finite float > 0 or raise :class:`ConfigError`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"Expected `{key}` to be a positive number, but got {value!r}")
+    return number
+
+
+def positive_int(key: str, value: Any) -> int:
+    """Return ``value`` as an int >= 1 or raise :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ConfigError(f"Expected `{key}` to be a positive integer, but got {value!r}")
+    if value < 1:
+        raise ConfigError(f"Expected `{key}` to be a positive integer, but got {value!r}")
+    return int(value)
+
+
+def _non_negative_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"Expected `{key}` to be a non-negative integer, but got {value!r}")
+    return value
+
+
+def fraction(key: str, value: Any, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float in (0, 1] (or [0, 1]) or raise :class:`ConfigError`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    low_ok = number >= 0 if allow_zero else number > 0
+    if isinstance(value, bool) or not (low_ok and number <= 1):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ConfigError(f"Expected `{key}` to be a number in {interval}, but got {value!r}")
+    return number
+
+
+def choice(key: str, value: Any, options: tuple[str, ...] | list[str]) -> str:
+    """Return ``value`` if it is one of ``options`` or raise :class:`ConfigError`."""
+    if value not in options:
+        raise ConfigError(f"Expected `{key}` to be one of {', '.join(options)}, but got {value!r}")
+    return str(value)
+
+
+def site_name(value: Any) -> str:
+    """Validate a site name (letters, digits, ``_`` and ``-``; at most 64 characters)."""
+    if not isinstance(value, str) or not SITE_NAME_RE.match(value):
+        raise ConfigError(
+            "Expected `site` to be a name of letters, digits, '_' or '-' "
+            f"(at most 64 characters), but got {value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a DICOM image becomes a model input; part of the site's cache key."""
+
+    image_size: int = 64
+    window: str = "brain"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16 or self.image_size > 1024:
+            raise ConfigError(
+                f"Expected `image-size` to be an integer in [16, 1024], but got {self.image_size!r}"
+            )
+        choice("window", self.window, list(WINDOW_PRESETS))
+
+    def key(self) -> str:
+        """Stable text form, hashed into cache keys."""
+        return f"v1|size={self.image_size}|window={self.window}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The coordinator's choices for one run (Flower ``run_config``)."""
+
+    num_server_rounds: int = 5
+    min_sites: int = 2
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    local_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 0.002
+    max_grad_norm: float = 1.0
+    model: str = "fedrad-cnn"
+    preprocess: PreprocessConfig = PreprocessConfig()
+    val_fraction: float = 0.25
+    seed: int = 0
+    workdir: str = ""
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build and validate from Flower's ``context.run_config``."""
+        from common.models import MODELS
+
+        d = cls()
+        seed = _get(run_config, "seed", d.seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"Expected `seed` to be an integer, but got {seed!r}")
+        image_size = _get(run_config, "image-size", d.preprocess.image_size)
+        if isinstance(image_size, bool) or not isinstance(image_size, int):
+            raise ConfigError(f"Expected `image-size` to be an integer, but got {image_size!r}")
+        val_fraction = fraction("val-fraction", _get(run_config, "val-fraction", d.val_fraction))
+        if val_fraction >= 1:
+            raise ConfigError(f"Expected `val-fraction` to be below 1, but got {val_fraction!r}")
+        return cls(
+            num_server_rounds=positive_int(
+                "num-server-rounds", _get(run_config, "num-server-rounds", d.num_server_rounds)
+            ),
+            min_sites=positive_int("min-sites", _get(run_config, "min-sites", d.min_sites)),
+            fraction_train=fraction(
+                "fraction-train", _get(run_config, "fraction-train", d.fraction_train)
+            ),
+            fraction_evaluate=fraction(
+                "fraction-evaluate",
+                _get(run_config, "fraction-evaluate", d.fraction_evaluate),
+                allow_zero=True,
+            ),
+            local_epochs=positive_int(
+                "local-epochs", _get(run_config, "local-epochs", d.local_epochs)
+            ),
+            batch_size=positive_int("batch-size", _get(run_config, "batch-size", d.batch_size)),
+            learning_rate=positive_float(
+                "learning-rate", _get(run_config, "learning-rate", d.learning_rate)
+            ),
+            max_grad_norm=positive_float(
+                "max-grad-norm", _get(run_config, "max-grad-norm", d.max_grad_norm)
+            ),
+            model=choice("model", _get(run_config, "model", d.model), sorted(MODELS)),
+            preprocess=PreprocessConfig(
+                image_size=image_size,
+                window=str(_get(run_config, "window", d.preprocess.window)),
+            ),
+            val_fraction=val_fraction,
+            seed=seed,
+            workdir=str(_get(run_config, "workdir", d.workdir)),
+        )
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's own choices (Flower ``node_config``); the coordinator cannot override them."""
+
+    site: str
+    data_dir: Path
+    work_dir: Path
+    max_epsilon: float = 8.0
+    delta: float = 1e-5
+    device: str = "auto"
+    secure_mode: bool = False
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    @classmethod
+    def from_flower(cls, node_config: Mapping[str, Any]) -> SiteConfig:
+        """Build and validate from Flower's ``context.node_config``."""
+        for key in ("site", "data-dir", "work-dir"):
+            if key not in node_config:
+                raise ConfigError(
+                    f"Expected `{key}` in the node config, but it is missing; "
+                    "start the SuperNode with `fl-client`"
+                )
+        delta = positive_float("delta", _get(node_config, "delta", 1e-5))
+        if delta >= 1:
+            raise ConfigError(f"Expected `delta` to be below 1, but got {delta!r}")
+        secure_mode = _get(node_config, "secure-mode", False)
+        if not isinstance(secure_mode, bool):
+            raise ConfigError(f"Expected `secure-mode` to be true or false, but got {secure_mode!r}")
+        return cls(
+            site=site_name(node_config["site"]),
+            data_dir=Path(str(node_config["data-dir"])),
+            work_dir=Path(str(node_config["work-dir"])),
+            max_epsilon=positive_float("max-epsilon", _get(node_config, "max-epsilon", 8.0)),
+            delta=delta,
+            device=choice("device", _get(node_config, "device", "auto"), DEVICES),
+            secure_mode=secure_mode,
+            threads=_non_negative_int("threads", _get(node_config, "threads", 0)),
+        )
+
+    def to_flower(self) -> str:
+        """Render as a ``--node-config`` string for ``flower-supernode``."""
+        items = {
+            "site": self.site,
+            "data-dir": str(self.data_dir),
+            "work-dir": str(self.work_dir),
+            "max-epsilon": float(self.max_epsilon),
+            "delta": float(self.delta),
+            "device": self.device,
+            "secure-mode": self.secure_mode,
+            "threads": self.threads,
+        }
+        parts = []
+        for key, value in items.items():
+            if isinstance(value, bool):
+                parts.append(f"{key}={'true' if value else 'false'}")
+            elif isinstance(value, str):
+                if '"' in value or "\\" in value:
+                    raise ConfigError(f"Expected `{key}` without quotes or backslashes, but got {value!r}")
+                parts.append(f'{key}="{value}"')
+            else:
+                parts.append(f"{key}={value!r}")
+        return " ".join(parts)

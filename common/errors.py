@@ -1,0 +1,43 @@
+"""The one error hierarchy of fedrad.
+
+Every error is rooted in a builtin so callers that do not know fedrad can
+still catch it (``except ValueError``). Each message says what went wrong and
+what to do. The CLIs turn any :class:`FedradError` into one line on stderr and
+a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class FedradError(Exception):
+    """Base class of all errors fedrad raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(FedradError, ValueError):
+    """A configuration value (run config, node config, CLI option) is invalid."""
+
+    exit_code = 2
+
+
+class DataError(FedradError, ValueError):
+    """A site's data cannot be used (missing folder, no usable images, bad labels)."""
+
+    exit_code = 3
+
+
+class DicomRejected(DataError):
+    """One DICOM file cannot be used; the message is the reason."""
+
+
+class PrivacyBudgetExceeded(FedradError, RuntimeError):
+    """Training would take a site beyond its own privacy budget."""
+
+    exit_code = 4
+
+
+class FederationError(FedradError, RuntimeError):
+    """A federation process could not be started, reached or finished."""
+
+    exit_code = 5

@@ -1,0 +1,1 @@
+"""The coordinator side of fedrad: ServerApp, strategy, checkpoints, run report, fl-server."""

@@ -1,0 +1,65 @@
+"""The fedrad ServerApp: wiring only (config → model → strategy → report)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.flower import use_flower_log_handlers
+from server.report import RunReport
+from server.strategy import FedradFedAvg
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+INSECURE_WARNING = (
+    "PLAIN TRANSPORT: updates travel unencrypted and without secure aggregation. "
+    "Use this only on loopback for demos and tests."
+)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedAvg for the configured rounds and write the run report."""
+    from common.models import build_model
+
+    use_flower_log_handlers("server", "common")
+    run = RunConfig.from_flower(context.run_config)
+    if not run.workdir:
+        raise ConfigError("Expected `workdir` in the run config (set by fl-server), but it is empty")
+    run_dir = Path(run.workdir) / "runs" / str(context.run_id)
+    report = RunReport(
+        run_dir=run_dir,
+        run_id=context.run_id,
+        config={k: v for k, v in context.run_config.items()},
+        transport="insecure (plain HTTP on loopback, no SecAgg+)",
+    )
+    log.warning(INSECURE_WARNING)
+    report.save()
+    model = build_model(run.model, image_size=run.preprocess.image_size, seed=run.seed)
+    strategy = FedradFedAvg(
+        report=report,
+        fraction_train=run.fraction_train,
+        fraction_evaluate=run.fraction_evaluate,
+        min_train_nodes=run.min_sites,
+        min_evaluate_nodes=run.min_sites if run.fraction_evaluate > 0 else 0,
+        min_available_nodes=run.min_sites,
+    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=run.num_server_rounds,
+            train_config=ConfigRecord({"local-epochs": run.local_epochs}),
+        )
+    except BaseException:
+        report.finish("failed")
+        raise
+    report.finish("completed")
+    log.info("Run report: %s", run_dir / "report.json")
+

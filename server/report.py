@@ -1,0 +1,152 @@
+"""The run report: ``runs/<run-id>/report.json`` plus a readable ``report.md``.
+
+Rewritten atomically after every round, so a crashed run still leaves a valid
+report of the rounds it finished. It holds pooled and per-site metrics and
+each site's ε — numbers only, never an image, a label or a patient id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.files import write_atomic
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write it as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+@dataclass
+class RunReport:
+    """Everything the coordinator learns in a run, round by round."""
+
+    run_dir: Path
+    run_id: int
+    config: dict[str, Any]
+    transport: str
+    started: float = field(default_factory=time.time)
+    rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: str = "running"
+    finished: float | None = None
+
+    def round(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.setdefault(server_round, {"round": server_round})
+
+    def record_train(
+        self,
+        server_round: int,
+        *,
+        site_metrics: dict[str, dict[str, Any]],
+        declined: list[str],
+        checkpoint: Path | None,
+    ) -> None:
+        entry = self.round(server_round)
+        entry["train"] = {"sites": site_metrics, "declined": declined}
+        if checkpoint is not None:
+            entry["checkpoint"] = str(checkpoint.relative_to(self.run_dir))
+        for name, metrics in site_metrics.items():
+            site = self.sites.setdefault(name, {})
+            site.update(
+                epsilon=metrics.get("epsilon"),
+                delta=metrics.get("delta"),
+                max_epsilon=metrics.get("max-epsilon"),
+                rounds_trained=site.get("rounds_trained", 0) + 1,
+            )
+        self.save()
+
+    def record_evaluate(self, server_round: int, *, pooled: dict[str, float], per_site: dict[str, dict[str, float]]) -> None:
+        self.round(server_round)["evaluate"] = {"pooled": pooled, "sites": per_site}
+        self.save()
+
+    def finish(self, status: str) -> None:
+        self.status = status
+        self.finished = time.time()
+        self.save()
+
+    def to_json(self) -> dict[str, Any]:
+        return _clean(
+            {
+                "run_id": self.run_id,
+                "status": self.status,
+                "transport": self.transport,
+                "started": self.started,
+                "finished": self.finished,
+                "wall_seconds": (self.finished or time.time()) - self.started,
+                "config": self.config,
+                "rounds": [self.rounds[r] for r in sorted(self.rounds)],
+                "sites": self.sites,
+                "final": self.final_metrics(),
+            }
+        )
+
+    def final_metrics(self) -> dict[str, Any]:
+        evaluated = [r for r in sorted(self.rounds) if "evaluate" in self.rounds[r]]
+        if not evaluated:
+            return {}
+        last = evaluated[-1]
+        return {"round": last, **self.rounds[last]["evaluate"]["pooled"]}
+
+    def save(self) -> None:
+        data = self.to_json()
+        write_atomic(self.run_dir / REPORT_JSON, json.dumps(data, indent=2))
+        write_atomic(self.run_dir / REPORT_MD, render_markdown(data))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A short human-readable report from ``report.json`` data."""
+    lines = [
+        f"# fedrad run {report['run_id']}",
+        "",
+        f"- status: **{report['status']}**",
+        f"- transport: {report['transport']}",
+        f"- wall time: {report['wall_seconds']:.0f} s",
+        "",
+        "## Pooled validation metrics per round",
+        "",
+        "| round | AUROC | sensitivity | specificity | precision | F1 | accuracy | sites trained | declined |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["rounds"]:
+        p = r.get("evaluate", {}).get("pooled", {})
+        t = r.get("train", {})
+        lines.append(
+            f"| {r['round']} | {_fmt(p.get('auroc'))} | {_fmt(p.get('sensitivity'))} | "
+            f"{_fmt(p.get('specificity'))} | {_fmt(p.get('precision'))} | {_fmt(p.get('f1'))} | "
+            f"{_fmt(p.get('accuracy'))} | {len(t.get('sites', {}))} | {', '.join(t.get('declined', [])) or '–'} |"
+        )
+    lines += ["", "## Privacy spent per site (as reported by each site)", "", "| site | ε | δ | max ε | rounds trained |", "| --- | --- | --- | --- | --- |"]
+    for name, s in sorted(report["sites"].items()):
+        lines.append(
+            f"| {name} | {_fmt(s.get('epsilon'))} | {_fmt(s.get('delta'))} | "
+            f"{_fmt(s.get('max_epsilon'))} | {s.get('rounds_trained', 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_report(run_dir: Path) -> dict[str, Any]:
+    """Read ``report.json`` of a finished or running run."""
+    return json.loads((run_dir / REPORT_JSON).read_text())

@@ -1,0 +1,1 @@
+"""Simulation tooling: synthetic hospitals (fl-synth), partitioners and scenarios."""
