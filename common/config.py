@@ -117,9 +117,9 @@ class RunConfig:
     min_sites: int = 2
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
-    local_epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 0.002
+    local_epochs: int = 3
+    batch_size: int = 64
+    learning_rate: float = 0.01
     max_grad_norm: float = 1.0
     model: str = "fedrad-cnn"
     preprocess: PreprocessConfig = PreprocessConfig()

@@ -70,17 +70,87 @@ def _conv_block(cin: int, cout: int) -> Any:
     )
 
 
+def _filter_bank() -> nn.Module:
+    """A fixed (not trained) bank of 8 filters: smoothing, 3 blob (difference-of-Gaussians)
+    scales and horizontal/vertical edges at 2 scales.
+
+    Fixed front-end features make DP-SGD far more effective on small data: fewer
+    trainable parameters means less total noise, and the filters already expose
+    what a lesion looks like (Tramèr & Boneh, "Differentially Private Learning
+    Needs Better Features", ICLR 2021). They are buffers, so Opacus neither
+    clips nor noises them, and they travel with the weights like any state.
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from torch import nn
+
+    class _FilterBank(nn.Module):
+        def __init__(self, size: int = 9) -> None:
+            super().__init__()
+            ax = torch.arange(size, dtype=torch.float32) - size // 2
+            yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+
+            def gauss(sigma: float) -> torch.Tensor:
+                k = torch.exp(-(xx**2 + yy**2) / (2 * sigma * sigma))
+                return k / k.sum()
+
+            kernels = [gauss(0.7)]
+            kernels += [4.0 * (gauss(a) - gauss(b)) for a, b in ((1.0, 2.0), (1.5, 3.0), (2.5, 4.0))]
+            for sigma in (1.0, 2.0):
+                gx, gy = -xx * gauss(sigma), -yy * gauss(sigma)
+                kernels += [2.0 * gx / gx.abs().sum(), 2.0 * gy / gy.abs().sum()]
+            self.register_buffer("weight", torch.stack(kernels)[:, None])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            weight = self.weight.repeat(1, x.shape[1], 1, 1) / x.shape[1]
+            return F.conv2d(x, weight, padding=self.weight.shape[-1] // 2)
+
+    return _FilterBank()
+
+
 @register_model("fedrad-cnn")
 def fedrad_cnn(*, in_channels: int = 1, image_size: int = 64) -> nn.Module:
-    """Small CNN for binary slice classification (one logit out).
+    """Default model: fixed filter bank + a small trainable CNN with a max-pooled head.
 
-    Three Conv3x3 + GroupNorm + ReLU + MaxPool blocks (16/32/64 channels), global
-    average pooling, a linear head. ~24k parameters: small enough that DP noise
-    stays tolerable, large enough for lesion detection at 64x64.
+    FilterBank(8) → MaxPool2 → Conv3x3(8→16) → ReLU → global max pool → Linear(16→1);
+    1,185 trainable parameters. "Is there a lesion anywhere" is a max over
+    locations, and so few parameters keep the total DP noise small; per-sample
+    gradients are cheap, so DP training runs at hundreds of images/s on one
+    CPU core. The first 8 conv channels start as the identity on the bank (the
+    head starts from the fixed blob/edge responses); the other 8 are random.
+    """
+    import torch
+    from torch import nn
+
+    del in_channels, image_size  # the bank averages input channels; pooling is size-agnostic
+    conv = nn.Conv2d(8, 16, kernel_size=3, padding=1)
+    with torch.no_grad():
+        conv.weight[:8].zero_()
+        conv.bias[:8].zero_()
+        for i in range(8):
+            conv.weight[i, i, 1, 1] = 1.0
+    return nn.Sequential(
+        _filter_bank(),
+        nn.MaxPool2d(2),
+        conv,
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 1),
+    )
+
+
+@register_model("plain-cnn")
+def plain_cnn(*, in_channels: int = 1, image_size: int = 64) -> nn.Module:
+    """A conventional small CNN (Conv3x3 + GroupNorm + ReLU + MaxPool ×3, 16/32/64
+    channels, global average pooling, linear head; ~23k parameters).
+
+    Kept for comparison: it needs several non-private epochs to find small
+    lesions and learns little under DP-SGD at ε ≤ 8 on a few hundred images.
     """
     from torch import nn
 
-    del image_size  # global pooling makes the net size-agnostic
+    del image_size
     return nn.Sequential(
         _conv_block(in_channels, 16),
         _conv_block(16, 32),

@@ -129,7 +129,7 @@ def serve(
     min_sites: Annotated[int, typer.Option(min=1, help="Sites that must be connected before a round starts.")] = 2,
     port: Annotated[int, typer.Option(min=1, max=65535, help="SuperLink port on 127.0.0.1.")] = DEFAULT_PORT,
     workdir: Annotated[Path, typer.Option(help="Where runs/, checkpoints and logs go.")] = Path("fedrad-server"),
-    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round at each site.")] = 2,
+    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round at each site.")] = 3,
     image_size: Annotated[int, typer.Option(min=16, max=1024, help="Model input size in pixels.")] = 64,
     window: Annotated[str, typer.Option(help=f"Window preset: {', '.join(WINDOW_PRESETS)}.")] = "brain",
     run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help="Extra run config, e.g. 'batch-size=16'.")] = None,

@@ -181,10 +181,11 @@ def test_labels_match_files_and_pixels(
             bright[label].append(_hyperdense_pixels(hu))
         for rows in by_patient.values():
             positive = [n for n, label in sorted(rows) if label]
-            assert positive == list(range(positive[0], positive[0] + len(positive))) if positive else True
+            if positive:  # a lesion spans consecutive slices
+                assert positive == list(range(positive[0], positive[0] + len(positive)))
     assert 0 < sum(pooled) < len(pooled), "both classes present"
     # Lesion slices hold many more hyperdense (blood-like) pixels than the others.
-    assert np.mean(bright[1]) > 2 * np.mean(bright[0]) + 5
+    assert np.mean(bright[1]) > 4 * np.mean(bright[0]) + 10
 
 
 def test_same_seed_same_bytes_different_seed_different(
@@ -302,7 +303,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str]) -> No
 def test_cli_out_is_a_file(tmp_path: Path) -> None:
     target = tmp_path / "file.txt"
     target.write_text("x")
-    result = CliRunner().invoke(app, ["--sites", "A", "--images-per-site", "2", "--out", str(target)])
+    args = ["--sites", "A", "--images-per-site", "2", "--out", str(target)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert result.stderr.startswith("error: Expected --out to be a folder")
 
