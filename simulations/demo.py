@@ -100,7 +100,7 @@ def _follow(path: Path, shown: int) -> int:
         return shown
     lines = path.read_text(errors="replace").splitlines()
     for line in lines[shown:]:
-        if any(key in line for key in _INTERESTING):
+        if any(key in line for key in _INTERESTING) and "└──>" not in line and "├──" not in line:
             print(line, flush=True)
     return len(lines)
 
