@@ -25,12 +25,14 @@ from common.privacy import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from client.data.cache import SiteData
 
+    StateDict = OrderedDict[str, torch.Tensor]
+
 log = logging.getLogger(__name__)
-StateDict = "OrderedDict[str, torch.Tensor]"
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def plan_privacy(*, site: SiteConfig, run: RunConfig, num_train: int) -> SitePla
     return SitePlan(sample_rate=q, steps_per_round=per_round, planned_steps=planned, noise_multiplier=sigma)
 
 
-def _open_data(site: SiteConfig, run: RunConfig) -> tuple[SiteData, object, object]:
+def _open_data(site: SiteConfig, run: RunConfig) -> tuple[SiteData, np.ndarray, np.ndarray]:
     from client.data.cache import load_site_data, patient_split
 
     data = load_site_data(data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess)

@@ -44,6 +44,8 @@ import typer
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from common.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -63,7 +65,7 @@ _HU_MIN, _HU_MAX = -1024.0, 3071.0
 _HEAD_HALF_HEIGHT_MM = 115.0
 
 
-class SynthConfigError(ValueError):
+class SynthConfigError(ConfigError):
     """Invalid fl-synth input; the message says what was expected and what was given."""
 
 
