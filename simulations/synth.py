@@ -267,7 +267,7 @@ class LesionModel:
 
     radius_mm: tuple[float, float] = (14.0, 26.0)
     contrast_hu: tuple[float, float] = (42.0, 62.0)
-    subtle_fraction: float = 0.15
+    subtle_fraction: float = 0.3
     subtle_radius_mm: tuple[float, float] = (6.0, 12.0)
     subtle_contrast_hu: tuple[float, float] = (4.0, 10.0)
     z_extent_factor: tuple[float, float] = (1.2, 2.0)
