@@ -39,4 +39,3 @@ STAT_SCORES = "stat-scores"
 
 # Keys inside the server's ConfigRecord.
 SERVER_ROUND = "server-round"
-RUN_CONFIG_ECHO = "run"
