@@ -47,6 +47,7 @@ def join(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workdir: Annotated[Path | None, typer.Option(help="Site work folder (cache, privacy accounting, logs). Default: ./fedrad-site-<site>.")] = None,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for training (0 = all).")] = 0,
+    secure_mode: Annotated[bool, typer.Option("--secure-mode", help="Cryptographically secure DP noise (needs torchcsprng).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
     """Check the data, then run a SuperNode for this site until stopped (Ctrl-C)."""
@@ -61,12 +62,18 @@ def join(
         delta=positive_float("delta", delta),
         device=device,
         threads=threads,
+        secure_mode=secure_mode,
     )
     if site_cfg.delta >= 1:
         raise ConfigError(f"Expected `delta` to be below 1, but got {delta!r}")
     host, port = parse_address(server)
     if not site_cfg.data_dir.is_dir():
         raise DataError(f"Data folder {site_cfg.data_dir} does not exist or is not a folder")
+    if secure_mode:
+        import importlib.util
+
+        if importlib.util.find_spec("torchcsprng") is None:
+            raise ConfigError("--secure-mode needs the torchcsprng package, which is not installed")
     if device == "cuda":
         from client.training import resolve_device
 

@@ -77,8 +77,9 @@ def _filter_bank() -> nn.Module:
     Fixed front-end features make DP-SGD far more effective on small data: fewer
     trainable parameters means less total noise, and the filters already expose
     what a lesion looks like (Tramèr & Boneh, "Differentially Private Learning
-    Needs Better Features", ICLR 2021). They are buffers, so Opacus neither
-    clips nor noises them, and they travel with the weights like any state.
+    Needs Better Features", ICLR 2021). They are a non-persistent buffer: built
+    from code at both ends, never trained, clipped, noised, sent or averaged,
+    so no site can alter them for the others.
     """
     import torch
     import torch.nn.functional as F  # noqa: N812
@@ -99,7 +100,7 @@ def _filter_bank() -> nn.Module:
             for sigma in (1.0, 2.0):
                 gx, gy = -xx * gauss(sigma), -yy * gauss(sigma)
                 kernels += [2.0 * gx / gx.abs().sum(), 2.0 * gy / gy.abs().sum()]
-            self.register_buffer("weight", torch.stack(kernels)[:, None])
+            self.register_buffer("weight", torch.stack(kernels)[:, None], persistent=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             weight = self.weight.repeat(1, x.shape[1], 1, 1) / x.shape[1]

@@ -31,3 +31,9 @@ def test_seed_makes_initial_weights_reproducible() -> None:
 def test_unknown_model_is_a_clear_error() -> None:
     with pytest.raises(KeyError, match="unknown model 'nope'"):
         build_model("nope")
+
+
+def test_fixed_filter_bank_never_travels_with_the_weights() -> None:
+    model = build_model("fedrad-cnn", seed=0)
+    assert all(not k.startswith("0.") for k in model.state_dict())  # rebuilt from code, not sent
+    assert sum(p.numel() for p in model.parameters()) == 1185

@@ -112,3 +112,5 @@ def test_bad_option_values_fail_cleanly(tmp_path: Path) -> None:
     assert "max-epsilon" in _one_line_error(proc)
     proc = _run_cli(str(BIN / "fl-server"), "--rounds", "0")
     assert "--rounds" in _one_line_error(proc)
+    proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--secure-mode")
+    assert "torchcsprng" in _one_line_error(proc)
