@@ -1,22 +1,25 @@
 """``fl-client``: check and cache a site's DICOM data, then join the federation.
 
-Starts a Flower SuperNode for the site. The site's own choices — data folder,
-privacy budget, device — travel in the SuperNode's node config, which the
-coordinator cannot change.
+``fl-client --site A --data DIR --check [--json]`` only checks and caches the
+data and prints the data report (exit 0 when the data is usable, 3 when not).
+Without ``--check`` it does the same, then starts a Flower SuperNode for the
+site. The site's own choices — data folder, privacy budget, device — travel in
+the SuperNode's node config, which the coordinator cannot change.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from common.cli import run_typer, setup_logging
-from common.config import DEVICES, PreprocessConfig, SiteConfig, positive_float, site_name
+from common.config import DEVICES, RunConfig, SiteConfig, positive_float, site_name
 from common.errors import ConfigError, DataError, FederationError
 from common.flower import flower_bin, flower_env
 from common.processes import LOOPBACK, ProcessSet, can_connect, free_port, parse_address
@@ -29,12 +32,37 @@ INSECURE_BANNER = (
 cli = typer.Typer(add_completion=False, help=__doc__)
 
 
-def prepare_data(site: SiteConfig, preprocess: PreprocessConfig) -> dict[str, object]:
-    """Check and cache the site's data; return the summary (no identifiers in it)."""
-    from client.data.cache import load_site_data
+# Run-config keys that decide how a site's data is read; `-c` mirrors the coordinator's.
+DATA_KEYS = ("image-size", "window", "multiframe", "color", "enhance", "classes", "val-fraction", "seed")
+RUN_CONFIG_HELP = (
+    "The run's data settings, so the check and cache match it, e.g. -c 'image-size=64 window=\"voi\"'. "
+    "Keys: " + ", ".join(DATA_KEYS) + "."
+)
 
-    data = load_site_data(data_dir=site.data_dir, work_dir=site.work_dir, config=preprocess)
-    return data.summary
+
+def data_run_config(items: list[str] | None) -> RunConfig:
+    """The run config for the data check, from ``-c 'key=value ...'`` (defaults otherwise)."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        overrides = parse_config_args(items or [])
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {items!r} ({exc})") from None
+    unknown = sorted(set(overrides) - set(DATA_KEYS))
+    if unknown:
+        raise ConfigError(f"Expected `--run-config` keys among {', '.join(DATA_KEYS)}, but got {', '.join(unknown)}")
+    return RunConfig.from_flower(overrides)
+
+
+def check_data(site: SiteConfig, run: RunConfig, *, workers: int = 0) -> dict[str, Any]:
+    """Check and cache the site's data; return the data report (no patient identifier in it)."""
+    from client.data.dataset import load_site_data
+
+    data = load_site_data(
+        data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess, classes=run.classes,
+        val_fraction=run.val_fraction, seed=run.seed, workers=workers, require_usable=False,
+    )
+    return {"site": site.site, **data.report}
 
 
 @cli.command()
@@ -48,10 +76,16 @@ def join(
     workdir: Annotated[Path | None, typer.Option(help="Site work folder (cache, privacy accounting, logs). Default: ./fedrad-site-<site>.")] = None,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for training (0 = all).")] = 0,
     secure_mode: Annotated[bool, typer.Option("--secure-mode", help="Cryptographically secure DP noise (needs torchcsprng).")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Only check and cache the data, print the report and exit (0 = usable).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="With --check: print the report as JSON.")] = False,
+    run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help=RUN_CONFIG_HELP)] = None,
+    workers: Annotated[int, typer.Option(min=0, help="Processes decoding DICOM (0 = one per CPU core).")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
     """Check the data, then run a SuperNode for this site until stopped (Ctrl-C)."""
     setup_logging(verbose)
+    if json_output and not check:
+        raise ConfigError("`--json` only goes with `--check`")
     if device not in DEVICES:
         raise ConfigError(f"Expected `--device` to be one of {', '.join(DEVICES)}, but got {device!r}")
     site_cfg = SiteConfig(
@@ -69,22 +103,31 @@ def join(
     host, port = parse_address(server)
     if not site_cfg.data_dir.is_dir():
         raise DataError(f"Data folder {site_cfg.data_dir} does not exist or is not a folder")
-    if secure_mode:
+    if secure_mode and not check:
         import importlib.util
 
         if importlib.util.find_spec("torchcsprng") is None:
             raise ConfigError("--secure-mode needs the torchcsprng package, which is not installed")
-    if device == "cuda":
+    if device == "cuda" and not check:
         from client.training import resolve_device
 
         resolve_device(device)
 
-    summary = prepare_data(site_cfg, PreprocessConfig())
-    log.info(
-        "Site %s data: %s files seen, %s accepted, %s rejected %s; labels %s; %s patients",
-        site_cfg.site, summary["files_seen"], summary["accepted"],
-        sum(summary["rejected"].values()), summary["rejected"] or "", summary["labels"], summary["patients"],
-    )
+    run = data_run_config(run_config)
+    report = check_data(site_cfg, run, workers=workers)
+    if check:
+        if json_output:
+            print(json.dumps(report, indent=2))
+        else:
+            print_report(report)
+        if not report["usable"]:
+            raise DataError(f"Site {site_cfg.site} data is not usable: {report['summary']}")
+        return 0
+    if not report["usable"]:
+        raise DataError(f"Site {site_cfg.site} data is not usable: {report['summary']}; see fl-client --check")
+    log.info("Site %s data: %s", site_cfg.site, report["summary"])
+    for warning in report["warnings"]:
+        log.warning("Site %s data: %s", site_cfg.site, warning)
     if not can_connect(host, port, timeout=3):
         raise FederationError(f"Cannot reach the coordinator at {host}:{port}; is fl-server running there?")
     log.warning(INSECURE_BANNER)
@@ -106,6 +149,60 @@ def join(
             time.sleep(1)
         code = supernode.popen.returncode
     raise FederationError(f"SuperNode of site {site_cfg.site} exited with code {code}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The data report as rich tables (what ``--check`` prints)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    status = "[green]usable[/green]" if report["usable"] else "[red]NOT usable[/red]"
+    console.print(f"[bold]Site {report['site']} data check[/bold]: {status} — {report['summary']}")
+    files = report["files"]
+    overview = Table(show_header=False, box=None)
+    for label, value in (
+        ("files seen / accepted / rejected", f"{files['seen']} / {files['accepted']} / {files['rejected']}"),
+        ("images (frames) accepted", report["images"]),
+        ("labels", f"keyed by {report['labels']['key']}; per class {_fmt(report['labels']['classes'])}"),
+        ("patients / studies / series", f"{report['patients']} / {report['studies']} / {report['series']}"),
+        ("modalities", report["modalities"]),
+        ("manufacturers", report["manufacturers"]),
+        ("transfer syntaxes", report["transfer_syntaxes"]),
+        ("photometric", report["photometric"]),
+        ("image sizes", report["image_sizes"]),
+        ("pixel spacing (mm)", report["pixel_spacing_mm"]),
+        ("intensity (modality values)", report["intensity"]),
+        ("train split", report["split"]["train"]),
+        ("validation split", report["split"]["validation"]),
+        ("cache", f"{report['cache']['decoded']} files decoded now, {report['cache']['reused']} reused"),
+    ):
+        overview.add_row(label, _fmt(value))
+    console.print(overview)
+    if report["rejections"]:
+        table = Table(title="Rejected files (one reason each)")
+        table.add_column("files", justify="right")
+        table.add_column("reason")
+        table.add_column("examples (relative paths, on this site only)")
+        for group in report["rejections"]:
+            table.add_row(str(group["count"]), group["reason"], ", ".join(group["files"][:3]))
+        console.print(table)
+    problems = report["labels"]
+    for name in ("unmatched_rows", "conflicting", "unknown_class", "empty_key"):
+        if problems[name]["count"]:
+            console.print(f"labels.csv {name.replace('_', ' ')}: {problems[name]['count']} (lines {problems[name]['lines']})")
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    for problem in report["problems"]:
+        console.print(f"[red]problem:[/red] {problem}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,6 +47,6 @@ def evaluate(
     all_probs = torch.cat(probs) if probs else torch.zeros(0)
     return EvalOutcome(
         loss=total_loss / max(len(labels), 1),
-        num_examples=int(len(labels)),
+        num_examples=len(labels),
         statistics=sufficient_statistics(probs=all_probs, targets=targets.long()),
     )

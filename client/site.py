@@ -25,10 +25,9 @@ from common.privacy import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
-    from client.data.cache import SiteData
+    from client.data.dataset import SiteData
 
     StateDict = OrderedDict[str, torch.Tensor]
 
@@ -54,12 +53,18 @@ def plan_privacy(*, site: SiteConfig, run: RunConfig, num_train: int) -> SitePla
     return SitePlan(sample_rate=q, steps_per_round=per_round, planned_steps=planned, noise_multiplier=sigma)
 
 
-def _open_data(site: SiteConfig, run: RunConfig) -> tuple[SiteData, np.ndarray, np.ndarray]:
-    from client.data.cache import load_site_data, patient_split
+def open_data(site: SiteConfig, run: RunConfig) -> SiteData:
+    """The site's data for this run, from its cache (updated first if files changed)."""
+    from client.data.dataset import load_site_data
 
-    data = load_site_data(data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess)
-    train_idx, val_idx = patient_split(data.patients, val_fraction=run.val_fraction, seed=run.seed)
-    return data, train_idx, val_idx
+    return load_site_data(
+        data_dir=site.data_dir,
+        work_dir=site.work_dir,
+        config=run.preprocess,
+        classes=run.classes,
+        val_fraction=run.val_fraction,
+        seed=run.seed,
+    )
 
 
 def _setup_torch(site: SiteConfig) -> torch.device:
@@ -85,8 +90,8 @@ def train_round(
     from client.training import train_dp
     from common.models import build_model
 
-    data, train_idx, _ = _open_data(site, run)
-    plan = plan_privacy(site=site, run=run, num_train=len(train_idx))
+    data = open_data(site, run)
+    plan = plan_privacy(site=site, run=run, num_train=len(data.train))
     store = AccountantStore.for_run(site.work_dir, run_id)
     earlier = {r: e for r, e in store.load().items() if r != server_round}
     planned_event = DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
@@ -101,8 +106,9 @@ def train_round(
     model.load_state_dict(weights)
     outcome = train_dp(
         model,
-        images=data.images[train_idx],
-        labels=data.labels[train_idx],
+        images=data.images(data.train),
+        labels=data.labels[data.train],
+        augment=run.augment,
         epochs=run.local_epochs,
         batch_size=run.batch_size,
         learning_rate=run.learning_rate,
@@ -137,11 +143,11 @@ def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> d
     from client.evaluation import evaluate
     from common.models import build_model
 
-    data, _, val_idx = _open_data(site, run)
+    data = open_data(site, run)
     device = _setup_torch(site)
     model = build_model(run.model, image_size=run.preprocess.image_size)
     model.load_state_dict(weights)
-    outcome = evaluate(model, images=data.images[val_idx], labels=data.labels[val_idx], device=device)
+    outcome = evaluate(model, images=data.images(data.validation), labels=data.labels[data.validation], device=device)
     return {
         records.NUM_EXAMPLES: outcome.num_examples,
         records.EVAL_LOSS: outcome.loss,

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from client.augment import augment_batch
+from common.config import AugmentConfig
 from common.privacy import ACCOUNTANT, DPEvent
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ def train_dp(
     device: torch.device,
     secure_mode: bool,
     seed: int,
+    augment: AugmentConfig | None = None,
 ) -> TrainOutcome:
     """Train ``model`` in place with DP-SGD.
 
@@ -78,7 +81,9 @@ def train_dp(
     secure_mode
         Opacus' cryptographically secure noise (needs ``torchcsprng``).
     seed
-        Seeds batch sampling and noise when ``secure_mode`` is off.
+        Seeds batch sampling and noise when ``secure_mode`` is off, and augmentation.
+    augment
+        Training-time augmentation (per image, so the DP guarantee is unchanged).
     """
     import torch
     from opacus import PrivacyEngine
@@ -106,12 +111,15 @@ def train_dp(
         noise_generator=None if secure_mode else torch.Generator(device=device).manual_seed(seed + 1),
     )
     criterion = torch.nn.BCEWithLogitsLoss()
+    augment = augment or AugmentConfig()
+    augment_generator = torch.Generator().manual_seed(seed + 2)
     total_loss, total_seen = 0.0, 0
     for _ in range(epochs):
         for x, y in dp_loader:
             # Poisson sampling can draw an empty batch: Opacus still takes (and
             # accounts) a noise-only step, so we never skip one.
             x, y = x.to(device), y.to(device)
+            x = augment_batch(x, augment, augment_generator)
             dp_optimizer.zero_grad()
             loss = criterion(dp_model(x).squeeze(1), y)
             loss.backward()

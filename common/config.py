@@ -26,6 +26,12 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "soft-tissue": (50.0, 400.0),
 }
 
+# `voi` uses each file's own VOI LUT or window (any modality); the presets need CT (HU).
+WINDOWS = (*WINDOW_PRESETS, "voi")
+MULTIFRAME = ("slices", "reject")  # frames as separate images, or reject the file
+COLOR = ("reject", "grey")  # reject RGB/YBR/palette images, or convert them to luminance
+ENHANCE = ("none", "equalize", "denoise")  # optional step after windowing
+
 DEVICES = ("auto", "cpu", "cuda")
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -92,21 +98,91 @@ def site_name(value: Any) -> str:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How a DICOM image becomes a model input; part of the site's cache key."""
+    """How a DICOM file becomes model inputs; part of the site's cache key."""
 
     image_size: int = 64
     window: str = "brain"
+    multiframe: str = "slices"
+    color: str = "reject"
+    enhance: str = "none"
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size > 1024:
             raise ConfigError(
                 f"Expected `image-size` to be an integer in [16, 1024], but got {self.image_size!r}"
             )
-        choice("window", self.window, list(WINDOW_PRESETS))
+        choice("window", self.window, WINDOWS)
+        choice("multiframe", self.multiframe, MULTIFRAME)
+        choice("color", self.color, COLOR)
+        choice("enhance", self.enhance, ENHANCE)
 
     def key(self) -> str:
         """Stable text form, hashed into cache keys."""
-        return f"v1|size={self.image_size}|window={self.window}"
+        return (
+            f"v2|size={self.image_size}|window={self.window}|multiframe={self.multiframe}"
+            f"|color={self.color}|enhance={self.enhance}"
+        )
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> PreprocessConfig:
+        """Build from the preprocessing keys of a run config (defaults for missing keys)."""
+        d = cls()
+        image_size = _get(run_config, "image-size", d.image_size)
+        if isinstance(image_size, bool) or not isinstance(image_size, int):
+            raise ConfigError(f"Expected `image-size` to be an integer, but got {image_size!r}")
+        return cls(
+            image_size=image_size,
+            window=choice("window", _get(run_config, "window", d.window), WINDOWS),
+            multiframe=choice("multiframe", _get(run_config, "multiframe", d.multiframe), MULTIFRAME),
+            color=choice("color", _get(run_config, "color", d.color), COLOR),
+            enhance=choice("enhance", _get(run_config, "enhance", d.enhance), ENHANCE),
+        )
+
+
+def parse_classes(value: Any) -> tuple[str, ...]:
+    """``"0,1"`` → ``("0", "1")``: the label values of ``labels.csv``, in class-index order."""
+    if not isinstance(value, str):
+        raise ConfigError(f"Expected `classes` to be comma-separated class names, but got {value!r}")
+    names = tuple(c.strip() for c in value.split(","))
+    if len(names) < 2 or any(not c for c in names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"Expected `classes` to be at least two distinct comma-separated names, but got {value!r}"
+        )
+    return names
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation; all zero (the default) means none. Never used for evaluation."""
+
+    flip: float = 0.0  # probability of a left-right flip
+    rotate: float = 0.0  # maximum rotation, degrees (uniform in ±rotate)
+    shift: float = 0.0  # maximum translation, fraction of the image size
+    intensity: float = 0.0  # maximum relative contrast/brightness jitter
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.flip, self.rotate, self.shift, self.intensity))
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> AugmentConfig:
+        def bounded(key: str, default: float, high: float) -> float:
+            value = _get(run_config, key, default)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if isinstance(value, bool) or not 0 <= number <= high:
+                raise ConfigError(f"Expected `{key}` to be a number in [0, {high:g}], but got {value!r}")
+            return number
+
+        d = cls()
+        return cls(
+            flip=bounded("augment-flip", d.flip, 1.0),
+            rotate=bounded("augment-rotate", d.rotate, 180.0),
+            shift=bounded("augment-shift", d.shift, 0.5),
+            intensity=bounded("augment-intensity", d.intensity, 1.0),
+        )
 
 
 @dataclass(frozen=True)
@@ -123,6 +199,8 @@ class RunConfig:
     max_grad_norm: float = 1.0
     model: str = "fedrad-cnn"
     preprocess: PreprocessConfig = PreprocessConfig()
+    classes: tuple[str, ...] = ("0", "1")
+    augment: AugmentConfig = AugmentConfig()
     val_fraction: float = 0.25
     seed: int = 0
     workdir: str = ""
@@ -136,9 +214,6 @@ class RunConfig:
         seed = _get(run_config, "seed", d.seed)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"Expected `seed` to be an integer, but got {seed!r}")
-        image_size = _get(run_config, "image-size", d.preprocess.image_size)
-        if isinstance(image_size, bool) or not isinstance(image_size, int):
-            raise ConfigError(f"Expected `image-size` to be an integer, but got {image_size!r}")
         val_fraction = fraction("val-fraction", _get(run_config, "val-fraction", d.val_fraction))
         if val_fraction >= 1:
             raise ConfigError(f"Expected `val-fraction` to be below 1, but got {val_fraction!r}")
@@ -166,10 +241,9 @@ class RunConfig:
                 "max-grad-norm", _get(run_config, "max-grad-norm", d.max_grad_norm)
             ),
             model=choice("model", _get(run_config, "model", d.model), sorted(MODELS)),
-            preprocess=PreprocessConfig(
-                image_size=image_size,
-                window=str(_get(run_config, "window", d.preprocess.window)),
-            ),
+            preprocess=PreprocessConfig.from_flower(run_config),
+            classes=parse_classes(_get(run_config, "classes", ",".join(d.classes))),
+            augment=AugmentConfig.from_flower(run_config),
             val_fraction=val_fraction,
             seed=seed,
             workdir=str(_get(run_config, "workdir", d.workdir)),

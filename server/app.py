@@ -32,6 +32,11 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flower(context.run_config)
     if not run.workdir:
         raise ConfigError("Expected `workdir` in the run config (set by fl-server), but it is empty")
+    if len(run.classes) != 2:
+        raise ConfigError(
+            f"Expected two `classes` for training (the models are binary classifiers), but got {len(run.classes)}; "
+            "fl-client --check already reports multi-class labels"
+        )
     run_dir = Path(run.workdir) / "runs" / str(context.run_id)
     report = RunReport(
         run_dir=run_dir,

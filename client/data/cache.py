@@ -1,199 +1,204 @@
-"""The site-local cache of preprocessed images.
+"""The site-local cache of preprocessed images, and the data check built on it.
 
-DICOM is decoded once per (data folder state, preprocessing config). The cache
-is a folder ``<work-dir>/cache/<config-hash>/`` holding ``images.npy`` (opened
-memory-mapped, so a fresh ClientApp process starts in milliseconds) and
-``manifest.json`` (per-file size/mtime/sha256, labels, hashed patient ids,
-rejections). It is built in a temporary folder and renamed into place, so an
-interrupted build never leaves a cache that a later run trusts.
+One folder per preprocessing config: ``<work-dir>/cache/<config-hash>/`` holds
+``images.npy`` (every decoded frame, opened memory-mapped so a fresh ClientApp
+process starts in milliseconds) and ``manifest.json`` (per file: size/mtime/
+ctime, sha256 of its bytes, accepted rows or the rejection reason, hashed
+identifiers, summary statistics).
 
-A cache is *fresh* when every file under the data folder still has the size and
-modification time recorded in its manifest; otherwise it is rebuilt.
+* **Per file.** On each open the data folder is scanned (``stat`` only). A file
+  whose size and times are unchanged keeps its rows; a changed or new file is
+  read and hashed, and decoded only when no file with the same content was
+  cached before. Another config has its own folder, so changing the config
+  never invalidates the others.
+* **Atomic.** An update is written to a temporary folder and renamed over the
+  old one under a lock, so a reader sees the old cache or the new one, and an
+  interrupted update leaves nothing that a later run trusts (its temporary
+  folder is removed on the next update).
+* **Labels are applied on open**, not cached: editing ``labels.csv`` never
+  makes anything decode again.
+
+Decoding runs in worker processes (all cores) when there is enough to do.
+Training and evaluation only ever read ``images.npy`` (see
+:mod:`client.data.dataset`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
-from collections import Counter
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from client.data.dicom import DicomInfo, preprocess, read_dicom
-from client.data.labels import LABELS_FILE, Labels, read_labels
+from client.data.dicom import DicomInfo
+from client.data.labels import LABELS_FILE
 from common.config import PreprocessConfig
-from common.errors import DataError, DicomRejected
+from common.errors import DicomRejected
 
 log = logging.getLogger(__name__)
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+IMAGES, MANIFEST = "images.npy", "manifest.json"
+POOL_MIN_FILES = 256  # below this, decoding in-process beats starting workers
+INFO_FIELDS = tuple(f.name for f in dataclasses.fields(DicomInfo))
+STATS_FIELDS = ("mean", "min", "max", "in_window")
 
 
-@dataclass(frozen=True)
-class SiteData:
-    """A site's preprocessed, labelled images, read from the cache only."""
-
-    images: np.ndarray  # (n, 1, S, S) float32, memory-mapped
-    labels: np.ndarray  # (n,) int64
-    patients: tuple[str, ...]  # hashed patient id per image
-    fingerprint: str  # hash of every accepted file's content + labels + preprocessing
-    summary: dict[str, Any] = field(compare=False)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+# ---------------------------------------------------------------- file scan
 
 
-def _file_state(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+def _state(path: Path | str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _scan(data_dir: Path, exclude: Path | None) -> dict[str, Path]:
-    """Every regular file under ``data_dir`` except labels.csv and the work dir, by relative path."""
-    files: dict[str, Path] = {}
-    for root, dirs, names in os.walk(data_dir):
-        root_path = Path(root)
-        if exclude is not None:
-            dirs[:] = [d for d in dirs if (root_path / d).resolve() != exclude]
-        dirs.sort()
-        for name in sorted(names):
-            path = root_path / name
-            rel = path.relative_to(data_dir).as_posix()
-            if rel == LABELS_FILE or not path.is_file():
+def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | None]:
+    """Every file under ``data_dir`` (but ``labels.csv`` and the work dir) → its state.
+
+    Paths are relative, ``/``-separated and sorted; symlinked folders are not
+    followed. The state is ``None`` when the file cannot even be ``stat``-ed.
+    """
+    files: dict[str, list[int] | None] = {}
+    skip = str(exclude) if exclude is not None else None
+
+    def walk(folder: str, prefix: str) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            rel = prefix + entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.path != skip:
+                        walk(entry.path, rel + "/")
+                    continue
+                st = entry.stat()
+            except OSError:
+                files[rel] = None
                 continue
-            files[rel] = path
+            if rel != LABELS_FILE:
+                files[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    walk(str(data_dir), "")
     return files
 
 
-def _cache_dir(work_dir: Path, config: PreprocessConfig) -> Path:
+def cache_dir(work_dir: Path, config: PreprocessConfig) -> Path:
     return work_dir / "cache" / hashlib.sha256(config.key().encode()).hexdigest()[:12]
 
 
-def _is_fresh(manifest: dict[str, Any], files: dict[str, Path], data_dir: Path, config: PreprocessConfig) -> bool:
-    if manifest.get("version") != MANIFEST_VERSION or manifest.get("preprocess") != config.key():
-        return False
-    if manifest.get("data_dir") != str(data_dir):
-        return False
-    labels = data_dir / LABELS_FILE
-    if not labels.is_file() or manifest.get("labels_state") != _file_state(labels):
-        return False
-    recorded: dict[str, list[int]] = manifest.get("files", {})
-    if recorded.keys() != files.keys():
-        return False
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
-        return all(recorded[rel] == _file_state(path) for rel, path in files.items())
-    except OSError:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        return None
+    return manifest
+
+
+def _is_fresh(manifest: dict[str, Any] | None, files: dict[str, list[int] | None], config: PreprocessConfig) -> bool:
+    if manifest is None or manifest.get("preprocess") != config.key():
         return False
+    recorded = manifest["files"]
+    return recorded.keys() == files.keys() and all(recorded[r]["state"] == s for r, s in files.items())
 
 
-def _label_for(labels: Labels, rel: str, info: DicomInfo) -> int | None:
-    key = {
-        "SOPInstanceUID": info.sop_instance_uid,
-        "StudyInstanceUID": info.study_instance_uid,
-        "SeriesInstanceUID": info.series_instance_uid,
-        "path": rel,
-    }[labels.key]
-    return labels.by_key.get(key)
+# ------------------------------------------------------------------- decoding
+
+_WORKER_CONFIG: PreprocessConfig | None = None
+_WORKER_KNOWN: frozenset[str] = frozenset()
 
 
-def build_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig) -> Path:
-    """Decode every file under ``data_dir`` and write a fresh cache; return its folder."""
-    data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
-    files = _scan(data_dir, exclude=work_dir)
-    labels = read_labels(data_dir)
-    labels_state = _file_state(data_dir / LABELS_FILE)
-    items: list[dict[str, Any]] = []
-    arrays: list[np.ndarray] = []
-    rejected: dict[str, str] = {}
-    unlabelled = 0
-    seen_uids: set[str] = set()
-    states: dict[str, list[int]] = {}
-    fingerprint = hashlib.sha256(config.key().encode())
-    fingerprint.update(hashlib.sha256((data_dir / LABELS_FILE).read_bytes()).digest())
-    for rel, path in files.items():
-        try:
-            states[rel] = _file_state(path)
-            content = path.read_bytes()
-        except OSError as exc:
-            states.setdefault(rel, [-1, -1])
-            rejected[rel] = f"file cannot be read ({exc.strerror or type(exc).__name__})"
-            continue
-        try:
-            if not content:
-                raise DicomRejected("empty file")
-            values, info = read_dicom(path)
-            if info.sop_instance_uid in seen_uids:
-                raise DicomRejected("duplicate SOPInstanceUID (same image twice)")
-            seen_uids.add(info.sop_instance_uid)
-            label = _label_for(labels, rel, info)
-            if label is None:
-                unlabelled += 1
-                raise DicomRejected(f"no label in {LABELS_FILE}")
-            image = preprocess(values, config)
-        except DicomRejected as exc:
-            rejected[rel] = str(exc)
-            continue
-        digest = hashlib.sha256(content).hexdigest()
-        fingerprint.update(digest.encode())
-        arrays.append(image)
-        items.append(
-            {
-                "path": rel,
-                "sha256": digest,
-                "label": label,
-                "patient": info.patient_hash,
-                "study": hash_study(info.study_instance_uid),
-                "modality": info.modality,
-                "manufacturer": info.manufacturer,
-            }
-        )
-    reasons = Counter(rejected.values())
-    if not items:
-        summary = "; ".join(f"{n} × {r}" for r, n in reasons.most_common()) or "no files"
-        raise DataError(f"No usable images in {data_dir} ({len(files)} files seen: {summary})")
-    for reason, count in reasons.most_common():
-        log.warning("Rejected %d file(s): %s", count, reason)
+def _init_worker(config: PreprocessConfig, known: frozenset[str]) -> None:
+    global _WORKER_CONFIG, _WORKER_KNOWN
+    _WORKER_CONFIG, _WORKER_KNOWN = config, known
 
-    target = _cache_dir(work_dir, config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+
+def _decode_one(rel: str, path: Path, state: list[int] | None, config: PreprocessConfig, known: frozenset[str]) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One file → its manifest entry and its frames (``None`` when rejected or already cached)."""
+    from client.data.dicom import decode_file, read_bytes
+
+    entry: dict[str, Any] = {"state": state}
     try:
-        images = np.lib.format.open_memmap(
-            tmp / "images.npy", mode="w+", dtype=np.float32, shape=(len(arrays), *arrays[0].shape)
-        )
-        for i, image in enumerate(arrays):
-            images[i] = image
-        images.flush()
-        del images
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "preprocess": config.key(),
-            "data_dir": str(data_dir),
-            "labels_key": labels.key,
-            "labels_state": labels_state,
-            "files": states,
-            "items": items,
-            "rejected": rejected,
-            "unlabelled": unlabelled,
-            "fingerprint": fingerprint.hexdigest(),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("Cached %d images (%d rejected) in %s", len(items), len(rejected), target)
-    return target
+        if state is None:
+            raise DicomRejected("file cannot be read (stat failed)")
+        content = read_bytes(path)
+        entry["sha256"] = hashlib.sha256(content).hexdigest()
+        if entry["sha256"] in known:
+            entry["status"] = "known"
+            return entry, None
+        decoded = decode_file(path, config, content=content)
+    except DicomRejected as exc:
+        entry.update(status="rejected", reason=str(exc))
+        return entry, None
+    entry.update(
+        status="ok",
+        info=list(dataclasses.astuple(decoded.info)),  # in INFO_FIELDS order (a compact manifest opens faster)
+        stats=[decoded.stats[k] for k in STATS_FIELDS],
+        reader=decoded.reader,
+        warnings=decoded.warnings,
+    )
+    return entry, decoded.images
 
 
-def hash_study(study_uid: str) -> str:
-    return hashlib.sha256(f"fedrad-study|{study_uid}".encode()).hexdigest()[:16]
+def _decode_chunk(chunk: list[tuple[str, str, list[int] | None]]) -> list[tuple[dict[str, Any], np.ndarray | None]]:
+    from client.data.dicom import quiet_pydicom_log
+
+    assert _WORKER_CONFIG is not None
+    with quiet_pydicom_log():
+        return [_decode_one(rel, Path(p), s, _WORKER_CONFIG, _WORKER_KNOWN) for rel, p, s in chunk]
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork is ~50x cheaper to start than spawn, but only safe before torch (and
+    # its thread pools) or any other thread exists in this process.
+    if "torch" not in sys.modules and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _decode_all(
+    todo: list[tuple[str, Path, list[int] | None]], config: PreprocessConfig, known: frozenset[str], workers: int
+) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
+    if workers <= 1 or len(todo) < POOL_MIN_FILES:
+        _init_worker(config, known)
+        yield from _decode_chunk([(r, str(p), s) for r, p, s in todo])
+        return
+    size = max(16, min(256, len(todo) // (workers * 4)))
+    chunks = [[(r, str(p), s) for r, p, s in todo[i : i + size]] for i in range(0, len(todo), size)]
+    with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(config, known)) as pool:
+        for results in pool.map(_decode_chunk, chunks):
+            yield from results
+
+
+# ---------------------------------------------------------------- cache update
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -207,70 +212,107 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_site_data(*, data_dir: Path, work_dir: Path, config: PreprocessConfig) -> SiteData:
-    """Open the site's cache, (re)building it first if it is missing or stale.
+@dataclass(frozen=True)
+class CacheUpdate:
+    folder: Path
+    manifest: dict[str, Any]
+    decoded: int  # files decoded now
+    reused: int  # files whose cached rows were kept (unchanged, or same content as a cached file)
+    rejected: int
 
-    Raises
-    ------
-    DataError
-        When the data folder is missing or holds no usable labelled image.
+
+def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, workers: int = 0) -> CacheUpdate:
+    """Bring the cache for ``config`` up to date with ``data_dir``, decoding only what changed.
+
+    ``workers`` = decoding processes (0 = one per CPU core).
     """
-    if not data_dir.is_dir():
-        raise DataError(f"Data folder {data_dir} does not exist or is not a folder")
     data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
-    target = _cache_dir(work_dir, config)
-    manifest_path = target / "manifest.json"
-    manifest: dict[str, Any] | None = None
-    if manifest_path.is_file():
+    folder = cache_dir(work_dir, config)
+    with _locked(folder):
+        files = scan(data_dir, exclude=work_dir)
+        old = _read_manifest(folder)
+        if old is not None and old.get("preprocess") != config.key():
+            old = None
+        if _is_fresh(old, files, config):
+            assert old is not None
+            return CacheUpdate(folder, old, 0, len(files), sum(e["status"] == "rejected" for e in old["files"].values()))
+        for stale in folder.parent.glob(f".build-{folder.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        old_entries: dict[str, Any] = old["files"] if old else {}
+        old_store = np.load(folder / IMAGES, mmap_mode="r") if old and (folder / IMAGES).is_file() else None
+        by_sha = {e["sha256"]: e for e in old_entries.values() if "sha256" in e and e["status"] in ("ok", "rejected")}
+
+        entries: dict[str, dict[str, Any]] = {}
+        new_frames: dict[str, np.ndarray] = {}
+        todo: list[tuple[str, Path, list[int] | None]] = []
+        for rel, state in files.items():
+            previous = old_entries.get(rel)
+            if previous is not None and state is not None and previous["state"] == state:
+                entries[rel] = previous
+            else:
+                todo.append((rel, data_dir / rel, state))
+        reused = decoded = 0
+        for (rel, _, _), (entry, frames) in zip(todo, _decode_all(todo, config, frozenset(by_sha), workers or os.cpu_count() or 1), strict=True):
+            if entry["status"] == "known":  # same bytes as a cached file (moved, copied or touched)
+                twin = by_sha[entry["sha256"]]
+                entry = {**twin, "state": entry["state"]}
+                reused += 1
+            elif entry["status"] == "ok":
+                new_frames[rel] = frames  # type: ignore[assignment]
+                decoded += 1
+            entries[rel] = entry
+        reused += len(files) - len(todo)
+
+        total = sum(e["frames"] if e["status"] == "ok" else 0 for e in _with_frames(entries, new_frames))
+        shape = _frame_shape(entries, new_frames, old_store, config)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".build-{folder.name}-"))
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            manifest = None
-    if manifest is None or not _is_fresh(manifest, _scan(data_dir, work_dir), data_dir, config):
-        build_cache(data_dir=data_dir, work_dir=work_dir, config=config)
-        manifest = json.loads(manifest_path.read_text())
-    images = np.load(target / "images.npy", mmap_mode="r")
-    items = manifest["items"]
-    labels = np.array([it["label"] for it in items], dtype=np.int64)
-    if images.shape[0] != len(items):
-        raise DataError(f"Cache {target} is inconsistent; delete it and run again")
-    return SiteData(
-        images=images,
-        labels=labels,
-        patients=tuple(it["patient"] for it in items),
-        fingerprint=manifest["fingerprint"],
-        summary=_summary(manifest),
-    )
+            store = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.float32, shape=(total, *shape))
+            row = 0
+            for rel, entry in entries.items():
+                if entry["status"] != "ok":
+                    continue
+                count = entry["frames"]
+                if rel in new_frames:
+                    store[row : row + count] = new_frames[rel]
+                else:
+                    start = entry["rows"][0]
+                    assert old_store is not None
+                    store[row : row + count] = old_store[start : start + count]
+                entries[rel] = {**entry, "rows": [row, count]}
+                row += count
+            store.flush()
+            del store
+            manifest = {
+                "version": MANIFEST_VERSION,
+                "preprocess": config.key(),
+                "data_dir": str(data_dir),
+                "files": entries,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
+            del old_store
+            _replace_dir(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    rejected = sum(e["status"] == "rejected" for e in entries.values())
+    log.info("Cache %s: %d files decoded, %d reused, %d rejected", folder.name, decoded, reused, rejected)
+    return CacheUpdate(folder, manifest, decoded, reused, rejected)
 
 
-def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    items = manifest["items"]
-    return {
-        "files_seen": len(manifest["files"]),
-        "accepted": len(items),
-        "rejected": dict(Counter(manifest["rejected"].values()).most_common()),
-        "labels": {str(k): v for k, v in sorted(Counter(it["label"] for it in items).items())},
-        "patients": len({it["patient"] for it in items}),
-        "studies": len({it["study"] for it in items}),
-        "modalities": dict(Counter(it["modality"] for it in items)),
-        "manufacturers": dict(Counter(it["manufacturer"] for it in items)),
-    }
+def _with_frames(entries: dict[str, dict[str, Any]], new_frames: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """Entries with their frame count set (new entries get it from their decoded frames)."""
+    for rel, entry in entries.items():
+        if entry["status"] == "ok" and "frames" not in entry:
+            entry["frames"] = int(new_frames[rel].shape[0])
+        yield entry
 
 
-def patient_split(patients: tuple[str, ...] | list[str], *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split image indices into train/validation by patient, never by image.
-
-    Patients are ordered by a seeded hash of their (already hashed) id and the
-    first ``round(n * val_fraction)`` go to validation (at least one, when
-    there are at least two patients).
-    """
-    unique = sorted(set(patients))
-    order = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}|{p}".encode()).hexdigest())
-    n_val = int(round(len(unique) * val_fraction))
-    if len(unique) >= 2:
-        n_val = min(max(n_val, 1), len(unique) - 1)
-    else:
-        n_val = 0
-    val_patients = set(order[:n_val])
-    is_val = np.array([p in val_patients for p in patients], dtype=bool)
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+def _frame_shape(
+    entries: dict[str, dict[str, Any]], new_frames: dict[str, np.ndarray], old_store: np.ndarray | None, config: PreprocessConfig
+) -> tuple[int, ...]:
+    for frames in new_frames.values():
+        return tuple(frames.shape[1:])
+    if old_store is not None:
+        return tuple(old_store.shape[1:])
+    return (1, config.image_size, config.image_size)

@@ -1,14 +1,21 @@
-"""Read a site's ``labels.csv``.
+"""Read a site's ``labels.csv`` and say what is wrong with it, row by row.
 
-The first column names the key: ``SOPInstanceUID``, ``StudyInstanceUID``,
-``SeriesInstanceUID`` or ``path`` (relative to the data folder, ``/``-separated).
-The ``label`` column holds the class as an integer (0/1 for the binary task).
+The header names the key column — ``SOPInstanceUID``, ``StudyInstanceUID``,
+``SeriesInstanceUID`` or ``path`` (relative to the data folder,
+``/``-separated) — and a ``label`` column. Labels are the run's class names
+(``classes = "0,1"`` by default, so ``0``/``1`` for the binary task; any
+names for a multi-class task, e.g. ``"normal,ischaemic,haemorrhage"``).
+
+Only a file that cannot be used at all (missing, unreadable, no key or label
+column, no rows) is an error. Row problems — unknown classes, conflicting
+labels for one key, empty keys — are collected and reported; those rows are
+not used.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import DataError
@@ -19,21 +26,32 @@ KEY_COLUMNS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "path"
 
 @dataclass(frozen=True)
 class Labels:
-    """Labels by key, and which DICOM attribute (or ``path``) the key is."""
+    """Usable labels by key, and every row that could not be used."""
 
-    key: str
-    by_key: dict[str, int]
+    key: str  # which DICOM attribute (or ``path``) the key column holds
+    classes: tuple[str, ...]
+    by_key: dict[str, int]  # key → class index
+    lines: dict[str, list[int]]  # key → labels.csv line numbers (usable keys only)
+    conflicting: dict[str, list[int]] = field(default_factory=dict)  # key → lines with different classes
+    unknown: dict[str, list[int]] = field(default_factory=dict)  # label value not in classes → lines
+    unknown_keys: frozenset[str] = frozenset()  # keys whose only labels were unknown classes
+    empty_key_lines: tuple[int, ...] = ()
+    rows: int = 0
 
 
-def read_labels(data_dir: Path, *, num_classes: int = 2) -> Labels:
-    """Parse ``data_dir/labels.csv``.
+def normalise_path_key(value: str) -> str:
+    """``.\\a\\b.dcm`` → ``a/b.dcm``: how a ``path`` key is compared with a file's relative path."""
+    return value.strip().replace("\\", "/").removeprefix("./")
+
+
+def read_labels(data_dir: Path, *, classes: tuple[str, ...] = ("0", "1")) -> Labels:
+    """Parse ``data_dir/labels.csv`` against the run's ``classes``.
 
     Raises
     ------
     DataError
-        When the file is missing, has no recognised key column or ``label``
-        column, a label is not an integer in ``[0, num_classes)``, or one key
-        carries two different labels.
+        When the file is missing or unreadable, has no recognised key column
+        or ``label`` column, or has no data rows.
     """
     path = data_dir / LABELS_FILE
     if not path.is_file():
@@ -42,7 +60,7 @@ def read_labels(data_dir: Path, *, num_classes: int = 2) -> Labels:
         with path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path} cannot be read as CSV ({exc})") from None
+        raise DataError(f"{path} cannot be read as UTF-8 CSV ({type(exc).__name__})") from None
     if not rows:
         raise DataError(f"{path} is empty; expected a header SOPInstanceUID,label")
     header = [h.strip() for h in rows[0]]
@@ -53,27 +71,49 @@ def read_labels(data_dir: Path, *, num_classes: int = 2) -> Labels:
             f"but got {','.join(header)!r}"
         )
     ki, li = header.index(key), header.index("label")
+    index = {name: i for i, name in enumerate(classes)}
     by_key: dict[str, int] = {}
+    lines: dict[str, list[int]] = {}
+    conflicting: dict[str, list[int]] = {}
+    unknown: dict[str, list[int]] = {}
+    unknown_only: set[str] = set()
+    empty: list[int] = []
+    count = 0
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
-        if len(row) <= max(ki, li):
-            raise DataError(f"{path}:{line_no}: expected {len(header)} columns, got {len(row)}")
-        k, raw = row[ki].strip(), row[li].strip()
-        try:
-            label = int(raw)
-        except ValueError:
-            label = -1
-        if not 0 <= label < num_classes:
-            raise DataError(
-                f"{path}:{line_no}: expected `label` to be an integer in [0, {num_classes}), "
-                f"but got {raw!r}"
-            )
+        count += 1
+        k = row[ki].strip() if len(row) > ki else ""
+        raw = row[li].strip() if len(row) > li else ""
         if key == "path":
-            k = k.replace("\\", "/").removeprefix("./")
-        if by_key.get(k, label) != label:
-            raise DataError(f"{path}:{line_no}: conflicting labels for the same {key}")
-        by_key[k] = label
-    if not by_key:
+            k = normalise_path_key(k)
+        if not k:
+            empty.append(line_no)
+            continue
+        if raw not in index:
+            unknown.setdefault(raw, []).append(line_no)
+            if k not in by_key and k not in conflicting:
+                unknown_only.add(k)
+            continue
+        unknown_only.discard(k)
+        if k in conflicting:
+            conflicting[k].append(line_no)
+        elif k in by_key and by_key[k] != index[raw]:
+            conflicting[k] = [*lines.pop(k), line_no]
+            del by_key[k]
+        else:
+            by_key[k] = index[raw]
+            lines.setdefault(k, []).append(line_no)
+    if count == 0:
         raise DataError(f"{path} has a header but no labels")
-    return Labels(key=key, by_key=by_key)
+    return Labels(
+        key=key,
+        classes=classes,
+        by_key=by_key,
+        lines=lines,
+        conflicting=conflicting,
+        unknown=unknown,
+        unknown_keys=frozenset(unknown_only),
+        empty_key_lines=tuple(empty),
+        rows=count,
+    )

@@ -1,16 +1,21 @@
+"""The per-file cache, labels joined on open, and the data report."""
+
 from __future__ import annotations
 
-import os
+import csv
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from client.data import cache as cache_mod
-from client.data.cache import load_site_data, patient_split
+from client.data.cache import cache_dir, update_cache
+from client.data.dataset import load_site_data, patient_split
 from common.config import PreprocessConfig
-from common.errors import DataError, DicomRejected
+from common.errors import DataError
 
 CONFIG = PreprocessConfig(image_size=32)
 
@@ -22,98 +27,214 @@ def site(tiny_sites: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _cache_dirs(work: Path) -> list[Path]:
-    return sorted((work / "cache").iterdir()) if (work / "cache").exists() else []
+def _dicoms(site: Path) -> list[Path]:
+    return sorted(site.rglob("*.dcm"))
 
 
-def test_cache_is_built_once_and_reused(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every file the cache decodes (in-process: workers=1)."""
+    from client.data import dicom
+
+    seen: list[str] = []
+    real = dicom.decode_file
+
+    def spy(path: Path, config: PreprocessConfig, *, content: bytes | None = None) -> object:
+        seen.append(path.name)
+        return real(path, config, content=content)
+
+    monkeypatch.setattr(dicom, "decode_file", spy)
+    return seen
+
+
+def _rows(site: Path) -> list[list[str]]:
+    with (site / "labels.csv").open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def _write_rows(site: Path, rows: list[list[str]]) -> None:
+    with (site / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_warm_cache_decodes_nothing_and_is_memory_mapped(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "work"
-    first = load_site_data(data_dir=site, work_dir=work, config=CONFIG)
-    assert len(first) == 40 and first.images.shape == (40, 1, 32, 32)
-    assert set(np.unique(first.labels)) == {0, 1}
-
-    def no_decoding(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a fresh cache must not decode DICOM again")
-
-    monkeypatch.setattr(cache_mod, "read_dicom", no_decoding)
-    second = load_site_data(data_dir=site, work_dir=work, config=CONFIG)
-    assert isinstance(second.images, np.memmap)
-    np.testing.assert_array_equal(first.images, second.images)
+    first = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    assert len(first) == 40 and first.images().shape == (40, 1, 32, 32)
+    assert first.report["cache"] == {"decoded": 40, "reused": 0}
+    decoded = _count_decodes(monkeypatch)
+    second = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    assert decoded == []
+    assert isinstance(second.store, np.memmap)
+    np.testing.assert_array_equal(first.images(), second.images())
     assert second.fingerprint == first.fingerprint
 
 
-def test_changed_file_or_config_rebuilds(site: Path, tmp_path: Path) -> None:
+def test_a_changed_file_is_the_only_one_decoded_again(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "work"
-    before = load_site_data(data_dir=site, work_dir=work, config=CONFIG)
-    victim = next(p for p in sorted(site.rglob("*.dcm")))
-    victim.unlink()
-    after = load_site_data(data_dir=site, work_dir=work, config=CONFIG)
-    assert len(after) == len(before) - 1 and after.fingerprint != before.fingerprint
-    bigger = load_site_data(data_dir=site, work_dir=work, config=PreprocessConfig(image_size=48))
-    assert bigger.images.shape[-1] == 48
-    assert len(_cache_dirs(work)) == 2  # one cache per preprocessing config
+    before = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    files = _dicoms(site)
+    changed = files[3]
+    ds = pydicom.dcmread(changed)
+    arr = ds.pixel_array.copy()
+    arr[:8, :8] = arr.max()
+    ds.PixelData = arr.tobytes()
+    ds.save_as(changed)
+    files[5].unlink()
+    decoded = _count_decodes(monkeypatch)
+    after = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    assert decoded == [changed.name]
+    assert len(after) == len(before) - 1
+    assert after.fingerprint != before.fingerprint
+    assert after.report["cache"] == {"decoded": 1, "reused": 38}
 
 
-def test_interrupted_build_leaves_no_cache(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_touched_or_moved_file_is_recognised_by_content(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "work"
-    calls = {"n": 0}
-    real = cache_mod.preprocess
+    before = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    files = _dicoms(site)
+    files[0].touch()
+    files[1].rename(files[1].with_name("renamed.dcm"))
+    decoded = _count_decodes(monkeypatch)
+    after = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    assert decoded == []  # read and hashed, but not decoded
+    assert after.fingerprint == before.fingerprint
 
-    def crash_midway(values: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise KeyboardInterrupt
-        return real(values, config)
 
-    monkeypatch.setattr(cache_mod, "preprocess", crash_midway)
+def test_each_config_has_its_own_cache(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"
+    load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    bigger = load_site_data(data_dir=site, work_dir=work, config=PreprocessConfig(image_size=48), workers=1)
+    assert bigger.images().shape[-1] == 48
+    assert cache_dir(work.resolve(), CONFIG) != cache_dir(work.resolve(), PreprocessConfig(image_size=48))
+    decoded = _count_decodes(monkeypatch)
+    load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    assert decoded == []  # the 32-px cache survived the 48-px one
+
+
+def test_parallel_workers_give_the_same_cache(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_mod, "POOL_MIN_FILES", 1)
+    one = load_site_data(data_dir=site, work_dir=tmp_path / "w1", config=CONFIG, workers=1)
+    two = load_site_data(data_dir=site, work_dir=tmp_path / "w2", config=CONFIG, workers=2)
+    np.testing.assert_array_equal(one.images(), two.images())
+    assert one.fingerprint == two.fingerprint
+
+
+def test_interrupted_update_leaves_the_previous_cache(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"
+    before = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    _dicoms(site)[0].touch()
+    shutil.copy(_dicoms(site)[2], site / "new.dcm")  # needs decoding? no: same content; add a real change
+    ds = pydicom.dcmread(_dicoms(site)[4])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(site / "other.dcm")
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_mod, "_replace_dir", crash)
     with pytest.raises(KeyboardInterrupt):
-        load_site_data(data_dir=site, work_dir=work, config=CONFIG)
-    assert not any((work / "cache").rglob("manifest.json"))
-    monkeypatch.setattr(cache_mod, "preprocess", real)
-    assert len(load_site_data(data_dir=site, work_dir=work, config=CONFIG)) == 40
+        update_cache(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    monkeypatch.undo()
+    folder = cache_dir(work.resolve(), CONFIG)
+    assert not list(folder.parent.glob(".build-*"))  # the half-written update was removed
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert "other.dcm" not in manifest["files"]  # the old, complete cache is what is there
+    again = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    assert again.report["files"]["seen"] == before.report["files"]["seen"] + 2
 
 
-def test_unusable_and_unlabelled_files_are_reported_not_skipped(site: Path, tmp_path: Path) -> None:
-    (site / "README.txt").write_text("export notes")
-    (site / "empty.dcm").write_bytes(b"")
-    data = load_site_data(data_dir=site, work_dir=tmp_path / "work", config=CONFIG)
-    assert data.summary["files_seen"] == 42 and data.summary["accepted"] == 40
-    assert data.summary["rejected"] == {"not a DICOM file (no DICM preamble)": 1, "empty file": 1}
+def test_label_problems_are_reported_not_raised(site: Path, tmp_path: Path) -> None:
+    rows = _rows(site)
+    header, body = rows[0], rows[1:]
+    first_uid, second_uid, third_uid = body[0][0], body[1][0], body[2][0]
+    other = "1" if body[1][1] == "0" else "0"
+    new = [header, *body[3:]]
+    new.append([second_uid, body[1][1]])
+    new.append([second_uid, other])  # conflicting
+    new.append([third_uid, "maybe"])  # unknown class
+    new.append(["1.2.3.4.5.404", "1"])  # no such file
+    new.append(["", "1"])  # empty key
+    _write_rows(site, new)  # first_uid has no label at all
+    shutil.copy(next(p for p in _dicoms(site) if pydicom.dcmread(p).SOPInstanceUID == body[4][0]), site / "copy.dcm")
+    data = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+    reasons = {g["reason"]: g["count"] for g in data.report["rejections"]}
+    assert reasons["no label in labels.csv"] == 1
+    assert reasons["conflicting labels in labels.csv"] == 1
+    assert reasons["label in labels.csv is not one of the classes (0,1)"] == 1
+    assert reasons["duplicate file (identical copy of another file)"] == 1
+    labels = data.report["labels"]
+    assert labels["conflicting"]["count"] == 1 and labels["unknown_class"]["values"] == ["maybe"]
+    assert labels["unmatched_rows"]["count"] == 1 and labels["empty_key"]["count"] == 1
+    assert len(data) == 40 - 3
+    assert first_uid not in json.dumps(data.report)
 
 
-def test_folder_without_usable_images_is_an_error(tmp_path: Path) -> None:
-    (tmp_path / "labels.csv").write_text("SOPInstanceUID,label\n1.2.3,1\n")
-    (tmp_path / "junk.bin").write_bytes(os.urandom(256))
-    with pytest.raises(DataError, match="No usable images"):
-        load_site_data(data_dir=tmp_path, work_dir=tmp_path / "work", config=CONFIG)
+def test_labels_by_path_and_multiclass(site: Path, tmp_path: Path) -> None:
+    files = _dicoms(site)
+    rows = [["path", "label"]] + [[f.relative_to(site).as_posix(), ("a", "b", "c")[i % 3]] for i, f in enumerate(files)]
+    _write_rows(site, rows)
+    data = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, classes=("a", "b", "c"), workers=1)
+    assert data.report["labels"]["key"] == "path"
+    assert data.report["labels"]["classes"] == {"a": 14, "b": 13, "c": 13}
+    assert sorted(set(data.labels.tolist())) == [0, 1, 2]
 
 
-def test_missing_data_or_labels_are_errors(tmp_path: Path, site: Path) -> None:
+def test_report_has_counts_and_no_identifiers(site: Path, tmp_path: Path) -> None:
+    (site / "notes.txt").write_text("not dicom")
+    data = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+    report = data.report
+    assert report["usable"] and report["files"] == {"seen": 41, "accepted": 40, "rejected": 1}
+    assert report["rejections"][0]["files"] == ["notes.txt"]
+    assert report["modalities"] == {"CT": 40} and report["patients"] == len(set(data.patients))
+    split = report["split"]
+    assert split["train"]["images"] + split["validation"]["images"] == 40
+    assert report["pixel_spacing_mm"]["min"] > 0 and report["intensity"]["min"] < -500
+    text = json.dumps(report)
+    for path in _dicoms(site)[:5]:
+        ds = pydicom.dcmread(path)
+        for value in (ds.PatientID, str(ds.PatientName), ds.SOPInstanceUID, ds.StudyInstanceUID):
+            assert value not in text
+
+
+def test_only_unusable_files_is_a_data_error_with_reasons(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "labels.csv").write_text("SOPInstanceUID,label\n1.2.3,1\n")
+    (site / "a.dcm").write_bytes(b"")
+    (site / "b.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"no accepted labelled image \(2 files seen: 1 × empty file"):
+        load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+    data = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1, require_usable=False)
+    assert not data.report["usable"] and len(data) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No labels.csv"),
+        ("", "is empty"),
+        ("uid,label\n1,0\n", "expected a header"),
+        ("SOPInstanceUID,label\n", "no labels"),
+    ],
+)
+def test_unusable_labels_file_is_one_clear_error(site: Path, tmp_path: Path, content: str | None, message: str) -> None:
+    if content is None:
+        (site / "labels.csv").unlink()
+    else:
+        (site / "labels.csv").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+
+
+def test_missing_data_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_site_data(data_dir=tmp_path / "nope", work_dir=tmp_path / "w", config=CONFIG)
-    (site / "labels.csv").unlink()
-    with pytest.raises(DataError, match="No labels.csv"):
-        load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG)
 
 
-def test_bad_label_values_name_the_line(site: Path, tmp_path: Path) -> None:
-    labels = site / "labels.csv"
-    lines = labels.read_text().splitlines()
-    lines[3] = lines[3].rsplit(",", 1)[0] + ",maybe"
-    labels.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"labels.csv:4: expected `label` to be an integer"):
-        load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG)
-
-
-def test_split_is_by_patient_and_deterministic() -> None:
-    patients = [f"p{i // 4}" for i in range(40)]  # 10 patients x 4 slices
+def test_patient_split_never_shares_a_patient() -> None:
+    patients = tuple(f"p{i // 3}" for i in range(60))
     train, val = patient_split(patients, val_fraction=0.3, seed=0)
-    assert len(train) + len(val) == 40
     assert {patients[i] for i in train}.isdisjoint({patients[i] for i in val})
-    assert len({patients[i] for i in val}) == 3
+    assert len(train) + len(val) == 60 and 0 < len(val) < 60
     again = patient_split(patients, val_fraction=0.3, seed=0)
-    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
-
-
-def test_rejection_type_is_a_value_error() -> None:
-    assert issubclass(DicomRejected, ValueError) and issubclass(DataError, ValueError)
+    np.testing.assert_array_equal(train, again[0])

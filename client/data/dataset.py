@@ -1,0 +1,298 @@
+"""A site's usable data: the cache joined with ``labels.csv``, split by patient, and its report.
+
+:func:`load_site_data` is what training, evaluation and ``fl-client --check``
+call. It brings the cache up to date (decoding only changed files), applies
+the labels, settles duplicates, splits by patient and builds the data report.
+The report holds counts, hashed identifiers' counts and statistics only; the
+``files`` lists of rejections hold paths relative to the data folder and stay
+on the site (``fl-client --check`` output, never a Flower message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.data.cache import IMAGES, INFO_FIELDS, STATS_FIELDS, update_cache
+from client.data.labels import LABELS_FILE, Labels, read_labels
+from common.config import PreprocessConfig
+from common.errors import DataError
+
+MAX_LISTED = 20  # label-file line numbers listed per problem
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's accepted, labelled images, read from the cache only."""
+
+    store: np.ndarray  # (rows, 1, S, S) float32, memory-mapped: every cached frame
+    rows: np.ndarray  # (n,) row in ``store`` of each accepted image
+    labels: np.ndarray  # (n,) int64 class index
+    patients: tuple[str, ...]  # hashed patient id per image
+    classes: tuple[str, ...]
+    train: np.ndarray  # indices (into the accepted images) of the training split
+    validation: np.ndarray  # indices of the validation split (other patients)
+    fingerprint: str  # hash of every accepted file's content + label + preprocessing
+    report: dict[str, Any] = field(compare=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def images(self, index: np.ndarray | None = None) -> np.ndarray:
+        """The accepted images (those at ``index`` when given), copied into memory."""
+        return np.asarray(self.store[self.rows if index is None else self.rows[index]])
+
+
+def patient_split(patients: tuple[str, ...] | list[str], *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split image indices into train/validation by patient, never by image.
+
+    Patients are ordered by a seeded hash of their (already hashed) id and the
+    first ``round(n * val_fraction)`` go to validation (at least one, when
+    there are at least two patients).
+    """
+    unique = sorted(set(patients))
+    order = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}|{p}".encode()).hexdigest())
+    n_val = round(len(unique) * val_fraction)
+    if len(unique) >= 2:
+        n_val = min(max(n_val, 1), len(unique) - 1)
+    else:
+        n_val = 0
+    val_patients = set(order[:n_val])
+    is_val = np.array([p in val_patients for p in patients], dtype=bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _key_of(labels: Labels, rel: str, info: dict[str, Any]) -> str:
+    if labels.key == "path":
+        return rel
+    return {
+        "SOPInstanceUID": info["sop_instance_uid"],
+        "StudyInstanceUID": info["study_instance_uid"],
+        "SeriesInstanceUID": info["series_instance_uid"],
+    }[labels.key]
+
+
+def _lines(values: list[int]) -> list[int]:
+    return sorted(values)[:MAX_LISTED]
+
+
+def load_site_data(
+    *,
+    data_dir: Path,
+    work_dir: Path,
+    config: PreprocessConfig,
+    classes: tuple[str, ...] = ("0", "1"),
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    workers: int = 0,
+    require_usable: bool = True,
+) -> SiteData:
+    """Open the site's data from its cache, updating the cache first if files changed.
+
+    Raises
+    ------
+    DataError
+        When the data folder or ``labels.csv`` is unusable, or (with
+        ``require_usable``) no labelled image is left to train on; the
+        message summarises why.
+    """
+    if not data_dir.is_dir():
+        raise DataError(f"Data folder {data_dir} does not exist or is not a folder")
+    data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
+    labels = read_labels(data_dir, classes=classes)  # fail fast, before any decoding
+    update = update_cache(data_dir=data_dir, work_dir=work_dir, config=config, workers=workers)
+    store = np.load(update.folder / IMAGES, mmap_mode="r")
+    entries: dict[str, dict[str, Any]] = {}
+    for rel, entry in update.manifest["files"].items():
+        if entry["status"] == "ok":
+            entry = {**entry, "info": dict(zip(INFO_FIELDS, entry["info"])), "stats": dict(zip(STATS_FIELDS, entry["stats"]))}
+        entries[rel] = entry
+
+    rejected: dict[str, str] = {rel: e["reason"] for rel, e in entries.items() if e["status"] == "rejected"}
+    accepted: list[tuple[str, dict[str, Any], int]] = []  # (rel, entry, label)
+    first_by_uid: dict[str, dict[str, Any]] = {}
+    matched_keys: set[str] = set()
+    unlabelled = duplicates = 0
+    for rel, entry in entries.items():
+        if entry["status"] != "ok":
+            continue
+        info = entry["info"]
+        uid = info["sop_instance_uid"]
+        twin = first_by_uid.get(uid)
+        if twin is not None:
+            duplicates += 1
+            rejected[rel] = (
+                "duplicate file (identical copy of another file)"
+                if twin["sha256"] == entry["sha256"]
+                else "duplicate SOPInstanceUID (another file has the same image UID)"
+            )
+            continue
+        first_by_uid[uid] = entry
+        key = _key_of(labels, rel, info)
+        if key in labels.by_key:
+            matched_keys.add(key)
+            accepted.append((rel, entry, labels.by_key[key]))
+        elif key in labels.conflicting:
+            matched_keys.add(key)
+            rejected[rel] = f"conflicting labels in {LABELS_FILE}"
+        elif key in labels.unknown_keys:
+            matched_keys.add(key)
+            rejected[rel] = f"label in {LABELS_FILE} is not one of the classes ({','.join(classes)})"
+        else:
+            unlabelled += 1
+            rejected[rel] = f"no label in {LABELS_FILE}"
+
+    rows = np.array([r for _, e, _ in accepted for r in range(e["rows"][0], e["rows"][0] + e["rows"][1])], dtype=np.int64)
+    image_labels = np.array([lab for _, e, lab in accepted for _ in range(e["rows"][1])], dtype=np.int64)
+    patients = tuple(e["info"]["patient_hash"] for _, e, _ in accepted for _ in range(e["rows"][1]))
+    train_idx, val_idx = patient_split(patients, val_fraction=val_fraction, seed=seed)
+
+    fingerprint = hashlib.sha256(f"{config.key()}|classes={','.join(classes)}".encode())
+    for item in sorted(f"{entry['sha256']}:{label};" for _, entry, label in accepted):
+        fingerprint.update(item.encode())  # content and labels, whatever the file names
+
+    report = _report(
+        entries=entries, accepted=accepted, rejected=rejected, labels=labels, matched_keys=matched_keys,
+        unlabelled=unlabelled, duplicates=duplicates, image_labels=image_labels, patients=patients,
+        train_idx=train_idx, val_idx=val_idx, config=config, update=update,
+    )
+    if require_usable and not report["usable"]:
+        raise DataError(f"No usable training data in {data_dir}: {report['summary']}")
+    return SiteData(
+        store=store,
+        rows=rows,
+        labels=image_labels,
+        patients=patients,
+        classes=classes,
+        train=train_idx,
+        validation=val_idx,
+        fingerprint=fingerprint.hexdigest(),
+        report=report,
+    )
+
+
+def _counts(values: Any) -> dict[str, int]:
+    return dict(Counter(values).most_common())
+
+
+def _class_counts(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:
+    counts = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), dtype=int)
+    return {name: int(counts[i]) for i, name in enumerate(classes)}
+
+
+def _report(
+    *,
+    entries: dict[str, dict[str, Any]],
+    accepted: list[tuple[str, dict[str, Any], int]],
+    rejected: dict[str, str],
+    labels: Labels,
+    matched_keys: set[str],
+    unlabelled: int,
+    duplicates: int,
+    image_labels: np.ndarray,
+    patients: tuple[str, ...],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: PreprocessConfig,
+    update: Any,
+) -> dict[str, Any]:
+    infos = [e["info"] for _, e, _ in accepted]
+    stats = [e["stats"] for _, e, _ in accepted]
+    by_reason: dict[str, list[str]] = {}
+    for rel, reason in sorted(rejected.items()):
+        by_reason.setdefault(reason, []).append(rel)
+    spacing = [i["pixel_spacing"] for i in infos if i["pixel_spacing"]]
+    unmatched = {k: v for k, v in labels.lines.items() if k not in matched_keys}
+    classes = labels.classes
+
+    def split(index: np.ndarray) -> dict[str, Any]:
+        return {
+            "images": len(index),
+            "patients": len({patients[i] for i in index}),
+            "classes": _class_counts(image_labels[index], classes),
+        }
+
+    problems: list[str] = []
+    warnings: list[str] = []
+    if not accepted:
+        reasons = "; ".join(f"{len(f)} × {r}" for r, f in sorted(by_reason.items(), key=lambda x: -len(x[1])))
+        problems.append(f"no accepted labelled image ({len(entries)} files seen: {reasons or 'no files'})")
+    elif len(train_idx) == 0:
+        problems.append("no image left for training after the validation split")
+    present = _class_counts(image_labels[train_idx], classes)
+    if accepted and any(n == 0 for n in present.values()):
+        missing = ", ".join(c for c, n in present.items() if n == 0)
+        warnings.append(f"no training image of class {missing}")
+    if accepted and len(val_idx) == 0:
+        warnings.append("no validation image (fewer than two patients)")
+    without_id = sum(1 for i in infos if i["patient_id_missing"])
+    if without_id:
+        warnings.append(f"{without_id} image file(s) without PatientID: grouped by study for the split")
+    if unmatched:
+        warnings.append(f"{len(unmatched)} label(s) in {LABELS_FILE} match no accepted file")
+    usable = not problems
+    n_images = len(image_labels)
+    summary = (
+        f"{len(entries)} files seen, {len(accepted)} accepted ({n_images} images), {len(rejected)} rejected"
+        if usable
+        else problems[0]
+    )
+    return {
+        "usable": usable,
+        "summary": summary,
+        "problems": problems,
+        "warnings": warnings,
+        "preprocess": config.key(),
+        "files": {"seen": len(entries), "accepted": len(accepted), "rejected": len(rejected)},
+        "images": n_images,
+        "rejections": [
+            {"reason": reason, "count": len(files), "files": files}
+            for reason, files in sorted(by_reason.items(), key=lambda x: (-len(x[1]), x[0]))
+        ],
+        "labels": {
+            "key": labels.key,
+            "rows": labels.rows,
+            "classes": _class_counts(image_labels, classes),
+            "unmatched_rows": {"count": len(unmatched), "lines": _lines([n for v in unmatched.values() for n in v])},
+            "conflicting": {"count": len(labels.conflicting), "lines": _lines([n for v in labels.conflicting.values() for n in v])},
+            "unknown_class": {
+                "count": sum(len(v) for v in labels.unknown.values()),
+                "values": sorted(labels.unknown)[:MAX_LISTED],
+                "lines": _lines([n for v in labels.unknown.values() for n in v]),
+            },
+            "empty_key": {"count": len(labels.empty_key_lines), "lines": _lines(list(labels.empty_key_lines))},
+            "files_without_label": unlabelled,
+            "duplicate_files": duplicates,
+        },
+        "patients": len(set(patients)),
+        "patients_without_id": without_id,
+        "studies": len({i["study_instance_uid"] for i in infos}),
+        "series": len({i["series_instance_uid"] for i in infos}),
+        "modalities": _counts(i["modality"] or "?" for i in infos),
+        "manufacturers": _counts(i["manufacturer"] or "?" for i in infos),
+        "transfer_syntaxes": _counts(i["transfer_syntax"] or "?" for i in infos),
+        "photometric": _counts(i["photometric"] or "?" for i in infos),
+        "image_sizes": _counts(f"{i['rows']}x{i['columns']}" for i in infos),
+        "multi_frame_files": sum(1 for i in infos if i["frames"] > 1),
+        "pixel_spacing_mm": {
+            "min": min(spacing) if spacing else None,
+            "median": statistics.median(spacing) if spacing else None,
+            "max": max(spacing) if spacing else None,
+            "missing": len(infos) - len(spacing),
+        },
+        "intensity": {
+            "min": min((s["min"] for s in stats), default=None),
+            "median_of_means": statistics.median(s["mean"] for s in stats) if stats else None,
+            "max": max((s["max"] for s in stats), default=None),
+            "in_window_fraction": statistics.fmean(s["in_window"] for s in stats) if stats else None,
+        },
+        "decoder_warnings": sum(1 for _, e, _ in accepted if e.get("warnings")),
+        "split": {"train": split(train_idx), "validation": split(val_idx)},
+        "cache": {"decoded": update.decoded, "reused": update.reused},
+    }
