@@ -61,3 +61,17 @@ def test_site_config_rejects_bad_values(override: dict[str, object], message: st
 def test_site_config_requires_site_data_and_work_dir() -> None:
     with pytest.raises(ConfigError, match="Expected `data-dir` in the node config"):
         SiteConfig.from_flower({"site": "A", "work-dir": "/w"})
+
+
+def test_preprocessing_and_label_keys_of_the_run_config() -> None:
+    from common.config import PreprocessConfig, RunConfig
+
+    run = RunConfig.from_flower(
+        {"window": "voi", "multiframe": "reject", "color": "grey", "enhance": "denoise", "classes": "a, b ,c"}
+    )
+    assert run.preprocess == PreprocessConfig(window="voi", multiframe="reject", color="grey", enhance="denoise")
+    assert run.classes == ("a", "b", "c")
+    assert run.preprocess.key() != PreprocessConfig().key()
+    for key, value in (("window", "abdomen"), ("multiframe", "x"), ("color", "rgb"), ("enhance", "clahe"), ("classes", "a,a"), ("classes", "a")):
+        with pytest.raises(ConfigError, match=key):
+            RunConfig.from_flower({key: value})

@@ -17,7 +17,53 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
+def _mixed_site(clean: Path, target: Path) -> Path:
+    """A copy of ``clean`` with what real exports also hold: junk, non-images, broken files."""
+    import shutil
+
+    import pydicom.data
+
+    shutil.copytree(clean, target)
+    bundled = Path(pydicom.data.__file__).parent / "test_files"
+    for name in ("MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG-lossy.dcm"):
+        shutil.copy(bundled / name, target / name)
+    valid = sorted(target.rglob("IM*.dcm"))[0].read_bytes()
+    (target / "truncated.dcm").write_bytes(valid[: len(valid) // 2])
+    (target / "empty.dcm").write_bytes(b"")
+    (target / "README.txt").write_text("export notes")
+    return target
+
+
+def test_check_reports_a_mixed_export_and_exits_zero(tiny_sites: Path, tmp_path: Path) -> None:
+    site = _mixed_site(tiny_sites / "B", tmp_path / "B")
+    proc = _run_cli(
+        str(BIN / "fl-client"), "--site", "B", "--data", str(site), "--workdir", str(tmp_path / "w"),
+        "--check", "--json", "-c", "image-size=32",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["usable"] and report["files"] == {"seen": 47, "accepted": 40, "rejected": 7}
+    assert {g["count"] for g in report["rejections"]} and sum(g["count"] for g in report["rejections"]) == 7
+    assert any("truncated" in g["reason"] for g in report["rejections"])
+    human = _run_cli(str(BIN / "fl-client"), "--site", "B", "--data", str(site), "--workdir", str(tmp_path / "w"), "--check", "-c", "image-size=32")
+    assert human.returncode == 0 and "usable" in human.stdout and "40 files decoded now" not in human.stdout
+
+
+def test_check_of_only_unusable_files_exits_non_zero_with_reasons(tmp_path: Path) -> None:
+    site = tmp_path / "junk"
+    site.mkdir()
+    (site / "labels.csv").write_text("SOPInstanceUID,label\n1.2.3,1\n")
+    (site / "a.dcm").write_bytes(b"")
+    (site / "b.dcm").write_bytes(b"\x00" * 300)
+    proc = _run_cli(str(BIN / "fl-client"), "--site", "J", "--data", str(site), "--workdir", str(tmp_path / "w"), "--check")
+    line = _one_line_error(proc)
+    assert proc.returncode == 3
+    assert "not usable" in line and "1 × empty file" in line and "not a DICOM file" in line
+
+
 def test_two_sites_train_two_rounds_with_dp(tiny_sites: Path, tmp_path: Path) -> None:
+    # Site B's folder is a messy export: it trains on its accepted files only.
+    site_dirs = {"A": tiny_sites / "A", "B": _mixed_site(tiny_sites / "B", tmp_path / "B")}
     port = free_port()
     workdir = tmp_path / "server"
     all_pids: list[int] = []
@@ -33,7 +79,7 @@ def test_two_sites_train_two_rounds_with_dp(tiny_sites: Path, tmp_path: Path) ->
         for site, budget in (("A", 6.0), ("B", 3.0)):
             procs.start(
                 f"fl-client {site}",
-                [str(BIN / "fl-client"), "--site", site, "--data", str(tiny_sites / site),
+                [str(BIN / "fl-client"), "--site", site, "--data", str(site_dirs[site]),
                  "--server", f"127.0.0.1:{port}", "--workdir", str(tmp_path / f"site-{site}"),
                  "--max-epsilon", str(budget), "--threads", "1"],
                 log_path=tmp_path / f"site-{site}.log",
@@ -51,10 +97,16 @@ def test_two_sites_train_two_rounds_with_dp(tiny_sites: Path, tmp_path: Path) ->
 
     (run_dir,) = (workdir / "runs").iterdir()
     report = json.loads((run_dir / "report.json").read_text())
+    from client.data.dataset import load_site_data
+    from common.config import PreprocessConfig
+
+    mixed = load_site_data(data_dir=site_dirs["B"], work_dir=tmp_path / "site-B", config=PreprocessConfig(image_size=32))
+    assert mixed.report["files"]["rejected"] == 7 and mixed.report["cache"]["decoded"] == 0
     assert report["status"] == "completed"
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for r in report["rounds"]:
         assert sorted(r["train"]["sites"]) == ["A", "B"] and r["train"]["declined"] == []
+        assert r["train"]["sites"]["B"]["num-examples"] == len(mixed.train)
         assert (run_dir / r["checkpoint"]).is_file()
         pooled = r["evaluate"]["pooled"]
         assert 0.0 <= pooled["auroc"] <= 1.0

@@ -1,0 +1,96 @@
+"""Ingest speed next to DP training speed, measured side by side in one run.
+
+    python -m benchmarks.ingest [--images 2000] [--size 128] [--workers 0]
+
+Writes ``--images`` synthetic CT files (fl-synth, one site), then measures on
+this machine, with the run's default settings:
+
+* cold decode: ``load_site_data`` on an empty cache (read, hash, decode,
+  window, resize, write the cache; ``--workers`` processes, 0 = all cores);
+* warm cache: ``load_site_data`` on the fresh cache, images read into memory
+  (what each ClientApp process does before training), best of 5;
+* DP training: one round of the default model (``fedrad-cnn``) with Opacus
+  DP-SGD on the cached training split: ``local-epochs`` × train images / time.
+
+Cold and warm ingest are measured before torch is imported, as in
+``fl-client --check``. The targets (issue 3) are warm ≥ 100× and cold ≥ 10×
+the DP training throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=128, help="Rows and columns of the synthetic DICOMs.")
+    parser.add_argument("--workers", type=int, default=0, help="Decoding processes (0 = one per core).")
+    args = parser.parse_args()
+
+    from client.data.dataset import load_site_data
+    from common.config import RunConfig
+    from simulations.synth import synthesize
+
+    run = RunConfig()
+    with tempfile.TemporaryDirectory(prefix="fedrad-bench-") as tmp:
+        root = Path(tmp)
+        synthesize(root / "data", sites=["A"], images_per_site=args.images, seed=0, size=args.size)
+        data_dir = root / "data" / "A"
+
+        def load(work: Path, workers: int) -> object:
+            return load_site_data(
+                data_dir=data_dir, work_dir=work, config=run.preprocess, classes=run.classes,
+                val_fraction=run.val_fraction, seed=run.seed, workers=workers,
+            )
+
+        start = time.perf_counter()
+        data = load(root / "work", args.workers)
+        cold_s = time.perf_counter() - start
+        n = len(data)  # type: ignore[arg-type]
+        start = time.perf_counter()
+        load(root / "work-1", 1)
+        cold_one_s = time.perf_counter() - start
+
+        warm_s = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            warm = load(root / "work", args.workers)
+            warm.images()  # type: ignore[attr-defined]
+            warm_s = min(warm_s, time.perf_counter() - start)
+
+        import torch
+
+        from client.training import train_dp
+        from common.models import build_model
+
+        train = data.train  # type: ignore[attr-defined]
+        images, labels = data.images(train), data.labels[train]  # type: ignore[attr-defined]
+        model = build_model(run.model, image_size=run.preprocess.image_size)
+        start = time.perf_counter()
+        train_dp(
+            model, images=images, labels=labels, epochs=run.local_epochs, batch_size=run.batch_size,
+            learning_rate=run.learning_rate, max_grad_norm=run.max_grad_norm, noise_multiplier=1.0,
+            device=torch.device("cpu"), secure_mode=False, seed=0,
+        )
+        dp_s = time.perf_counter() - start
+        dp_rate = run.local_epochs * len(train) / dp_s
+
+    cold, cold_one, warm_rate = n / cold_s, n / cold_one_s, n / warm_s
+    cores = os.cpu_count()
+    print(f"fedrad ingest benchmark: {n} synthetic CT files {args.size}x{args.size} → {run.preprocess.image_size} px, "
+          f"{cores} cores, torch threads {torch.get_num_threads()}")
+    print(f"{'measure':<44}{'images/s':>12}{'× DP training':>16}{'target':>10}")
+    print(f"{'DP training (fedrad-cnn, Opacus, 1 round)':<44}{dp_rate:>12.0f}{1.0:>16.2f}{'':>10}")
+    print(f"{'cold decode, all cores':<44}{cold:>12.0f}{cold / dp_rate:>16.2f}{'≥ 10':>10}")
+    print(f"{'cold decode, one process':<44}{cold_one:>12.0f}{cold_one / dp_rate:>16.2f}{'':>10}")
+    print(f"{'warm cache (open + read all images)':<44}{warm_rate:>12.0f}{warm_rate / dp_rate:>16.2f}{'≥ 100':>10}")
+
+
+if __name__ == "__main__":
+    main()
