@@ -21,8 +21,9 @@ Two readers give the same result (tests check that they agree):
   not sure about goes to the full reader.
 
 Every way a file can be unusable raises :class:`~common.errors.DicomRejected`.
-Reasons never contain tag values, so grouping them says how many files share
-a problem and nothing identifies a patient.
+Reasons name at most a modality, photometric interpretation, SOP class or
+transfer syntax — never an identifier — so grouping them says how many files
+share a problem and nothing identifies a patient.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTIMAGE", "REG", "PR", "SR", "KO", "DOC", "PLAN"})
 _IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 _LATIN1_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO 2022 IR 6"})
+_PAD = " \x00\t\r\n\f\v"  # stripped from text values by both readers alike
+_EDGE = 1e-5  # a pixel this close to a window edge counts as clipped (readers round differently)
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
     if not isinstance(value, str | bytes) and hasattr(value, "__iter__"):
         value = "\\".join(str(v) for v in value)
-    return str(value).strip()
+    return str(value).strip(_PAD)
 
 
 def _spacing(ds: Dataset) -> float | None:
@@ -214,14 +217,21 @@ def _has_modality_transform(ds: Dataset) -> bool:
     return False
 
 
-def _read_full(content: bytes, config: PreprocessConfig) -> tuple[_Header, list[tuple[np.ndarray, Dataset]]]:
+def _read_full(
+    content: bytes, config: PreprocessConfig, caught: list[warnings.WarningMessage]
+) -> tuple[_Header, list[tuple[np.ndarray, Dataset]]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(content))
+        if any("End of file reached" in str(w.message) for w in caught):
+            # pydicom stops quietly inside encapsulated pixel data and returns what it read
+            raise DicomRejected("truncated file (ends inside its data)")
     except InvalidDicomError:
         raise DicomRejected("not a DICOM file (no DICM preamble or DICOM header)") from None
+    except DicomRejected:
+        raise
     except Exception as exc:  # noqa: BLE001 - a corrupt header can fail anywhere inside pydicom
         raise DicomRejected(f"corrupt or truncated DICOM header ({type(exc).__name__})") from None
     try:
@@ -307,7 +317,7 @@ def _not_meta(tag: Any, vr: Any, length: int) -> bool:
 
 
 def _s(raw: bytes | None) -> str:
-    return raw.decode("latin-1").strip(" \x00") if raw else ""
+    return raw.decode("latin-1").strip(_PAD) if raw else ""
 
 
 def _us(raw: bytes | None, default: int) -> int:
@@ -443,6 +453,14 @@ def _check_header(header: _Header, config: PreprocessConfig) -> None:
         raise DicomRejected(f"image too small ({header.rows}×{header.columns} pixels)")
 
 
+def _present(view: Dataset, keyword: str) -> bool:
+    """The attribute is there *and* has a value (an empty Window Center is no window)."""
+    value = view.get(keyword)
+    if value is None or isinstance(value, str | bytes):
+        return bool(value)
+    return not hasattr(value, "__len__") or len(value) > 0
+
+
 def _voi_range(view: Dataset) -> tuple[float, float]:
     """The output range of pydicom's ``apply_voi_lut`` for this frame (to map it to [0, 1])."""
     if view.get("VOILUTSequence"):
@@ -477,7 +495,7 @@ def _unit(
     from pydicom.pixels import apply_voi_lut
 
     assert view is not None
-    has_voi = bool(view.get("VOILUTSequence")) or ("WindowCenter" in view and "WindowWidth" in view)
+    has_voi = bool(view.get("VOILUTSequence")) or (_present(view, "WindowCenter") and _present(view, "WindowWidth"))
     if has_voi:
         try:
             voi = np.asarray(apply_voi_lut(modality_values, view, prefer_lut=True), dtype=np.float64)
@@ -494,7 +512,7 @@ def _unit(
 
 def _in_window(unit: np.ndarray) -> float:
     """Fraction of pixels the window did not clip to black or white."""
-    return 1.0 - float(np.count_nonzero((unit <= 0.0) | (unit >= 1.0))) / unit.size
+    return 1.0 - float(np.count_nonzero((unit <= _EDGE) | (unit >= 1.0 - _EDGE))) / unit.size
 
 
 def _fast_preset(
@@ -582,7 +600,7 @@ def decode_file(path: Path, config: PreprocessConfig, *, content: bytes | None =
                     values += luts["RescaleIntercept"]
                 frames = [(values, view, False)]
         else:
-            header, stored = _read_full(content, config)
+            header, stored = _read_full(content, config, caught)
             reader = "full"
             colour = header.samples != 1 or header.photometric == "PALETTE COLOR"
             frames = [
