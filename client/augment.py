@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def augment_batch(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Return an augmented copy of ``x`` (``(B, C, H, W)`` in ``[-1, 1]``); ``x`` if nothing is enabled."""
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
 
     if not config.enabled or x.shape[0] == 0:
         return x

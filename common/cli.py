@@ -51,7 +51,7 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None, *, prog_name:
     except KeyboardInterrupt:
         error_line("interrupted")
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback
+    except Exception as exc:
         if os.environ.get("FEDRAD_DEBUG"):
             raise
         error_line(f"unexpected {type(exc).__name__}: {exc} (set FEDRAD_DEBUG=1 for details)")

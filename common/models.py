@@ -82,7 +82,7 @@ def _filter_bank() -> nn.Module:
     so no site can alter them for the others.
     """
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
     from torch import nn
 
     class _FilterBank(nn.Module):

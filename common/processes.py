@@ -153,7 +153,7 @@ class ManagedProcess:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         try:
-            self.popen = subprocess.Popen(  # noqa: S603 - our own command line
+            self.popen = subprocess.Popen(
                 self.cmd,
                 env=dict(env) if env is not None else None,
                 cwd=cwd,

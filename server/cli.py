@@ -64,7 +64,7 @@ def write_connection(flwr_home: Path, port: int) -> None:
 def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict[str, Any]:
     """Run ``flwr ... --format json`` and return its JSON; errors become FederationError."""
     try:
-        proc = subprocess.run(  # noqa: S603
+        proc = subprocess.run(
             [flower_bin("flwr"), *args, "--format", "json"],
             env=env, capture_output=True, text=True, timeout=timeout, check=False,
         )

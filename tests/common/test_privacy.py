@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from common.errors import DataError
-from common.privacy import AccountantStore, DPEvent, calibrate_noise, epsilon_spent, poisson_sample_rate, steps_per_epoch
+from common.privacy import (
+    AccountantStore,
+    DPEvent,
+    calibrate_noise,
+    epsilon_spent,
+    poisson_sample_rate,
+    steps_per_epoch,
+)
 
 
 def test_rdp_known_value() -> None:

@@ -7,7 +7,15 @@ import time
 import pytest
 
 from common.errors import FederationError
-from common.processes import ManagedProcess, ProcessSet, _alive, descendants, free_port, parse_address, port_is_free
+from common.processes import (
+    ManagedProcess,
+    ProcessSet,
+    _alive,
+    descendants,
+    free_port,
+    parse_address,
+    port_is_free,
+)
 
 # A parent that starts a child in its own session (like flower-superexec) and sleeps.
 SPAWNER = (

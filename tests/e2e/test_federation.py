@@ -27,7 +27,7 @@ def _mixed_site(clean: Path, target: Path) -> Path:
     bundled = Path(pydicom.data.__file__).parent / "test_files"
     for name in ("MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "JPEG-lossy.dcm"):
         shutil.copy(bundled / name, target / name)
-    valid = sorted(target.rglob("IM*.dcm"))[0].read_bytes()
+    valid = min(target.rglob("IM*.dcm")).read_bytes()
     (target / "truncated.dcm").write_bytes(valid[: len(valid) // 2])
     (target / "empty.dcm").write_bytes(b"")
     (target / "README.txt").write_text("export notes")
