@@ -2,9 +2,11 @@
 
 One folder per preprocessing config: ``<work-dir>/cache/<config-hash>/`` holds
 ``images.npy`` (every decoded frame, opened memory-mapped so a fresh ClientApp
-process starts in milliseconds) and ``manifest.json`` (per file: size/mtime/
-ctime, sha256 of its bytes, accepted rows or the rejection reason, hashed
-identifiers, summary statistics).
+process starts in milliseconds), ``index.json`` (per file, column by column:
+size/mtime/ctime, sha256 of its bytes, status, rows, the UIDs labels are keyed
+by, hashed patient id, rejection reasons) — all that opening the cache for
+training needs — and ``details.json`` (per accepted file: attributes and
+statistics for the data report, read only by the report).
 
 * **Per file.** On each open the data folder is scanned (``stat`` only). A file
   whose size and times are unchanged keeps its rows; a changed or new file is
@@ -51,8 +53,8 @@ from common.config import PreprocessConfig
 from common.errors import DicomRejected
 
 log = logging.getLogger(__name__)
-MANIFEST_VERSION = 2
-IMAGES, MANIFEST = "images.npy", "manifest.json"
+MANIFEST_VERSION = 3
+IMAGES, INDEX, DETAILS = "images.npy", "index.json", "details.json"
 POOL_MIN_FILES = 256  # below this, decoding in-process beats starting workers
 INFO_FIELDS = tuple(f.name for f in dataclasses.fields(DicomInfo))
 STATS_FIELDS = ("mean", "min", "max", "in_window")
@@ -77,7 +79,7 @@ def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | N
 
     def walk(folder: str, prefix: str) -> None:
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            entries = list(os.scandir(folder))
         except OSError:
             return
         for entry in entries:
@@ -91,32 +93,82 @@ def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | N
             except OSError:
                 files[rel] = None
                 continue
-            if rel != LABELS_FILE:
-                files[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            files[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
     walk(str(data_dir), "")
-    return files
+    files.pop(LABELS_FILE, None)
+    return dict(sorted(files.items()))
 
 
 def cache_dir(work_dir: Path, config: PreprocessConfig) -> Path:
     return work_dir / "cache" / hashlib.sha256(config.key().encode()).hexdigest()[:12]
 
 
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
+def read_index(folder: Path) -> dict[str, Any] | None:
+    """The cache's index, or ``None`` when there is no complete cache of this version."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        index = json.loads((folder / INDEX).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+    if not isinstance(index, dict) or index.get("version") != MANIFEST_VERSION:
         return None
-    return manifest
+    return index
 
 
-def _is_fresh(manifest: dict[str, Any] | None, files: dict[str, list[int] | None], config: PreprocessConfig) -> bool:
-    if manifest is None or manifest.get("preprocess") != config.key():
+def read_details(folder: Path) -> dict[str, dict[str, Any]]:
+    """Per accepted file: ``info`` (in INFO_FIELDS order), ``stats`` (STATS_FIELDS), reader, warnings."""
+    return json.loads((folder / DETAILS).read_text())
+
+
+def _is_fresh(index: dict[str, Any] | None, files: dict[str, list[int] | None], config: PreprocessConfig) -> bool:
+    if index is None or index.get("preprocess") != config.key():
         return False
-    recorded = manifest["files"]
-    return recorded.keys() == files.keys() and all(recorded[r]["state"] == s for r, s in files.items())
+    return index["paths"] == list(files) and index["states"] == list(files.values())
+
+
+def _entries(index: dict[str, Any], details: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Index columns + details → one entry per file (the form an update works on)."""
+    entries: dict[str, dict[str, Any]] = {}
+    for i, rel in enumerate(index["paths"]):
+        entry: dict[str, Any] = {"state": index["states"][i], "status": index["status"][i]}
+        if index["sha256"][i]:
+            entry["sha256"] = index["sha256"][i]
+        if entry["status"] == "ok":
+            entry.update(details[rel], rows=index["rows"][i], frames=index["rows"][i][1])
+        else:
+            entry["reason"] = index["reasons"][rel]
+        entries[rel] = entry
+    return entries
+
+
+def _write_manifest(folder: Path, *, config: PreprocessConfig, data_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ok = {rel: e for rel, e in entries.items() if e["status"] == "ok"}
+
+    def column(field: int) -> list[str]:
+        return [e["info"][field] if e["status"] == "ok" else "" for e in entries.values()]
+
+    index = {
+        "version": MANIFEST_VERSION,
+        "preprocess": config.key(),
+        "data_dir": str(data_dir),
+        "paths": list(entries),
+        "states": [e["state"] for e in entries.values()],
+        "status": [e["status"] for e in entries.values()],
+        "sha256": [e.get("sha256", "") for e in entries.values()],
+        "rows": [e.get("rows") for e in entries.values()],
+        "sop": column(INFO_FIELDS.index("sop_instance_uid")),
+        "study": column(INFO_FIELDS.index("study_instance_uid")),
+        "series": column(INFO_FIELDS.index("series_instance_uid")),
+        "patient": column(INFO_FIELDS.index("patient_hash")),
+        "reasons": {rel: e["reason"] for rel, e in entries.items() if e["status"] == "rejected"},
+    }
+    details = {
+        rel: {"info": e["info"], "stats": e["stats"], "reader": e["reader"], "warnings": e["warnings"]}
+        for rel, e in ok.items()
+    }
+    (folder / DETAILS).write_text(json.dumps(details, separators=(",", ":")))
+    (folder / INDEX).write_text(json.dumps(index, separators=(",", ":")))
+    return index
 
 
 # ------------------------------------------------------------------- decoding
@@ -149,7 +201,7 @@ def _decode_one(rel: str, path: Path, state: list[int] | None, config: Preproces
         return entry, None
     entry.update(
         status="ok",
-        info=list(dataclasses.astuple(decoded.info)),  # in INFO_FIELDS order (a compact manifest opens faster)
+        info=[getattr(decoded.info, name) for name in INFO_FIELDS],
         stats=[decoded.stats[k] for k in STATS_FIELDS],
         reader=decoded.reader,
         warnings=decoded.warnings,
@@ -215,7 +267,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 @dataclass(frozen=True)
 class CacheUpdate:
     folder: Path
-    manifest: dict[str, Any]
+    index: dict[str, Any]
     decoded: int  # files decoded now
     reused: int  # files whose cached rows were kept (unchanged, or same content as a cached file)
     rejected: int
@@ -230,15 +282,18 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
     folder = cache_dir(work_dir, config)
     with _locked(folder):
         files = scan(data_dir, exclude=work_dir)
-        old = _read_manifest(folder)
+        old = read_index(folder)
         if old is not None and old.get("preprocess") != config.key():
             old = None
         if _is_fresh(old, files, config):
             assert old is not None
-            return CacheUpdate(folder, old, 0, len(files), sum(e["status"] == "rejected" for e in old["files"].values()))
+            return CacheUpdate(folder, old, 0, len(files), len(old["reasons"]))
         for stale in folder.parent.glob(f".build-{folder.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        old_entries: dict[str, Any] = old["files"] if old else {}
+        try:
+            old_entries: dict[str, Any] = _entries(old, read_details(folder)) if old else {}
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            old, old_entries = None, {}  # an unreadable cache is rebuilt, not trusted
         old_store = np.load(folder / IMAGES, mmap_mode="r") if old and (folder / IMAGES).is_file() else None
         by_sha = {e["sha256"]: e for e in old_entries.values() if "sha256" in e and e["status"] in ("ok", "rejected")}
 
@@ -283,13 +338,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
                 row += count
             store.flush()
             del store
-            manifest = {
-                "version": MANIFEST_VERSION,
-                "preprocess": config.key(),
-                "data_dir": str(data_dir),
-                "files": entries,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
+            index = _write_manifest(tmp, config=config, data_dir=data_dir, entries=entries)
             del old_store
             _replace_dir(tmp, folder)
         except BaseException:
@@ -297,7 +346,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
             raise
     rejected = sum(e["status"] == "rejected" for e in entries.values())
     log.info("Cache %s: %d files decoded, %d reused, %d rejected", folder.name, decoded, reused, rejected)
-    return CacheUpdate(folder, manifest, decoded, reused, rejected)
+    return CacheUpdate(folder, index, decoded, reused, rejected)
 
 
 def _with_frames(entries: dict[str, dict[str, Any]], new_frames: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:

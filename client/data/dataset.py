@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from client.data.cache import IMAGES, INFO_FIELDS, STATS_FIELDS, update_cache
+from client.data.cache import IMAGES, INFO_FIELDS, STATS_FIELDS, read_details, update_cache
 from client.data.labels import LABELS_FILE, Labels, read_labels
 from common.config import PreprocessConfig
 from common.errors import DataError
@@ -39,10 +41,16 @@ class SiteData:
     train: np.ndarray  # indices (into the accepted images) of the training split
     validation: np.ndarray  # indices of the validation split (other patients)
     fingerprint: str  # hash of every accepted file's content + label + preprocessing
-    report: dict[str, Any] = field(compare=False)
+    usable: bool  # at least one labelled image to train on
+    make_report: Callable[[], dict[str, Any]] = field(compare=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @cached_property
+    def report(self) -> dict[str, Any]:
+        """The data report (``fl-client --check``): built on first use, from the cache's details."""
+        return self.make_report()
 
     def images(self, index: np.ndarray | None = None) -> np.ndarray:
         """The accepted images (those at ``index`` when given), copied into memory."""
@@ -108,62 +116,68 @@ def load_site_data(
     labels = read_labels(data_dir, classes=classes)  # fail fast, before any decoding
     update = update_cache(data_dir=data_dir, work_dir=work_dir, config=config, workers=workers)
     store = np.load(update.folder / IMAGES, mmap_mode="r")
-    entries: dict[str, dict[str, Any]] = {}
-    for rel, entry in update.manifest["files"].items():
-        if entry["status"] == "ok":
-            entry = {**entry, "info": dict(zip(INFO_FIELDS, entry["info"])), "stats": dict(zip(STATS_FIELDS, entry["stats"]))}
-        entries[rel] = entry
+    index = update.index
+    paths, status, sha, index_rows = index["paths"], index["status"], index["sha256"], index["rows"]
+    key_column = {"SOPInstanceUID": index["sop"], "StudyInstanceUID": index["study"], "SeriesInstanceUID": index["series"], "path": paths}[labels.key]
 
-    rejected: dict[str, str] = {rel: e["reason"] for rel, e in entries.items() if e["status"] == "rejected"}
-    accepted: list[tuple[str, dict[str, Any], int]] = []  # (rel, entry, label)
-    first_by_uid: dict[str, dict[str, Any]] = {}
+    rejected: dict[str, str] = dict(index["reasons"])
+    accepted: list[tuple[int, int]] = []  # (file index, label)
+    first_by_uid: dict[str, int] = {}
     matched_keys: set[str] = set()
     unlabelled = duplicates = 0
-    for rel, entry in entries.items():
-        if entry["status"] != "ok":
+    for i, uid in enumerate(index["sop"]):
+        if status[i] != "ok":
             continue
-        info = entry["info"]
-        uid = info["sop_instance_uid"]
         twin = first_by_uid.get(uid)
         if twin is not None:
             duplicates += 1
-            rejected[rel] = (
+            rejected[paths[i]] = (
                 "duplicate file (identical copy of another file)"
-                if twin["sha256"] == entry["sha256"]
+                if sha[twin] == sha[i]
                 else "duplicate SOPInstanceUID (another file has the same image UID)"
             )
             continue
-        first_by_uid[uid] = entry
-        key = _key_of(labels, rel, info)
-        if key in labels.by_key:
+        first_by_uid[uid] = i
+        key = key_column[i]
+        label = labels.by_key.get(key)
+        if label is not None:
             matched_keys.add(key)
-            accepted.append((rel, entry, labels.by_key[key]))
+            accepted.append((i, label))
         elif key in labels.conflicting:
             matched_keys.add(key)
-            rejected[rel] = f"conflicting labels in {LABELS_FILE}"
+            rejected[paths[i]] = f"conflicting labels in {LABELS_FILE}"
         elif key in labels.unknown_keys:
             matched_keys.add(key)
-            rejected[rel] = f"label in {LABELS_FILE} is not one of the classes ({','.join(classes)})"
+            rejected[paths[i]] = f"label in {LABELS_FILE} is not one of the classes ({','.join(classes)})"
         else:
             unlabelled += 1
-            rejected[rel] = f"no label in {LABELS_FILE}"
+            rejected[paths[i]] = f"no label in {LABELS_FILE}"
 
-    rows = np.array([r for _, e, _ in accepted for r in range(e["rows"][0], e["rows"][0] + e["rows"][1])], dtype=np.int64)
-    image_labels = np.array([lab for _, e, lab in accepted for _ in range(e["rows"][1])], dtype=np.int64)
-    patients = tuple(e["info"]["patient_hash"] for _, e, _ in accepted for _ in range(e["rows"][1]))
+    rows = np.array([r for i, _ in accepted for r in range(index_rows[i][0], index_rows[i][0] + index_rows[i][1])], dtype=np.int64)
+    image_labels = np.array([lab for i, lab in accepted for _ in range(index_rows[i][1])], dtype=np.int64)
+    patients = tuple(index["patient"][i] for i, _ in accepted for _ in range(index_rows[i][1]))
     train_idx, val_idx = patient_split(patients, val_fraction=val_fraction, seed=seed)
 
     fingerprint = hashlib.sha256(f"{config.key()}|classes={','.join(classes)}".encode())
-    for item in sorted(f"{entry['sha256']}:{label};" for _, entry, label in accepted):
+    for item in sorted(f"{sha[i]}:{label};" for i, label in accepted):
         fingerprint.update(item.encode())  # content and labels, whatever the file names
 
-    report = _report(
-        entries=entries, accepted=accepted, rejected=rejected, labels=labels, matched_keys=matched_keys,
-        unlabelled=unlabelled, duplicates=duplicates, image_labels=image_labels, patients=patients,
-        train_idx=train_idx, val_idx=val_idx, config=config, update=update,
-    )
-    if require_usable and not report["usable"]:
-        raise DataError(f"No usable training data in {data_dir}: {report['summary']}")
+    problems = _problems(seen=len(paths), accepted=len(accepted), train=len(train_idx), rejected=rejected)
+    if require_usable and problems:
+        raise DataError(f"No usable training data in {data_dir}: {problems[0]}")
+
+    def report() -> dict[str, Any]:
+        details = read_details(update.folder)
+        infos = [dict(zip(INFO_FIELDS, details[paths[i]]["info"], strict=True)) for i, _ in accepted]
+        stats = [dict(zip(STATS_FIELDS, details[paths[i]]["stats"], strict=True)) for i, _ in accepted]
+        warned = sum(1 for i, _ in accepted if details[paths[i]]["warnings"])
+        return _report(
+            seen=len(paths), infos=infos, stats=stats, warned=warned, rejected=rejected, problems=problems,
+            labels=labels, matched_keys=matched_keys, unlabelled=unlabelled, duplicates=duplicates,
+            image_labels=image_labels, patients=patients, train_idx=train_idx, val_idx=val_idx, config=config,
+            update=update,
+        )
+
     return SiteData(
         store=store,
         rows=rows,
@@ -173,8 +187,20 @@ def load_site_data(
         train=train_idx,
         validation=val_idx,
         fingerprint=fingerprint.hexdigest(),
-        report=report,
+        usable=not problems,
+        make_report=report,
     )
+
+
+def _problems(*, seen: int, accepted: int, train: int, rejected: dict[str, str]) -> list[str]:
+    """Why the data cannot be trained on (empty when it can)."""
+    if not accepted:
+        reasons = Counter(rejected.values()).most_common()
+        summary = "; ".join(f"{n} × {r}" for r, n in reasons) or "no files"
+        return [f"no accepted labelled image ({seen} files seen: {summary})"]
+    if train == 0:
+        return ["no image left for training after the validation split"]
+    return []
 
 
 def _counts(values: Any) -> dict[str, int]:
@@ -188,9 +214,12 @@ def _class_counts(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int
 
 def _report(
     *,
-    entries: dict[str, dict[str, Any]],
-    accepted: list[tuple[str, dict[str, Any], int]],
+    seen: int,
+    infos: list[dict[str, Any]],
+    stats: list[dict[str, Any]],
+    warned: int,
     rejected: dict[str, str],
+    problems: list[str],
     labels: Labels,
     matched_keys: set[str],
     unlabelled: int,
@@ -202,8 +231,6 @@ def _report(
     config: PreprocessConfig,
     update: Any,
 ) -> dict[str, Any]:
-    infos = [e["info"] for _, e, _ in accepted]
-    stats = [e["stats"] for _, e, _ in accepted]
     by_reason: dict[str, list[str]] = {}
     for rel, reason in sorted(rejected.items()):
         by_reason.setdefault(reason, []).append(rel)
@@ -218,13 +245,8 @@ def _report(
             "classes": _class_counts(image_labels[index], classes),
         }
 
-    problems: list[str] = []
+    accepted = len(infos)
     warnings: list[str] = []
-    if not accepted:
-        reasons = "; ".join(f"{len(f)} × {r}" for r, f in sorted(by_reason.items(), key=lambda x: -len(x[1])))
-        problems.append(f"no accepted labelled image ({len(entries)} files seen: {reasons or 'no files'})")
-    elif len(train_idx) == 0:
-        problems.append("no image left for training after the validation split")
     present = _class_counts(image_labels[train_idx], classes)
     if accepted and any(n == 0 for n in present.values()):
         missing = ", ".join(c for c, n in present.items() if n == 0)
@@ -239,7 +261,7 @@ def _report(
     usable = not problems
     n_images = len(image_labels)
     summary = (
-        f"{len(entries)} files seen, {len(accepted)} accepted ({n_images} images), {len(rejected)} rejected"
+        f"{seen} files seen, {accepted} accepted ({n_images} images), {len(rejected)} rejected"
         if usable
         else problems[0]
     )
@@ -249,7 +271,7 @@ def _report(
         "problems": problems,
         "warnings": warnings,
         "preprocess": config.key(),
-        "files": {"seen": len(entries), "accepted": len(accepted), "rejected": len(rejected)},
+        "files": {"seen": seen, "accepted": accepted, "rejected": len(rejected)},
         "images": n_images,
         "rejections": [
             {"reason": reason, "count": len(files), "files": files}
@@ -292,7 +314,7 @@ def _report(
             "max": max((s["max"] for s in stats), default=None),
             "in_window_fraction": statistics.fmean(s["in_window"] for s in stats) if stats else None,
         },
-        "decoder_warnings": sum(1 for _, e, _ in accepted if e.get("warnings")),
+        "decoder_warnings": warned,
         "split": {"train": split(train_idx), "validation": split(val_idx)},
         "cache": {"decoded": update.decoded, "reused": update.reused},
     }

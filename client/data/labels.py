@@ -80,7 +80,7 @@ def read_labels(data_dir: Path, *, classes: tuple[str, ...] = ("0", "1")) -> Lab
     empty: list[int] = []
     count = 0
     for line_no, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
+        if not "".join(row).strip():
             continue
         count += 1
         k = row[ki].strip() if len(row) > ki else ""

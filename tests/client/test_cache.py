@@ -123,7 +123,7 @@ def test_interrupted_update_leaves_the_previous_cache(site: Path, tmp_path: Path
     work = tmp_path / "work"
     before = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
     _dicoms(site)[0].touch()
-    shutil.copy(_dicoms(site)[2], site / "new.dcm")  # needs decoding? no: same content; add a real change
+    shutil.copy(_dicoms(site)[2], site / "new.dcm")  # same bytes as a cached file
     ds = pydicom.dcmread(_dicoms(site)[4])
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(site / "other.dcm")
@@ -137,8 +137,8 @@ def test_interrupted_update_leaves_the_previous_cache(site: Path, tmp_path: Path
     monkeypatch.undo()
     folder = cache_dir(work.resolve(), CONFIG)
     assert not list(folder.parent.glob(".build-*"))  # the half-written update was removed
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert "other.dcm" not in manifest["files"]  # the old, complete cache is what is there
+    index = json.loads((folder / "index.json").read_text())
+    assert "other.dcm" not in index["paths"]  # the old, complete cache is what is there
     again = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
     assert again.report["files"]["seen"] == before.report["files"]["seen"] + 2
 
