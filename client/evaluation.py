@@ -26,27 +26,38 @@ class EvalOutcome:
 
 
 def evaluate(
-    model: nn.Module, *, images: np.ndarray, labels: np.ndarray, device: torch.device, batch_size: int = 256
+    model: nn.Module,
+    *,
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: torch.device,
+    num_classes: int = 2,
+    batch_size: int = 256,
 ) -> EvalOutcome:
-    """Mean BCE loss and sufficient statistics of ``model`` on ``images``/``labels``."""
+    """Mean loss (BCE, or cross-entropy for K > 2 classes) and sufficient statistics of ``model``."""
     import torch
+    import torch.nn.functional as F
 
     model = model.to(device).eval()
     probs: list[torch.Tensor] = []
     total_loss = 0.0
-    targets = torch.from_numpy(labels.astype(np.float32))
+    targets = torch.from_numpy(labels.astype(np.int64))
     with torch.no_grad():
         for start in range(0, len(labels), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32))
-            logits = model(x.to(device)).squeeze(1).cpu()
+            logits = model(x.to(device)).cpu()
             y = targets[start : start + batch_size]
-            total_loss += float(
-                torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-            )
-            probs.append(torch.sigmoid(logits))
-    all_probs = torch.cat(probs) if probs else torch.zeros(0)
+            if num_classes == 2:
+                logits = logits.squeeze(1)
+                total_loss += float(F.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum"))
+                probs.append(torch.sigmoid(logits))
+            else:
+                total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                probs.append(torch.softmax(logits, dim=1))
+    empty = torch.zeros(0) if num_classes == 2 else torch.zeros(0, num_classes)
+    all_probs = torch.cat(probs) if probs else empty
     return EvalOutcome(
         loss=total_loss / max(len(labels), 1),
         num_examples=len(labels),
-        statistics=sufficient_statistics(probs=all_probs, targets=targets.long()),
+        statistics=sufficient_statistics(probs=all_probs, targets=targets, num_classes=num_classes),
     )

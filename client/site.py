@@ -102,13 +102,14 @@ def train_round(
             f"> its max-epsilon {site.max_epsilon:g} (δ={site.delta:g})"
         )
     device = _setup_torch(site)
-    model = build_model(run.model, image_size=run.preprocess.image_size)
+    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
     model.load_state_dict(weights)
     outcome = train_dp(
         model,
         images=data.images(data.train),
         labels=data.labels[data.train],
         augment=run.augment,
+        num_classes=len(run.classes),
         epochs=run.local_epochs,
         batch_size=run.batch_size,
         learning_rate=run.learning_rate,
@@ -145,9 +146,12 @@ def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> d
 
     data = open_data(site, run)
     device = _setup_torch(site)
-    model = build_model(run.model, image_size=run.preprocess.image_size)
+    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
     model.load_state_dict(weights)
-    outcome = evaluate(model, images=data.images(data.validation), labels=data.labels[data.validation], device=device)
+    outcome = evaluate(
+        model, images=data.images(data.validation), labels=data.labels[data.validation], device=device,
+        num_classes=len(run.classes),
+    )
     return {
         records.NUM_EXAMPLES: outcome.num_examples,
         records.EVAL_LOSS: outcome.loss,

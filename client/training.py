@@ -61,6 +61,7 @@ def train_dp(
     secure_mode: bool,
     seed: int,
     augment: AugmentConfig | None = None,
+    num_classes: int = 2,
 ) -> TrainOutcome:
     """Train ``model`` in place with DP-SGD.
 
@@ -84,6 +85,8 @@ def train_dp(
         Seeds batch sampling and noise when ``secure_mode`` is off, and augmentation.
     augment
         Training-time augmentation (per image, so the DP guarantee is unchanged).
+    num_classes
+        2: one logit and BCE; K > 2: K logits and cross-entropy.
     """
     import torch
     from opacus import PrivacyEngine
@@ -93,7 +96,7 @@ def train_dp(
     n = int(labels.shape[0])
     dataset = TensorDataset(
         torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
-        torch.from_numpy(labels.astype(np.float32)),
+        torch.from_numpy(labels.astype(np.float32 if num_classes == 2 else np.int64)),
     )
     generator = torch.Generator().manual_seed(seed)
     # Opacus turns this into Poisson sampling at rate 1 / len(loader) = poisson_sample_rate().
@@ -110,7 +113,8 @@ def train_dp(
         poisson_sampling=True,
         noise_generator=None if secure_mode else torch.Generator(device=device).manual_seed(seed + 1),
     )
-    criterion = torch.nn.BCEWithLogitsLoss()
+    binary = num_classes == 2
+    criterion = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.CrossEntropyLoss()
     augment = augment or AugmentConfig()
     augment_generator = torch.Generator().manual_seed(seed + 2)
     total_loss, total_seen = 0.0, 0
@@ -121,7 +125,8 @@ def train_dp(
             x, y = x.to(device), y.to(device)
             x = augment_batch(x, augment, augment_generator)
             dp_optimizer.zero_grad()
-            loss = criterion(dp_model(x).squeeze(1), y)
+            logits = dp_model(x)
+            loss = criterion(logits.squeeze(1) if binary else logits, y)
             loss.backward()
             dp_optimizer.step()
             if len(y):

@@ -7,7 +7,10 @@ must find nothing to fix; the tests check every registered model.
 Add a model with::
 
     @register_model("my-net")
-    def my_net(*, in_channels: int = 1, image_size: int = 64) -> nn.Module: ...
+    def my_net(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 1) -> nn.Module: ...
+
+``num_outputs`` is 1 for a binary task (one logit) and the number of classes
+otherwise (one logit per class).
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return decorator
 
 
-def build_model(name: str, *, in_channels: int = 1, image_size: int = 64, seed: int | None = None) -> nn.Module:
+def num_outputs(num_classes: int) -> int:
+    """Logits a model needs for ``num_classes`` classes: 1 for binary, else one per class."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def build_model(
+    name: str, *, in_channels: int = 1, image_size: int = 64, num_classes: int = 2, seed: int | None = None
+) -> nn.Module:
     """Instantiate a registered model; ``seed`` makes the initial weights reproducible.
 
     Parameters
@@ -45,6 +55,8 @@ def build_model(name: str, *, in_channels: int = 1, image_size: int = 64, seed: 
         Image channels (1 for CT/greyscale).
     image_size
         Side of the square input image in pixels.
+    num_classes
+        Classes of the task (2 = binary, one logit).
     seed
         If given, the weights are initialised from this seed.
     """
@@ -52,11 +64,12 @@ def build_model(name: str, *, in_channels: int = 1, image_size: int = 64, seed: 
 
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
+    kwargs = {"in_channels": in_channels, "image_size": image_size, "num_outputs": num_outputs(num_classes)}
     if seed is None:
-        return MODELS[name](in_channels=in_channels, image_size=image_size)
+        return MODELS[name](**kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](in_channels=in_channels, image_size=image_size)
+        return MODELS[name](**kwargs)
 
 
 def _conv_block(cin: int, cout: int) -> Any:
@@ -110,11 +123,11 @@ def _filter_bank() -> nn.Module:
 
 
 @register_model("fedrad-cnn")
-def fedrad_cnn(*, in_channels: int = 1, image_size: int = 64) -> nn.Module:
+def fedrad_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 1) -> nn.Module:
     """Default model: fixed filter bank + a small trainable CNN with a max-pooled head.
 
     FilterBank(8) → MaxPool2 → Conv3x3(8→16) → ReLU → global max pool → Linear(16→1);
-    1,185 trainable parameters. "Is there a lesion anywhere" is a max over
+    1,185 trainable parameters (one more logit per class for multi-class tasks). "Is there a lesion anywhere" is a max over
     locations, and so few parameters keep the total DP noise small; per-sample
     gradients are cheap, so DP training runs at hundreds of images/s on one
     CPU core. The first 8 conv channels start as the identity on the bank (the
@@ -137,12 +150,12 @@ def fedrad_cnn(*, in_channels: int = 1, image_size: int = 64) -> nn.Module:
         nn.ReLU(),
         nn.AdaptiveMaxPool2d(1),
         nn.Flatten(),
-        nn.Linear(16, 1),
+        nn.Linear(16, num_outputs),
     )
 
 
 @register_model("plain-cnn")
-def plain_cnn(*, in_channels: int = 1, image_size: int = 64) -> nn.Module:
+def plain_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 1) -> nn.Module:
     """A conventional small CNN (Conv3x3 + GroupNorm + ReLU + MaxPool ×3, 16/32/64
     channels, global average pooling, linear head; ~23k parameters).
 
@@ -158,5 +171,5 @@ def plain_cnn(*, in_channels: int = 1, image_size: int = 64) -> nn.Module:
         _conv_block(32, 64),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(64, 1),
+        nn.Linear(64, num_outputs),
     )

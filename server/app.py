@@ -32,11 +32,6 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flower(context.run_config)
     if not run.workdir:
         raise ConfigError("Expected `workdir` in the run config (set by fl-server), but it is empty")
-    if len(run.classes) != 2:
-        raise ConfigError(
-            f"Expected two `classes` for training (the models are binary classifiers), but got {len(run.classes)}; "
-            "fl-client --check already reports multi-class labels"
-        )
     run_dir = Path(run.workdir) / "runs" / str(context.run_id)
     report = RunReport(
         run_dir=run_dir,
@@ -46,9 +41,10 @@ def main(grid: Grid, context: Context) -> None:
     )
     log.warning(INSECURE_WARNING)
     report.save()
-    model = build_model(run.model, image_size=run.preprocess.image_size, seed=run.seed)
+    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
     strategy = FedradFedAvg(
         report=report,
+        num_classes=len(run.classes),
         fraction_train=run.fraction_train,
         fraction_evaluate=run.fraction_evaluate,
         min_train_nodes=run.min_sites,

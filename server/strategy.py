@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -55,11 +56,11 @@ def aggregate_train_metrics(contents: list[RecordDict], weighted_by_key: str) ->
     )
 
 
-def aggregate_evaluate_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+def aggregate_evaluate_metrics(contents: list[RecordDict], weighted_by_key: str, *, num_classes: int = 2) -> MetricRecord:
     """Pooled metrics from the sum of the sites' sufficient statistics."""
     del weighted_by_key  # statistics are counts: they add up, no weighting needed
     metrics = [c[records.METRICS] for c in contents]
-    pooled = pooled_metrics(metrics)
+    pooled = pooled_metrics(metrics, num_classes=num_classes)
     total = sum(int(m[records.NUM_EXAMPLES]) for m in metrics)
     pooled["eval-loss"] = sum(float(m[records.EVAL_LOSS]) * int(m[records.NUM_EXAMPLES]) for m in metrics) / max(total, 1)
     return MetricRecord(pooled)
@@ -68,13 +69,14 @@ def aggregate_evaluate_metrics(contents: list[RecordDict], weighted_by_key: str)
 class FedradFedAvg(FedAvg):
     """Flower's FedAvg plus checkpoints and the run report."""
 
-    def __init__(self, *, report: RunReport, **kwargs: Any) -> None:
+    def __init__(self, *, report: RunReport, num_classes: int = 2, **kwargs: Any) -> None:
         super().__init__(
             train_metrics_aggr_fn=aggregate_train_metrics,
-            evaluate_metrics_aggr_fn=aggregate_evaluate_metrics,
+            evaluate_metrics_aggr_fn=partial(aggregate_evaluate_metrics, num_classes=num_classes),
             **kwargs,
         )
         self.report = report
+        self.num_classes = num_classes
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -117,7 +119,9 @@ class FedradFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         per_site = {
-            site_name(msg.content, f"node-{msg.metadata.src_node_id}"): pooled_metrics([msg.content[records.METRICS]])
+            site_name(msg.content, f"node-{msg.metadata.src_node_id}"): pooled_metrics(
+                [msg.content[records.METRICS]], num_classes=self.num_classes
+            )
             for msg in replies
             if not msg.has_error()
         }

@@ -83,3 +83,29 @@ def test_evaluation_sends_only_counts(site_and_run: tuple[SiteConfig, RunConfig]
     metrics = evaluate_round(site=site, run=run, weights=_weights())
     assert set(metrics) == {"num-examples", "eval-loss", "auroc-confmat", "stat-scores"}
     assert sum(metrics["stat-scores"]) == metrics["num-examples"] > 0
+
+
+def test_multiclass_site_trains_and_evaluates(tiny_sites: Path, tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    site_dir = tmp_path / "A"
+    shutil.copytree(tiny_sites / "A", site_dir)
+    with (site_dir / "labels.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    names = ("none", "small", "large")
+    rows = [rows[0]] + [[key, names[i % 3]] for i, (key, _) in enumerate(rows[1:])]
+    with (site_dir / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    site = SiteConfig(site="A", data_dir=site_dir, work_dir=tmp_path / "work", max_epsilon=3.0, threads=1)
+    run = RunConfig(num_server_rounds=1, local_epochs=1, batch_size=8, classes=names, preprocess=PreprocessConfig(image_size=32))
+    weights = OrderedDict(build_model("fedrad-cnn", num_classes=3, seed=0).state_dict())
+    assert weights["6.weight"].shape == (3, 16)
+    state, metrics = train_round(site=site, run=run, run_id=1, server_round=1, weights=weights)
+    assert metrics["num-examples"] > 0 and 0 < metrics["epsilon"] <= 3.0
+    stats = evaluate_round(site=site, run=run, weights=state)
+    from common.metrics import AUROC_THRESHOLDS, pooled_metrics
+
+    assert len(stats["auroc-confmat"]) == AUROC_THRESHOLDS * 3 * 4 and len(stats["stat-scores"]) == 12
+    pooled = pooled_metrics([stats], num_classes=3)
+    assert pooled["examples"] == stats["num-examples"] and 0 <= pooled["accuracy"] <= 1

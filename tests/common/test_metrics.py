@@ -58,3 +58,27 @@ def test_auroc_is_nan_when_a_class_is_missing() -> None:
 def test_malformed_statistics_are_rejected() -> None:
     with pytest.raises(ValueError, match="non-negative counts"):
         pooled_metrics([{"auroc-confmat": [1, 2, 3], "stat-scores": [0, 0, 0, 0]}])
+
+
+def test_multiclass_pooled_statistics_match_scikit_learn() -> None:
+    from sklearn.metrics import accuracy_score, precision_score, recall_score
+
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 3, 500)
+    logits = rng.normal(0, 1, (500, 3)) + 1.5 * np.eye(3)[targets]
+    probs = torch.softmax(torch.tensor(logits, dtype=torch.float32), dim=1)
+    t = torch.tensor(targets)
+    sites = [sufficient_statistics(probs=probs[a:b], targets=t[a:b], num_classes=3) for a, b in ((0, 150), (150, 500))]
+    pooled = pooled_metrics(sites, num_classes=3)
+    pred = probs.argmax(1).numpy()
+    assert pooled["auroc"] == pytest.approx(roc_auc_score(targets, probs.numpy(), multi_class="ovr"), abs=0.01)
+    assert pooled["accuracy"] == pytest.approx(accuracy_score(targets, pred))
+    assert pooled["sensitivity"] == pytest.approx(recall_score(targets, pred, average="macro"))
+    assert pooled["precision"] == pytest.approx(precision_score(targets, pred, average="macro"))
+    assert pooled["f1"] == pytest.approx(f1_score(targets, pred, average="macro"))
+    cm = confusion_matrix(targets, pred)
+    spec = [(cm.sum() - cm[k].sum() - cm[:, k].sum() + cm[k, k]) / (cm.sum() - cm[k].sum()) for k in range(3)]
+    assert pooled["specificity"] == pytest.approx(float(np.mean(spec)))
+    assert pooled["examples"] == 500
+    with pytest.raises(ValueError, match="auroc-confmat"):
+        pooled_metrics(sites, num_classes=4)  # statistics of another task size are refused

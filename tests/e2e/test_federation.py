@@ -17,6 +17,16 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
+def _wait_for_server(port: int, server: object, timeout: float = 60) -> None:
+    """Until the SuperLink accepts connections (fl-client refuses an unreachable coordinator)."""
+    from common.processes import can_connect
+
+    deadline = time.monotonic() + timeout
+    while not can_connect("127.0.0.1", port, timeout=1):
+        assert server.running() and time.monotonic() < deadline, server.tail(40)  # type: ignore[attr-defined]
+        time.sleep(0.5)
+
+
 def _mixed_site(clean: Path, target: Path) -> Path:
     """A copy of ``clean`` with what real exports also hold: junk, non-images, broken files."""
     import shutil
@@ -75,7 +85,7 @@ def test_two_sites_train_two_rounds_with_dp(tiny_sites: Path, tmp_path: Path) ->
              "--run-config", "batch-size=8"],
             log_path=tmp_path / "server.log",
         )
-        time.sleep(2)
+        _wait_for_server(port, server)
         for site, budget in (("A", 6.0), ("B", 3.0)):
             procs.start(
                 f"fl-client {site}",
@@ -166,3 +176,43 @@ def test_bad_option_values_fail_cleanly(tmp_path: Path) -> None:
     assert "--rounds" in _one_line_error(proc)
     proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--secure-mode")
     assert "torchcsprng" in _one_line_error(proc)
+
+
+def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    site_dir = tmp_path / "A"
+    shutil.copytree(tiny_sites / "A", site_dir)
+    with (site_dir / "labels.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    rows = [rows[0]] + [[key, ("none", "small", "large")[i % 3]] for i, (key, _) in enumerate(rows[1:])]
+    with (site_dir / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    port = free_port()
+    with ProcessSet() as procs:
+        server = procs.start(
+            "fl-server",
+            [str(BIN / "fl-server"), "--rounds", "1", "--min-sites", "1", "--port", str(port),
+             "--workdir", str(tmp_path / "server"), "--image-size", "32", "--local-epochs", "1",
+             "--run-config", 'batch-size=8 classes="none,small,large"'],
+            log_path=tmp_path / "server.log",
+        )
+        _wait_for_server(port, server)
+        client = procs.start(
+            "fl-client A",
+            [str(BIN / "fl-client"), "--site", "A", "--data", str(site_dir), "--server", f"127.0.0.1:{port}",
+             "--workdir", str(tmp_path / "site-A"), "--threads", "1", "-c", 'image-size=32 classes="none,small,large"'],
+            log_path=tmp_path / "site-A.log",
+        )
+        deadline = time.monotonic() + 300
+        while server.running() and client.running() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert client.running() or not server.running(), client.tail(20)
+        assert not server.running(), "run did not finish in time:\n" + server.tail(40)
+        assert server.popen.returncode == 0, server.tail(40)
+    (run_dir,) = (tmp_path / "server" / "runs").iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    pooled = report["rounds"][0]["evaluate"]["pooled"]
+    assert report["status"] == "completed" and pooled["examples"] > 0
+    assert 0 <= pooled["accuracy"] <= 1 and 0 <= pooled["f1"] <= 1
