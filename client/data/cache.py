@@ -298,7 +298,6 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
         by_sha = {e["sha256"]: e for e in old_entries.values() if "sha256" in e and e["status"] in ("ok", "rejected")}
 
         entries: dict[str, dict[str, Any]] = {}
-        new_frames: dict[str, np.ndarray] = {}
         todo: list[tuple[str, Path, list[int] | None]] = []
         for rel, state in files.items():
             previous = old_entries.get(rel)
@@ -306,38 +305,53 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
                 entries[rel] = previous
             else:
                 todo.append((rel, data_dir / rel, state))
-        reused = decoded = 0
-        for (rel, _, _), (entry, frames) in zip(todo, _decode_all(todo, config, frozenset(by_sha), workers or os.cpu_count() or 1), strict=True):
-            if entry["status"] == "known":  # same bytes as a cached file (moved, copied or touched)
-                twin = by_sha[entry["sha256"]]
-                entry = {**twin, "state": entry["state"]}
-                reused += 1
-            elif entry["status"] == "ok":
-                new_frames[rel] = frames  # type: ignore[assignment]
-                decoded += 1
-            entries[rel] = entry
-        reused += len(files) - len(todo)
-
-        total = sum(e["frames"] if e["status"] == "ok" else 0 for e in _with_frames(entries, new_frames))
-        shape = _frame_shape(entries, new_frames, old_store, config)
+        reused, decoded = len(entries), 0
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".build-{folder.name}-"))
         try:
+            # Decoded frames stream to disk as they arrive, so memory stays bounded
+            # whatever the archive size; they are assembled below.
+            new_rows: dict[str, tuple[int, int]] = {}
+            shape: tuple[int, ...] | None = tuple(old_store.shape[1:]) if old_store is not None else None
+            with open(tmp / "new-frames.raw", "wb") as raw:
+                written = 0
+                for (rel, _, _), (entry, frames) in zip(
+                    todo, _decode_all(todo, config, frozenset(by_sha), workers or os.cpu_count() or 1), strict=True
+                ):
+                    if entry["status"] == "known":  # same bytes as a cached file (moved, copied or touched)
+                        entry = {**by_sha[entry["sha256"]], "state": entry["state"]}
+                        reused += 1
+                    elif entry["status"] == "ok":
+                        assert frames is not None
+                        shape = tuple(frames.shape[1:])
+                        raw.write(np.ascontiguousarray(frames, dtype=np.float32).tobytes())
+                        new_rows[rel] = (written, frames.shape[0])
+                        entry["frames"] = int(frames.shape[0])
+                        written += frames.shape[0]
+                        decoded += 1
+                    entries[rel] = entry
+            entries = {rel: entries[rel] for rel in files}  # the scan's order: what the freshness check compares
+            shape = shape or (1, config.image_size, config.image_size)
+            new_store = np.memmap(tmp / "new-frames.raw", dtype=np.float32, mode="r", shape=(written, *shape)) if written else None
+            total = sum(e["frames"] for e in entries.values() if e["status"] == "ok")
             store = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.float32, shape=(total, *shape))
             row = 0
             for rel, entry in entries.items():
                 if entry["status"] != "ok":
                     continue
                 count = entry["frames"]
-                if rel in new_frames:
-                    store[row : row + count] = new_frames[rel]
+                if rel in new_rows:
+                    assert new_store is not None
+                    start = new_rows[rel][0]
+                    store[row : row + count] = new_store[start : start + count]
                 else:
-                    start = entry["rows"][0]
                     assert old_store is not None
+                    start = entry["rows"][0]
                     store[row : row + count] = old_store[start : start + count]
                 entries[rel] = {**entry, "rows": [row, count]}
                 row += count
             store.flush()
-            del store
+            del store, new_store
+            (tmp / "new-frames.raw").unlink()
             index = _write_manifest(tmp, config=config, data_dir=data_dir, entries=entries)
             del old_store
             _replace_dir(tmp, folder)
@@ -347,21 +361,3 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
     rejected = sum(e["status"] == "rejected" for e in entries.values())
     log.info("Cache %s: %d files decoded, %d reused, %d rejected", folder.name, decoded, reused, rejected)
     return CacheUpdate(folder, index, decoded, reused, rejected)
-
-
-def _with_frames(entries: dict[str, dict[str, Any]], new_frames: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
-    """Entries with their frame count set (new entries get it from their decoded frames)."""
-    for rel, entry in entries.items():
-        if entry["status"] == "ok" and "frames" not in entry:
-            entry["frames"] = int(new_frames[rel].shape[0])
-        yield entry
-
-
-def _frame_shape(
-    entries: dict[str, dict[str, Any]], new_frames: dict[str, np.ndarray], old_store: np.ndarray | None, config: PreprocessConfig
-) -> tuple[int, ...]:
-    for frames in new_frames.values():
-        return tuple(frames.shape[1:])
-    if old_store is not None:
-        return tuple(old_store.shape[1:])
-    return (1, config.image_size, config.image_size)

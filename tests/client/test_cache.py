@@ -86,6 +86,12 @@ def test_a_changed_file_is_the_only_one_decoded_again(site: Path, tmp_path: Path
     assert len(after) == len(before) - 1
     assert after.fingerprint != before.fingerprint
     assert after.report["cache"] == {"decoded": 1, "reused": 38}
+    # ...and the updated cache is fresh: the next open neither decodes nor rewrites anything.
+    index = cache_dir(work.resolve(), CONFIG) / "index.json"
+    written = index.stat().st_mtime_ns
+    again = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    assert again.report["cache"] == {"decoded": 0, "reused": 39}
+    assert index.stat().st_mtime_ns == written
 
 
 def test_touched_or_moved_file_is_recognised_by_content(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,12 +117,20 @@ def test_each_config_has_its_own_cache(site: Path, tmp_path: Path, monkeypatch: 
     assert decoded == []  # the 32-px cache survived the 48-px one
 
 
-def test_parallel_workers_give_the_same_cache(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_parallel_workers_give_the_same_cache(
+    site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_method: str
+) -> None:
+    import multiprocessing
+
     monkeypatch.setattr(cache_mod, "POOL_MIN_FILES", 1)
+    # fork before torch exists (fl-client --check), spawn inside a ClientApp (torch imported)
+    monkeypatch.setattr(cache_mod, "_pool_context", lambda: multiprocessing.get_context(start_method))
     one = load_site_data(data_dir=site, work_dir=tmp_path / "w1", config=CONFIG, workers=1)
     two = load_site_data(data_dir=site, work_dir=tmp_path / "w2", config=CONFIG, workers=2)
     np.testing.assert_array_equal(one.images(), two.images())
     assert one.fingerprint == two.fingerprint
+    assert two.report["cache"] == {"decoded": 40, "reused": 0}
 
 
 def test_interrupted_update_leaves_the_previous_cache(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
