@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -117,7 +118,7 @@ def join(
     report = check_data(site_cfg, run, workers=workers)
     if check:
         if json_output:
-            print(json.dumps(report, indent=2))
+            print(json.dumps(_finite(report), indent=2, allow_nan=False))
         else:
             print_report(report)
         if not report["usable"]:
@@ -152,21 +153,36 @@ def join(
 
 
 def _fmt(value: Any) -> str:
+    """A report value as plain text, escaped for rich (file names and DICOM values may hold [...])."""
+    from rich.markup import escape
+
     if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "—"
+        return ", ".join(f"{escape(str(k))}: {_fmt(v)}" for k, v in value.items()) or "—"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "—" if value is None else str(value)
+    return "—" if value is None else escape(str(value))
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: non-finite numbers become null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def print_report(report: dict[str, Any]) -> None:
     """The data report as rich tables (what ``--check`` prints)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     status = "[green]usable[/green]" if report["usable"] else "[red]NOT usable[/red]"
-    console.print(f"[bold]Site {report['site']} data check[/bold]: {status} — {report['summary']}")
+    console.print(f"[bold]Site {escape(report['site'])} data check[/bold]: {status} — {escape(report['summary'])}")
     files = report["files"]
     overview = Table(show_header=False, box=None)
     for label, value in (
@@ -193,16 +209,16 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_column("reason")
         table.add_column("examples (relative paths, on this site only)")
         for group in report["rejections"]:
-            table.add_row(str(group["count"]), group["reason"], ", ".join(group["files"][:3]))
+            table.add_row(str(group["count"]), escape(group["reason"]), escape(", ".join(group["files"][:3])))
         console.print(table)
     problems = report["labels"]
     for name in ("unmatched_rows", "conflicting", "unknown_class", "empty_key"):
         if problems[name]["count"]:
             console.print(f"labels.csv {name.replace('_', ' ')}: {problems[name]['count']} (lines {problems[name]['lines']})")
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     for problem in report["problems"]:
-        console.print(f"[red]problem:[/red] {problem}")
+        console.print(f"[red]problem:[/red] {escape(problem)}")
 
 
 def main(argv: list[str] | None = None) -> None:

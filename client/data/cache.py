@@ -35,9 +35,11 @@ import logging
 import multiprocessing
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -47,13 +49,13 @@ from typing import Any
 
 import numpy as np
 
-from client.data.dicom import DicomInfo
+from client.data.dicom import RETRYABLE, DicomInfo
 from client.data.labels import LABELS_FILE
 from common.config import PreprocessConfig
-from common.errors import DicomRejected
+from common.errors import DataError, DicomRejected
 
 log = logging.getLogger(__name__)
-MANIFEST_VERSION = 3
+INDEX_VERSION = 3
 IMAGES, INDEX, DETAILS = "images.npy", "index.json", "details.json"
 POOL_MIN_FILES = 256  # below this, decoding in-process beats starting workers
 INFO_FIELDS = tuple(f.name for f in dataclasses.fields(DicomInfo))
@@ -72,7 +74,9 @@ def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | N
     """Every file under ``data_dir`` (but ``labels.csv`` and the work dir) → its state.
 
     Paths are relative, ``/``-separated and sorted; symlinked folders are not
-    followed. The state is ``None`` when the file cannot even be ``stat``-ed.
+    followed (they are reported as not regular files). The state is ``None``
+    when the file cannot even be ``stat``-ed; a folder that cannot be listed
+    appears as ``"its/path/"`` with state ``None``.
     """
     files: dict[str, list[int] | None] = {}
     skip = str(exclude) if exclude is not None else None
@@ -81,6 +85,8 @@ def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | N
         try:
             entries = list(os.scandir(folder))
         except OSError:
+            if prefix:
+                files[prefix] = None  # a folder we cannot list is reported, not skipped
             return
         for entry in entries:
             rel = prefix + entry.name
@@ -110,19 +116,43 @@ def read_index(folder: Path) -> dict[str, Any] | None:
         index = json.loads((folder / INDEX).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(index, dict) or index.get("version") != MANIFEST_VERSION:
+    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
         return None
     return index
 
 
-def read_details(folder: Path) -> dict[str, dict[str, Any]]:
-    """Per accepted file: ``info`` (in INFO_FIELDS order), ``stats`` (STATS_FIELDS), reader, warnings."""
-    return json.loads((folder / DETAILS).read_text())
+def read_details(folder: Path, index: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per accepted file: ``info`` (in INFO_FIELDS order), ``stats`` (STATS_FIELDS), reader, warnings.
+
+    Raises
+    ------
+    DataError
+        When the cache was rebuilt since ``index`` was read.
+    """
+    try:
+        details = json.loads((folder / DETAILS).read_text())
+    except (OSError, ValueError):
+        details = {}
+    if details.get("build") != index.get("build"):
+        raise DataError(f"The cache in {folder} changed while it was being read; run again")
+    return details["files"]
+
+
+def _open_store(folder: Path, index: dict[str, Any]) -> np.ndarray | None:
+    """``images.npy`` memory-mapped, or ``None`` when it is missing or has other rows than the index says."""
+    try:
+        store = np.load(folder / IMAGES, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    expected = sum(rows[1] for rows in index["rows"] if rows)
+    return store if store.ndim == 4 and store.shape[0] == expected else None
 
 
 def _is_fresh(index: dict[str, Any] | None, files: dict[str, list[int] | None], config: PreprocessConfig) -> bool:
     if index is None or index.get("preprocess") != config.key():
         return False
+    if any(reason.startswith(RETRYABLE) for reason in index["reasons"].values()):
+        return False  # e.g. a decoder plugin was missing: try those files again
     return index["paths"] == list(files) and index["states"] == list(files.values())
 
 
@@ -141,14 +171,16 @@ def _entries(index: dict[str, Any], details: dict[str, dict[str, Any]]) -> dict[
     return entries
 
 
-def _write_manifest(folder: Path, *, config: PreprocessConfig, data_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _write_index(folder: Path, *, config: PreprocessConfig, data_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ok = {rel: e for rel, e in entries.items() if e["status"] == "ok"}
 
     def column(field: int) -> list[str]:
         return [e["info"][field] if e["status"] == "ok" else "" for e in entries.values()]
 
+    build = uuid.uuid4().hex  # ties details.json to this index.json
     index = {
-        "version": MANIFEST_VERSION,
+        "version": INDEX_VERSION,
+        "build": build,
         "preprocess": config.key(),
         "data_dir": str(data_dir),
         "paths": list(entries),
@@ -163,8 +195,11 @@ def _write_manifest(folder: Path, *, config: PreprocessConfig, data_dir: Path, e
         "reasons": {rel: e["reason"] for rel, e in entries.items() if e["status"] == "rejected"},
     }
     details = {
-        rel: {"info": e["info"], "stats": e["stats"], "reader": e["reader"], "warnings": e["warnings"]}
-        for rel, e in ok.items()
+        "build": build,
+        "files": {
+            rel: {"info": e["info"], "stats": e["stats"], "reader": e["reader"], "warnings": e["warnings"]}
+            for rel, e in ok.items()
+        },
     }
     (folder / DETAILS).write_text(json.dumps(details, separators=(",", ":")))
     (folder / INDEX).write_text(json.dumps(index, separators=(",", ":")))
@@ -183,13 +218,17 @@ def _init_worker(config: PreprocessConfig, known: frozenset[str]) -> None:
 
 
 def _decode_one(rel: str, path: Path, state: list[int] | None, config: PreprocessConfig, known: frozenset[str]) -> tuple[dict[str, Any], np.ndarray | None]:
-    """One file → its manifest entry and its frames (``None`` when rejected or already cached)."""
+    """One file → its cache entry and its frames (``None`` when rejected or already cached)."""
     from client.data.dicom import decode_file, read_bytes
 
     entry: dict[str, Any] = {"state": state}
     try:
         if state is None:
-            raise DicomRejected("file cannot be read (stat failed)")
+            raise DicomRejected(
+                "folder cannot be listed (no access)" if rel.endswith("/") else "file cannot be read (no access, or a broken link)"
+            )
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DicomRejected("not a regular file (device, pipe, socket or folder link)")
         content = read_bytes(path)
         entry["sha256"] = hashlib.sha256(content).hexdigest()
         if entry["sha256"] in known:
@@ -198,6 +237,9 @@ def _decode_one(rel: str, path: Path, state: list[int] | None, config: Preproces
         decoded = decode_file(path, config, content=content)
     except DicomRejected as exc:
         entry.update(status="rejected", reason=str(exc))
+        return entry, None
+    except OSError as exc:  # vanished between the scan and now
+        entry.update(status="rejected", reason=f"file cannot be read ({exc.strerror or type(exc).__name__})")
         return entry, None
     entry.update(
         status="ok",
@@ -268,6 +310,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 class CacheUpdate:
     folder: Path
     index: dict[str, Any]
+    store: np.ndarray  # images.npy, memory-mapped while the lock was held (matches ``index``)
     decoded: int  # files decoded now
     reused: int  # files whose cached rows were kept (unchanged, or same content as a cached file)
     rejected: int
@@ -287,21 +330,31 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
             old = None
         if _is_fresh(old, files, config):
             assert old is not None
-            return CacheUpdate(folder, old, 0, len(files), len(old["reasons"]))
-        for stale in folder.parent.glob(f".build-{folder.name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            store = _open_store(folder, old)
+            if store is not None:
+                return CacheUpdate(folder, old, store, 0, len(files), len(old["reasons"]))
+            old = None  # images.npy is missing or does not match the index: rebuild
+        for stale in [*folder.parent.glob(f".build-{folder.name}-*"), *folder.parent.glob(f".old-{folder.name}-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # what an interrupted update left
         try:
-            old_entries: dict[str, Any] = _entries(old, read_details(folder)) if old else {}
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            old_entries: dict[str, Any] = _entries(old, read_details(folder, old)) if old else {}
+        except (DataError, KeyError, IndexError, TypeError):
             old, old_entries = None, {}  # an unreadable cache is rebuilt, not trusted
-        old_store = np.load(folder / IMAGES, mmap_mode="r") if old and (folder / IMAGES).is_file() else None
-        by_sha = {e["sha256"]: e for e in old_entries.values() if "sha256" in e and e["status"] in ("ok", "rejected")}
+        old_store = _open_store(folder, old) if old else None
+        if old is not None and old_store is None:
+            old, old_entries = None, {}
+        by_sha = {
+            e["sha256"]: e
+            for e in old_entries.values()
+            if "sha256" in e and (e["status"] == "ok" or not e.get("reason", "").startswith(RETRYABLE))
+        }
 
         entries: dict[str, dict[str, Any]] = {}
         todo: list[tuple[str, Path, list[int] | None]] = []
         for rel, state in files.items():
             previous = old_entries.get(rel)
-            if previous is not None and state is not None and previous["state"] == state:
+            retry = previous is not None and previous.get("reason", "").startswith(RETRYABLE)
+            if previous is not None and state is not None and previous["state"] == state and not retry:
                 entries[rel] = previous
             else:
                 todo.append((rel, data_dir / rel, state))
@@ -352,12 +405,14 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
             store.flush()
             del store, new_store
             (tmp / "new-frames.raw").unlink()
-            index = _write_manifest(tmp, config=config, data_dir=data_dir, entries=entries)
+            index = _write_index(tmp, config=config, data_dir=data_dir, entries=entries)
             del old_store
             _replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        store = _open_store(folder, index)
+        assert store is not None
     rejected = sum(e["status"] == "rejected" for e in entries.values())
     log.info("Cache %s: %d files decoded, %d reused, %d rejected", folder.name, decoded, reused, rejected)
-    return CacheUpdate(folder, index, decoded, reused, rejected)
+    return CacheUpdate(folder, index, store, decoded, reused, rejected)

@@ -11,6 +11,7 @@ on the site (``fl-client --check`` output, never a Flower message).
 from __future__ import annotations
 
 import hashlib
+import re
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -21,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from client.data.cache import IMAGES, INFO_FIELDS, STATS_FIELDS, read_details, update_cache
+from client.data.cache import INFO_FIELDS, STATS_FIELDS, read_details, update_cache
 from client.data.labels import LABELS_FILE, Labels, read_labels
 from common.config import PreprocessConfig
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 
 MAX_LISTED = 20  # label-file line numbers listed per problem
 
@@ -113,31 +114,42 @@ def load_site_data(
     if not data_dir.is_dir():
         raise DataError(f"Data folder {data_dir} does not exist or is not a folder")
     data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
+    if work_dir == data_dir:
+        raise ConfigError(f"Expected the work folder to differ from the data folder {data_dir}; pick another --workdir")
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ConfigError(f"Expected the work folder {work_dir} to be a folder, but it is a file")
     labels = read_labels(data_dir, classes=classes)  # fail fast, before any decoding
-    update = update_cache(data_dir=data_dir, work_dir=work_dir, config=config, workers=workers)
-    store = np.load(update.folder / IMAGES, mmap_mode="r")
-    index = update.index
+    try:
+        update = update_cache(data_dir=data_dir, work_dir=work_dir, config=config, workers=workers)
+    except OSError as exc:
+        raise DataError(f"Cannot write the cache under {work_dir} ({exc.strerror or type(exc).__name__})") from None
+    store, index = update.store, update.index  # opened under the cache lock: they match
     paths, status, sha, index_rows = index["paths"], index["status"], index["sha256"], index["rows"]
     key_column = {"SOPInstanceUID": index["sop"], "StudyInstanceUID": index["study"], "SeriesInstanceUID": index["series"], "path": paths}[labels.key]
 
     rejected: dict[str, str] = dict(index["reasons"])
+    # Duplicates (one SOPInstanceUID, several files) keep one file: the first
+    # with a usable label, else the first; the others are rejected.
+    keep: dict[str, int] = {}
+    for i, uid in enumerate(index["sop"]):
+        if status[i] != "ok":
+            continue
+        if uid not in keep or (labels.by_key.get(key_column[keep[uid]]) is None and labels.by_key.get(key_column[i]) is not None):
+            keep[uid] = i
     accepted: list[tuple[int, int]] = []  # (file index, label)
-    first_by_uid: dict[str, int] = {}
     matched_keys: set[str] = set()
     unlabelled = duplicates = 0
     for i, uid in enumerate(index["sop"]):
         if status[i] != "ok":
             continue
-        twin = first_by_uid.get(uid)
-        if twin is not None:
+        if keep[uid] != i:
             duplicates += 1
             rejected[paths[i]] = (
                 "duplicate file (identical copy of another file)"
-                if sha[twin] == sha[i]
+                if sha[keep[uid]] == sha[i]
                 else "duplicate SOPInstanceUID (another file has the same image UID)"
             )
             continue
-        first_by_uid[uid] = i
         key = key_column[i]
         label = labels.by_key.get(key)
         if label is not None:
@@ -167,7 +179,7 @@ def load_site_data(
         raise DataError(f"No usable training data in {data_dir}: {problems[0]}")
 
     def report() -> dict[str, Any]:
-        details = read_details(update.folder)
+        details = read_details(update.folder, index)
         infos = [dict(zip(INFO_FIELDS, details[paths[i]]["info"], strict=True)) for i, _ in accepted]
         stats = [dict(zip(STATS_FIELDS, details[paths[i]]["stats"], strict=True)) for i, _ in accepted]
         warned = sum(1 for i, _ in accepted if details[paths[i]]["warnings"])
@@ -201,6 +213,11 @@ def _problems(*, seen: int, accepted: int, train: int, rejected: dict[str, str])
     if train == 0:
         return ["no image left for training after the validation split"]
     return []
+
+
+def _looks_like_a_class(value: str) -> bool:
+    """Short names are shown; anything that could be an identifier (a UID, a long string) is not."""
+    return len(value) <= 24 and not re.fullmatch(r"[0-9.]{9,}", value)
 
 
 def _counts(values: Any) -> dict[str, int]:
@@ -285,7 +302,7 @@ def _report(
             "conflicting": {"count": len(labels.conflicting), "lines": _lines([n for v in labels.conflicting.values() for n in v])},
             "unknown_class": {
                 "count": sum(len(v) for v in labels.unknown.values()),
-                "values": sorted(labels.unknown)[:MAX_LISTED],
+                "values": [v for v in sorted(labels.unknown) if _looks_like_a_class(v)][:MAX_LISTED],
                 "lines": _lines([n for v in labels.unknown.values() for n in v]),
             },
             "empty_key": {"count": len(labels.empty_key_lines), "lines": _lines(list(labels.empty_key_lines))},

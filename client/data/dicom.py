@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +55,10 @@ _IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 _LATIN1_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO 2022 IR 6"})
 _PAD = " \x00\t\r\n\f\v"  # stripped from text values by both readers alike
 _EDGE = 1e-5  # a pixel this close to a window edge counts as clipped (readers round differently)
+MAX_SIDE, MAX_PIXELS = 16384, 2**28  # larger headers are rejected before decoding (memory)
+# Rejections that depend on this machine, not the file: the cache tries these files again.
+RETRYABLE = ("no decoder installed", "not enough memory")
+_CODE = re.compile(r"[A-Z0-9 _]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,19 @@ def _frame_view(ds: Dataset, index: int) -> Dataset:
     return view
 
 
+def _uid_name(uid: str, unknown: str) -> str:
+    """A standard UID's name; any other value (private, malformed) is not echoed."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name if uid else ""
+    return name if name and name != uid else unknown
+
+
+def _code(value: str) -> str:
+    """A code string (Modality, Photometric Interpretation) as reported; anything odd becomes ``?``."""
+    return value if _CODE.fullmatch(value) else "?"
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
@@ -165,13 +184,19 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _spacing(ds: Dataset) -> float | None:
+    from pydicom.multival import MultiValue
+
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
-        try:
-            if value is not None and len(value) >= 1 and float(value[0]) > 0:
-                return float(value[0])
-        except (TypeError, ValueError):
+        if value is None or value == "":
             continue
+        first = value[0] if isinstance(value, MultiValue | list | tuple) and len(value) else value
+        try:
+            spacing = float(first)
+        except (TypeError, ValueError, IndexError):
+            continue
+        if math.isfinite(spacing) and spacing > 0:
+            return spacing
     return None
 
 
@@ -199,7 +224,7 @@ def _full_header(ds: Dataset) -> _Header:
         columns=int(ds.get("Columns", 0) or 0),
         samples=int(ds.get("SamplesPerPixel", 1) or 1),
         frames=frames,
-        image_type=tuple(str(v).upper() for v in image_type),
+        image_type=tuple(str(v).strip().upper() for v in image_type),
         pixel_spacing=_spacing(ds),
         has_pixels=any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
         has_modality_transform=_has_modality_transform(ds),
@@ -256,15 +281,13 @@ def _read_full(
 
 
 def _decode_failure(header: _Header, exc: Exception) -> str:
-    from pydicom.uid import UID
-
-    name = UID(header.transfer_syntax_uid).name if header.transfer_syntax_uid else "unknown transfer syntax"
+    name = _uid_name(header.transfer_syntax_uid, "unknown transfer syntax")
     text = str(exc)
     if "less than expected" in text or "truncated" in text.lower():
         return "pixel data is shorter than the image size says (truncated file)"
     if "exceptions were raised by all available plugins" in text:
         return f"pixel data cannot be decoded ({name}: every installed decoder failed)"
-    if "No pixel data decoders" in text or "missing required dependencies" in text:
+    if "No pixel data decoders" in text or "missing required dependencies" in text or "missing dependencies" in text:
         return f"no decoder installed for {name}"
     return f"pixel data cannot be decoded ({name}: {type(exc).__name__})"
 
@@ -347,7 +370,10 @@ def _read_light(content: bytes) -> tuple[_Header, np.ndarray, dict[str, Any]] | 
             return None  # an undefined-length sequence or similar: not the simple case
         rows, cols = _us(v["Rows"], 0), _us(v["Columns"], 0)
         bits, stored, signed = _us(v["BitsAllocated"], 0), _us(v["BitsStored"], 0), _us(v["PixelRepresentation"], 0)
-        photometric = _s(v["PhotometricInterpretation"]).upper()
+        required = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
+        if any(v[name] is None for name in required):
+            return None  # the full reader says what is missing
+        photometric = _s(v["PhotometricInterpretation"])
         frames = _s(v["NumberOfFrames"]) or "1"
         pixel_data = v["PixelData"]
         if (
@@ -370,8 +396,12 @@ def _read_light(content: bytes) -> tuple[_Header, np.ndarray, dict[str, Any]] | 
         spacing = None
         for name in ("PixelSpacing", "ImagerPixelSpacing"):
             parts = _s(v[name]).split("\\")
-            if parts[0] and float(parts[0]) > 0:
-                spacing = float(parts[0])
+            try:
+                value = float(parts[0]) if parts[0] else math.nan
+            except ValueError:
+                continue
+            if math.isfinite(value) and value > 0:
+                spacing = value
                 break
         luts: dict[str, Any] = {
             "PhotometricInterpretation": photometric, "BitsStored": stored, "PixelRepresentation": signed,
@@ -423,27 +453,28 @@ def _light_view(luts: dict[str, Any]) -> Dataset:
 
 def _check_header(header: _Header, config: PreprocessConfig) -> None:
     """Every rejection that needs no pixel decoding, cheapest first."""
-    from pydicom.uid import UID
-
     if not header.has_pixels:
-        kind = UID(header.sop_class_uid).name if header.sop_class_uid else "unknown object"
-        raise DicomRejected(f"no pixel data ({kind})")
+        raise DicomRejected(f"no pixel data ({_uid_name(header.sop_class_uid, 'unknown object')})")
     if not header.sop_instance_uid:
         raise DicomRejected("no SOPInstanceUID")
     if header.modality in NON_IMAGE_MODALITIES:
         raise DicomRejected(f"not an image to classify (Modality {header.modality})")
+    if header.frames < 1:
+        raise DicomRejected("invalid NumberOfFrames")
+    if max(header.rows, header.columns) > MAX_SIDE or header.rows * header.columns * header.frames * header.samples > MAX_PIXELS:
+        raise DicomRejected(f"image too large ({header.rows}×{header.columns}×{header.frames} pixels)")
     if "LOCALIZER" in header.image_type:
         raise DicomRejected("localizer (scout) image")
     if header.frames > 1 and config.multiframe == "reject":
         raise DicomRejected('multi-frame image; set multiframe = "slices" to use its frames')
     colour = header.samples != 1 or header.photometric not in ("MONOCHROME1", "MONOCHROME2")
     if colour and config.color == "reject":
-        raise DicomRejected(f'colour image ({header.photometric or "?"}); set color = "grey" to convert it')
+        raise DicomRejected(f'colour image ({_code(header.photometric)}); set color = "grey" to convert it')
     if config.window != "voi":
         if header.modality != "CT":
             raise DicomRejected(
                 f"window preset `{config.window}` needs CT Hounsfield units, not "
-                f'{header.modality or "an image without Modality"}; use window = "voi"'
+                f'{_code(header.modality) if header.modality else "an image without Modality"}; use window = "voi"'
             )
         if colour:
             raise DicomRejected("colour CT image cannot carry Hounsfield units")
@@ -566,6 +597,49 @@ def read_bytes(path: Path) -> bytes:
         raise DicomRejected(f"file cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
+def _decode(
+    content: bytes, config: PreprocessConfig, caught: list[warnings.WarningMessage]
+) -> tuple[_Header, list[np.ndarray], list[tuple[float, float, float, float]], str]:
+    """Header, one model input per frame, per-frame (mean, min, max, in-window) and the reader used."""
+    from pydicom.pixels import apply_modality_lut
+
+    light = _read_light(content)
+    images: list[np.ndarray] = []
+    stats: list[tuple[float, float, float, float]] = []  # mean, min, max, in-window fraction
+    if light is not None:
+        header, pixels, luts = light
+        _check_header(header, config)
+        reader = "light"
+        if config.window != "voi" and config.enhance == "none":
+            images, stats = _fast_preset(pixels, luts["RescaleSlope"], luts["RescaleIntercept"], config)
+        else:
+            view = _light_view(luts) if config.window == "voi" else None
+            values: Any = pixels
+            if "RescaleSlope" in luts and "RescaleIntercept" in luts:
+                values = pixels.astype(np.float64) * luts["RescaleSlope"]
+                values += luts["RescaleIntercept"]
+            frames = [(values, view, False)]
+    else:
+        header, stored = _read_full(content, config, caught)
+        reader = "full"
+        colour = header.samples != 1 or header.photometric == "PALETTE COLOR"
+        frames = [
+            (pixels if colour else apply_modality_lut(pixels, frame_view), frame_view, colour)
+            for pixels, frame_view in stored
+        ]
+    if not images:
+        for modality_values, view, colour in frames:
+            values = np.asarray(modality_values, dtype=np.float64)
+            if values.ndim != 2:
+                raise DicomRejected("pixel values are not a 2-D image")
+            low, high = float(values.min()), float(values.max())  # non-finite: rejected by the caller
+            # VOI LUTs index integer values: give them the modality output as it is.
+            unit = _unit(values, np.asarray(modality_values), view, header, config, colour)
+            images.append(_to_input(unit, config))
+            stats.append((float(values.mean()), low, high, _in_window(unit)))
+    return header, images, stats, reader
+
+
 def decode_file(path: Path, config: PreprocessConfig, *, content: bytes | None = None) -> DecodedFile:
     """Decode ``path`` (or its already-read ``content``) into ``(frames, 1, S, S)`` inputs.
 
@@ -574,52 +648,23 @@ def decode_file(path: Path, config: PreprocessConfig, *, content: bytes | None =
     DicomRejected
         With a one-line reason, for every way the file is unusable.
     """
-    from pydicom.pixels import apply_modality_lut
-    from pydicom.uid import UID
-
     if content is None:
         content = read_bytes(path)
     if not content:
         raise DicomRejected("empty file (0 bytes)")
     with quiet_pydicom_log(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        light = _read_light(content)
-        images: list[np.ndarray] = []
-        stats: list[tuple[float, float, float, float]] = []  # mean, min, max, in-window fraction
-        if light is not None:
-            header, pixels, luts = light
-            _check_header(header, config)
-            reader = "light"
-            if config.window != "voi" and config.enhance == "none":
-                images, stats = _fast_preset(pixels, luts["RescaleSlope"], luts["RescaleIntercept"], config)
-            else:
-                view = _light_view(luts) if config.window == "voi" else None
-                values: Any = pixels
-                if "RescaleSlope" in luts and "RescaleIntercept" in luts:
-                    values = pixels.astype(np.float64) * luts["RescaleSlope"]
-                    values += luts["RescaleIntercept"]
-                frames = [(values, view, False)]
-        else:
-            header, stored = _read_full(content, config, caught)
-            reader = "full"
-            colour = header.samples != 1 or header.photometric == "PALETTE COLOR"
-            frames = [
-                (pixels if colour else apply_modality_lut(pixels, frame_view), frame_view, colour)
-                for pixels, frame_view in stored
-            ]
-        if not images:
-            for modality_values, view, colour in frames:
-                values = np.asarray(modality_values, dtype=np.float64)
-                if values.ndim != 2:
-                    raise DicomRejected("pixel values are not a 2-D image")
-                low, high = float(values.min()), float(values.max())
-                if not (np.isfinite(low) and np.isfinite(high)):
-                    raise DicomRejected("pixel values are not finite")
-                # VOI LUTs index integer values: give them the modality output as it is.
-                unit = _unit(values, np.asarray(modality_values), view, header, config, colour)
-                images.append(_to_input(unit, config))
-                stats.append((float(values.mean()), low, high, _in_window(unit)))
+        try:
+            header, images, stats, reader = _decode(content, config, caught)
+        except DicomRejected:
+            raise
+        except MemoryError:
+            raise DicomRejected("not enough memory to decode this image") from None
+        except Exception as exc:  # noqa: BLE001 - malformed attributes fail anywhere inside numpy/pydicom
+            raise DicomRejected(f"invalid image attributes or pixel data ({type(exc).__name__})") from None
         warned = len(caught)
+    if not all(np.isfinite(image).all() for image in images) or not np.isfinite(stats).all():
+        raise DicomRejected("non-finite values after rescale or window (check Rescale Slope/Intercept and Window)")
     patient_missing = not header.patient_id
     info = DicomInfo(
         sop_instance_uid=header.sop_instance_uid,
@@ -629,11 +674,11 @@ def decode_file(path: Path, config: PreprocessConfig, *, content: bytes | None =
             f"study:{header.study_instance_uid}" if patient_missing else f"patient:{header.patient_id}"
         ),
         patient_id_missing=patient_missing,
-        sop_class=UID(header.sop_class_uid).name if header.sop_class_uid else "",
-        modality=header.modality,
+        sop_class=_uid_name(header.sop_class_uid, "unknown SOP class"),
+        modality=_code(header.modality) if header.modality else "",
         manufacturer=header.manufacturer,
-        transfer_syntax=UID(header.transfer_syntax_uid).name if header.transfer_syntax_uid else "",
-        photometric=header.photometric,
+        transfer_syntax=_uid_name(header.transfer_syntax_uid, "unknown transfer syntax"),
+        photometric=_code(header.photometric) if header.photometric else "",
         rows=header.rows,
         columns=header.columns,
         frames=len(images),

@@ -54,6 +54,8 @@ def read_labels(data_dir: Path, *, classes: tuple[str, ...] = ("0", "1")) -> Lab
         or ``label`` column, or has no data rows.
     """
     path = data_dir / LABELS_FILE
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path} is not a file")
     if not path.is_file():
         raise DataError(f"No {LABELS_FILE} in {data_dir}; add one with columns SOPInstanceUID,label")
     try:
@@ -66,9 +68,10 @@ def read_labels(data_dir: Path, *, classes: tuple[str, ...] = ("0", "1")) -> Lab
     header = [h.strip() for h in rows[0]]
     key = next((h for h in header if h in KEY_COLUMNS), None)
     if key is None or "label" not in header:
+        # The first row is not echoed: without a header it is data (a UID or a path).
         raise DataError(
-            f"{path}: expected a header with one of {', '.join(KEY_COLUMNS)} and `label`, "
-            f"but got {','.join(header)!r}"
+            f"{path}: expected a first row naming one of {', '.join(KEY_COLUMNS)} and `label`, "
+            f"but it names {'neither' if key is None and 'label' not in header else ('no key column' if key is None else 'no `label` column')}"
         )
     ki, li = header.index(key), header.index("label")
     index = {name: i for i, name in enumerate(classes)}

@@ -135,7 +135,7 @@ def test_parallel_workers_give_the_same_cache(
 
 def test_interrupted_update_leaves_the_previous_cache(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "work"
-    before = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
+    seen_before = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1).report["files"]["seen"]
     _dicoms(site)[0].touch()
     shutil.copy(_dicoms(site)[2], site / "new.dcm")  # same bytes as a cached file
     ds = pydicom.dcmread(_dicoms(site)[4])
@@ -154,7 +154,7 @@ def test_interrupted_update_leaves_the_previous_cache(site: Path, tmp_path: Path
     index = json.loads((folder / "index.json").read_text())
     assert "other.dcm" not in index["paths"]  # the old, complete cache is what is there
     again = load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
-    assert again.report["files"]["seen"] == before.report["files"]["seen"] + 2
+    assert again.report["files"]["seen"] == seen_before + 2
 
 
 def test_label_problems_are_reported_not_raised(site: Path, tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_only_unusable_files_is_a_data_error_with_reasons(tmp_path: Path) -> Non
     [
         (None, "No labels.csv"),
         ("", "is empty"),
-        ("uid,label\n1,0\n", "expected a header"),
+        ("uid,label\n1,0\n", "expected a first row naming"),
         ("SOPInstanceUID,label\n", "no labels"),
     ],
 )
@@ -252,3 +252,98 @@ def test_patient_split_never_shares_a_patient() -> None:
     assert len(train) + len(val) == 60 and 0 < len(val) < 60
     again = patient_split(patients, val_fraction=0.3, seed=0)
     np.testing.assert_array_equal(train, again[0])
+
+
+def test_review_regressions_nasty_files_are_rejected_with_reasons(site: Path, tmp_path: Path) -> None:
+    """A FIFO, a link to a device, a dangling link, a huge header, a NaN rescale, markup in names."""
+    import os
+
+    os.mkfifo(site / "pipe.dcm")
+    (site / "zero.dcm").symlink_to("/dev/zero")
+    (site / "gone.dcm").symlink_to(site / "nowhere.dcm")
+    ds = pydicom.dcmread(_dicoms(site)[0])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows = ds.Columns = 65535
+    ds.save_as(site / "huge.dcm")
+    ds = pydicom.dcmread(_dicoms(site)[1])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.RescaleSlope = "NaN"
+    (site / "scan[").mkdir()
+    ds.save_as(site / "scan[" / "b].dcm")  # "scan[/b].dcm": rich markup if printed unescaped
+    data = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+    reasons = {f: g["reason"] for g in data.report["rejections"] for f in g["files"]}
+    assert reasons["pipe.dcm"].startswith("not a regular file")
+    assert reasons["zero.dcm"].startswith("not a regular file")
+    assert reasons["gone.dcm"].startswith("file cannot be read")
+    assert reasons["huge.dcm"].startswith("image too large")
+    assert reasons["scan[/b].dcm"].startswith("non-finite values")
+    assert len(data) == 40 and np.isfinite(data.images()).all()
+
+
+def test_review_regressions_duplicates_keep_the_labelled_copy(site: Path, tmp_path: Path) -> None:
+    files = _dicoms(site)
+    rows = [["path", "label"]] + [[f.relative_to(site).as_posix(), "1"] for f in files]
+    _write_rows(site, rows)
+    (site / "0backup").mkdir()
+    shutil.copy(files[0], site / "0backup" / "copy.dcm")  # sorts first, has no label
+    data = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+    assert len(data) == 40
+    assert data.report["rejections"] == [
+        {"reason": "duplicate file (identical copy of another file)", "count": 1, "files": ["0backup/copy.dcm"]}
+    ]
+
+
+def test_review_regressions_machine_dependent_rejections_are_retried(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.data import dicom
+
+    real = dicom.decode_file
+    victim = _dicoms(site)[0]
+
+    def no_plugin(path: Path, config: PreprocessConfig, *, content: bytes | None = None) -> object:
+        if path.resolve() == victim.resolve():
+            raise dicom.DicomRejected("no decoder installed for JPEG-LS Lossless Image Compression")
+        return real(path, config, content=content)
+
+    monkeypatch.setattr(dicom, "decode_file", no_plugin)
+    first = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+    assert len(first) == 39
+    monkeypatch.undo()
+    second = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+    assert len(second) == 40 and second.report["cache"]["decoded"] == 1
+
+
+def test_review_regressions_unlistable_folder_and_bad_workdir(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from common.errors import ConfigError
+
+    blocked = str(_dicoms(site)[0].parent)
+    real = os.scandir
+
+    def scandir(path: str) -> object:
+        if str(path) == blocked:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(cache_mod.os, "scandir", scandir)
+    data = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, workers=1)
+    rel = Path(blocked).relative_to(site).as_posix() + "/"
+    assert {"reason": "folder cannot be listed (no access)", "count": 1, "files": [rel]} in data.report["rejections"]
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="differ from the data folder"):
+        load_site_data(data_dir=site, work_dir=site, config=CONFIG)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_site_data(data_dir=site, work_dir=tmp_path / "afile", config=CONFIG)
+
+
+def test_review_regressions_labels_file_never_echoes_identifiers(site: Path, tmp_path: Path) -> None:
+    rows = _rows(site)
+    _write_rows(site, rows[1:])  # no header: the first row is a UID
+    with pytest.raises(DataError) as excinfo:
+        load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG)
+    assert rows[1][0] not in str(excinfo.value)
+    _write_rows(site, [["label", "SOPInstanceUID"]] + rows[1:])  # swapped: UIDs land in `label`
+    data = load_site_data(data_dir=site, work_dir=tmp_path / "w", config=CONFIG, require_usable=False)
+    assert data.report["labels"]["unknown_class"]["count"] == 40
+    assert data.report["labels"]["unknown_class"]["values"] == []

@@ -804,3 +804,43 @@ def test_empty_window_attributes_fall_back_to_min_max_in_both_readers(
     _force_full(monkeypatch)
     full = decode_file(path, VOI_GREY)
     np.testing.assert_allclose(full.images[0, 0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "raw"),
+    [("RescaleSlope", b"abc"), ("RescaleSlope", b"1\\2"), ("RescaleIntercept", b"1,5"), ("WindowWidth", b"x")],
+)
+def test_malformed_attributes_are_rejected_not_raised(tmp_path: Path, attribute: str, raw: bytes) -> None:
+    """Values pydicom cannot convert surface deep inside numpy; they are a rejection reason."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    source = Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm"
+    ds = pydicom.dcmread(source)
+    tag = tag_for_keyword(attribute)
+    ds._dict[pydicom.tag.Tag(tag)] = RawDataElement(pydicom.tag.Tag(tag), dictionary_VR(tag), len(raw), raw, 0, False, True)
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path)
+    for config in (PreprocessConfig(), PreprocessConfig(window="voi")):
+        try:
+            decode_file(path, config)
+        except DicomRejected as exc:
+            assert str(exc) and "\n" not in str(exc)
+
+
+def test_print_report_escapes_markup_in_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    from client.cli import print_report
+
+    report = {
+        "site": "A", "usable": False, "summary": "x", "files": {"seen": 1, "accepted": 0, "rejected": 1}, "images": 0,
+        "labels": {"key": "path", "classes": {}, "unmatched_rows": {"count": 0}, "conflicting": {"count": 0},
+                   "unknown_class": {"count": 0}, "empty_key": {"count": 0}},
+        "patients": 0, "studies": 0, "series": 0, "modalities": {}, "manufacturers": {"ACME [/x] CT": 1},
+        "transfer_syntaxes": {}, "photometric": {}, "image_sizes": {}, "pixel_spacing_mm": {}, "intensity": {},
+        "split": {"train": {}, "validation": {}}, "cache": {"decoded": 0, "reused": 0},
+        "rejections": [{"reason": "empty file (0 bytes)", "count": 1, "files": ["scan[/b].dcm"]}],
+        "warnings": [], "problems": ["no accepted labelled image"],
+    }
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "scan[/b].dcm" in out and "ACME [/x] CT" in out
