@@ -274,6 +274,10 @@ def _decode_all(
         _init_worker(config, known)
         yield from _decode_chunk([(r, str(p), s) for r, p, s in todo])
         return
+    # Import pydicom's readers here once: forked workers inherit them instead of each paying ~0.4 s.
+    import pydicom.filereader
+    import pydicom.pixels  # noqa: F401
+
     size = max(16, min(256, len(todo) // (workers * 4)))
     chunks = [[(r, str(p), s) for r, p, s in todo[i : i + size]] for i in range(0, len(todo), size)]
     with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(config, known)) as pool:

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +162,7 @@ def _frame_view(ds: Dataset, index: int) -> Dataset:
     return view
 
 
+@lru_cache(maxsize=1024)
 def _uid_name(uid: str, unknown: str) -> str:
     """A standard UID's name; any other value (private, malformed) is not echoed."""
     from pydicom.uid import UID
@@ -356,13 +358,14 @@ def _read_light(content: bytes) -> tuple[_Header, np.ndarray, dict[str, Any]] | 
     try:
         fp = io.BytesIO(content)
         fp.seek(132)
-        meta = {e.tag: e.value for e in data_element_generator(fp, False, True, stop_when=_not_meta)}
+        # Plain int keys: a BaseTag key would compare through Python-level __eq__ on every lookup.
+        meta = {int(e.tag): e.value for e in data_element_generator(fp, False, True, stop_when=_not_meta)}
         syntax = _s(meta.get(_T["TransferSyntaxUID"]))
         if syntax not in (_IMPLICIT_LE, _EXPLICIT_LE):
             return None
         raw: dict[int, Any] = {}
         for element in data_element_generator(fp, syntax == _IMPLICIT_LE, True, specific_tags=_LIGHT_TAGS):  # type: ignore[arg-type]
-            raw[element.tag] = element.value
+            raw[int(element.tag)] = element.value
         if _FULL_ONLY & raw.keys() or _s(raw.get(_T["SpecificCharacterSet"])) not in _LATIN1_CHARSETS:
             return None
         v = {name: raw.get(tag) for name, tag in _T.items() if name != "TransferSyntaxUID"}
@@ -391,8 +394,11 @@ def _read_light(content: bytes) -> tuple[_Header, np.ndarray, dict[str, Any]] | 
         dtype = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2"}[(bits, signed)]
         pixels = np.frombuffer(pixel_data, dtype=dtype, count=rows * cols).reshape(rows, cols)
         if stored < bits:  # clear (unsigned) or sign-extend (signed) the unused high bits, as pydicom does
-            shift = bits - stored
-            pixels = np.right_shift(np.left_shift(pixels, shift), shift)
+            if signed:
+                shift = bits - stored
+                pixels = np.right_shift(np.left_shift(pixels, shift), shift)
+            else:
+                pixels = np.bitwise_and(pixels, (1 << stored) - 1)
         spacing = None
         for name in ("PixelSpacing", "ImagerPixelSpacing"):
             parts = _s(v[name]).split("\\")
@@ -578,6 +584,9 @@ def quiet_pydicom_log() -> Iterator[None]:
     """
     logger = logging.getLogger("pydicom")
     level = logger.level
+    if level >= logging.ERROR:  # already quiet (a decoding worker): setLevel clears logging's caches
+        yield
+        return
     logger.setLevel(logging.ERROR)
     try:
         yield
@@ -663,7 +672,7 @@ def decode_file(path: Path, config: PreprocessConfig, *, content: bytes | None =
         except Exception as exc:  # noqa: BLE001 - malformed attributes fail anywhere inside numpy/pydicom
             raise DicomRejected(f"invalid image attributes or pixel data ({type(exc).__name__})") from None
         warned = len(caught)
-    if not all(np.isfinite(image).all() for image in images) or not np.isfinite(stats).all():
+    if not all(math.isfinite(x) for row in stats for x in row) or not all(np.isfinite(image).all() for image in images):
         raise DicomRejected("non-finite values after rescale or window (check Rescale Slope/Intercept and Window)")
     patient_missing = not header.patient_id
     info = DicomInfo(
@@ -685,9 +694,9 @@ def decode_file(path: Path, config: PreprocessConfig, *, content: bytes | None =
         pixel_spacing=header.pixel_spacing,
     )
     summary = {
-        "mean": float(np.mean([x[0] for x in stats])),
+        "mean": sum(x[0] for x in stats) / len(stats),
         "min": min(x[1] for x in stats),
         "max": max(x[2] for x in stats),
-        "in_window": float(np.mean([x[3] for x in stats])),
+        "in_window": sum(x[3] for x in stats) / len(stats),
     }
     return DecodedFile(info=info, images=np.stack(images)[:, None], stats=summary, reader=reader, warnings=warned)
