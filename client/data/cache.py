@@ -317,7 +317,6 @@ class CacheUpdate:
     store: np.ndarray  # images.npy, memory-mapped while the lock was held (matches ``index``)
     decoded: int  # files decoded now
     reused: int  # files whose cached rows were kept (unchanged, or same content as a cached file)
-    rejected: int
 
 
 def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, workers: int = 0) -> CacheUpdate:
@@ -336,7 +335,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
             assert old is not None
             store = _open_store(folder, old)
             if store is not None:
-                return CacheUpdate(folder, old, store, 0, len(files), len(old["reasons"]))
+                return CacheUpdate(folder, old, store, 0, len(files))
             old = None  # images.npy is missing or does not match the index: rebuild
         for stale in [*folder.parent.glob(f".build-{folder.name}-*"), *folder.parent.glob(f".old-{folder.name}-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # what an interrupted update left
@@ -419,4 +418,4 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
         assert store is not None
     rejected = sum(e["status"] == "rejected" for e in entries.values())
     log.info("Cache %s: %d files decoded, %d reused, %d rejected", folder.name, decoded, reused, rejected)
-    return CacheUpdate(folder, index, store, decoded, reused, rejected)
+    return CacheUpdate(folder, index, store, decoded, reused)
