@@ -14,7 +14,8 @@ this machine, with the run's default settings:
 * warm cache, read: drawing the cached images (what every later epoch and
   round reads instead of DICOM), best of 5;
 * DP training: one round of the default model (``fedrad-cnn``) with Opacus
-  DP-SGD on the cached training split: ``local-epochs`` × train images / time.
+  patient-level DP-SGD on the cached training split, as a site runs it:
+  ``local-epochs`` × train images / time.
 
 Cold and warm ingest are measured before torch is imported, as in
 ``fl-client --check``. The targets (issue 3) are warm ≥ 100× and cold ≥ 10×
@@ -72,17 +73,19 @@ def main() -> None:
 
         import torch
 
-        from client.training import train_dp
+        from client.training import patient_groups, train_dp
         from common.models import build_model
 
         train = data.train  # type: ignore[attr-defined]
         images, labels = data.images(train), data.labels[train]  # type: ignore[attr-defined]
+        groups = patient_groups([data.patients[i] for i in train])  # type: ignore[attr-defined]
         model = build_model(run.model, image_size=run.preprocess.image_size)
         start = time.perf_counter()
-        train_dp(
-            model, images=images, labels=labels, epochs=run.local_epochs, batch_size=run.batch_size,
+        train_dp(  # what a site runs each round: patient-level DP, secure mode
+            model, images=images, labels=labels, groups=groups, epochs=run.local_epochs,
+            batch_size=run.batch_size, slices_per_patient=run.slices_per_patient,
             learning_rate=run.learning_rate, max_grad_norm=run.max_grad_norm, noise_multiplier=1.0,
-            device=torch.device("cpu"), secure_mode=False, seed=0,
+            device=torch.device("cpu"), secure_mode=True, seed=0,
         )
         dp_s = time.perf_counter() - start
         dp_rate = run.local_epochs * len(train) / dp_s

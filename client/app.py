@@ -44,18 +44,29 @@ def _site_record(site: SiteConfig) -> ConfigRecord:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model with DP-SGD inside the site's budget."""
     from client.site import train_round
+    from common.errors import PrivacyBudgetExceeded
 
     site, run = _configs(context)
     server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
     weights = _weights(msg)
-    new_weights, metrics = train_round(
-        site=site, run=run, run_id=context.run_id, server_round=server_round, weights=weights
-    )
+    try:
+        new_weights, metrics, facts = train_round(
+            site=site, run=run, run_id=context.run_id, server_round=server_round, weights=weights
+        )
+    except PrivacyBudgetExceeded as exc:
+        # A decline is an answer, not a failure: no weights, the reason and the budget facts only.
+        log.warning("%s", exc)
+        declined = ConfigRecord({records.SITE_NAME: site.site, records.DECLINED: str(exc)})
+        budget = {records.MAX_EPSILON: site.max_epsilon, records.DELTA: site.delta}
+        if exc.spent is not None:
+            budget[records.EPSILON] = exc.spent
+        content = RecordDict({records.SITE: declined, records.METRICS: MetricRecord(budget)})
+        return Message(content=content, reply_to=msg)
     content = RecordDict(
         {
             records.ARRAYS: ArrayRecord(new_weights),
             records.METRICS: MetricRecord(metrics),
-            records.SITE: _site_record(site),
+            records.SITE: ConfigRecord({records.SITE_NAME: site.site, **facts}),
         }
     )
     return Message(content=content, reply_to=msg)

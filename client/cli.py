@@ -76,7 +76,20 @@ def join(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workdir: Annotated[Path | None, typer.Option(help="Site work folder (cache, privacy accounting, logs). Default: ./fedrad-site-<site>.")] = None,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for training (0 = all).")] = 0,
-    secure_mode: Annotated[bool, typer.Option("--secure-mode", help="Cryptographically secure DP noise (needs torchcsprng).")] = False,
+    secure_mode: Annotated[
+        bool,
+        typer.Option(
+            "--secure-mode/--no-secure-mode",
+            help="DP sampling and noise seeded from the OS CSPRNG every round (default). "
+            "--no-secure-mode makes them reproducible from the run's seed: tests only, the guarantee does not hold.",
+        ),
+    ] = True,
+    privacy_unit: Annotated[str, typer.Option(help="What one DP record is: patient (all of a patient's images) or image.")] = "patient",
+    noise_multiplier: Annotated[
+        float,
+        typer.Option(min=0.0, help="Fix this site's σ instead of calibrating it to the run's rounds (0 = calibrate). "
+                     "The site then trains until its max-epsilon is reached and declines later rounds."),
+    ] = 0.0,
     check: Annotated[bool, typer.Option("--check", help="Only check and cache the data, print the report and exit (0 = usable).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="With --check: print the report as JSON.")] = False,
     run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help=RUN_CONFIG_HELP)] = None,
@@ -98,17 +111,17 @@ def join(
         device=device,
         threads=threads,
         secure_mode=secure_mode,
+        privacy_unit=privacy_unit,
+        noise_multiplier=noise_multiplier,
     )
+    SiteConfig.from_flower(_node_config_values(site_cfg))  # one validation path for every key
     if site_cfg.delta >= 1:
         raise ConfigError(f"Expected `delta` to be below 1, but got {delta!r}")
     host, port = parse_address(server)
     if not site_cfg.data_dir.is_dir():
         raise DataError(f"Data folder {site_cfg.data_dir} does not exist or is not a folder")
-    if secure_mode and not check:
-        import importlib.util
-
-        if importlib.util.find_spec("torchcsprng") is None:
-            raise ConfigError("--secure-mode needs the torchcsprng package, which is not installed")
+    if not secure_mode and not check:
+        log.warning("SECURE MODE IS OFF (--no-secure-mode): this site's DP noise is reproducible from the run's seed")
     if device == "cuda" and not check:
         from client.training import resolve_device
 
@@ -150,6 +163,13 @@ def join(
             time.sleep(1)
         code = supernode.popen.returncode
     raise FederationError(f"SuperNode of site {site_cfg.site} exited with code {code}")
+
+
+def _node_config_values(site: SiteConfig) -> dict[str, Any]:
+    """The node config ``site`` renders to, parsed back the way Flower parses it."""
+    from flwr.common.config import parse_config_args
+
+    return parse_config_args([site.to_flower()])
 
 
 def _fmt(value: Any) -> str:

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common import records
 from common.config import RunConfig, SiteConfig
-from common.errors import PrivacyBudgetExceeded
+from common.errors import DataError, PrivacyBudgetExceeded
+from common.ledger import Entry, Ledger, Plan, key_fingerprint, load_public_key, verify
 from common.privacy import (
-    AccountantStore,
     DPEvent,
+    Epsilons,
     calibrate_noise,
-    epsilon_spent,
+    epsilons,
     poisson_sample_rate,
     steps_per_epoch,
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from client.data.dataset import SiteData
@@ -34,23 +35,44 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SitePlan:
-    """The DP plan of a site for a run: fixed by its data size, its budget and the run's length."""
+def plan_privacy(*, site: SiteConfig, run: RunConfig, num_units: int, earlier: list[DPEvent] | None = None) -> Plan:
+    """The site's DP plan for a run: q and steps from its data, σ from its budget.
 
-    sample_rate: float
-    steps_per_round: int
-    planned_steps: int
-    noise_multiplier: float
+    σ is the site's own ``noise-multiplier`` when it set one; otherwise it is
+    calibrated so that everything already spent on this dataset (``earlier``)
+    plus the run's announced rounds ends at or below the site's ``max-epsilon``.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        When ``earlier`` already spends the whole budget.
+    """
+    q = poisson_sample_rate(num_examples=num_units, batch_size=run.batch_size)
+    per_round = run.local_epochs * steps_per_epoch(num_examples=num_units, batch_size=run.batch_size)
+    if site.noise_multiplier > 0:
+        sigma = site.noise_multiplier
+    else:
+        try:
+            sigma = calibrate_noise(
+                target_epsilon=site.max_epsilon, delta=site.delta, sample_rate=q,
+                steps=per_round * run.num_server_rounds, earlier=earlier or [],
+            )
+        except ValueError as exc:
+            raise PrivacyBudgetExceeded(
+                f"site {site.site} declines the run: its privacy budget on this dataset is spent ({exc})"
+            ) from exc
+    return Plan(noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, planned_rounds=run.num_server_rounds)
 
 
-def plan_privacy(*, site: SiteConfig, run: RunConfig, num_train: int) -> SitePlan:
-    """Calibrate σ so that the run's planned rounds end at or below the site's budget."""
-    q = poisson_sample_rate(num_examples=num_train, batch_size=run.batch_size)
-    per_round = run.local_epochs * steps_per_epoch(num_examples=num_train, batch_size=run.batch_size)
-    planned = per_round * run.num_server_rounds
-    sigma = calibrate_noise(target_epsilon=site.max_epsilon, delta=site.delta, sample_rate=q, steps=planned)
-    return SitePlan(sample_rate=q, steps_per_round=per_round, planned_steps=planned, noise_multiplier=sigma)
+def check_ledger(site: SiteConfig, ledger: Ledger) -> None:
+    """Refuse to train on a ledger that fails verification: it could under-count ε."""
+    rows = ledger.rows()
+    problems = verify(rows, ledger.head(), load_public_key(ledger.public_pem()))
+    if problems:
+        raise DataError(
+            f"site {site.site}'s privacy ledger {ledger.path} fails verification ({problems[0]}); "
+            "run `fl-audit --ledger` and restore the ledger from backup before training again"
+        )
 
 
 def open_data(site: SiteConfig, run: RunConfig) -> SiteData:
@@ -77,29 +99,64 @@ def _setup_torch(site: SiteConfig) -> torch.device:
     return resolve_device(site.device)
 
 
+def _train_groups(site: SiteConfig, data: SiteData) -> tuple[np.ndarray | None, int]:
+    """Privacy units of the training split: patient index per image (or None for image-level) and their count."""
+    from client.training import patient_groups
+
+    if site.privacy_unit == "image":
+        return None, len(data.train)
+    groups = patient_groups([data.patients[i] for i in data.train])
+    return groups, int(groups.max()) + 1 if len(groups) else 0
+
+
+def _epsilon_metrics(prefix: str, eps: Epsilons) -> dict[str, float]:
+    out = {f"{prefix}epsilon": eps.sound, f"{prefix}epsilon-rdp": eps.rdp}
+    if eps.prv is not None:
+        out[f"{prefix}epsilon-prv"] = eps.prv
+    return out
+
+
 def train_round(
     *, site: SiteConfig, run: RunConfig, run_id: int, server_round: int, weights: StateDict
-) -> tuple[StateDict, dict[str, float | int]]:
-    """Train the global weights with DP-SGD on the site's training split.
+) -> tuple[StateDict, dict[str, float | int], dict[str, str | int]]:
+    """Train the global weights with DP-SGD on the site's training split, inside its budget.
+
+    Returns the new weights, the numbers for the coordinator (training loss and the
+    DP facts of this round) and the site's non-numeric facts (privacy unit, ledger key
+    and the hash of the ledger row this round added).
 
     Raises
     ------
     PrivacyBudgetExceeded
-        When this round would take the site's cumulative ε above its ``max-epsilon``.
+        When this round would take the site's cumulative ε on this dataset (every
+        run, every round) above its ``max-epsilon``; nothing is trained or recorded.
     """
+    import opacus
+
     from client.training import train_dp
     from common.models import build_model
 
     data = open_data(site, run)
-    plan = plan_privacy(site=site, run=run, num_train=len(data.train))
-    store = AccountantStore.for_run(site.work_dir, run_id)
-    earlier = {r: e for r, e in store.load().items() if r != server_round}
-    planned_event = DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-    projected = epsilon_spent(events=[*(earlier[r] for r in sorted(earlier)), planned_event], delta=site.delta)
-    if projected > site.max_epsilon * (1 + 1e-9):
+    ledger = Ledger(site.privacy_dir)
+    check_ledger(site, ledger)
+    on_dataset = [row for row in ledger.rows() if row.fingerprint == data.fingerprint]
+    earlier = [row.event for row in on_dataset]
+    groups, num_units = _train_groups(site, data)
+    plan = ledger.plan(run_id=str(run_id), fingerprint=data.fingerprint)
+    if plan is None:
+        plan = ledger.save_plan(
+            run_id=str(run_id), fingerprint=data.fingerprint,
+            plan=plan_privacy(site=site, run=run, num_units=num_units, earlier=earlier),
+        )
+    planned = DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+    projected = epsilons(events=[*earlier, planned], delta=site.delta)
+    if projected.sound > site.max_epsilon * (1 + 1e-9):
+        spent = epsilons(events=earlier, delta=site.delta).sound if earlier else 0.0
         raise PrivacyBudgetExceeded(
-            f"site {site.site} declines round {server_round}: it would reach ε={projected:.3f} "
-            f"> its max-epsilon {site.max_epsilon:g} (δ={site.delta:g})"
+            f"site {site.site} declines round {server_round}: it would reach ε={projected.sound:.3f} "
+            f"> its max-epsilon {site.max_epsilon:g} (δ={site.delta:g}; {spent:.3f} spent on this dataset "
+            f"in {len(earlier)} earlier rounds)",
+            spent=spent,
         )
     device = _setup_torch(site)
     model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
@@ -108,6 +165,8 @@ def train_round(
         model,
         images=data.images(data.train),
         labels=data.labels[data.train],
+        groups=groups,
+        slices_per_patient=run.slices_per_patient,
         augment=run.augment,
         num_classes=len(run.classes),
         epochs=run.local_epochs,
@@ -119,24 +178,45 @@ def train_round(
         secure_mode=site.secure_mode,
         seed=run.seed * 100_003 + server_round,
     )
-    epsilon = store.record(server_round, outcome.event, delta=site.delta)
-    log.info(
-        "Site %s round %d: trained on %d images, loss %.4f, σ=%.3f, ε=%.3f of %.3g",
-        site.site, server_round, outcome.num_examples, outcome.loss,
-        outcome.event.noise_multiplier, epsilon, site.max_epsilon,
+    event = outcome.event
+    cumulative = projected if event == planned else epsilons(events=[*earlier, event], delta=site.delta)
+    in_run = [row.event for row in on_dataset if row.run_id == str(run_id)]
+    same = len(in_run) == len(on_dataset)  # nothing else was ever trained on this dataset
+    run_eps = cumulative if same else epsilons(events=[*in_run, event], delta=site.delta)
+    row = ledger.append(
+        Entry(
+            site=site.site, run_id=str(run_id), server_round=server_round, fingerprint=data.fingerprint,
+            privacy_unit=site.privacy_unit, noise_multiplier=event.noise_multiplier,
+            sample_rate=event.sample_rate, steps=event.steps, max_grad_norm=run.max_grad_norm,
+            delta=site.delta, max_epsilon=site.max_epsilon, epsilon_rdp=cumulative.rdp,
+            epsilon_prv=cumulative.prv, epsilon=cumulative.sound, opacus=opacus.__version__,
+        )
     )
+    log.info(
+        "Site %s round %d: trained on %d images (%d %ss), loss %.4f, σ=%.3f, ε=%.3f of %.3g (ledger row %d)",
+        site.site, server_round, outcome.num_examples, num_units, site.privacy_unit, outcome.loss,
+        event.noise_multiplier, cumulative.sound, site.max_epsilon, row.seq,
+    )
+    # No training loss: it is a function of the training data without noise (outside the DP guarantee).
     metrics: dict[str, float | int] = {
         records.NUM_EXAMPLES: outcome.num_examples,
-        records.TRAIN_LOSS: outcome.loss,
-        records.EPSILON: epsilon,
+        **_epsilon_metrics("", cumulative),
+        **_epsilon_metrics("run-", run_eps),
         records.DELTA: site.delta,
         records.MAX_EPSILON: site.max_epsilon,
-        records.NOISE_MULTIPLIER: outcome.event.noise_multiplier,
-        records.SAMPLE_RATE: outcome.event.sample_rate,
-        records.STEPS: outcome.event.steps,
+        records.NOISE_MULTIPLIER: event.noise_multiplier,
+        records.SAMPLE_RATE: event.sample_rate,
+        records.STEPS: event.steps,
+        records.MAX_GRAD_NORM: run.max_grad_norm,
+    }
+    facts: dict[str, str | int] = {
+        records.PRIVACY_UNIT: site.privacy_unit,
+        records.LEDGER_KEY: key_fingerprint(ledger.public_pem()),
+        records.LEDGER_ROW: row.seq,
+        records.LEDGER_HASH: row.hash,
     }
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
-    return state, metrics
+    return state, metrics, facts
 
 
 def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> dict[str, float | int | list[int]]:

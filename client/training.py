@@ -1,14 +1,29 @@
-"""Local DP-SGD training with Opacus.
+"""Local DP-SGD training with Opacus, with the patient as the privacy unit.
 
-One call trains the global model for the round's local epochs with Poisson
-sampling, per-sample gradient clipping and Gaussian noise (Opacus
-``PrivacyEngine.make_private``) and reports the DP event it consumed, so the
-caller can add it to the site's persistent accounting.
+One call trains the global model for the round's local epochs and reports the
+DP event it consumed, so the caller can record it in the site's ledger.
+
+**Patient-level DP.** Opacus' Poisson sampling runs over *patients*, not
+images: each step draws every patient independently with probability q, takes
+(up to ``slices_per_patient``) of that patient's images, and replaces the
+per-image gradients by their mean per patient *before* clipping. Opacus then
+clips each patient's gradient to C and adds N(0, σ²C²) noise, so adding or
+removing one patient — with all their images — changes a step by at most one
+clipped gradient: the (ε, δ) guarantee is per patient. With one image per
+group (``groups=None``) this is ordinary image-level DP-SGD.
+
+**Noise and sampling randomness.** With ``secure_mode`` the sampling and noise
+generators are seeded from the operating system's CSPRNG (``secrets``) every
+round, never from the run config the coordinator chose, and Opacus' defence
+against floating-point attacks on Gaussian sampling is on. Opacus' own
+``secure_mode`` additionally swaps torch's generator for ``torchcsprng``; that
+package is used when installed (it has no build for current torch).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,7 +31,7 @@ import numpy as np
 
 from client.augment import augment_batch
 from common.config import AugmentConfig
-from common.privacy import ACCOUNTANT, DPEvent
+from common.privacy import DPEvent
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +62,41 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+INSECURE_NOISE_WARNING = (
+    "SECURE MODE IS OFF: DP sampling and noise are seeded from the run config, so whoever knows the "
+    "seed can reproduce them and the privacy guarantee does not hold. Use this only for tests."
+)
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+"""Opacus per-sample-gradient modes that materialise per-image gradients (needed to average per patient)."""
+
+
+def patient_groups(patients: tuple[str, ...] | list[str] | np.ndarray) -> np.ndarray:
+    """Group index per image: images of one (hashed) patient share one index, numbered from 0."""
+    _, inverse = np.unique(np.asarray(patients), return_inverse=True)
+    return inverse.astype(np.int64)
+
+
+def _torchcsprng_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchcsprng") is not None
+
+
+def _mean_per_group(model: nn.Module, segments: torch.Tensor, num_groups: int) -> None:
+    """Replace each trainable parameter's per-image gradients by their mean per group (patient)."""
+    import torch
+
+    counts = torch.bincount(segments, minlength=num_groups).clamp(min=1)
+    for p in model.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is None:
+            continue
+        summed = torch.zeros((num_groups, *grad_sample.shape[1:]), dtype=grad_sample.dtype, device=grad_sample.device)
+        summed.index_add_(0, segments, grad_sample)
+        p.grad_sample = summed / counts.view(-1, *([1] * (grad_sample.dim() - 1))).to(summed.dtype)
+
+
 def train_dp(
     model: nn.Module,
     *,
@@ -60,10 +110,13 @@ def train_dp(
     device: torch.device,
     secure_mode: bool,
     seed: int,
+    groups: np.ndarray | None = None,
+    slices_per_patient: int = 16,
     augment: AugmentConfig | None = None,
     num_classes: int = 2,
+    grad_sample_mode: str = "hooks",
 ) -> TrainOutcome:
-    """Train ``model`` in place with DP-SGD.
+    """Train ``model`` in place with DP-SGD, one patient (group) per privacy unit.
 
     Parameters
     ----------
@@ -74,36 +127,57 @@ def train_dp(
     epochs
         Local epochs; each has ``1 / sample_rate`` Poisson-sampled steps.
     batch_size
-        Expected batch size; the sample rate is ``batch_size / n``.
+        Expected number of *patients* per step; the sample rate is ``1 / ceil(P / batch_size)``.
     learning_rate, max_grad_norm, noise_multiplier
-        Optimiser step size, per-sample clipping norm C and σ (noise std = σ·C).
+        Optimiser step size, per-patient clipping norm C and σ (noise std = σ·C).
     device
         Where to train.
     secure_mode
-        Opacus' cryptographically secure noise (needs ``torchcsprng``).
+        Seed sampling and noise from the OS CSPRNG (see the module docstring); off only in tests.
     seed
-        Seeds batch sampling and noise when ``secure_mode`` is off, and augmentation.
+        Seeds augmentation and the choice of slices, and — only with ``secure_mode`` off —
+        sampling and noise.
+    groups
+        Patient index (0…P-1) per image; ``None`` makes every image its own unit.
+    slices_per_patient
+        At most this many of a sampled patient's images are drawn per step (bounds memory).
     augment
         Training-time augmentation (per image, so the DP guarantee is unchanged).
     num_classes
         2: one logit and BCE; K > 2: K logits and cross-entropy.
+    grad_sample_mode
+        Opacus per-sample-gradient mode (one of :data:`GRAD_SAMPLE_MODES`).
     """
     import torch
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    torch.manual_seed(seed)  # Poisson batch sampling uses the global generator
     n = int(labels.shape[0])
-    dataset = TensorDataset(
-        torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
-        torch.from_numpy(labels.astype(np.float32 if num_classes == 2 else np.int64)),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    # Opacus turns this into Poisson sampling at rate 1 / len(loader) = poisson_sample_rate().
-    loader = DataLoader(dataset, batch_size=batch_size, generator=generator)
+    groups = np.arange(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    if groups.shape != (n,):
+        raise ValueError(f"Expected one group per image ({n}), but got {groups.shape}")
+    order = np.argsort(groups, kind="stable")
+    num_groups = int(groups.max()) + 1 if n else 0
+    bounds = np.searchsorted(groups[order], np.arange(num_groups + 1))
+    members = [order[bounds[g] : bounds[g + 1]] for g in range(num_groups)]
+    one_per_group = all(len(m) == 1 for m in members)
+
+    csprng = secure_mode and _torchcsprng_available()
+    if secure_mode:
+        sampling_seed, noise_seed, slice_seed = (secrets.randbits(63) for _ in range(3))
+    else:
+        log.warning(INSECURE_NOISE_WARNING)
+        sampling_seed, noise_seed, slice_seed = seed, seed + 1, seed + 3
+    if not csprng:
+        torch.manual_seed(sampling_seed)  # Opacus' Poisson sampler draws from the global generator
+
+    images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    labels_t = torch.from_numpy(labels.astype(np.float32 if num_classes == 2 else np.int64))
+    # Opacus turns this into Poisson sampling of patients at rate 1 / len(loader) = poisson_sample_rate().
+    loader = DataLoader(TensorDataset(torch.arange(num_groups)), batch_size=batch_size)
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    engine = PrivacyEngine(accountant=ACCOUNTANT, secure_mode=secure_mode)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=csprng)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -111,23 +185,34 @@ def train_dp(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
-        noise_generator=None if secure_mode else torch.Generator(device=device).manual_seed(seed + 1),
+        grad_sample_mode=grad_sample_mode,
+        noise_generator=None if csprng else torch.Generator(device=device).manual_seed(noise_seed),
     )
+    if secure_mode:
+        dp_optimizer.secure_mode = True  # Opacus' floating-point-safe Gaussian sampling
     binary = num_classes == 2
     criterion = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.CrossEntropyLoss()
     augment = augment or AugmentConfig()
     augment_generator = torch.Generator().manual_seed(seed + 2)
+    slice_rng = np.random.default_rng(slice_seed)
     total_loss, total_seen = 0.0, 0
     for _ in range(epochs):
-        for x, y in dp_loader:
-            # Poisson sampling can draw an empty batch: Opacus still takes (and
-            # accounts) a noise-only step, so we never skip one.
-            x, y = x.to(device), y.to(device)
+        for (sampled,) in dp_loader:
+            # Poisson sampling can draw no patient: Opacus still takes (and accounts) a noise-only step.
+            picked = [
+                m if len(m) <= slices_per_patient else slice_rng.choice(m, slices_per_patient, replace=False)
+                for m in (members[int(g)] for g in sampled)
+            ]
+            rows = torch.from_numpy(np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64))
+            segments = torch.repeat_interleave(torch.arange(len(picked)), torch.tensor([len(m) for m in picked], dtype=torch.long))
+            x, y = images_t[rows].to(device), labels_t[rows].to(device)
             x = augment_batch(x, augment, augment_generator)
             dp_optimizer.zero_grad()
             logits = dp_model(x)
             loss = criterion(logits.squeeze(1) if binary else logits, y)
             loss.backward()
+            if not one_per_group:
+                _mean_per_group(dp_model, segments.to(device), len(picked))
             dp_optimizer.step()
             if len(y):
                 total_loss += float(loss.detach()) * len(y)

@@ -33,6 +33,7 @@ COLOR = ("reject", "grey")  # reject RGB/YBR/palette images, or convert them to 
 ENHANCE = ("none", "equalize", "denoise")  # optional step after windowing
 
 DEVICES = ("auto", "cpu", "cuda")
+PRIVACY_UNITS = ("patient", "image")  # what one DP "record" is: all of a patient's images, or one image
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -64,6 +65,16 @@ def _non_negative_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"Expected `{key}` to be a non-negative integer, but got {value!r}")
     return value
+
+
+def _non_negative_float(key: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+        raise ConfigError(f"Expected `{key}` to be a non-negative number, but got {value!r}")
+    return number
 
 
 def fraction(key: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -194,9 +205,10 @@ class RunConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     local_epochs: int = 3
-    batch_size: int = 64
+    batch_size: int = 8  # expected patients per DP step
     learning_rate: float = 0.01
     max_grad_norm: float = 1.0
+    slices_per_patient: int = 16  # images of a sampled patient used per DP step (memory bound)
     model: str = "fedrad-cnn"
     preprocess: PreprocessConfig = PreprocessConfig()
     classes: tuple[str, ...] = ("0", "1")
@@ -240,6 +252,9 @@ class RunConfig:
             max_grad_norm=positive_float(
                 "max-grad-norm", _get(run_config, "max-grad-norm", d.max_grad_norm)
             ),
+            slices_per_patient=positive_int(
+                "slices-per-patient", _get(run_config, "slices-per-patient", d.slices_per_patient)
+            ),
             model=choice("model", _get(run_config, "model", d.model), sorted(MODELS)),
             preprocess=PreprocessConfig.from_flower(run_config),
             classes=parse_classes(_get(run_config, "classes", ",".join(d.classes))),
@@ -260,8 +275,15 @@ class SiteConfig:
     max_epsilon: float = 8.0
     delta: float = 1e-5
     device: str = "auto"
-    secure_mode: bool = False
+    secure_mode: bool = True  # DP sampling/noise from the OS CSPRNG; off only in tests
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    privacy_unit: str = "patient"
+    noise_multiplier: float = 0.0  # the site's own fixed σ; 0 = calibrate σ to the run's plan
+
+    @property
+    def privacy_dir(self) -> Path:
+        """Where the site's ledger and its signing key live."""
+        return self.work_dir / "privacy"
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -275,7 +297,7 @@ class SiteConfig:
         delta = positive_float("delta", _get(node_config, "delta", 1e-5))
         if delta >= 1:
             raise ConfigError(f"Expected `delta` to be below 1, but got {delta!r}")
-        secure_mode = _get(node_config, "secure-mode", False)
+        secure_mode = _get(node_config, "secure-mode", True)
         if not isinstance(secure_mode, bool):
             raise ConfigError(f"Expected `secure-mode` to be true or false, but got {secure_mode!r}")
         return cls(
@@ -287,6 +309,8 @@ class SiteConfig:
             device=choice("device", _get(node_config, "device", "auto"), DEVICES),
             secure_mode=secure_mode,
             threads=_non_negative_int("threads", _get(node_config, "threads", 0)),
+            privacy_unit=choice("privacy-unit", _get(node_config, "privacy-unit", "patient"), PRIVACY_UNITS),
+            noise_multiplier=_non_negative_float("noise-multiplier", _get(node_config, "noise-multiplier", 0.0)),
         )
 
     def to_flower(self) -> str:
@@ -300,6 +324,8 @@ class SiteConfig:
             "device": self.device,
             "secure-mode": self.secure_mode,
             "threads": self.threads,
+            "privacy-unit": self.privacy_unit,
+            "noise-multiplier": float(self.noise_multiplier),
         }
         parts = []
         for key, value in items.items():

@@ -36,8 +36,18 @@ class PrivacyBudgetExceeded(FedradError, RuntimeError):
 
     exit_code = 4
 
+    def __init__(self, message: str, *, spent: float | None = None) -> None:
+        super().__init__(message)
+        self.spent = spent  # ε already spent on the dataset, when known
+
 
 class FederationError(FedradError, RuntimeError):
     """A federation process could not be started, reached or finished."""
 
     exit_code = 5
+
+
+class AuditFailed(FedradError, RuntimeError):
+    """An audit found a problem: a broken ledger, an ε that does not recompute, a budget breach."""
+
+    exit_code = 6

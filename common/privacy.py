@@ -1,75 +1,184 @@
 """Differential-privacy accounting shared by sites and auditors.
 
 All ε values come from Opacus accountants; nothing here re-derives a formula.
-A site's accounting history — one ``(noise_multiplier, sample_rate, steps)``
-entry per DP training round — is kept on disk in the site's work directory,
-because Flower starts a fresh ClientApp process for every message: an
-in-memory accountant would only ever see one round.
+Two sound accountants are run side by side on the same history of DP events:
+
+* ``rdp`` — Rényi DP (Mironov 2017; Opacus ``RDPAccountant``), a sound upper
+  bound, usually loose by 5–15 %;
+* ``prv`` — privacy random variables (Gopi et al. 2021; Opacus
+  ``PRVAccountant``), whose ``get_epsilon`` returns the *upper* end of its
+  error interval, so it is sound too and usually tighter.
+
+Budget decisions use the smaller of the two (:func:`sound_epsilon`): both are
+upper bounds on the true ε, so their minimum is one as well.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-from common.errors import DataError
-from common.files import write_atomic
+ACCOUNTANTS = ("rdp", "prv")
+"""Accountants reported side by side; decisions use the minimum."""
 
-ACCOUNTANT = "rdp"
-"""Accountant used for calibration and budget decisions (sound upper bound)."""
+PRV_EPS_ERROR = 0.01
+"""Width of PRV's ε error interval; ``get_epsilon`` returns its upper end."""
 
 
 @dataclass(frozen=True)
 class DPEvent:
-    """One DP training round of a site: Poisson-sampled DP-SGD steps."""
+    """One DP training round of a site: ``steps`` Poisson-sampled DP-SGD steps at rate ``sample_rate``."""
 
     noise_multiplier: float
     sample_rate: float
     steps: int
 
 
-def epsilon_spent(*, events: Sequence[DPEvent], delta: float, accountant: str = ACCOUNTANT) -> float:
-    """ε(δ) of the composition of ``events`` according to an Opacus accountant.
+def merge_events(events: Sequence[DPEvent]) -> list[tuple[float, float, int]]:
+    """Opacus accountant history for ``events``: identical mechanisms merged into one entry.
+
+    Composing ``k`` steps and then ``m`` more of the same subsampled Gaussian is
+    exactly ``k + m`` steps of it, so merging changes no ε; it only keeps the
+    PRV accountant fast (its cost grows with the number of distinct entries).
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for e in events:
+        key = (float(e.noise_multiplier), float(e.sample_rate))
+        merged[key] = merged.get(key, 0) + int(e.steps)
+    return [(sigma, q, steps) for (sigma, q), steps in merged.items() if steps > 0]
+
+
+def epsilon_spent(*, events: Sequence[DPEvent], delta: float, accountant: str = "rdp") -> float:
+    """ε(δ) of the composition of ``events`` according to one Opacus accountant.
 
     Parameters
     ----------
     events
-        Every DP round ever trained on the data, in order.
+        Every DP round ever trained on the data.
     delta
         Target δ.
     accountant
-        Opacus accountant name (``"rdp"``, ``"prv"``, ``"gdp"``).
+        Opacus accountant name (``"rdp"`` or ``"prv"``).
     """
     from opacus.accountants import create_accountant
 
-    if not events:
+    history = merge_events(events)
+    if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+    acc.history = history
+    if accountant == "prv":
+        return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     return float(acc.get_epsilon(delta=delta))
 
 
+@dataclass(frozen=True)
+class Epsilons:
+    """ε by each accountant, and the one budget decisions use."""
+
+    rdp: float
+    prv: float | None  # None when PRV cannot bound this history (reported, RDP is used)
+
+    @property
+    def sound(self) -> float:
+        """The tighter of the two sound upper bounds."""
+        return self.rdp if self.prv is None else min(self.rdp, self.prv)
+
+
+def epsilons(*, events: Sequence[DPEvent], delta: float) -> Epsilons:
+    """ε(δ) of ``events`` by RDP and by PRV, side by side."""
+    rdp = epsilon_spent(events=events, delta=delta, accountant="rdp")
+    try:
+        prv: float | None = epsilon_spent(events=events, delta=delta, accountant="prv")
+    except (ValueError, RuntimeError, OverflowError, FloatingPointError):
+        # PRV's numerical domain can fail for extreme histories (huge ε); RDP still bounds it.
+        prv = None
+    if prv is not None and not math.isfinite(prv):
+        prv = None
+    return Epsilons(rdp=rdp, prv=prv)
+
+
+def sound_epsilon(*, events: Sequence[DPEvent], delta: float) -> float:
+    """The ε budget decisions use: min(RDP, PRV), both sound upper bounds."""
+    return epsilons(events=events, delta=delta).sound
+
+
+def _smallest_sigma(spend, target: float, low: float, high: float, tolerance: float) -> float:  # type: ignore[no-untyped-def]
+    """Bisection on σ (ε decreases with σ): the smallest σ in [low, high] found with spend(σ) ≤ target,
+    to within ``tolerance`` in ε or 0.5 % in σ."""
+    eps_high = spend(high)
+    while eps_high > target:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError("no noise multiplier up to 1e4 fits the remaining budget")
+        eps_high = spend(high)
+    while target - eps_high > tolerance and high - low > 0.005 * high:
+        mid = (low + high) / 2
+        eps_mid = spend(mid)
+        if eps_mid <= target:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high
+
+
 def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = ACCOUNTANT
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    earlier: Sequence[DPEvent] = (),
+    tolerance: float = 0.02,
 ) -> float:
-    """Noise multiplier σ such that ``steps`` DP-SGD steps at ``sample_rate`` spend ≤ ``target_epsilon``.
+    """Smallest noise multiplier σ (within ``tolerance`` in ε) such that ``earlier`` plus
+    ``steps`` steps at ``sample_rate`` and σ spend at most ``target_epsilon`` by
+    :func:`sound_epsilon` (the tighter of RDP and PRV).
 
-    Uses Opacus ``get_noise_multiplier`` (binary search on the accountant).
+    Two stages, to keep PRV (slow) evaluations few: σ for RDP alone (Opacus'
+    ``get_noise_multiplier`` when nothing was spent before, the same bisection over
+    the whole composition otherwise) is sound already; it is then lowered by
+    bisection between 0.6× and 1× of itself while PRV stays within budget.
+
+    Raises
+    ------
+    ValueError
+        When ``earlier`` alone already spends ``target_epsilon``.
     """
-    from opacus.accountants.utils import get_noise_multiplier
+    if earlier and sound_epsilon(events=earlier, delta=delta) >= target_epsilon:
+        raise ValueError("the earlier events already spend the whole budget")
+    if not earlier:
+        from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
+        sigma_rdp = float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                steps=steps, accountant="rdp", epsilon_tolerance=tolerance,
+            )
         )
-    )
+    else:
+        def spend_rdp(sigma: float) -> float:
+            return epsilon_spent(events=[*earlier, DPEvent(sigma, sample_rate, steps)], delta=delta)
+
+        # RDP can exceed the target however large σ is when RDP alone says the budget is gone.
+        try:
+            sigma_rdp = _smallest_sigma(spend_rdp, target_epsilon, 0.0, 10.0, tolerance)
+        except ValueError:
+            sigma_rdp = 1e4
+
+    # Below sigma_rdp RDP alone is over budget (it decreases with σ), so there
+    # min(RDP, PRV) ≤ target exactly when PRV ≤ target: only PRV needs evaluating.
+    def spend(sigma: float) -> float:
+        try:
+            return epsilon_spent(events=[*earlier, DPEvent(sigma, sample_rate, steps)], delta=delta, accountant="prv")
+        except (ValueError, RuntimeError, OverflowError, FloatingPointError):
+            return math.inf
+
+    low = 0.6 * sigma_rdp
+    if spend(low) <= target_epsilon:
+        return low  # PRV is far tighter here; 0.6× the RDP σ already fits
+    return _smallest_sigma(spend, target_epsilon, low, sigma_rdp, tolerance)
 
 
 def steps_per_epoch(*, num_examples: int, batch_size: int) -> int:
@@ -80,45 +189,3 @@ def steps_per_epoch(*, num_examples: int, batch_size: int) -> int:
 def poisson_sample_rate(*, num_examples: int, batch_size: int) -> float:
     """The sample rate Opacus' ``DPDataLoader`` uses: ``1 / steps_per_epoch``."""
     return 1.0 / steps_per_epoch(num_examples=num_examples, batch_size=batch_size)
-
-
-@dataclass
-class AccountantStore:
-    """The site's DP history for one run, persisted atomically as JSON.
-
-    One file per run in ``<work-dir>/privacy/``; the round number is stored
-    with each event so a retried message never counts a round twice.
-    """
-
-    path: Path
-
-    @classmethod
-    def for_run(cls, work_dir: Path, run_id: int | str) -> AccountantStore:
-        return cls(Path(work_dir) / "privacy" / f"run-{run_id}.json")
-
-    def load(self) -> dict[int, DPEvent]:
-        """Events by server round; empty when nothing was trained yet."""
-        if not self.path.exists():
-            return {}
-        try:
-            raw = json.loads(self.path.read_text())
-            return {int(r): DPEvent(**e) for r, e in raw["events"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(
-                f"The privacy accounting file {self.path} is unreadable ({exc}); "
-                "restore it from backup — training without it would under-count ε"
-            ) from exc
-
-    def record(self, server_round: int, event: DPEvent, *, delta: float) -> float:
-        """Add ``event`` for ``server_round`` and return the cumulative ε."""
-        events = self.load()
-        events[server_round] = event
-        eps = epsilon_spent(events=[events[r] for r in sorted(events)], delta=delta)
-        payload = {
-            "accountant": ACCOUNTANT,
-            "delta": delta,
-            "epsilon": eps,
-            "events": {str(r): asdict(e) for r, e in sorted(events.items())},
-        }
-        write_atomic(self.path, json.dumps(payload, indent=1))
-        return eps

@@ -22,10 +22,21 @@ SITE = "site"
 
 # Keys inside the SITE ConfigRecord.
 SITE_NAME = "name"
+DECLINED = "declined"  # why the site declined a round (no arrays in that reply)
+PRIVACY_UNIT = "privacy-unit"  # "patient" or "image"
+LEDGER_KEY = "ledger-key"  # SHA-256 of the site's ledger public key: what an auditor pins
+LEDGER_ROW = "ledger-row"  # the ledger row this round added
+LEDGER_HASH = "ledger-hash"  # ...and its hash (lets an auditor check the ledger was not rolled back)
 
-# Keys inside a train reply's MetricRecord.
-TRAIN_LOSS = "train-loss"
+# Keys inside a train reply's MetricRecord. ``epsilon*`` are cumulative over every run on
+# the site's dataset; ``run-epsilon*`` over this run only (what `fl-audit --run` recomputes).
 EPSILON = "epsilon"
+EPSILON_RDP = "epsilon-rdp"
+EPSILON_PRV = "epsilon-prv"
+RUN_EPSILON = "run-epsilon"
+RUN_EPSILON_RDP = "run-epsilon-rdp"
+RUN_EPSILON_PRV = "run-epsilon-prv"
+MAX_GRAD_NORM = "max-grad-norm"
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"

@@ -12,7 +12,7 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.flower import use_flower_log_handlers
 from server.report import RunReport
-from server.strategy import FedradFedAvg
+from server.strategy import BudgetsSpent, FedradFedAvg
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -58,6 +58,11 @@ def main(grid: Grid, context: Context) -> None:
             num_rounds=run.num_server_rounds,
             train_config=ConfigRecord({"local-epochs": run.local_epochs}),
         )
+    except BudgetsSpent as exc:
+        # Each site enforces its own budget; when none can train any more the run ends early, cleanly.
+        log.warning("Stopping early: %s", exc)
+        report.finish("stopped: every site's privacy budget is spent")
+        return
     except BaseException:
         report.finish("failed")
         raise

@@ -53,21 +53,30 @@ class RunReport:
         server_round: int,
         *,
         site_metrics: dict[str, dict[str, Any]],
-        declined: list[str],
+        declined: dict[str, str],
         checkpoint: Path | None,
+        failed: dict[str, str] | None = None,
     ) -> None:
         entry = self.round(server_round)
-        entry["train"] = {"sites": site_metrics, "declined": declined}
+        entry["train"] = {"sites": site_metrics, "declined": declined, "failed": failed or {}}
         if checkpoint is not None:
             entry["checkpoint"] = str(checkpoint.relative_to(self.run_dir))
         for name, metrics in site_metrics.items():
             site = self.sites.setdefault(name, {})
             site.update(
                 epsilon=metrics.get("epsilon"),
+                epsilon_rdp=metrics.get("epsilon-rdp"),
+                epsilon_prv=metrics.get("epsilon-prv"),
+                run_epsilon=metrics.get("run-epsilon"),
                 delta=metrics.get("delta"),
                 max_epsilon=metrics.get("max-epsilon"),
+                privacy_unit=metrics.get("privacy-unit"),
+                ledger_key=metrics.get("ledger-key"),
                 rounds_trained=site.get("rounds_trained", 0) + 1,
             )
+        for name in declined:
+            site = self.sites.setdefault(name, {})
+            site["rounds_declined"] = site.get("rounds_declined", 0) + 1
         self.save()
 
     def record_evaluate(self, server_round: int, *, pooled: dict[str, float], per_site: dict[str, dict[str, float]]) -> None:
@@ -116,6 +125,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _fmt_small(value: Any) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A short human-readable report from ``report.json`` data."""
     lines = [
@@ -136,13 +149,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['round']} | {_fmt(p.get('auroc'))} | {_fmt(p.get('sensitivity'))} | "
             f"{_fmt(p.get('specificity'))} | {_fmt(p.get('precision'))} | {_fmt(p.get('f1'))} | "
-            f"{_fmt(p.get('accuracy'))} | {len(t.get('sites', {}))} | {', '.join(t.get('declined', [])) or '–'} |"
+            f"{_fmt(p.get('accuracy'))} | {len(t.get('sites', {}))} | {', '.join(sorted(t.get('declined', {}))) or '–'} |"
         )
-    lines += ["", "## Privacy spent per site (as reported by each site)", "", "| site | ε | δ | max ε | rounds trained |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Privacy spent per site (as reported by each site; verify with `fl-audit`)",
+        "",
+        (
+            "ε is cumulative over every run on the site's dataset (min of the RDP and PRV bounds); "
+            "the run's share is what this run alone spent."
+        ),
+        "",
+        "| site | unit | ε | ε RDP | ε PRV | this run | δ | max ε | rounds trained | declined |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, s in sorted(report["sites"].items()):
         lines.append(
-            f"| {name} | {_fmt(s.get('epsilon'))} | {_fmt(s.get('delta'))} | "
-            f"{_fmt(s.get('max_epsilon'))} | {s.get('rounds_trained', 0)} |"
+            f"| {name} | {s.get('privacy_unit') or '–'} | {_fmt(s.get('epsilon'))} | {_fmt(s.get('epsilon_rdp'))} | "
+            f"{_fmt(s.get('epsilon_prv'))} | {_fmt(s.get('run_epsilon'))} | {_fmt_small(s.get('delta'))} | "
+            f"{_fmt(s.get('max_epsilon'))} | {s.get('rounds_trained', 0)} | {s.get('rounds_declined', 0)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -26,12 +26,23 @@ log = logging.getLogger(__name__)
 
 PRIVACY_KEYS = (
     records.EPSILON,
+    records.EPSILON_RDP,
+    records.EPSILON_PRV,
+    records.RUN_EPSILON,
+    records.RUN_EPSILON_RDP,
+    records.RUN_EPSILON_PRV,
     records.DELTA,
     records.MAX_EPSILON,
     records.NOISE_MULTIPLIER,
     records.SAMPLE_RATE,
     records.STEPS,
+    records.MAX_GRAD_NORM,
 )
+SITE_FACTS = (records.PRIVACY_UNIT, records.LEDGER_KEY, records.LEDGER_ROW, records.LEDGER_HASH)
+
+
+class BudgetsSpent(FederationError):
+    """Every site that answered declined the round: their privacy budgets are spent."""
 
 
 def site_name(content: RecordDict, fallback: str) -> str:
@@ -43,17 +54,14 @@ def site_name(content: RecordDict, fallback: str) -> str:
 
 
 def aggregate_train_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Example-weighted training loss, and the largest ε any site reported."""
+    """Training images in the round, and the largest ε any site reported.
+
+    Sites send no training loss: it is computed on their training data without
+    noise, so it would leak outside the DP guarantee. Validation metrics stand in.
+    """
     metrics = [c[records.METRICS] for c in contents]
     total = sum(int(m[weighted_by_key]) for m in metrics)
-    loss = sum(float(m[records.TRAIN_LOSS]) * int(m[weighted_by_key]) for m in metrics) / max(total, 1)
-    return MetricRecord(
-        {
-            records.TRAIN_LOSS: loss,
-            "epsilon-max": max(float(m[records.EPSILON]) for m in metrics),
-            "examples": total,
-        }
-    )
+    return MetricRecord({"epsilon-max": max(float(m[records.EPSILON]) for m in metrics), "examples": total})
 
 
 def aggregate_evaluate_metrics(contents: list[RecordDict], weighted_by_key: str, *, num_classes: int = 2) -> MetricRecord:
@@ -83,24 +91,40 @@ class FedradFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         site_metrics: dict[str, dict[str, Any]] = {}
-        declined: list[str] = []
+        declined: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        trained: list[Message] = []
         for msg in replies:
             node = f"node-{msg.metadata.src_node_id}"
             if msg.has_error():
-                declined.append(node)
+                failed[node] = msg.error.reason
                 log.warning("Round %d: %s did not train: %s", server_round, node, msg.error.reason)
                 continue
             name = site_name(msg.content, node)
+            site_record = msg.content.get(records.SITE, {})
+            if records.DECLINED in site_record:
+                # The site's own budget decision: it sent no weights, and the run goes on without it.
+                declined[name] = str(site_record[records.DECLINED])
+                log.warning("Round %d: site %s declined: %s", server_round, name, declined[name])
+                continue
+            trained.append(msg)
             m = msg.content[records.METRICS]
             site_metrics[name] = {
                 records.NUM_EXAMPLES: int(m[records.NUM_EXAMPLES]),
-                records.TRAIN_LOSS: float(m[records.TRAIN_LOSS]),
                 **{k: m[k] for k in PRIVACY_KEYS if k in m},
+                **{k: site_record[k] for k in SITE_FACTS if k in site_record},
             }
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, trained) if trained else (None, None)
         if arrays is None:
-            self.report.record_train(server_round, site_metrics={}, declined=declined, checkpoint=None)
-            reasons = "; ".join(sorted({m.error.reason for m in replies if m.has_error()})) or "no replies"
+            self.report.record_train(
+                server_round, site_metrics={}, declined=declined, failed=failed, checkpoint=None
+            )
+            if declined and not failed:
+                raise BudgetsSpent(
+                    f"Every site declined round {server_round}: "
+                    + "; ".join(f"{k}: {v}" for k, v in sorted(declined.items()))
+                )
+            reasons = "; ".join(sorted({*failed.values(), *declined.values()})) or "no replies"
             raise FederationError(f"No site trained in round {server_round}: {reasons}")
         checkpoint = save_checkpoint(
             checkpoint_path(self.report.run_dir, server_round),
@@ -113,7 +137,9 @@ class FedradFedAvg(FedAvg):
                 server_round, name, m[records.NUM_EXAMPLES], m.get(records.EPSILON, float("nan")),
                 m.get(records.MAX_EPSILON, float("nan")),
             )
-        self.report.record_train(server_round, site_metrics=site_metrics, declined=declined, checkpoint=checkpoint)
+        self.report.record_train(
+            server_round, site_metrics=site_metrics, declined=declined, failed=failed, checkpoint=checkpoint
+        )
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -41,7 +41,7 @@ class SiteData:
     classes: tuple[str, ...]
     train: np.ndarray  # indices (into the accepted images) of the training split
     validation: np.ndarray  # indices of the validation split (other patients)
-    fingerprint: str  # hash of every accepted file's content + label + preprocessing
+    fingerprint: str  # the dataset's privacy identity: hash of the accepted files' contents (see below)
     usable: bool  # at least one labelled image to train on
     make_report: Callable[[], dict[str, Any]] = field(compare=False, repr=False)
 
@@ -170,9 +170,12 @@ def load_site_data(
     patients = tuple(index["patient"][i] for i, _ in accepted for _ in range(index_rows[i][1]))
     train_idx, val_idx = patient_split(patients, val_fraction=val_fraction, seed=seed)
 
-    fingerprint = hashlib.sha256(f"{config.key()}|classes={','.join(classes)}".encode())
-    for item in sorted(f"{sha[i]}:{label};" for i, label in accepted):
-        fingerprint.update(item.encode())  # content and labels, whatever the file names
+    # The privacy ledger composes ε over everything trained on one fingerprint, so it names the
+    # records (file contents) only: a new image size, window or label fix is the same dataset and
+    # keeps spending the same budget; adding or removing files makes a new dataset.
+    fingerprint = hashlib.sha256(b"fedrad-dataset-1")
+    for item in sorted({sha[i] for i, _ in accepted}):
+        fingerprint.update(f"{item};".encode())
 
     problems = _problems(seen=len(paths), accepted=len(accepted), train=len(train_idx), rejected=rejected)
     if require_usable and problems:

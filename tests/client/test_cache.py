@@ -115,6 +115,8 @@ def test_each_config_has_its_own_cache(site: Path, tmp_path: Path, monkeypatch: 
     decoded = _count_decodes(monkeypatch)
     load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1)
     assert decoded == []  # the 32-px cache survived the 48-px one
+    # ...and both are one dataset for the privacy ledger: preprocessing does not reset a budget.
+    assert bigger.fingerprint == load_site_data(data_dir=site, work_dir=work, config=CONFIG, workers=1).fingerprint
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])

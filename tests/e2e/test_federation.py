@@ -71,9 +71,26 @@ def test_check_of_only_unusable_files_exits_non_zero_with_reasons(tmp_path: Path
     assert "not usable" in line and "1 × empty file" in line and "not a DICOM file" in line
 
 
-def test_two_sites_train_two_rounds_with_dp(tiny_sites: Path, tmp_path: Path) -> None:
-    # Site B's folder is a messy export: it trains on its accepted files only.
+def _budget_for_rounds(data_dir: Path, work_dir: Path, *, sigma: float, rounds: float, batch_size: int) -> float:
+    """A max-epsilon that lets a site with its own σ train ``rounds`` rounds (of 1 epoch) and not one more."""
+    from client.data.dataset import load_site_data
+    from common.config import PreprocessConfig
+    from common.privacy import DPEvent, poisson_sample_rate, sound_epsilon, steps_per_epoch
+
+    data = load_site_data(data_dir=data_dir, work_dir=work_dir, config=PreprocessConfig(image_size=32))
+    patients = len({data.patients[i] for i in data.train})
+    event = DPEvent(sigma, poisson_sample_rate(num_examples=patients, batch_size=batch_size),
+                    steps_per_epoch(num_examples=patients, batch_size=batch_size))
+    allowed = sound_epsilon(events=[event] * int(rounds), delta=1e-5)
+    one_more = sound_epsilon(events=[event] * (int(rounds) + 1), delta=1e-5)
+    return (allowed + one_more) / 2
+
+
+def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_sites: Path, tmp_path: Path) -> None:
+    # Site B's folder is a messy export: it trains on its accepted files only. B fixes its own σ,
+    # and its budget allows 1 round; the coordinator asks for 2. A calibrates σ to its budget.
     site_dirs = {"A": tiny_sites / "A", "B": _mixed_site(tiny_sites / "B", tmp_path / "B")}
+    budget_b = _budget_for_rounds(site_dirs["B"], tmp_path / "probe", sigma=1.0, rounds=1, batch_size=8)
     port = free_port()
     workdir = tmp_path / "server"
     all_pids: list[int] = []
@@ -86,12 +103,12 @@ def test_two_sites_train_two_rounds_with_dp(tiny_sites: Path, tmp_path: Path) ->
             log_path=tmp_path / "server.log",
         )
         _wait_for_server(port, server)
-        for site, budget in (("A", 6.0), ("B", 3.0)):
+        for site, extra in (("A", ["--max-epsilon", "6"]), ("B", ["--max-epsilon", repr(budget_b), "--noise-multiplier", "1.0"])):
             procs.start(
                 f"fl-client {site}",
                 [str(BIN / "fl-client"), "--site", site, "--data", str(site_dirs[site]),
                  "--server", f"127.0.0.1:{port}", "--workdir", str(tmp_path / f"site-{site}"),
-                 "--max-epsilon", str(budget), "--threads", "1"],
+                 "--threads", "1", *extra],
                 log_path=tmp_path / f"site-{site}.log",
             )
         deadline = time.monotonic() + 480
@@ -109,24 +126,32 @@ def test_two_sites_train_two_rounds_with_dp(tiny_sites: Path, tmp_path: Path) ->
     report = json.loads((run_dir / "report.json").read_text())
     from client.data.dataset import load_site_data
     from common.config import PreprocessConfig
+    from common.ledger import Ledger
 
     mixed = load_site_data(data_dir=site_dirs["B"], work_dir=tmp_path / "site-B", config=PreprocessConfig(image_size=32))
     assert mixed.report["files"]["rejected"] == 7 and mixed.report["cache"]["decoded"] == 0
     assert report["status"] == "completed"
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for r in report["rounds"]:
-        assert sorted(r["train"]["sites"]) == ["A", "B"] and r["train"]["declined"] == []
-        assert r["train"]["sites"]["B"]["num-examples"] == len(mixed.train)
+        trained = ["A", "B"] if r["round"] == 1 else ["A"]
+        assert sorted(r["train"]["sites"]) == trained, r["train"]
+        assert sorted(r["train"]["declined"]) == sorted({"A", "B"} - set(trained))
         assert (run_dir / r["checkpoint"]).is_file()
         pooled = r["evaluate"]["pooled"]
         assert 0.0 <= pooled["auroc"] <= 1.0
         assert pooled["positives"] + pooled["negatives"] > 0
-    # Each site's own budget holds, and the coordinator reports what the sites spent.
-    assert 0 < report["sites"]["A"]["epsilon"] <= 6.0
-    assert 0 < report["sites"]["B"]["epsilon"] <= 3.0
-    for site in ("A", "B"):
-        (ledger,) = (tmp_path / f"site-{site}" / "privacy").glob("run-*.json")
-        assert json.loads(ledger.read_text())["epsilon"] == pytest.approx(report["sites"][site]["epsilon"])
+    assert report["rounds"][0]["train"]["sites"]["B"]["num-examples"] == len(mixed.train)
+    assert "declines round 2" in report["rounds"][1]["train"]["declined"]["B"]
+    # Each site's own budget holds in its ledger, and the coordinator reports what the sites spent.
+    expected_rows = {"A": 2, "B": 1}
+    for site, budget in (("A", 6.0), ("B", budget_b)):
+        rows = Ledger(tmp_path / f"site-{site}" / "privacy").rows()
+        assert len(rows) == expected_rows[site] and rows[-1].epsilon <= budget
+        assert rows[-1].epsilon == pytest.approx(report["sites"][site]["epsilon"])
+        assert report["sites"][site]["privacy_unit"] == "patient"
+        last = max(r["round"] for r in report["rounds"] if site in r["train"]["sites"])
+        assert report["rounds"][last - 1]["train"]["sites"][site]["ledger-hash"] == rows[-1].hash
+    assert report["sites"]["B"]["rounds_declined"] == 1
     # Nothing that identifies a patient reaches the coordinator.
     text = (run_dir / "report.json").read_text() + (tmp_path / "server.log").read_text()
     assert "SYN-" not in text and "PatientID" not in text

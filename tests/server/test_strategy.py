@@ -33,13 +33,13 @@ def test_evaluate_aggregation_pools_counts_not_averages() -> None:
     assert site_name(a, "?") == "A" and site_name(RecordDict({}), "node-1") == "node-1"
 
 
-def test_train_aggregation_weights_loss_by_examples_and_reports_max_epsilon() -> None:
+def test_train_aggregation_reports_examples_and_max_epsilon_but_no_training_loss() -> None:
     replies = [
-        RecordDict({"metrics": MetricRecord({"num-examples": 100, "train-loss": 1.0, "epsilon": 2.0})}),
-        RecordDict({"metrics": MetricRecord({"num-examples": 300, "train-loss": 0.2, "epsilon": 5.0})}),
+        RecordDict({"metrics": MetricRecord({"num-examples": 100, "epsilon": 2.0})}),
+        RecordDict({"metrics": MetricRecord({"num-examples": 300, "epsilon": 5.0})}),
     ]
     agg = aggregate_train_metrics(replies, "num-examples")
-    assert agg["train-loss"] == pytest.approx(0.4)
+    assert "train-loss" not in agg  # computed without noise: never leaves a site
     assert agg["epsilon-max"] == 5.0 and agg["examples"] == 400
 
 
@@ -53,11 +53,13 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 def test_report_is_valid_json_after_every_round(tmp_path: Path) -> None:
     report = RunReport(run_dir=tmp_path, run_id=1, config={"num-server-rounds": 2}, transport="test")
-    report.record_train(1, site_metrics={"A": {"num-examples": 10, "epsilon": 1.5, "delta": 1e-5, "max-epsilon": 8.0}}, declined=[], checkpoint=None)
+    report.record_train(1, site_metrics={"A": {"num-examples": 10, "epsilon": 1.5, "delta": 1e-5, "max-epsilon": 8.0}}, declined={"B": "site B declines round 1"}, checkpoint=None)
     report.record_evaluate(1, pooled={"auroc": float("nan"), "sensitivity": 0.5}, per_site={})
     data = load_report(tmp_path)
     assert data["status"] == "running" and data["sites"]["A"]["epsilon"] == 1.5
     assert data["rounds"][0]["evaluate"]["pooled"]["auroc"] is None  # NaN written as null
     report.finish("completed")
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "completed"
-    assert "| A | 1.500 |" in (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| A | – | 1.500 | – | – | – | 1e-05 | 8.000 | 1 | 0 |" in markdown
+    assert "| B | – | – | – | – | – | – | – | 0 | 1 |" in markdown
