@@ -2,13 +2,15 @@
 
 Synthesises sites A, B and C, starts ``fl-server`` and one ``fl-client`` per
 site on free loopback ports, waits for the run, prints its pooled AUROC and
-every site's ε, and stops every process it started.
+every site's ε, audits every site's privacy ledger against the run report
+with ``fl-audit``, and stops every process it started.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,7 +89,21 @@ def demo(
         f"{final['auroc']:.3f} after round {final['round']}; {eps} (δ=1e-5); report {run_dir / 'report.json'}",
         flush=True,
     )
-    (workdir / "summary.json").write_text(json.dumps({"auroc": final["auroc"], "sites": report["sites"]}))
+    # What each hospital's privacy officer would run: its ledger, checked against the run report.
+    audits = {}
+    for name in names:
+        print(f"==> fl-audit --ledger {workdir / f'site-{name}' / 'privacy'} --run {run_dir}", flush=True)
+        proc = subprocess.run(
+            [flower_bin("fl-audit"), "--ledger", str(workdir / f"site-{name}" / "privacy"), "--run", str(run_dir), "--json"],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise FederationError(f"fl-audit failed for site {name}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        audits[name] = json.loads(proc.stdout)
+        print(f"    site {name}: ledger verified, every ε recomputed (RDP and PRV), budget kept", flush=True)
+    (workdir / "summary.json").write_text(
+        json.dumps({"auroc": final["auroc"], "sites": report["sites"], "audit": {n: a.get("verified") for n, a in audits.items()}})
+    )
     return 0
 
 

@@ -152,6 +152,13 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
         last = max(r["round"] for r in report["rounds"] if site in r["train"]["sites"])
         assert report["rounds"][last - 1]["train"]["sites"][site]["ledger-hash"] == rows[-1].hash
     assert report["sites"]["B"]["rounds_declined"] == 1
+    # The privacy officer's check: each ledger verifies, recomputes and matches what the run saw.
+    for site in ("A", "B"):
+        privacy = tmp_path / f"site-{site}" / "privacy"
+        audit = _run_cli(str(BIN / "fl-audit"), "--ledger", str(privacy), "--public-key", str(privacy / "site-key.pub"),
+                         "--run", str(run_dir), "--json", timeout=300)
+        assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
+        assert json.loads(audit.stdout)["verified"] is True
     # Nothing that identifies a patient reaches the coordinator.
     text = (run_dir / "report.json").read_text() + (tmp_path / "server.log").read_text()
     assert "SYN-" not in text and "PatientID" not in text
