@@ -205,8 +205,8 @@ class RunConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     local_epochs: int = 3
-    batch_size: int = 8  # expected patients per DP step
-    learning_rate: float = 0.01
+    batch_size: int = 64  # expected patients per DP step
+    learning_rate: float = 0.03
     max_grad_norm: float = 1.0
     slices_per_patient: int = 16  # images of a sampled patient used per DP step (memory bound)
     model: str = "fedrad-cnn"

@@ -31,7 +31,7 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 def demo(
     workdir: Annotated[Path, typer.Option(help="Demo folder (data, site and server work dirs, logs).")] = Path(".demo"),
     sites: Annotated[str, typer.Option(help="Comma-separated site names.")] = "A,B,C",
-    images_per_site: Annotated[int, typer.Option(min=20)] = 1000,
+    images_per_site: Annotated[int, typer.Option(min=20)] = 2000,
     rounds: Annotated[int, typer.Option(min=1)] = 5,
     max_epsilon: Annotated[float, typer.Option(help="Each site's privacy budget.")] = 8.0,
     seed: Annotated[int, typer.Option()] = 7,
