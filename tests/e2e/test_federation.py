@@ -206,8 +206,10 @@ def test_bad_option_values_fail_cleanly(tmp_path: Path) -> None:
     assert "max-epsilon" in _one_line_error(proc)
     proc = _run_cli(str(BIN / "fl-server"), "--rounds", "0")
     assert "--rounds" in _one_line_error(proc)
-    proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--secure-mode")
-    assert "torchcsprng" in _one_line_error(proc)
+    proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--privacy-unit", "study")
+    assert "privacy-unit" in _one_line_error(proc)
+    proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--noise-multiplier", "-1")
+    assert "noise-multiplier" in _one_line_error(proc)
 
 
 def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp_path: Path) -> None:
