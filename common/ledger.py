@@ -191,6 +191,20 @@ def load_public_key(pem: bytes):  # type: ignore[no-untyped-def]
     return key
 
 
+def _load_private_key(key_path: Path):  # type: ignore[no-untyped-def]
+    """The site's Ed25519 signing key from ``key_path``, or a one-line error."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Cannot read the ledger signing key {key_path} ({exc}); restore it from backup") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise DataError(f"Expected an Ed25519 key in {key_path}, but got a {type(key).__name__}")
+    return key
+
+
 class Ledger:
     """A site's ledger in ``privacy_dir`` (created with a fresh key on first use)."""
 
@@ -244,18 +258,12 @@ class Ledger:
     def _key(self):  # type: ignore[no-untyped-def]
         """The site's Ed25519 signing key, created (0600) on first use."""
         from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         if self._private_key is not None:
             return self._private_key
         key_path = self.dir / PRIVATE_KEY_FILE
         if key_path.exists():
-            try:
-                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"Cannot read the ledger signing key {key_path} ({exc}); restore it from backup") from exc
-            if not isinstance(key, Ed25519PrivateKey):
-                raise DataError(f"Expected an Ed25519 key in {key_path}, but got a {type(key).__name__}")
+            key = _load_private_key(key_path)
         else:
             key = self._create_key(key_path)
         public = key.public_key().public_bytes(
@@ -293,14 +301,7 @@ class Ledger:
             try:
                 os.link(tmp, key_path)
             except FileExistsError:
-                # Another process created the key first: use that one.
-                try:
-                    found = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-                except (OSError, ValueError) as exc:
-                    raise DataError(f"Cannot read the ledger signing key {key_path} ({exc})") from exc
-                if not isinstance(found, Ed25519PrivateKey):
-                    raise DataError(f"Expected an Ed25519 key in {key_path}, but got a {type(found).__name__}")
-                return found
+                return _load_private_key(key_path)  # another process created the key first: use that one
             except OSError:
                 # No hard links on this file system: create the key file in place (exclusively).
                 fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
