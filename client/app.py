@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secure import secure_mod
 from common import records
 from common.config import RunConfig, SiteConfig
 from common.flower import use_flower_log_handlers
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+app = ClientApp(mods=[secure_mod])
 
 
 def _configs(context: Context) -> tuple[SiteConfig, RunConfig]:
@@ -42,26 +43,26 @@ def _site_record(site: SiteConfig) -> ConfigRecord:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model with DP-SGD inside the site's budget."""
-    from client.site import train_round
-    from common.errors import PrivacyBudgetExceeded
+    """Train the received global model with DP-SGD inside the site's budget.
 
+    Plain runs send named arrays and get them back; secure-aggregation runs
+    speak Flower's legacy fit format, and :func:`client.secure.secure_mod`
+    masks the reply before it leaves the site.
+    """
+    from client.secure import is_legacy_fit
+
+    if is_legacy_fit(msg.content):
+        return _train_secure(msg, context)
     site, run = _configs(context)
     server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
-    weights = _weights(msg)
-    try:
-        new_weights, metrics, facts = train_round(
-            site=site, run=run, run_id=context.run_id, server_round=server_round, weights=weights
-        )
-    except PrivacyBudgetExceeded as exc:
-        # A decline is an answer, not a failure: no weights, the reason and the budget facts only.
-        log.warning("%s", exc)
-        declined = ConfigRecord({records.SITE_NAME: site.site, records.DECLINED: str(exc)})
-        budget = {records.MAX_EPSILON: site.max_epsilon, records.DELTA: site.delta}
-        if exc.spent is not None:
-            budget[records.EPSILON] = exc.spent
-        content = RecordDict({records.SITE: declined, records.METRICS: MetricRecord(budget)})
+    outcome = _train_or_decline(site, run, context, server_round, _weights(msg))
+    if isinstance(outcome, _Declined):
+        content = RecordDict({
+            records.SITE: ConfigRecord({records.SITE_NAME: site.site, records.DECLINED: outcome.reason}),
+            records.METRICS: MetricRecord(outcome.budget),
+        })
         return Message(content=content, reply_to=msg)
+    new_weights, metrics, facts = outcome
     content = RecordDict(
         {
             records.ARRAYS: ArrayRecord(new_weights),
@@ -70,6 +71,53 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+class _Declined(NamedTuple):
+    reason: str
+    budget: dict[str, float]
+
+
+def _train_or_decline(
+    site: SiteConfig, run: RunConfig, context: Context, server_round: int, weights: OrderedDict[str, torch.Tensor]
+) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float | int], dict[str, str | int]] | _Declined:
+    from client.site import train_round
+    from common.errors import PrivacyBudgetExceeded
+
+    try:
+        return train_round(site=site, run=run, run_id=context.run_id, server_round=server_round, weights=weights)
+    except PrivacyBudgetExceeded as exc:
+        # A decline is an answer, not a failure: no weights, the reason and the budget facts only.
+        log.warning("%s", exc)
+        budget = {records.MAX_EPSILON: site.max_epsilon, records.DELTA: site.delta}
+        if exc.spent is not None:
+            budget[records.EPSILON] = exc.spent
+        return _Declined(str(exc), budget)
+
+
+def _train_secure(msg: Message, context: Context) -> Message:
+    import numpy as np
+
+    from client.secure import check_bounds, fitres_content, inspect_plaintext, read_fitins
+    from common.models import build_model
+
+    site, run = _configs(context)
+    keys = list(build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes)).state_dict())
+    weights, config = read_fitins(msg.content, keys)
+    server_round = int(config[records.SERVER_ROUND])
+    outcome = _train_or_decline(site, run, context, server_round, weights)
+    if isinstance(outcome, _Declined):
+        # Still part of the protocol (the other sites' masks must cancel): zeros, weight 0.
+        zeros = [np.zeros_like(w.numpy()) for w in weights.values()]
+        metrics: dict[str, Any] = {records.SITE_NAME: site.site, records.DECLINED: outcome.reason, **outcome.budget}
+        return Message(content=fitres_content(zeros, num_examples=0, metrics=metrics), reply_to=msg)
+    new_weights, numbers, facts = outcome
+    arrays = [w.detach().cpu().numpy() for w in new_weights.values()]
+    num_examples = int(numbers[records.NUM_EXAMPLES])
+    check_bounds(arrays, num_examples=num_examples, secagg=run.secagg)
+    inspect_plaintext(site.site, server_round, arrays, num_examples)
+    metrics = {records.SITE_NAME: site.site, **numbers, **facts}
+    return Message(content=fitres_content(arrays, num_examples=num_examples, metrics=metrics), reply_to=msg)
 
 
 @app.evaluate()

@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,10 +25,13 @@ from common.errors import ConfigError, DataError, FederationError
 from common.flower import flower_bin, flower_env
 from common.processes import LOOPBACK, ProcessSet, can_connect, free_port, parse_address
 
+if TYPE_CHECKING:
+    from common.kit import Kit
+
 log = logging.getLogger("fl-client")
 INSECURE_BANNER = (
-    "WARNING: plain transport. This site's model updates travel to the coordinator "
-    "without TLS or secure aggregation: for demos and tests on one machine only."
+    "WARNING: --insecure: plain HTTP. This site's model updates travel to the coordinator "
+    "without TLS and without a site key: for demos and tests on one machine only."
 )
 cli = typer.Typer(add_completion=False, help=__doc__)
 
@@ -68,9 +71,12 @@ def check_data(site: SiteConfig, run: RunConfig, *, workers: int = 0) -> dict[st
 
 @cli.command()
 def join(
-    site: Annotated[str, typer.Option(help="This site's name, e.g. A.")],
     data: Annotated[Path, typer.Option(help="Folder with the site's DICOM files and labels.csv.")],
-    server: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")] = f"{LOOPBACK}:9092",
+    site: Annotated[str | None, typer.Option(help="This site's name, e.g. A (default: the kit's).")] = None,
+    kit: Annotated[Path | None, typer.Option(help="The enrollment kit from the coordinator (`fl-server enroll`): "
+                                             "TLS trust, this site's key and the coordinator's address.")] = None,
+    server: Annotated[str | None, typer.Option(help="Coordinator address HOST:PORT (default: the kit's).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP without a kit: loopback demos and tests only.")] = False,
     max_epsilon: Annotated[float, typer.Option(help="This site's privacy budget ε (its ceiling, whatever the run asks).")] = 8.0,
     delta: Annotated[float, typer.Option(help="δ of the site's (ε, δ) guarantee.")] = 1e-5,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -100,6 +106,11 @@ def join(
     setup_logging(verbose)
     if json_output and not check:
         raise ConfigError("`--json` only goes with `--check`")
+    site_kit = _site_kit(kit, site=site, insecure=insecure, check=check)
+    site = site or (site_kit.site if site_kit else None)
+    if not site:
+        raise ConfigError("Expected `--site` (or `--kit`), but got neither")
+    server = server or (site_kit.server if site_kit else f"{LOOPBACK}:9092")
     if device not in DEVICES:
         raise ConfigError(f"Expected `--device` to be one of {', '.join(DEVICES)}, but got {device!r}")
     site_cfg = SiteConfig(
@@ -144,7 +155,12 @@ def join(
         log.warning("Site %s data: %s", site_cfg.site, warning)
     if not can_connect(host, port, timeout=3):
         raise FederationError(f"Cannot reach the coordinator at {host}:{port}; is fl-server running there?")
-    log.warning(INSECURE_BANNER)
+    if site_kit is None:
+        log.warning(INSECURE_BANNER)
+        security = ["--insecure"]
+    else:
+        check_coordinator_tls(host, port, site_kit.ca_cert)
+        security = ["--root-certificates", str(site_kit.ca_cert), "--auth-supernode-private-key", str(site_kit.private_key)]
 
     env = flower_env(site_cfg.work_dir / "flwr-home")
     runtime_port = free_port()
@@ -152,17 +168,58 @@ def join(
         supernode = procs.start(
             f"SuperNode {site_cfg.site}",
             [
-                flower_bin("flower-supernode"), "--insecure", "--superlink", f"{host}:{port}",
+                flower_bin("flower-supernode"), *security, "--superlink", f"{host}:{port}",
                 "--host", LOOPBACK, "--port", str(runtime_port),
                 "--node-config", site_cfg.to_flower(),
             ],
             env=env,
         )
-        log.info("Site %s joined via %s:%d (SuperNode pid %d); Ctrl-C to leave", site_cfg.site, host, port, supernode.pid)
+        log.info("Site %s joined via %s:%d over %s (SuperNode pid %d); Ctrl-C to leave", site_cfg.site, host, port,
+                 "plain HTTP" if site_kit is None else f"TLS, key {site_kit.fingerprint}", supernode.pid)
         while supernode.running():
             time.sleep(1)
         code = supernode.popen.returncode
     raise FederationError(f"SuperNode of site {site_cfg.site} exited with code {code}")
+
+
+def _site_kit(kit: Path | None, *, site: str | None, insecure: bool, check: bool) -> Kit | None:
+    """The site's enrollment kit, checked; None for --insecure or a data check."""
+    from common.kit import load_kit
+
+    if kit is not None and insecure:
+        raise ConfigError("`--kit` and `--insecure` exclude each other")
+    if kit is None:
+        if not insecure and not check:
+            raise ConfigError(
+                "Expected `--kit DIR` (the enrollment kit from the coordinator's `fl-server enroll --site NAME`), "
+                "or --insecure for a loopback demo"
+            )
+        return None
+    loaded = load_kit(kit)
+    if site is not None and site != loaded.site:
+        raise ConfigError(f"Expected `--site` to match the kit's site {loaded.site!r}, but got {site!r}")
+    return loaded
+
+
+def check_coordinator_tls(host: str, port: int, ca_cert: Path) -> None:
+    """Refuse a coordinator whose TLS certificate the kit's consortium CA did not sign."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        with socket.create_connection((host, port), timeout=10) as sock, context.wrap_socket(sock, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as exc:
+        raise FederationError(
+            f"The coordinator at {host}:{port} is not the one your kit trusts: its TLS certificate "
+            f"failed verification against the kit's consortium CA ({exc.verify_message}); "
+            "check --server, or ask the coordinator for a new kit"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise FederationError(
+            f"No TLS connection to the coordinator at {host}:{port} ({exc}); is it serving TLS (not --insecure)?"
+        ) from None
 
 
 def _node_config_values(site: SiteConfig) -> dict[str, Any]:

@@ -197,6 +197,62 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (Flower's SecAgg+) settings from the run config.
+
+    ``shares`` and ``threshold`` are fractions: of the sites sampled in a round,
+    and of the shares (Flower rounds them; at least 2 shares are needed to
+    reconstruct). Sites send ``num-examples / max-weight × weights``, clipped to
+    ±``clipping-range`` and quantized to ``quantization-range`` levels; a site
+    refuses to mask an update that would be clipped (see :mod:`client.secure`).
+    """
+
+    enabled: bool = True
+    shares: float = 1.0
+    threshold: float = 0.6
+    timeout: float = 600.0  # seconds per protocol stage; the stage that trains included
+    max_weight: int = 10_000
+    clipping_range: float = 8.0
+    quantization_range: int = 1 << 22
+    modulus_range: int = 1 << 32
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> SecAggConfig:
+        """Build and validate from Flower's ``context.run_config`` (keys ``secagg*``)."""
+        d = cls()
+        enabled = _get(run_config, "secagg", d.enabled)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"Expected `secagg` to be true or false, but got {enabled!r}")
+        quantization = positive_int("secagg-quantization-range", _get(run_config, "secagg-quantization-range", d.quantization_range))
+        if quantization & (quantization - 1) or quantization > 1 << 24:
+            raise ConfigError(
+                "Expected `secagg-quantization-range` to be a power of 2 up to 2**24 "
+                f"(sums of up to 256 sites stay below the 2**32 modulus), but got {quantization!r}"
+            )
+        cfg = cls(
+            enabled=enabled,
+            shares=fraction("secagg-shares", _get(run_config, "secagg-shares", d.shares)),
+            threshold=fraction("secagg-threshold", _get(run_config, "secagg-threshold", d.threshold)),
+            timeout=positive_float("secagg-timeout", _get(run_config, "secagg-timeout", d.timeout)),
+            max_weight=positive_int("secagg-max-weight", _get(run_config, "secagg-max-weight", d.max_weight)),
+            clipping_range=positive_float("secagg-clipping-range", _get(run_config, "secagg-clipping-range", d.clipping_range)),
+            quantization_range=quantization,
+        )
+        return cfg
+
+    def tolerance(self, *, sites: int, total_examples: int) -> float:
+        """Largest per-weight difference between the secure aggregate and plaintext FedAvg.
+
+        Each site's stochastic rounding errs by less than one quantization step,
+        ``2 · clipping-range / quantization-range``, on its weighted update
+        (``num-examples / max-weight × weights``); dividing the sum by the total
+        weight gives this bound, plus a little for float32 rounding.
+        """
+        step = 2 * self.clipping_range / self.quantization_range
+        return sites * step * self.max_weight / max(total_examples, 1) + 1e-6
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The coordinator's choices for one run (Flower ``run_config``)."""
 
@@ -216,6 +272,7 @@ class RunConfig:
     val_fraction: float = 0.25
     seed: int = 0
     workdir: str = ""
+    secagg: SecAggConfig = SecAggConfig()
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -262,6 +319,7 @@ class RunConfig:
             val_fraction=val_fraction,
             seed=seed,
             workdir=str(_get(run_config, "workdir", d.workdir)),
+            secagg=SecAggConfig.from_flower(run_config),
         )
 
 

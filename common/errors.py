@@ -51,3 +51,9 @@ class AuditFailed(FedradError, RuntimeError):
     """An audit found a problem: a broken ledger, an ε that does not recompute, a budget breach."""
 
     exit_code = 6
+
+
+class UpdateOutOfRange(FedradError, ValueError):
+    """A model update cannot be encoded for secure aggregation without clipping or overflow."""
+
+    exit_code = 7

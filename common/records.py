@@ -50,3 +50,7 @@ STAT_SCORES = "stat-scores"
 
 # Keys inside the server's ConfigRecord.
 SERVER_ROUND = "server-round"
+
+# Flower's legacy (compat) keys: the SecAgg+ workflow speaks FitIns/FitRes.
+FITINS_PARAMETERS = "fitins.parameters"
+FITINS_CONFIG = "fitins.config"

@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 INSECURE_WARNING = (
-    "PLAIN TRANSPORT: updates travel unencrypted and without secure aggregation. "
-    "Use this only on loopback for demos and tests."
+    "PLAIN TRANSPORT: updates travel unencrypted. Use this only on loopback for demos and tests."
+)
+PLAIN_AGGREGATION_WARNING = (
+    "NO SECURE AGGREGATION (secagg=false): the coordinator sees every site's update in the clear."
 )
 
 
@@ -33,13 +35,18 @@ def main(grid: Grid, context: Context) -> None:
     if not run.workdir:
         raise ConfigError("Expected `workdir` in the run config (set by fl-server), but it is empty")
     run_dir = Path(run.workdir) / "runs" / str(context.run_id)
+    transport = str(context.run_config.get("transport", "")) or "unknown"
+    aggregation = "SecAgg+" if run.secagg.enabled else "plain FedAvg (no secure aggregation)"
     report = RunReport(
         run_dir=run_dir,
         run_id=context.run_id,
         config={k: v for k, v in context.run_config.items()},
-        transport="insecure (plain HTTP on loopback, no SecAgg+)",
+        transport=f"{transport}; {aggregation}",
     )
-    log.warning(INSECURE_WARNING)
+    if not transport.startswith("tls"):
+        log.warning(INSECURE_WARNING)
+    if not run.secagg.enabled:
+        log.warning(PLAIN_AGGREGATION_WARNING)
     report.save()
     model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
     strategy = FedradFedAvg(
@@ -52,12 +59,17 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=run.min_sites,
     )
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=run.num_server_rounds,
-            train_config=ConfigRecord({"local-epochs": run.local_epochs}),
-        )
+        if run.secagg.enabled:
+            from server.secure import run_secure
+
+            run_secure(grid, context, run=run, report=report, evaluator=strategy, initial=model.state_dict())
+        else:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=run.num_server_rounds,
+                train_config=ConfigRecord({"local-epochs": run.local_epochs}),
+            )
     except BudgetsSpent as exc:
         # Each site enforces its own budget; when none can train any more the run ends early, cleanly.
         log.warning("Stopping early: %s", exc)

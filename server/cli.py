@@ -1,13 +1,23 @@
-"""``fl-server``: start a Flower SuperLink, submit the fedrad run, report, stop.
+"""``fl-server``: the coordinator. Enroll sites, then serve a run.
 
-Plain transport only in this version: the SuperLink binds 127.0.0.1 and says
-so loudly. TLS, enrollment and SecAgg+ come with the secure-federation work.
+``fl-server enroll --site A`` creates the consortium CA (once), the site's key
+pair and its kit (``<workdir>/kits/A/`` and ``A.tar.gz``) for the hospital.
+``fl-server rekey --site A``, ``fl-server remove --site A`` and
+``fl-server sites`` manage enrolled sites; a running server learns about
+every change at once.
+
+``fl-server [serve] --rounds 5 ...`` starts a Flower SuperLink on 127.0.0.1
+with TLS and SuperNode authentication (enrolled keys only), puts an nginx
+reverse proxy on ``--host:--port`` that lets through the Fleet API only,
+submits the fedrad run (SecAgg+ on by default), prints the report and stops.
+``--insecure`` is plain HTTP on loopback, for demos and tests only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -20,16 +30,24 @@ from common.cli import run_typer, setup_logging
 from common.config import WINDOW_PRESETS
 from common.errors import ConfigError, FederationError
 from common.flower import flower_bin, flower_env
-from common.processes import LOOPBACK, ManagedProcess, ProcessSet, can_connect, port_is_free
+from common.processes import (
+    LOOPBACK,
+    ManagedProcess,
+    ProcessSet,
+    can_connect,
+    free_port,
+    port_is_free,
+)
 from server.report import load_report
 
 log = logging.getLogger("fl-server")
 CONNECTION = "fedrad"
 DEFAULT_PORT = 9092
 INSECURE_BANNER = (
-    "WARNING: plain transport. The SuperLink listens on 127.0.0.1 only, without TLS, "
-    "site enrollment or secure aggregation: for demos and tests on one machine."
+    "WARNING: --insecure: plain HTTP. The SuperLink listens on 127.0.0.1 only, without TLS "
+    "or site enrollment: for demos and tests on one machine."
 )
+STATE_FILE = "superlink.json"  # the running SuperLink of a workdir: pid, Control API port, node per site
 
 cli = typer.Typer(add_completion=False, help=__doc__)
 
@@ -52,12 +70,13 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-def write_connection(flwr_home: Path, port: int) -> None:
-    """The `flwr` CLI's connection to our SuperLink, in its own FLWR_HOME."""
+def write_connection(flwr_home: Path, port: int, *, ca_cert: Path | None = None) -> None:
+    """The `flwr` CLI's connection to our SuperLink's Control API (loopback), in its own FLWR_HOME."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    transport = f"root-certificates = {json.dumps(str(ca_cert))}" if ca_cert else "insecure = true"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{LOOPBACK}:{port}"\ninsecure = true\n'
+        f'[superlink.{CONNECTION}]\naddress = "{LOOPBACK}:{port}"\n{transport}\n'
     )
 
 
@@ -79,12 +98,20 @@ def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict
     return out
 
 
-def start_superlink(procs: ProcessSet, *, port: int, workdir: Path) -> ManagedProcess:
+def start_superlink(
+    procs: ProcessSet, *, port: int, workdir: Path, tls: tuple[Path, Path, Path] | None = None
+) -> ManagedProcess:
+    """Start the SuperLink on 127.0.0.1:``port``; with ``tls`` = (CA, cert, key), HTTPS and node auth."""
     env = flower_env(workdir / "flwr-home" / "superlink")
+    security = ["--insecure"]
+    if tls is not None:
+        ca, cert, key = tls
+        security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                    "--enable-supernode-auth"]
     superlink = procs.start(
         "SuperLink",
         [
-            flower_bin("flower-superlink"), "--insecure", "--host", LOOPBACK, "--port", str(port),
+            flower_bin("flower-superlink"), *security, "--host", LOOPBACK, "--port", str(port),
             "--disable-runtime-dependency-installation",
         ],
         env=env,
@@ -98,6 +125,58 @@ def start_superlink(procs: ProcessSet, *, port: int, workdir: Path) -> ManagedPr
             raise FederationError("SuperLink did not start listening within 60 s")
         time.sleep(0.3)
     return superlink
+
+
+# -- the live SuperLink of a workdir: enrolled keys are registered with it -------------------
+
+
+def _state_path(workdir: Path) -> Path:
+    return workdir / STATE_FILE
+
+
+def live_superlink(workdir: Path) -> dict[str, Any] | None:
+    """The state of this workdir's running ``fl-server``, or None when none runs."""
+    from common.processes import _alive
+
+    try:
+        state = json.loads(_state_path(workdir).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and _alive(int(state.get("pid", 0))) else None
+
+
+def _save_state(workdir: Path, state: dict[str, Any]) -> None:
+    from common.files import write_atomic
+
+    write_atomic(_state_path(workdir), (json.dumps(state, indent=2) + "\n").encode())
+
+
+def register_site(env: dict[str, str], public_key: Path) -> str:
+    """Register a site's public key with the SuperLink (Control API); its node id."""
+    return str(flwr_cli(["supernode", "register", str(public_key), CONNECTION], env)["node-id"])
+
+
+def unregister_node(env: dict[str, str], node_id: str) -> None:
+    flwr_cli(["supernode", "unregister", node_id, CONNECTION], env)
+
+
+def sync_live_superlink(workdir: Path, *, add: dict[str, Path] | None = None, drop: dict[str, str] | None = None) -> bool:
+    """Tell this workdir's running SuperLink about new and removed keys; False when none runs."""
+    state = live_superlink(workdir)
+    if state is None:
+        return False
+    env = flower_env(workdir / "flwr-home" / "cli")
+    nodes: dict[str, str] = state.setdefault("nodes", {})
+    for site, node_id in (drop or {}).items():
+        if node_id:
+            unregister_node(env, node_id)
+            log.info("Unregistered site %s (node %s) from the running SuperLink", site, node_id)
+        nodes.pop(site, None)
+    for site, public_key in (add or {}).items():
+        nodes[site] = register_site(env, public_key)
+        log.info("Registered site %s with the running SuperLink (node %s)", site, nodes[site])
+    _save_state(workdir, state)
+    return True
 
 
 def print_summary(run_dir: Path) -> dict[str, Any]:
@@ -123,31 +202,64 @@ def print_summary(run_dir: Path) -> dict[str, Any]:
     return report
 
 
+WORKDIR_OPTION = typer.Option(help="The coordinator's folder: PKI, kits, runs/, logs.")
+
+
 @cli.command()
 def serve(
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
     min_sites: Annotated[int, typer.Option(min=1, help="Sites that must be connected before a round starts.")] = 2,
-    port: Annotated[int, typer.Option(min=1, max=65535, help="SuperLink port on 127.0.0.1.")] = DEFAULT_PORT,
-    workdir: Annotated[Path, typer.Option(help="Where runs/, checkpoints and logs go.")] = Path("fedrad-server"),
+    host: Annotated[str, typer.Option(help="Address the hospitals connect to (the Fleet-API proxy binds it); "
+                                      "0.0.0.0 for every interface.")] = LOOPBACK,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port the hospitals connect to.")] = DEFAULT_PORT,
+    public_host: Annotated[list[str] | None, typer.Option(help="Name or IP the hospitals use for this coordinator "
+                                                          "(goes into its TLS certificate; repeatable).")] = None,
+    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round at each site.")] = 3,
     image_size: Annotated[int, typer.Option(min=16, max=1024, help="Model input size in pixels.")] = 64,
     window: Annotated[str, typer.Option(help=f"Window preset: {', '.join(WINDOW_PRESETS)}.")] = "brain",
-    run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help="Extra run config, e.g. 'batch-size=16'.")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="Plain transport on loopback (the only mode in this version).")] = True,
+    run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help="Extra run config, e.g. 'batch-size=16' or 'secagg=false'.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP on 127.0.0.1 without TLS or enrollment: demos and tests only.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
-    """Start the SuperLink, run the federation, print the report and stop."""
+    """Start the SuperLink (and its Fleet-API proxy), run the federation, print the report and stop."""
     setup_logging(verbose)
     if window not in WINDOW_PRESETS:
         raise ConfigError(f"Expected `--window` to be one of {', '.join(WINDOW_PRESETS)}, but got {window!r}")
-    if not insecure:
-        raise ConfigError("TLS is not available in this version; run with --insecure on loopback")
-    if not port_is_free(port):
-        raise FederationError(f"Port {port} on {LOOPBACK} is already in use; choose another with --port")
+    if insecure and host != LOOPBACK:
+        raise ConfigError(f"`--insecure` binds {LOOPBACK} only, but got --host {host}; drop --insecure to serve TLS")
+    bind = "0.0.0.0" if host in ("0.0.0.0", "*") else host
+    if not port_is_free(port, bind):
+        raise FederationError(f"Port {port} on {bind} is already in use; choose another with --port")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     source = app_dir()
-    log.warning(INSECURE_BANNER)
+    if live_superlink(workdir) is not None:
+        raise FederationError(f"An fl-server already runs in {workdir}; one coordinator per workdir")
+    tls: tuple[Path, Path, Path] | None = None
+    enrolled: dict[str, dict[str, str]] = {}
+    if insecure:
+        log.warning(INSECURE_BANNER)
+        transport = f"insecure (plain HTTP on {LOOPBACK}:{port}, no enrollment)"
+    else:
+        from server.enroll import Consortium
+
+        consortium = Consortium(workdir)
+        enrolled = consortium.sites()
+        if not enrolled:
+            raise ConfigError(
+                f"No site is enrolled in {workdir}; run `fl-server enroll --site A --workdir {workdir}` for "
+                "each hospital and hand it the kit (or use --insecure for a loopback demo)"
+            )
+        if len(enrolled) < min_sites:
+            raise ConfigError(f"Expected at least --min-sites {min_sites} enrolled sites, but {len(enrolled)} are")
+        ca = consortium.ensure_ca()
+        names = [h for h in (public_host or []) if h not in ("0.0.0.0", "*")]
+        if bind not in ("0.0.0.0", LOOPBACK) and bind not in names:
+            names.append(bind)
+        cert, key = consortium.ensure_server_cert(names)
+        tls = (ca, cert, key)
+        transport = f"tls (Fleet API only, via nginx on {bind}:{port}; {len(enrolled)} enrolled sites)"
     overrides = {
         "num-server-rounds": rounds,
         "min-sites": min_sites,
@@ -155,31 +267,33 @@ def serve(
         "image-size": image_size,
         "window": window,
         "workdir": str(workdir),
+        "transport": transport,
     }
     config_args = [" ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
     config_args += list(run_config or [])
+    internal = port if insecure else free_port()
     cli_env = flower_env(workdir / "flwr-home" / "cli")
-    write_connection(Path(cli_env["FLWR_HOME"]), port)
+    write_connection(Path(cli_env["FLWR_HOME"]), internal, ca_cert=tls[0] if tls else None)
 
     with ProcessSet() as procs:
-        superlink = start_superlink(procs, port=port, workdir=workdir)
-        log.info("SuperLink listening on %s:%d (log: %s)", LOOPBACK, port, superlink.log_path)
-        run_args = ["run", str(source), CONNECTION]
-        for c in config_args:
-            run_args += ["--run-config", c]
-        run_id = str(flwr_cli(run_args, cli_env)["run-id"])
-        log.info("Submitted run %s; waiting for %d site(s) to connect", run_id, min_sites)
-        procs.start("log stream", [flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=cli_env)
-        status, details = "", ""
-        while True:
-            if not superlink.running():
-                raise FederationError(f"SuperLink stopped unexpectedly: {superlink.tail(3)}")
-            run = flwr_cli(["ls", CONNECTION, "--run-id", run_id], cli_env)["runs"][0]
-            status, details = run.get("status", ""), run.get("status-details", "")
-            if status.startswith("finished"):
-                break
-            time.sleep(2)
-        time.sleep(1.5)  # let the log stream print the last lines
+        superlink = start_superlink(procs, port=internal, workdir=workdir, tls=tls)
+        try:
+            if tls is not None:
+                nodes = _register_enrolled(cli_env, workdir, enrolled)
+                _save_state(workdir, {"pid": os.getpid(), "port": internal, "nodes": nodes})
+                from server.proxy import start_fleet_proxy
+
+                start_fleet_proxy(
+                    procs, listen_host=bind, listen_port=port, upstream_port=internal,
+                    cert=tls[1], key=tls[2], ca=tls[0], workdir=workdir,
+                )
+                log.info("Fleet API on https://%s:%d (nginx); SuperLink on %s:%d; %d enrolled sites",
+                         bind, port, LOOPBACK, internal, len(enrolled))
+            else:
+                log.info("SuperLink listening on %s:%d (log: %s)", LOOPBACK, port, superlink.log_path)
+            status, details, run_id = _run(procs, superlink, source, config_args, cli_env, min_sites)
+        finally:
+            _state_path(workdir).unlink(missing_ok=True)
     run_dir = workdir / "runs" / run_id
     if status != "finished:completed":
         raise FederationError(f"run {run_id} ended as {status}: {details or 'see ' + str(workdir / 'logs')}")
@@ -187,8 +301,135 @@ def serve(
     return 0
 
 
+def _register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Register every enrolled site's public key with a freshly started SuperLink."""
+    keys = workdir / "pki" / "registered"
+    keys.mkdir(parents=True, exist_ok=True)
+    nodes = {}
+    for site, entry in sorted(enrolled.items()):
+        path = keys / f"{site}.pub"
+        path.write_text(entry["public_key"].strip() + "\n")
+        nodes[site] = register_site(env, path)
+    log.info("Registered %d enrolled site keys: %s", len(nodes), ", ".join(sorted(nodes)))
+    return nodes
+
+
+def _run(
+    procs: ProcessSet, superlink: ManagedProcess, source: Path, config_args: list[str], cli_env: dict[str, str],
+    min_sites: int,
+) -> tuple[str, str, str]:
+    """Submit the run and wait until it finishes; (status, details, run id)."""
+    run_args = ["run", str(source), CONNECTION]
+    for c in config_args:
+        run_args += ["--run-config", c]
+    run_id = str(flwr_cli(run_args, cli_env)["run-id"])
+    log.info("Submitted run %s; waiting for %d site(s) to connect", run_id, min_sites)
+    procs.start("log stream", [flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=cli_env)
+    status, details = "", ""
+    while True:
+        if not superlink.running():
+            raise FederationError(f"SuperLink stopped unexpectedly: {superlink.tail(3)}")
+        run = flwr_cli(["ls", CONNECTION, "--run-id", run_id], cli_env)["runs"][0]
+        status, details = run.get("status", ""), run.get("status-details", "")
+        if status.startswith("finished"):
+            break
+        time.sleep(2)
+    time.sleep(1.5)  # let the log stream print the last lines
+    return status, details, run_id
+
+
+SITE_OPTION = typer.Option(help="The site's name, e.g. A.")
+
+
+@cli.command()
+def enroll(
+    site: Annotated[str, SITE_OPTION],
+    server_address: Annotated[str, typer.Option(help="HOST:PORT the site connects to (written into its kit).")] = f"{LOOPBACK}:{DEFAULT_PORT}",
+    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> int:
+    """Enroll a hospital: its key pair and kit; registered with a running server at once."""
+    from server.enroll import Consortium
+
+    setup_logging(verbose)
+    consortium = Consortium(workdir.resolve())
+    consortium.ensure_ca()
+    kit = consortium.enroll(site, server_address=server_address)
+    entry = consortium.sites()[site]
+    live = sync_live_superlink(workdir.resolve(), add={site: kit / "site.pub"})
+    print(f"enrolled site {site} (key {entry['fingerprint']}); hand {consortium.kit_archive(site)} to the site "
+          f"over a trusted channel{'; registered with the running server' if live else ''}")
+    return 0
+
+
+@cli.command()
+def rekey(
+    site: Annotated[str, SITE_OPTION],
+    server_address: Annotated[str, typer.Option(help="HOST:PORT the site connects to (written into its new kit).")] = f"{LOOPBACK}:{DEFAULT_PORT}",
+    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> int:
+    """Give a site a new key pair and kit; its old key stops working at once."""
+    from server.enroll import Consortium
+
+    setup_logging(verbose)
+    workdir = workdir.resolve()
+    consortium = Consortium(workdir)
+    state = live_superlink(workdir) or {}
+    rekeyed = consortium.rekey(site, server_address=server_address)
+    live = sync_live_superlink(
+        workdir, drop={site: str(state.get("nodes", {}).get(site, ""))}, add={site: rekeyed.kit / "site.pub"}
+    )
+    print(f"re-keyed site {site}: old key {rekeyed.old_fingerprint} revoked"
+          f"{' (unregistered from the running server)' if live else ''}; hand {consortium.kit_archive(site)} to the site")
+    return 0
+
+
+@cli.command()
+def remove(
+    site: Annotated[str, SITE_OPTION],
+    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> int:
+    """Remove a site from the consortium; a running server refuses its key at once."""
+    from server.enroll import Consortium
+
+    setup_logging(verbose)
+    workdir = workdir.resolve()
+    state = live_superlink(workdir) or {}
+    Consortium(workdir).remove(site)
+    live = sync_live_superlink(workdir, drop={site: str(state.get("nodes", {}).get(site, ""))})
+    print(f"removed site {site}{'; unregistered from the running server' if live else ''}")
+    return 0
+
+
+@cli.command()
+def sites(
+    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> int:
+    """List the enrolled sites and their key fingerprints."""
+    from server.enroll import Consortium
+
+    enrolled = Consortium(workdir.resolve()).sites()
+    if json_output:
+        print(json.dumps({s: {k: e[k] for k in ("fingerprint", "enrolled")} for s, e in enrolled.items()}, indent=2))
+        return 0
+    if not enrolled:
+        print("no site is enrolled")
+    for name, entry in sorted(enrolled.items()):
+        print(f"{name}\t{entry['fingerprint']}\tenrolled {entry['enrolled']}")
+    return 0
+
+
+COMMANDS = ("serve", "enroll", "rekey", "remove", "sites")
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_typer(cli, argv if argv is not None else sys.argv[1:], prog_name="fl-server")
+    args = list(argv if argv is not None else sys.argv[1:])
+    if not args or (args[0] not in COMMANDS and args[0] not in ("--help", "-h")):
+        args.insert(0, "serve")  # `fl-server --rounds 5` is `fl-server serve --rounds 5`
+    run_typer(cli, args, prog_name="fl-server")
 
 
 if __name__ == "__main__":

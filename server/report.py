@@ -59,6 +59,7 @@ class RunReport:
     ) -> None:
         entry = self.round(server_round)
         entry["train"] = {"sites": site_metrics, "declined": declined, "failed": failed or {}}
+        entry["trained_at"] = time.time()  # wall clock (s since the epoch) when the round's aggregate was ready
         if checkpoint is not None:
             entry["checkpoint"] = str(checkpoint.relative_to(self.run_dir))
         for name, metrics in site_metrics.items():
@@ -80,7 +81,9 @@ class RunReport:
         self.save()
 
     def record_evaluate(self, server_round: int, *, pooled: dict[str, float], per_site: dict[str, dict[str, float]]) -> None:
-        self.round(server_round)["evaluate"] = {"pooled": pooled, "sites": per_site}
+        entry = self.round(server_round)
+        entry["evaluate"] = {"pooled": pooled, "sites": per_site}
+        entry["evaluated_at"] = time.time()
         self.save()
 
     def finish(self, status: str) -> None:

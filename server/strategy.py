@@ -9,7 +9,7 @@ into pooled metrics.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -74,6 +74,72 @@ def aggregate_evaluate_metrics(contents: list[RecordDict], weighted_by_key: str,
     return MetricRecord(pooled)
 
 
+class RoundBook:
+    """What one training round brought in, site by site; shared by the plain and secure paths.
+
+    Each reply is a trained update, a site's decline (its own budget decision)
+    or a failure. :meth:`close` checkpoints the new global weights and writes the
+    round into the report, or ends the run when nobody trained.
+    """
+
+    def __init__(self, server_round: int) -> None:
+        self.server_round = server_round
+        self.site_metrics: dict[str, dict[str, Any]] = {}
+        self.declined: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failed[name] = reason
+        log.warning("Round %d: %s did not train: %s", self.server_round, name, reason)
+
+    def reply(self, name: str, metrics: Mapping[str, Any], site: Mapping[str, Any]) -> bool:
+        """Book one answer; True when the site trained (its update counts)."""
+        if records.DECLINED in site:
+            # The site's own budget decision: it sent no update, and the run goes on without it.
+            self.declined[name] = str(site[records.DECLINED])
+            log.warning("Round %d: site %s declined: %s", self.server_round, name, self.declined[name])
+            return False
+        self.site_metrics[name] = {
+            records.NUM_EXAMPLES: int(metrics[records.NUM_EXAMPLES]),
+            **{k: metrics[k] for k in PRIVACY_KEYS if k in metrics},
+            **{k: site[k] for k in SITE_FACTS if k in site},
+        }
+        return True
+
+    def close(self, report: RunReport, state: Mapping[str, Any] | None) -> None:
+        """Checkpoint ``state`` (the new global weights) and record the round.
+
+        Raises
+        ------
+        BudgetsSpent
+            When nobody trained and every answer was a decline.
+        FederationError
+            When nobody trained for any other reason.
+        """
+        r = self.server_round
+        if state is None or not self.site_metrics:
+            report.record_train(r, site_metrics={}, declined=self.declined, failed=self.failed, checkpoint=None)
+            if self.declined and not self.failed:
+                raise BudgetsSpent(
+                    f"Every site declined round {r}: "
+                    + "; ".join(f"{k}: {v}" for k, v in sorted(self.declined.items()))
+                )
+            reasons = "; ".join(sorted({*self.failed.values(), *self.declined.values()})) or "no replies"
+            raise FederationError(f"No site trained in round {r}: {reasons}")
+        checkpoint = save_checkpoint(
+            checkpoint_path(report.run_dir, r), state, metadata={"run-id": str(report.run_id), "round": str(r)}
+        )
+        for name, m in sorted(self.site_metrics.items()):
+            log.info(
+                "Round %d: site %s trained on %d images, ε=%.3f (max %.3g)",
+                r, name, m[records.NUM_EXAMPLES], m.get(records.EPSILON, float("nan")),
+                m.get(records.MAX_EPSILON, float("nan")),
+            )
+        report.record_train(
+            r, site_metrics=self.site_metrics, declined=self.declined, failed=self.failed, checkpoint=checkpoint
+        )
+
+
 class FedradFedAvg(FedAvg):
     """Flower's FedAvg plus checkpoints and the run report."""
 
@@ -89,57 +155,18 @@ class FedradFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        site_metrics: dict[str, dict[str, Any]] = {}
-        declined: dict[str, str] = {}
-        failed: dict[str, str] = {}
+        book = RoundBook(server_round)
         trained: list[Message] = []
         for msg in replies:
             node = f"node-{msg.metadata.src_node_id}"
             if msg.has_error():
-                failed[node] = msg.error.reason
-                log.warning("Round %d: %s did not train: %s", server_round, node, msg.error.reason)
+                book.fail(node, msg.error.reason)
                 continue
-            name = site_name(msg.content, node)
             site_record = msg.content.get(records.SITE, {})
-            if records.DECLINED in site_record:
-                # The site's own budget decision: it sent no weights, and the run goes on without it.
-                declined[name] = str(site_record[records.DECLINED])
-                log.warning("Round %d: site %s declined: %s", server_round, name, declined[name])
-                continue
-            trained.append(msg)
-            m = msg.content[records.METRICS]
-            site_metrics[name] = {
-                records.NUM_EXAMPLES: int(m[records.NUM_EXAMPLES]),
-                **{k: m[k] for k in PRIVACY_KEYS if k in m},
-                **{k: site_record[k] for k in SITE_FACTS if k in site_record},
-            }
+            if book.reply(site_name(msg.content, node), msg.content[records.METRICS], site_record):
+                trained.append(msg)
         arrays, metrics = super().aggregate_train(server_round, trained) if trained else (None, None)
-        if arrays is None:
-            self.report.record_train(
-                server_round, site_metrics={}, declined=declined, failed=failed, checkpoint=None
-            )
-            if declined and not failed:
-                raise BudgetsSpent(
-                    f"Every site declined round {server_round}: "
-                    + "; ".join(f"{k}: {v}" for k, v in sorted(declined.items()))
-                )
-            reasons = "; ".join(sorted({*failed.values(), *declined.values()})) or "no replies"
-            raise FederationError(f"No site trained in round {server_round}: {reasons}")
-        checkpoint = save_checkpoint(
-            checkpoint_path(self.report.run_dir, server_round),
-            arrays.to_torch_state_dict(),
-            metadata={"run-id": str(self.report.run_id), "round": str(server_round)},
-        )
-        for name, m in sorted(site_metrics.items()):
-            log.info(
-                "Round %d: site %s trained on %d images, ε=%.3f (max %.3g)",
-                server_round, name, m[records.NUM_EXAMPLES], m.get(records.EPSILON, float("nan")),
-                m.get(records.MAX_EPSILON, float("nan")),
-            )
-        self.report.record_train(
-            server_round, site_metrics=site_metrics, declined=declined, failed=failed, checkpoint=checkpoint
-        )
+        book.close(self.report, arrays.to_torch_state_dict() if arrays is not None else None)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

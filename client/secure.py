@@ -1,0 +1,165 @@
+"""The site's side of secure aggregation (Flower's SecAgg+).
+
+Under SecAgg+ the coordinator's fit instructions arrive in Flower's legacy
+format (``fitins.*``) and the reply goes back as ``fitres.*``; Flower's
+``secaggplus_mod`` turns the reply's weights into a masked vector before
+anything leaves the site. Only the weighted sum of every site's vector can be
+unmasked, so the coordinator never sees one site's weights.
+
+The mod sends ``num-examples / max-weight × weights``, clipped to
+±``clipping-range`` and quantized. Clipping there would be silent, so the site
+checks its update against those bounds first and refuses the round with a
+clear reason instead (:func:`check_bounds`). A site that declines a round (its
+privacy budget) still takes part in the protocol, so the others' masks cancel:
+it sends zero weights with weight 0, which adds nothing to the sum.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+
+from common import records
+from common.config import SecAggConfig
+from common.errors import UpdateOutOfRange
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    StateDict = OrderedDict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
+
+SECAGG_CONFIGS = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
+SECAGG_STAGE = "stage"
+INSPECT_ENV = "FEDRAD_INSPECT_DIR"
+"""Tests only: when set, a site writes each plaintext update it masks into this folder."""
+
+
+def is_legacy_fit(content: RecordDict) -> bool:
+    """Whether a train message carries legacy fit instructions (the SecAgg+ path)."""
+    return records.FITINS_PARAMETERS in content.array_records
+
+
+def read_fitins(content: RecordDict, keys: list[str]) -> tuple[StateDict, dict[str, Any]]:
+    """The global weights (named by the model's state-dict keys) and the fit config."""
+    import torch
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
+
+    fitins = recorddict_to_fitins(content, keep_input=True)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(arrays) != len(keys):
+        raise UpdateOutOfRange(
+            f"The coordinator sent {len(arrays)} arrays for a model with {len(keys)}; "
+            "the run's model does not match this site's fedrad version"
+        )
+    weights = OrderedDict((k, torch.from_numpy(a.copy())) for k, a in zip(keys, arrays, strict=True))
+    return weights, dict(fitins.config)
+
+
+def check_bounds(arrays: list[np.ndarray], *, num_examples: int, secagg: SecAggConfig) -> None:
+    """Refuse an update the SecAgg+ encoding would clip or overflow.
+
+    Raises
+    ------
+    UpdateOutOfRange
+        When ``num_examples`` exceeds ``secagg-max-weight``, or a weight (scaled
+        by ``num_examples / max-weight``) lies outside ±``secagg-clipping-range``,
+        or a weight is not finite.
+    """
+    import numpy as np
+
+    if num_examples > secagg.max_weight:
+        raise UpdateOutOfRange(
+            f"this site trained on {num_examples} images, more than the run's secagg-max-weight "
+            f"{secagg.max_weight}; ask the coordinator to raise secagg-max-weight"
+        )
+    ratio = num_examples / secagg.max_weight
+    largest = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    if not np.isfinite(largest):
+        raise UpdateOutOfRange("the trained weights are not finite; the update is not sent")
+    if largest * ratio > secagg.clipping_range:
+        raise UpdateOutOfRange(
+            f"a trained weight ({largest:.3g}) lies outside the run's secagg-clipping-range "
+            f"±{secagg.clipping_range:g} and would be clipped; ask the coordinator to raise it"
+        )
+
+
+def fitres_content(
+    arrays: list[np.ndarray], *, num_examples: int, metrics: dict[str, Any]
+) -> RecordDict:
+    """A legacy fit reply (``fitres.*``), what ``secaggplus_mod`` masks."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="OK"),
+        parameters=ndarrays_to_parameters(arrays),
+        num_examples=num_examples,
+        metrics=metrics,
+    )
+    return fitres_to_recorddict(fitres, keep_input=True)
+
+
+def inspect_plaintext(site: str, server_round: int, arrays: list[np.ndarray], num_examples: int) -> None:
+    """Tests only (``FEDRAD_INSPECT_DIR``): keep the plaintext update this site is about to mask."""
+    import os
+
+    import numpy as np
+
+    folder = os.environ.get(INSPECT_ENV)
+    if folder:
+        path = Path(folder) / f"plain-{site}-round{server_round}.npz"
+        np.savez(path, *arrays, num_examples=np.array(num_examples))
+
+
+def secure_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` for SecAgg+ train messages; other messages pass through.
+
+    Also measures the CPU time the protocol costs this site (everything the mod
+    does except the training it calls) and appends it, per stage, to
+    ``<work-dir>/logs/secagg.jsonl`` on the site (numbers only).
+    """
+    if msg.metadata.message_type != MessageType.TRAIN or SECAGG_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+    from flwr.client.mod import secaggplus_mod
+
+    stage = str(msg.content.config_records[SECAGG_CONFIGS].get(SECAGG_STAGE, "?"))
+    inner = [0.0]
+
+    def timed_next(m: Message, c: Context) -> Message:
+        start = time.process_time()
+        try:
+            return call_next(m, c)
+        finally:
+            inner[0] += time.process_time() - start
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    reply = secaggplus_mod(msg, ctxt, timed_next)
+    cpu = time.process_time() - cpu0 - inner[0]
+    _record_stage(ctxt, msg, stage=stage, secagg_cpu=cpu, train_cpu=inner[0], wall=time.perf_counter() - wall0)
+    return reply
+
+
+def _record_stage(ctxt: Context, msg: Message, *, stage: str, secagg_cpu: float, train_cpu: float, wall: float) -> None:
+    log.info("SecAgg+ stage %s: %.3f s CPU for the protocol, %.3f s CPU training", stage, secagg_cpu, train_cpu)
+    work_dir = ctxt.node_config.get("work-dir")
+    if not work_dir:
+        return
+    line = {
+        "run": int(ctxt.run_id), "round": msg.metadata.group_id, "stage": stage,
+        "secagg_cpu_s": round(secagg_cpu, 6), "train_cpu_s": round(train_cpu, 6), "wall_s": round(wall, 6),
+    }
+    path = Path(str(work_dir)) / "logs" / "secagg.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")

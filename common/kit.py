@@ -1,0 +1,289 @@
+"""A site's enrollment kit: what the coordinator hands a site so its SuperNode can join.
+
+A kit is one folder (the coordinator writes it with :mod:`server.enroll`)::
+
+    <kit>/
+        kit.toml    format, site, server (HOST:PORT), fingerprint, ca-fingerprint, created
+        site.key    the site's ECDSA P-384 private key, OpenSSH format, mode 0600
+                    (``flower-supernode --auth-supernode-private-key``)
+        site.pub    its OpenSSH public key line (what the coordinator registers)
+        ca.crt      the consortium CA certificate (``--root-certificates``)
+
+This module only reads and checks kits, so the client side needs no server code.
+:func:`load_kit` refuses a kit that would fail later, with one line naming the file
+and what to do: a missing file, a private key others can read, a key of the wrong
+kind, a public key or fingerprint that does not belong to the private key, a CA
+certificate that cannot be parsed or is not the one the kit was issued with.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.config import site_name
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+KIT_FILE = "kit.toml"
+PRIVATE_KEY_FILE = "site.key"
+PUBLIC_KEY_FILE = "site.pub"
+CA_CERT_FILE = "ca.crt"
+KIT_FILES = (KIT_FILE, PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, CA_CERT_FILE)
+FORMAT = "fedrad-kit-1"
+KIT_KEYS = ("format", "site", "server", "fingerprint", "ca-fingerprint", "created")
+KEY_CURVE = "secp384r1"
+
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+)$")
+
+
+@dataclass(frozen=True)
+class Kit:
+    """A checked enrollment kit.
+
+    Attributes
+    ----------
+    site : str
+        The site's name.
+    server : str
+        The coordinator's address, ``HOST:PORT``.
+    ca_cert : Path
+        The consortium CA certificate (PEM) the site trusts the coordinator by.
+    private_key : Path
+        The site's OpenSSH ECDSA P-384 private key (mode 0600).
+    public_key : Path
+        The matching OpenSSH public key line.
+    fingerprint : str
+        The public key's fingerprint as ``ssh-keygen -l`` prints it (``SHA256:…``).
+    ca_fingerprint : str
+        SHA-256 of the CA certificate, as ``openssl x509 -fingerprint -sha256`` prints it.
+    """
+
+    site: str
+    server: str
+    ca_cert: Path
+    private_key: Path
+    public_key: Path
+    fingerprint: str
+    ca_fingerprint: str = ""
+
+
+def ssh_fingerprint(public_key_line: str) -> str:
+    """The fingerprint of an OpenSSH public key line, as ``ssh-keygen -l`` prints it.
+
+    Parameters
+    ----------
+    public_key_line : str
+        ``<type> <base64 blob> [comment]``.
+
+    Returns
+    -------
+    str
+        ``SHA256:`` followed by the unpadded base64 SHA-256 of the key blob.
+    """
+    parts = public_key_line.split()
+    if len(parts) < 2:
+        raise ConfigError(f"Expected an OpenSSH public key line, but got {public_key_line[:40]!r}")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except ValueError as exc:
+        raise ConfigError(f"Expected an OpenSSH public key line, but got {public_key_line[:40]!r}") from exc
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def cert_fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of a PEM certificate's DER, as ``openssl x509 -noout -fingerprint -sha256`` prints it.
+
+    Parameters
+    ----------
+    cert_pem : bytes
+        The certificate in PEM format.
+
+    Returns
+    -------
+    str
+        ``SHA256:AB:CD:…`` (upper-case hex, colon-separated).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+    except ValueError as exc:
+        raise ConfigError(f"Expected a PEM X.509 certificate, but could not parse it ({exc})") from exc
+    return "SHA256:" + ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+
+
+def server_address(value: Any, *, name: str = "server") -> str:
+    """Validate a coordinator address ``HOST:PORT`` (an IPv6 host in brackets).
+
+    Parameters
+    ----------
+    value : Any
+        The address to check.
+    name : str
+        How the value is named in the error message.
+
+    Returns
+    -------
+    str
+        ``value`` unchanged.
+    """
+    host, sep, port = str(value).rpartition(":") if isinstance(value, str) else ("", "", "")
+    if (not sep or not host or not _HOST_RE.match(host) or not port.isdigit()
+            or not 0 < int(port) < 65536 or (":" in host and not host.startswith("["))):
+        raise ConfigError(
+            f"Expected `{name}` to be an address like coordinator.example.org:9092, but got {value!r}"
+        )
+    return str(value)
+
+
+def render_kit_toml(values: dict[str, str]) -> str:
+    """The text of a ``kit.toml`` with exactly the keys :data:`KIT_KEYS`, in that order.
+
+    Parameters
+    ----------
+    values : dict[str, str]
+        One string per key of :data:`KIT_KEYS`.
+
+    Returns
+    -------
+    str
+        TOML text (JSON string escapes are valid TOML basic strings).
+    """
+    missing = [key for key in KIT_KEYS if key not in values]
+    if missing:
+        raise ConfigError(f"Cannot write kit.toml without {', '.join(missing)}")
+    return "".join(f"{key} = {json.dumps(str(values[key]), ensure_ascii=True)}\n" for key in KIT_KEYS)
+
+
+def read_kit_toml(path: Path) -> dict[str, str]:
+    """The checked fields of a ``kit.toml``.
+
+    Parameters
+    ----------
+    path : Path
+        The ``kit.toml`` file.
+
+    Returns
+    -------
+    dict[str, str]
+        Every key of :data:`KIT_KEYS`, as strings.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"Cannot read {path} ({exc}); ask the coordinator for a new kit") from exc
+    missing = [key for key in KIT_KEYS if not isinstance(data.get(key), str) or not data[key]]
+    if missing:
+        raise ConfigError(
+            f"{path} lacks {', '.join(missing)}; ask the coordinator for a new kit (fl-server rekey)"
+        )
+    if data["format"] != FORMAT:
+        raise ConfigError(f"Expected {path} to be of format {FORMAT!r}, but got {data['format']!r}")
+    return {key: str(data[key]) for key in KIT_KEYS}
+
+
+def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The site's ECDSA P-384 key from an OpenSSH private key file, or a one-line error."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    expected = "an unencrypted OpenSSH ECDSA P-384 private key (as `ssh-keygen -t ecdsa -b 384` writes)"
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"Expected {expected} in {path}, but could not read it ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"Expected {expected} in {path}, but got a {type(key).__name__}")
+    if key.curve.name != KEY_CURVE:
+        raise ConfigError(f"Expected {expected} in {path}, but got an ECDSA key on {key.curve.name}")
+    return key
+
+
+def load_kit(kit_dir: Path) -> Kit:
+    """Load and check a site's enrollment kit.
+
+    Parameters
+    ----------
+    kit_dir : Path
+        The kit folder (``kit.toml``, ``site.key``, ``site.pub``, ``ca.crt``).
+
+    Returns
+    -------
+    Kit
+        The kit, every file checked.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file at fault and what to do.
+    """
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    kit_dir = Path(kit_dir)
+    if not kit_dir.is_dir():
+        raise ConfigError(
+            f"No enrollment kit at {kit_dir}; unpack the kit the coordinator made for this site"
+        )
+    for name in KIT_FILES:
+        if not (kit_dir / name).is_file():
+            raise ConfigError(f"The enrollment kit {kit_dir} lacks {name}; ask the coordinator for a new kit")
+    fields = read_kit_toml(kit_dir / KIT_FILE)
+    site = site_name(fields["site"])
+    server = server_address(fields["server"])
+
+    key_path = kit_dir / PRIVATE_KEY_FILE
+    mode = key_path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"The private key {key_path} is readable by others (mode {mode:04o}); run `chmod 600 {key_path}`"
+        )
+    private_key = _load_private_key(key_path)
+
+    pub_path = kit_dir / PUBLIC_KEY_FILE
+    try:
+        line = pub_path.read_text(encoding="ascii").strip()
+        public_key = serialization.load_ssh_public_key(line.encode())
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            f"Expected an OpenSSH public key line in {pub_path}, but could not read it ({exc})"
+        ) from exc
+    if public_key != private_key.public_key():
+        raise ConfigError(
+            f"The public key {pub_path} does not belong to {key_path}; ask the coordinator for a new kit"
+        )
+    fingerprint = ssh_fingerprint(line)
+    if fingerprint != fields["fingerprint"]:
+        raise ConfigError(
+            f"{kit_dir / KIT_FILE} names key {fields['fingerprint']}, but {key_path} is {fingerprint}; "
+            "ask the coordinator for a new kit"
+        )
+
+    ca_path = kit_dir / CA_CERT_FILE
+    try:
+        ca_pem = ca_path.read_bytes()
+        x509.load_pem_x509_certificate(ca_pem)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"Cannot parse the CA certificate {ca_path} ({exc}); ask the coordinator for a new kit"
+        ) from exc
+    ca_fingerprint = cert_fingerprint(ca_pem)
+    if ca_fingerprint != fields["ca-fingerprint"]:
+        raise ConfigError(
+            f"{ca_path} is not the CA certificate this kit was issued with ({fields['ca-fingerprint']}); "
+            "ask the coordinator for a new kit"
+        )
+    return Kit(site=site, server=server, ca_cert=ca_path, private_key=key_path, public_key=pub_path,
+               fingerprint=fingerprint, ca_fingerprint=ca_fingerprint)

@@ -1,0 +1,260 @@
+"""Rounds under secure aggregation: Flower's SecAgg+ workflow, fedrad's bookkeeping.
+
+SecAgg+ exists only in Flower's workflow API, so a secure run is a
+``DefaultWorkflow`` over a ``LegacyContext``:
+
+- fit: :class:`FedradSecAggPlus` — Flower's ``SecAggPlusWorkflow`` (setup,
+  share keys, collect masked vectors, unmask), which stops the run with a clear
+  reason instead of silently skipping a round when too few sites are left, and
+  knows which site dropped out at which stage;
+- aggregation: :class:`SecureFedAvg` — the legacy ``FedAvg`` hook receives the
+  unmasked weighted sum (every result carries it) plus each site's unmasked
+  metrics; it checkpoints and reports the round like the plain path;
+- evaluation: plain messages with sufficient statistics only
+  (:func:`evaluate_workflow`), the same as in a plain run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+from common import records
+from common.config import RunConfig, SecAggConfig
+from common.errors import ConfigError, FederationError
+from server.report import RunReport
+from server.strategy import RoundBook
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord, Context, Message
+    from flwr.serverapp import Grid
+
+    from server.strategy import FedradFedAvg
+
+log = logging.getLogger(__name__)
+INSPECT_ENV = "FEDRAD_INSPECT_DIR"
+"""Tests only: when set, the coordinator writes every masked vector it receives into this folder."""
+
+SITE_KEYS = (records.SITE_NAME, records.DECLINED, records.PRIVACY_UNIT, records.LEDGER_KEY,
+             records.LEDGER_ROW, records.LEDGER_HASH)
+
+
+class SecAggHalted(FederationError):
+    """Too few sites were left for SecAgg+ to unmask the round's sum."""
+
+
+def check_model_fits(state: OrderedDict[str, torch.Tensor], secagg: SecAggConfig) -> None:
+    """Refuse a clipping range that leaves the model's weights less than 2× headroom.
+
+    Sites refuse to mask weights outside ±``secagg-clipping-range``; a range that
+    starts tight would make them drop out after a few rounds of training.
+    """
+    largest = max((float(t.abs().max()) for t in state.values() if t.numel()), default=0.0)
+    if largest * 2 > secagg.clipping_range:
+        raise ConfigError(
+            f"Expected `secagg-clipping-range` to be at least twice the model's largest weight "
+            f"({largest:.3g}), but got {secagg.clipping_range:g}"
+        )
+
+
+class SecureFedAvg(LegacyFedAvg):
+    """The legacy FedAvg hook Flower's SecAgg+ workflow calls with the unmasked sum."""
+
+    def __init__(self, *, report: RunReport, keys: list[str], run: RunConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.report = report
+        self.keys = keys
+        self.run = run
+        self.dropped: dict[str, str] = {}  # set by FedradSecAggPlus before each aggregation
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        book = RoundBook(server_round)
+        for name, reason in self.dropped.items():
+            book.fail(name, reason)
+        trained: list[FitRes] = []
+        for proxy, fitres in results:
+            metrics = dict(fitres.metrics)
+            name = str(metrics.get(records.SITE_NAME, f"node-{proxy.node_id}"))
+            site = {k: metrics.pop(k) for k in SITE_KEYS if k in metrics}
+            metrics.setdefault(records.NUM_EXAMPLES, fitres.num_examples)
+            if book.reply(name, metrics, site):
+                trained.append(fitres)
+        state = None
+        if trained and sum(f.num_examples for f in trained) > 0:
+            # SecAgg+ gives every result the same unmasked weighted mean.
+            state = self.to_state(parameters_to_ndarrays(trained[0].parameters))
+        book.close(self.report, state)
+        assert state is not None  # close() raised otherwise
+        total = sum(f.num_examples for f in trained)
+        return ndarrays_to_parameters([t.numpy() for t in state.values()]), {"examples": total}
+
+    def to_state(self, arrays: list[np.ndarray]) -> OrderedDict[str, torch.Tensor]:
+        """Name the aggregate's arrays with the model's state-dict keys (float32, like the model)."""
+        import torch
+
+        if len(arrays) != len(self.keys):
+            raise FederationError(f"The secure aggregate has {len(arrays)} arrays, the model {len(self.keys)}")
+        return OrderedDict((k, torch.from_numpy(a.astype("float32"))) for k, a in zip(self.keys, arrays, strict=True))
+
+
+class _TrackingGrid:
+    """The ServerApp's grid, noting which site failed or fell silent at which stage."""
+
+    def __init__(self, grid: Grid, names: dict[int, str], inspect: Path | None, server_round: int) -> None:
+        self._grid = grid
+        self.names = names
+        self.dropped: dict[str, str] = {}
+        self.stage = 0
+        self.inspect = inspect
+        self.server_round = server_round
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def name(self, node_id: int) -> str:
+        return self.names.get(node_id, f"node-{node_id}")
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        stage = ("setup", "share keys", "collect masked vectors", "unmask")[min(self.stage, 3)]
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                self.dropped[self.name(m.metadata.dst_node_id)] = f"no answer within {timeout:g} s at SecAgg+ stage '{stage}'"
+        for m in replies:
+            node = m.metadata.src_node_id
+            if m.has_error():
+                self.dropped[self.name(node)] = f"failed at SecAgg+ stage '{stage}': {m.error.reason}"
+            elif self.stage == 2:
+                metrics = m.content.config_records.get("fitres.metrics", {})
+                if records.SITE_NAME in metrics:
+                    self.names[node] = str(metrics[records.SITE_NAME])
+                if self.inspect is not None:
+                    self._inspect(m)
+        self.stage += 1
+        return replies
+
+    def _inspect(self, msg: Message) -> None:
+        """Tests only: keep the masked vector exactly as the coordinator received it."""
+        import numpy as np
+        from flwr.common import bytes_to_ndarray
+
+        cfg = msg.content.config_records["secaggplus_configs"]
+        vectors = [bytes_to_ndarray(b) for b in cfg["masked_parameters"]]  # type: ignore[union-attr]
+        np.savez(self.inspect / f"masked-{self.name(msg.metadata.src_node_id)}-round{self.server_round}.npz", *vectors)
+
+
+class FedradSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow; it stops the run with the reason when a round cannot be unmasked."""
+
+    def __init__(self, secagg: SecAggConfig) -> None:
+        super().__init__(
+            num_shares=secagg.shares,
+            reconstruction_threshold=secagg.threshold,
+            max_weight=float(secagg.max_weight),
+            clipping_range=secagg.clipping_range,
+            quantization_range=secagg.quantization_range,
+            modulus_range=secagg.modulus_range,
+            timeout=secagg.timeout,
+        )
+        self.names: dict[int, str] = {}
+        folder = os.environ.get(INSPECT_ENV)
+        self.inspect = Path(folder) if folder else None
+
+    def __call__(self, grid: Grid, context: Context) -> None:  # type: ignore[override]
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])  # type: ignore[arg-type]
+        tracking = _TrackingGrid(grid, self.names, self.inspect, server_round)
+        state = WorkflowState()
+        strategy: SecureFedAvg = context.strategy  # type: ignore[attr-defined]
+        steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
+        for step in steps:
+            if step is self.unmask_stage:
+                strategy.dropped = dict(tracking.dropped)
+            if not step(tracking, context, state):  # type: ignore[arg-type]
+                book = RoundBook(server_round)
+                for name, reason in tracking.dropped.items():
+                    book.fail(name, reason)
+                strategy.report.record_train(server_round, site_metrics={}, declined={}, failed=book.failed, checkpoint=None)
+                raise SecAggHalted(
+                    f"Round {server_round}: secure aggregation stopped at stage {tracking.stage}: "
+                    f"{len(state.active_node_ids)} site(s) left, {state.threshold} needed to unmask"
+                    + (f" ({'; '.join(f'{k}: {v}' for k, v in sorted(tracking.dropped.items()))})" if tracking.dropped else "")
+                )
+            if step is self.collect_masked_vectors_stage and state.legacy_results and all(
+                fitres.num_examples == 0 for _, fitres in state.legacy_results
+            ):
+                # Everybody declined: there is no sum to unmask (and no weight to divide by).
+                strategy.dropped = dict(tracking.dropped)
+                strategy.aggregate_fit(server_round, state.legacy_results, [])
+
+
+def legacy_context(context: Context, *, strategy: SecureFedAvg, num_rounds: int) -> Context:
+    from flwr.server import ServerConfig
+    from flwr.server.compat import LegacyContext
+
+    return LegacyContext(context, config=ServerConfig(num_rounds=num_rounds), strategy=strategy)
+
+
+def evaluate_workflow(evaluator: FedradFedAvg, keys: list[str]) -> Callable[[Grid, Context], None]:
+    """Federated evaluation of the current global weights, in plain messages (statistics only)."""
+
+    def evaluate(grid: Grid, context: Context) -> None:
+        from flwr.app import ArrayRecord, ConfigRecord
+
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])  # type: ignore[arg-type]
+        params = context.state.array_records[MAIN_PARAMS_RECORD]
+        from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+
+        strategy: SecureFedAvg = context.strategy  # type: ignore[attr-defined]
+        state = strategy.to_state(parameters_to_ndarrays(arrayrecord_to_parameters(params, keep_input=True)))
+        arrays: ArrayRecord = ArrayRecord(state)
+        messages = evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        if not messages:
+            return
+        replies = grid.send_and_receive(messages, timeout=strategy.run.secagg.timeout)
+        evaluator.aggregate_evaluate(server_round, replies)
+
+    return evaluate
+
+
+def run_secure(grid: Grid, context: Context, *, run: RunConfig, report: RunReport, evaluator: FedradFedAvg,
+               initial: OrderedDict[str, torch.Tensor]) -> None:
+    """All rounds of a secure-aggregation run (raises BudgetsSpent / SecAggHalted to stop early)."""
+    from flwr.server.workflow import DefaultWorkflow
+
+    check_model_fits(initial, run.secagg)
+    keys = list(initial)
+    strategy = SecureFedAvg(
+        report=report,
+        keys=keys,
+        run=run,
+        fraction_fit=run.fraction_train,
+        fraction_evaluate=0.0,  # evaluation runs in plain messages, see evaluate_workflow
+        min_fit_clients=max(run.min_sites, 2),
+        min_available_clients=max(run.min_sites, 2),
+        on_fit_config_fn=lambda r: {records.SERVER_ROUND: r, "local-epochs": run.local_epochs},
+        initial_parameters=ndarrays_to_parameters([t.numpy() for t in initial.values()]),
+    )
+    workflow = DefaultWorkflow(
+        fit_workflow=FedradSecAggPlus(run.secagg), evaluate_workflow=evaluate_workflow(evaluator, keys)
+    )
+    workflow(grid, legacy_context(context, strategy=strategy, num_rounds=run.num_server_rounds))
