@@ -106,7 +106,7 @@ def join(
     setup_logging(verbose)
     if json_output and not check:
         raise ConfigError("`--json` only goes with `--check`")
-    site_kit = _site_kit(kit, site=site, insecure=insecure, check=check)
+    site_kit = _site_kit(kit, site=site, insecure=insecure)
     site = site or (site_kit.site if site_kit else None)
     if not site:
         raise ConfigError("Expected `--site` (or `--kit`), but got neither")
@@ -129,8 +129,15 @@ def join(
     if site_cfg.delta >= 1:
         raise ConfigError(f"Expected `delta` to be below 1, but got {delta!r}")
     host, port = parse_address(server)
+    if insecure and host not in (LOOPBACK, "localhost"):
+        raise ConfigError(f"`--insecure` connects to {LOOPBACK} only, but got --server {server}; use the kit (--kit) for TLS")
     if not site_cfg.data_dir.is_dir():
         raise DataError(f"Data folder {site_cfg.data_dir} does not exist or is not a folder")
+    if site_kit is None and not insecure and not check:
+        raise ConfigError(
+            "Expected `--kit DIR` (the enrollment kit from the coordinator's `fl-server enroll --site NAME`), "
+            "or --insecure for a loopback demo"
+        )
     if not secure_mode and not check:
         log.warning("SECURE MODE IS OFF (--no-secure-mode): this site's DP noise is reproducible from the run's seed")
     if device == "cuda" and not check:
@@ -164,7 +171,9 @@ def join(
 
     env = flower_env(site_cfg.work_dir / "flwr-home")
     runtime_port = free_port()
+    supernode_log = site_cfg.work_dir / "logs" / "supernode.log"
     with ProcessSet() as procs:
+        start = supernode_log.stat().st_size if supernode_log.exists() else 0
         supernode = procs.start(
             f"SuperNode {site_cfg.site}",
             [
@@ -173,27 +182,44 @@ def join(
                 "--node-config", site_cfg.to_flower(),
             ],
             env=env,
+            log_path=supernode_log,
         )
-        log.info("Site %s joined via %s:%d over %s (SuperNode pid %d); Ctrl-C to leave", site_cfg.site, host, port,
-                 "plain HTTP" if site_kit is None else f"TLS, key {site_kit.fingerprint}", supernode.pid)
-        while supernode.running():
-            time.sleep(1)
+        log.info("Site %s joined via %s:%d over %s (SuperNode pid %d, log %s); Ctrl-C to leave", site_cfg.site, host,
+                 port, "plain HTTP" if site_kit is None else f"TLS, key {site_kit.fingerprint}", supernode.pid,
+                 supernode_log)
+        with supernode_log.open(errors="replace") as follow:
+            follow.seek(start)
+            while supernode.running():
+                _echo(follow)
+                time.sleep(0.5)
+            _echo(follow)
+            follow.seek(start)
+            output = follow.read()
         code = supernode.popen.returncode
-    raise FederationError(f"SuperNode of site {site_cfg.site} exited with code {code}")
+    if site_kit is not None and "Failed to activate SuperNode" in output:
+        raise FederationError(
+            f"The coordinator at {host}:{port} refused this site's key {site_kit.fingerprint}: site "
+            f"{site_cfg.site} is not enrolled there (or was removed or re-keyed); ask the coordinator to check "
+            "`fl-server sites` and send a new kit"
+        )
+    raise FederationError(f"SuperNode of site {site_cfg.site} exited with code {code} (log: {supernode_log})")
 
 
-def _site_kit(kit: Path | None, *, site: str | None, insecure: bool, check: bool) -> Kit | None:
+def _echo(follow: Any) -> None:
+    """Copy what the SuperNode wrote since last time to our stdout (the operator sees it live)."""
+    chunk = follow.read()
+    if chunk:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def _site_kit(kit: Path | None, *, site: str | None, insecure: bool) -> Kit | None:
     """The site's enrollment kit, checked; None for --insecure or a data check."""
     from common.kit import load_kit
 
     if kit is not None and insecure:
         raise ConfigError("`--kit` and `--insecure` exclude each other")
     if kit is None:
-        if not insecure and not check:
-            raise ConfigError(
-                "Expected `--kit DIR` (the enrollment kit from the coordinator's `fl-server enroll --site NAME`), "
-                "or --insecure for a loopback demo"
-            )
         return None
     loaded = load_kit(kit)
     if site is not None and site != loaded.site:

@@ -286,7 +286,7 @@ class RunConfig:
         val_fraction = fraction("val-fraction", _get(run_config, "val-fraction", d.val_fraction))
         if val_fraction >= 1:
             raise ConfigError(f"Expected `val-fraction` to be below 1, but got {val_fraction!r}")
-        return cls(
+        cfg = cls(
             num_server_rounds=positive_int(
                 "num-server-rounds", _get(run_config, "num-server-rounds", d.num_server_rounds)
             ),
@@ -321,6 +321,12 @@ class RunConfig:
             workdir=str(_get(run_config, "workdir", d.workdir)),
             secagg=SecAggConfig.from_flower(run_config),
         )
+        if cfg.secagg.enabled and cfg.min_sites < 2:
+            raise ConfigError(
+                f"Expected `min-sites` to be at least 2 with secure aggregation (a sum of one update is that "
+                f"update), but got {cfg.min_sites}; add sites, or set secagg=false"
+            )
+        return cfg
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,7 @@ def serve(
     }
     config_args = [" ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
     config_args += list(run_config or [])
+    _check_run_config(config_args)
     internal = port if insecure else free_port()
     cli_env = flower_env(workdir / "flwr-home" / "cli")
     write_connection(Path(cli_env["FLWR_HOME"]), internal, ca_cert=tls[0] if tls else None)
@@ -281,6 +282,8 @@ def serve(
             if tls is not None:
                 nodes = _register_enrolled(cli_env, workdir, enrolled)
                 _save_state(workdir, {"pid": os.getpid(), "port": internal, "nodes": nodes})
+                # Lets the report name a site that drops out before it said its name.
+                config_args.append("site-nodes=" + toml_value(",".join(f"{n}:{s}" for s, n in sorted(nodes.items()))))
                 from server.proxy import start_fleet_proxy
 
                 start_fleet_proxy(
@@ -299,6 +302,19 @@ def serve(
         raise FederationError(f"run {run_id} ended as {status}: {details or 'see ' + str(workdir / 'logs')}")
     print_summary(run_dir)
     return 0
+
+
+def _check_run_config(config_args: list[str]) -> None:
+    """Validate the run config here, so a bad value is one line now, not a failed run later."""
+    from flwr.common.config import parse_config_args
+
+    from common.config import RunConfig
+
+    try:
+        values = parse_config_args(config_args)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {config_args[1:]!r} ({exc})") from None
+    RunConfig.from_flower(values)
 
 
 def _register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, dict[str, str]]) -> dict[str, str]:
@@ -365,17 +381,23 @@ def enroll(
 @cli.command()
 def rekey(
     site: Annotated[str, SITE_OPTION],
-    server_address: Annotated[str, typer.Option(help="HOST:PORT the site connects to (written into its new kit).")] = f"{LOOPBACK}:{DEFAULT_PORT}",
+    server_address: Annotated[str | None, typer.Option(help="HOST:PORT the site connects to (default: the one in its current kit).")] = None,
     workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
     """Give a site a new key pair and kit; its old key stops working at once."""
+    from common.kit import KIT_FILE, read_kit_toml
     from server.enroll import Consortium
 
     setup_logging(verbose)
     workdir = workdir.resolve()
     consortium = Consortium(workdir)
     state = live_superlink(workdir) or {}
+    if server_address is None:
+        try:
+            server_address = read_kit_toml(consortium.kit_dir(site) / KIT_FILE)["server"]
+        except (ConfigError, KeyError):
+            server_address = f"{LOOPBACK}:{DEFAULT_PORT}"
     rekeyed = consortium.rekey(site, server_address=server_address)
     live = sync_live_superlink(
         workdir, drop={site: str(state.get("nodes", {}).get(site, ""))}, add={site: rekeyed.kit / "site.pub"}

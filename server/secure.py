@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +150,8 @@ class _TrackingGrid:
                     self.names[node] = str(metrics[records.SITE_NAME])
                 if self.inspect is not None:
                     self._inspect(m)
+        ok = len([m for m in replies if not m.has_error()])
+        log.info("Round %d, SecAgg+ stage '%s': %d of %d sites answered", self.server_round, stage, ok, len(messages))
         self.stage += 1
         return replies
 
@@ -157,16 +159,18 @@ class _TrackingGrid:
         """Tests only: keep the masked vector exactly as the coordinator received it."""
         import numpy as np
         from flwr.common import bytes_to_ndarray
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+        from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
-        cfg = msg.content.config_records["secaggplus_configs"]
-        vectors = [bytes_to_ndarray(b) for b in cfg["masked_parameters"]]  # type: ignore[union-attr]
+        cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
+        vectors = [bytes_to_ndarray(b) for b in cfg[SecAggKey.MASKED_PARAMETERS]]  # type: ignore[union-attr]
         np.savez(self.inspect / f"masked-{self.name(msg.metadata.src_node_id)}-round{self.server_round}.npz", *vectors)
 
 
 class FedradSecAggPlus(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow; it stops the run with the reason when a round cannot be unmasked."""
 
-    def __init__(self, secagg: SecAggConfig) -> None:
+    def __init__(self, secagg: SecAggConfig, names: dict[int, str] | None = None) -> None:
         super().__init__(
             num_shares=secagg.shares,
             reconstruction_threshold=secagg.threshold,
@@ -176,7 +180,7 @@ class FedradSecAggPlus(SecAggPlusWorkflow):
             modulus_range=secagg.modulus_range,
             timeout=secagg.timeout,
         )
-        self.names: dict[int, str] = {}
+        self.names: dict[int, str] = dict(names or {})
         folder = os.environ.get(INSPECT_ENV)
         self.inspect = Path(folder) if folder else None
 
@@ -186,9 +190,9 @@ class FedradSecAggPlus(SecAggPlusWorkflow):
         state = WorkflowState()
         strategy: SecureFedAvg = context.strategy  # type: ignore[attr-defined]
         steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
-        for step in steps:
-            if step is self.unmask_stage:
-                strategy.dropped = dict(tracking.dropped)
+        for index, step in enumerate(steps):
+            if index == 3:  # unmask
+                strategy.dropped = tracking.dropped  # the same dict: the unmask stage's own dropouts count too
             if not step(tracking, context, state):  # type: ignore[arg-type]
                 book = RoundBook(server_round)
                 for name, reason in tracking.dropped.items():
@@ -199,7 +203,12 @@ class FedradSecAggPlus(SecAggPlusWorkflow):
                     f"{len(state.active_node_ids)} site(s) left, {state.threshold} needed to unmask"
                     + (f" ({'; '.join(f'{k}: {v}' for k, v in sorted(tracking.dropped.items()))})" if tracking.dropped else "")
                 )
-            if step is self.collect_masked_vectors_stage and state.legacy_results and all(
+            if index == 1:  # share keys
+                # A site that left before sharing its keys holds no one's masks and no one holds its
+                # shares: it must not be "unmasked" later (Flower 1.41 would ask the others for shares
+                # they never received, and the round would fail).
+                state.sampled_node_ids = set(state.active_node_ids)
+            if index == 2 and state.legacy_results and all(
                 fitres.num_examples == 0 for _, fitres in state.legacy_results
             ):
                 # Everybody declined: there is no sum to unmask (and no weight to divide by).
@@ -236,6 +245,16 @@ def evaluate_workflow(evaluator: FedradFedAvg, keys: list[str]) -> Callable[[Gri
     return evaluate
 
 
+def site_nodes(run_config: Mapping[str, Any]) -> dict[int, str]:
+    """Node id → site name from the ``site-nodes`` run config fl-server sets ("id:name,...")."""
+    names = {}
+    for item in str(run_config.get("site-nodes", "")).split(","):
+        node, _, name = item.partition(":")
+        if node.strip().isdigit() and name.strip():
+            names[int(node)] = name.strip()
+    return names
+
+
 def run_secure(grid: Grid, context: Context, *, run: RunConfig, report: RunReport, evaluator: FedradFedAvg,
                initial: OrderedDict[str, torch.Tensor]) -> None:
     """All rounds of a secure-aggregation run (raises BudgetsSpent / SecAggHalted to stop early)."""
@@ -255,6 +274,6 @@ def run_secure(grid: Grid, context: Context, *, run: RunConfig, report: RunRepor
         initial_parameters=ndarrays_to_parameters([t.numpy() for t in initial.values()]),
     )
     workflow = DefaultWorkflow(
-        fit_workflow=FedradSecAggPlus(run.secagg), evaluate_workflow=evaluate_workflow(evaluator, keys)
+        fit_workflow=FedradSecAggPlus(run.secagg, site_nodes(context.run_config)), evaluate_workflow=evaluate_workflow(evaluator, keys)
     )
     workflow(grid, legacy_context(context, strategy=strategy, num_rounds=run.num_server_rounds))

@@ -1,9 +1,11 @@
-"""``make demo``: three synthetic hospitals train a shared CNN with DP over a real federation.
+"""``make demo``: three synthetic hospitals train a shared CNN with DP over a secure federation.
 
-Synthesises sites A, B and C, starts ``fl-server`` and one ``fl-client`` per
-site on free loopback ports, waits for the run, prints its pooled AUROC and
-every site's ε, audits every site's privacy ledger against the run report
-with ``fl-audit``, and stops every process it started.
+Synthesises sites A, B and C, enrolls each with ``fl-server enroll`` (one kit
+per hospital), starts ``fl-server`` (TLS SuperLink behind the Fleet-only
+proxy, SecAgg+) and one ``fl-client --kit`` per site on free loopback ports,
+waits for the run, prints its pooled AUROC and every site's ε, audits every
+site's privacy ledger against the run report with ``fl-audit``, and stops
+every process it started.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import typer
 from common.cli import run_typer
 from common.errors import FederationError
 from common.flower import flower_bin
-from common.processes import ProcessSet, free_port
+from common.processes import ProcessSet, can_connect, free_port
 from server.report import load_report
 
 cli = typer.Typer(add_completion=False, help=__doc__)
@@ -49,24 +51,40 @@ def demo(
 
     port = free_port()
     logs = workdir / "logs"
+    server_dir = workdir / "server"
+    for name in names:
+        print(f"==> fl-server enroll --site {name}: a key pair and a kit for hospital {name}", flush=True)
+        proc = subprocess.run(
+            [flower_bin("fl-server"), "enroll", "--site", name, "--workdir", str(server_dir),
+             "--server-address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise FederationError(f"fl-server enroll failed for site {name}: {proc.stderr.strip()[-500:]}")
     with ProcessSet() as procs:
-        print(f"==> Starting fl-server on 127.0.0.1:{port} ({rounds} rounds, {len(names)} sites)", flush=True)
+        print(f"==> Starting fl-server on https://127.0.0.1:{port} (TLS, enrolled sites only, SecAgg+; "
+              f"{rounds} rounds, {len(names)} sites)", flush=True)
         server = procs.start(
             "fl-server",
             [
                 flower_bin("fl-server"), "--rounds", str(rounds), "--min-sites", str(len(names)),
-                "--port", str(port), "--workdir", str(workdir / "server"),
+                "--port", str(port), "--workdir", str(server_dir),
             ],
             log_path=logs / "fl-server.log",
         )
-        time.sleep(3)
+        deadline = time.monotonic() + 60
+        while not can_connect("127.0.0.1", port):
+            if not server.running() or time.monotonic() > deadline:
+                raise FederationError(f"fl-server did not start; see {logs / 'fl-server.log'}")
+            time.sleep(0.5)
         for name in names:
-            print(f"==> Starting fl-client --site {name} (max ε {max_epsilon:g}; log {logs / f'site-{name}.log'})", flush=True)
+            kit = server_dir / "kits" / name
+            print(f"==> Starting fl-client --kit {kit} (max ε {max_epsilon:g}; log {logs / f'site-{name}.log'})", flush=True)
             procs.start(
                 f"fl-client {name}",
                 [
-                    flower_bin("fl-client"), "--site", name, "--data", str(data / name),
-                    "--server", f"127.0.0.1:{port}", "--workdir", str(workdir / f"site-{name}"),
+                    flower_bin("fl-client"), "--kit", str(kit), "--data", str(data / name),
+                    "--workdir", str(workdir / f"site-{name}"),
                     "--max-epsilon", str(max_epsilon), "--threads", "1",
                 ],
                 log_path=logs / f"site-{name}.log",
@@ -80,7 +98,7 @@ def demo(
         code = server.popen.returncode
     if code != 0:
         raise FederationError(f"fl-server exited with code {code}; see {logs / 'fl-server.log'}")
-    run_dir = max((workdir / "server" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    run_dir = max((server_dir / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     report = load_report(run_dir)
     final = report["final"]
     eps = ", ".join(f"{n} ε={s['epsilon']:.2f}" for n, s in sorted(report["sites"].items()))
@@ -89,6 +107,7 @@ def demo(
         f"{final['auroc']:.3f} after round {final['round']}; {eps} (δ=1e-5); report {run_dir / 'report.json'}",
         flush=True,
     )
+    print(f"==> Transport: {report['transport']}", flush=True)
     # What each hospital's privacy officer would run: its ledger, checked against the run report.
     audits = {}
     for name in names:

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from common.processes import ProcessSet, _alive, descendants, free_port
+from tests.e2e.support import BIN, one_line_error, run_cli, wait_for_server
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent
-
-
-def _wait_for_server(port: int, server: object, timeout: float = 60) -> None:
-    """Until the SuperLink accepts connections (fl-client refuses an unreachable coordinator)."""
-    from common.processes import can_connect
-
-    deadline = time.monotonic() + timeout
-    while not can_connect("127.0.0.1", port, timeout=1):
-        assert server.running() and time.monotonic() < deadline, server.tail(40)  # type: ignore[attr-defined]
-        time.sleep(0.5)
 
 
 def _mixed_site(clean: Path, target: Path) -> Path:
@@ -46,7 +33,7 @@ def _mixed_site(clean: Path, target: Path) -> Path:
 
 def test_check_reports_a_mixed_export_and_exits_zero(tiny_sites: Path, tmp_path: Path) -> None:
     site = _mixed_site(tiny_sites / "B", tmp_path / "B")
-    proc = _run_cli(
+    proc = run_cli(
         str(BIN / "fl-client"), "--site", "B", "--data", str(site), "--workdir", str(tmp_path / "w"),
         "--check", "--json", "-c", "image-size=32",
     )
@@ -55,7 +42,7 @@ def test_check_reports_a_mixed_export_and_exits_zero(tiny_sites: Path, tmp_path:
     assert report["usable"] and report["files"] == {"seen": 47, "accepted": 40, "rejected": 7}
     assert {g["count"] for g in report["rejections"]} and sum(g["count"] for g in report["rejections"]) == 7
     assert any("truncated" in g["reason"] for g in report["rejections"])
-    human = _run_cli(str(BIN / "fl-client"), "--site", "B", "--data", str(site), "--workdir", str(tmp_path / "w"), "--check", "-c", "image-size=32")
+    human = run_cli(str(BIN / "fl-client"), "--site", "B", "--data", str(site), "--workdir", str(tmp_path / "w"), "--check", "-c", "image-size=32")
     assert human.returncode == 0 and "usable" in human.stdout and "40 files decoded now" not in human.stdout
 
 
@@ -65,8 +52,8 @@ def test_check_of_only_unusable_files_exits_non_zero_with_reasons(tmp_path: Path
     (site / "labels.csv").write_text("SOPInstanceUID,label\n1.2.3,1\n")
     (site / "a.dcm").write_bytes(b"")
     (site / "b.dcm").write_bytes(b"\x00" * 300)
-    proc = _run_cli(str(BIN / "fl-client"), "--site", "J", "--data", str(site), "--workdir", str(tmp_path / "w"), "--check")
-    line = _one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-client"), "--site", "J", "--data", str(site), "--workdir", str(tmp_path / "w"), "--check")
+    line = one_line_error(proc)
     assert proc.returncode == 3
     assert "not usable" in line and "1 × empty file" in line and "not a DICOM file" in line
 
@@ -93,6 +80,10 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
     budget_b = _budget_for_rounds(site_dirs["B"], tmp_path / "probe", sigma=1.0, rounds=1, batch_size=8)
     port = free_port()
     workdir = tmp_path / "server"
+    for site in ("A", "B"):
+        enrolled = run_cli(str(BIN / "fl-server"), "enroll", "--site", site, "--workdir", str(workdir),
+                           "--server-address", f"127.0.0.1:{port}")
+        assert enrolled.returncode == 0, enrolled.stderr
     all_pids: list[int] = []
     with ProcessSet() as procs:
         server = procs.start(
@@ -102,13 +93,12 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
              "--run-config", "batch-size=8"],
             log_path=tmp_path / "server.log",
         )
-        _wait_for_server(port, server)
+        wait_for_server(port, server)
         for site, extra in (("A", ["--max-epsilon", "6"]), ("B", ["--max-epsilon", repr(budget_b), "--noise-multiplier", "1.0"])):
             procs.start(
                 f"fl-client {site}",
-                [str(BIN / "fl-client"), "--site", site, "--data", str(site_dirs[site]),
-                 "--server", f"127.0.0.1:{port}", "--workdir", str(tmp_path / f"site-{site}"),
-                 "--threads", "1", *extra],
+                [str(BIN / "fl-client"), "--kit", str(workdir / "kits" / site), "--data", str(site_dirs[site]),
+                 "--workdir", str(tmp_path / f"site-{site}"), "--threads", "1", *extra],
                 log_path=tmp_path / f"site-{site}.log",
             )
         deadline = time.monotonic() + 480
@@ -131,6 +121,7 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
     mixed = load_site_data(data_dir=site_dirs["B"], work_dir=tmp_path / "site-B", config=PreprocessConfig(image_size=32))
     assert mixed.report["files"]["rejected"] == 7 and mixed.report["cache"]["decoded"] == 0
     assert report["status"] == "completed"
+    assert report["transport"].startswith("tls") and "SecAgg+" in report["transport"]
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for r in report["rounds"]:
         trained = ["A", "B"] if r["round"] == 1 else ["A"]
@@ -155,7 +146,7 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
     # The privacy officer's check: each ledger verifies, recomputes and matches what the run saw.
     for site in ("A", "B"):
         privacy = tmp_path / f"site-{site}" / "privacy"
-        audit = _run_cli(str(BIN / "fl-audit"), "--ledger", str(privacy), "--public-key", str(privacy / "site-key.pub"),
+        audit = run_cli(str(BIN / "fl-audit"), "--ledger", str(privacy), "--public-key", str(privacy / "site-key.pub"),
                          "--run", str(run_dir), "--json", timeout=300)
         assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
         assert json.loads(audit.stdout)["verified"] is True
@@ -164,30 +155,17 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
     assert "SYN-" not in text and "PatientID" not in text
 
 
-def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FEDRAD_DEBUG": ""}
-    return subprocess.run([*args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
-
-
-def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
-
-
 def test_client_with_missing_data_dir_fails_cleanly(tmp_path: Path) -> None:
-    proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w"))
-    assert "does not exist" in _one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w"))
+    assert "does not exist" in one_line_error(proc)
 
 
 def test_client_with_unreachable_server_fails_cleanly(tiny_sites: Path, tmp_path: Path) -> None:
-    proc = _run_cli(
+    proc = run_cli(
         str(BIN / "fl-client"), "--site", "A", "--data", str(tiny_sites / "A"),
-        "--server", f"127.0.0.1:{free_port()}", "--workdir", str(tmp_path / "w"),
+        "--server", f"127.0.0.1:{free_port()}", "--workdir", str(tmp_path / "w"), "--insecure",
     )
-    assert "Cannot reach the coordinator" in _one_line_error(proc)
+    assert "Cannot reach the coordinator" in one_line_error(proc)
 
 
 def test_server_on_a_busy_port_fails_cleanly(tmp_path: Path) -> None:
@@ -197,19 +175,29 @@ def test_server_on_a_busy_port_fails_cleanly(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = _run_cli(str(BIN / "fl-server"), "--port", str(port), "--workdir", str(tmp_path / "s"))
-    assert "already in use" in _one_line_error(proc)
+        proc = run_cli(str(BIN / "fl-server"), "--port", str(port), "--workdir", str(tmp_path / "s"))
+    assert "already in use" in one_line_error(proc)
 
 
 def test_bad_option_values_fail_cleanly(tmp_path: Path) -> None:
-    proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--max-epsilon", "-1")
-    assert "max-epsilon" in _one_line_error(proc)
-    proc = _run_cli(str(BIN / "fl-server"), "--rounds", "0")
-    assert "--rounds" in _one_line_error(proc)
-    proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--privacy-unit", "study")
-    assert "privacy-unit" in _one_line_error(proc)
-    proc = _run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--noise-multiplier", "-1")
-    assert "noise-multiplier" in _one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--max-epsilon", "-1")
+    assert "max-epsilon" in one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-server"), "--rounds", "0")
+    assert "--rounds" in one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--privacy-unit", "study")
+    assert "privacy-unit" in one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path), "--noise-multiplier", "-1")
+    assert "noise-multiplier" in one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-client"), "--site", "A", "--data", str(tmp_path))
+    assert "--kit" in one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-client"), "--kit", str(tmp_path / "no-kit"), "--data", str(tmp_path))
+    assert "no-kit" in one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-server"), "--insecure", "--min-sites", "1", "--port", str(free_port()))
+    assert "min-sites" in one_line_error(proc) and "secagg=false" in one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-server"), "--port", str(free_port()), "--workdir", str(tmp_path / "s"))
+    assert "fl-server enroll" in one_line_error(proc)
+    proc = run_cli(str(BIN / "fl-server"), "--insecure", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert "--insecure" in one_line_error(proc)
 
 
 def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp_path: Path) -> None:
@@ -229,13 +217,13 @@ def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp
             "fl-server",
             [str(BIN / "fl-server"), "--rounds", "1", "--min-sites", "1", "--port", str(port),
              "--workdir", str(tmp_path / "server"), "--image-size", "32", "--local-epochs", "1",
-             "--run-config", 'batch-size=8 classes="none,small,large"'],
+             "--insecure", "--run-config", 'batch-size=8 classes="none,small,large" secagg=false'],
             log_path=tmp_path / "server.log",
         )
-        _wait_for_server(port, server)
+        wait_for_server(port, server)
         client = procs.start(
             "fl-client A",
-            [str(BIN / "fl-client"), "--site", "A", "--data", str(site_dir), "--server", f"127.0.0.1:{port}",
+            [str(BIN / "fl-client"), "--site", "A", "--data", str(site_dir), "--server", f"127.0.0.1:{port}", "--insecure",
              "--workdir", str(tmp_path / "site-A"), "--threads", "1", "-c", 'image-size=32 classes="none,small,large"'],
             log_path=tmp_path / "site-A.log",
         )
@@ -247,6 +235,7 @@ def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp
         assert server.popen.returncode == 0, server.tail(40)
     (run_dir,) = (tmp_path / "server" / "runs").iterdir()
     report = json.loads((run_dir / "report.json").read_text())
+    assert report["transport"].startswith("insecure") and "no secure aggregation" in report["transport"]
     pooled = report["rounds"][0]["evaluate"]["pooled"]
     assert report["status"] == "completed" and pooled["examples"] > 0
     assert 0 <= pooled["accuracy"] <= 1 and 0 <= pooled["f1"] <= 1

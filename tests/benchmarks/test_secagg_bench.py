@@ -1,0 +1,81 @@
+"""benchmarks/secagg.py's measuring parts, without a federation (seconds, not minutes).
+
+The access-log parser is checked against what a real nginx, configured by
+server/proxy.py, writes; the key mapping against Flower's own encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.secagg import _ACCESS, ACCESS_LOG, MACHINE, header_key, tree_cpu
+from common.processes import LOOPBACK, ProcessSet, free_port
+from server.proxy import start_fleet_proxy
+from tests.server.test_proxy import _write_pki, needs_nginx
+
+
+def _ssh_public_key(folder: Path) -> tuple[Path, object]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())  # what `fl-server enroll` issues
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    path = folder / "site.pub"
+    path.write_bytes(line + b" fedrad-site-A\n")
+    return path, key.public_key()
+
+
+def test_a_kits_key_maps_to_the_header_flower_sends(tmp_path: Path) -> None:
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    path, public = _ssh_public_key(tmp_path)
+    assert header_key(path) == base64.b64encode(public_key_to_bytes(public)).decode("ascii")  # type: ignore[arg-type]
+
+
+@needs_nginx
+def test_the_proxy_logs_request_size_time_and_key_and_the_benchmark_parses_it(tmp_path: Path) -> None:
+    pki = _write_pki(tmp_path / "pki")
+    key = header_key(_ssh_public_key(tmp_path)[0])
+    port = free_port()
+    body = b"x" * 1000
+    with ProcessSet() as procs:
+        start_fleet_proxy(
+            procs, listen_host=LOOPBACK, listen_port=port, upstream_port=free_port(),  # no SuperLink: 502
+            cert=pki.cert, key=pki.key, ca=pki.ca, workdir=tmp_path,
+        )
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        for method, path, headers in (
+            ("POST", "/v1/fleet/push-object", {"flwr-public-key": key}),
+            ("GET", "/health", {}),
+        ):
+            conn = http.client.HTTPSConnection(LOOPBACK, port, context=context, timeout=10)
+            conn.request(method, path, body=body if method == "POST" else None, headers=headers)
+            conn.getresponse().read()
+            conn.close()
+    lines = (tmp_path / ACCESS_LOG).read_text().splitlines()
+    assert len(lines) == 2
+    fleet, other = (_ACCESS.search(line) for line in lines)
+    assert fleet is not None and other is not None, lines
+    assert fleet["uri"] == "/v1/fleet/push-object" and fleet["key"] == key
+    assert int(fleet["length"]) > len(body) + len(key)  # request line + headers + body
+    assert other["key"] == "-" and other["status"] == "403"
+    assert float(fleet["msec"]) > 1.7e9
+    assert "x" * 20 not in "".join(lines)  # never a body
+
+
+def test_tree_cpu_counts_exited_children() -> None:
+    import os
+
+    before = tree_cpu({"me": os.getpid()})
+    subprocess.run(
+        [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"],
+        check=True,
+    )
+    after = tree_cpu({"me": os.getpid()})
+    assert after["me"] - before["me"] >= 0.25
+    assert after[MACHINE] >= before[MACHINE] + 0.25
