@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.config import site_name
 from common.errors import ConfigError
+from common.files import write_atomic
 from common.kit import (
     CA_CERT_FILE,
     FORMAT,
@@ -101,19 +102,7 @@ def _now() -> dt.datetime:
 
 
 def _write_atomic(path: Path, data: bytes | str, *, mode: int) -> None:
-    """Write ``data`` to ``path`` with permissions ``mode`` via a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=mode)
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
