@@ -67,8 +67,14 @@ INSECURE_NOISE_WARNING = (
     "seed can reproduce them and the privacy guarantee does not hold. Use this only for tests."
 )
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
-"""Opacus per-sample-gradient modes that materialise per-image gradients (needed to average per patient)."""
+GRAD_SAMPLE_MODES = ("hooks",)
+"""Opacus per-sample-gradient modes sites may train in.
+
+Patient-level DP averages each patient's per-image gradients before clipping, so
+the mode must materialise them; of those (hooks, functorch, ew), only hooks
+survives an empty Poisson batch in Opacus 1.6 (functorch and ew raise), which
+small batches draw often. benchmarks/dp_overhead.py still times all modes.
+"""
 
 
 def patient_groups(patients: tuple[str, ...] | list[str] | np.ndarray) -> np.ndarray:
@@ -148,6 +154,10 @@ def train_dp(
     grad_sample_mode
         Opacus per-sample-gradient mode (one of :data:`GRAD_SAMPLE_MODES`).
     """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"Expected `grad_sample_mode` to be one of {', '.join(GRAD_SAMPLE_MODES)}, but got {grad_sample_mode!r}"
+        )
     import torch
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset

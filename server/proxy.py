@@ -15,6 +15,12 @@ this proxy listens on the public address with the coordinator's certificate:
   methods) is answered by nginx itself with 403 and :data:`FORBIDDEN_BODY`.
 - a plain-HTTP request to the TLS port gets its connection closed, no answer.
 
+Every request is logged to ``<workdir>/proxy/logs/access.log`` in nginx's
+``combined`` format followed by ``$request_length`` (bytes the caller sent:
+request line, headers, body), ``$msec`` (epoch seconds) and the
+``flwr-public-key`` header in quotes (``"-"`` when absent), which tells the
+sites apart: ``benchmarks/secagg.py`` measures each site's upload with it.
+
 Request and response bodies are streamed (no buffering, no temporary files),
 so model updates of any realistic size pass, and nginx worker processes never
 need to touch the file system — which is what lets them run as ``nobody``
@@ -209,7 +215,13 @@ events {{
 http {{
     default_type text/plain;
     server_tokens off;
-    access_log {_quote(prefix / "logs" / "access.log")} combined;
+    # "combined" plus the request's size (line, headers and body, as received) and
+    # time, and the calling SuperNode's public key (base64 of its PEM, as Flower
+    # sends it): what each site uploads, per call. Never a body.
+    log_format fedrad '$remote_addr - $remote_user [$time_local] "$request" '
+                      '$status $body_bytes_sent "$http_referer" "$http_user_agent" '
+                      '$request_length $msec "$http_flwr_public_key"';
+    access_log {_quote(prefix / "logs" / "access.log")} fedrad;
 {temp}
 
     # Only `POST /v1/fleet/<method>` exactly, checked on the raw request URI
