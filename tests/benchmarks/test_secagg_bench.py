@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import http.client
+import http.server
 import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from benchmarks.secagg import _ACCESS, ACCESS_LOG, MACHINE, header_key, tree_cpu
@@ -37,15 +39,33 @@ def test_a_kits_key_maps_to_the_header_flower_sends(tmp_path: Path) -> None:
     assert header_key(path) == base64.b64encode(public_key_to_bytes(public)).decode("ascii")  # type: ignore[arg-type]
 
 
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    """Stands in for the SuperLink: reads the whole body, answers 200."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @needs_nginx
 def test_the_proxy_logs_request_size_time_and_key_and_the_benchmark_parses_it(tmp_path: Path) -> None:
     pki = _write_pki(tmp_path / "pki")
     key = header_key(_ssh_public_key(tmp_path)[0])
     port = free_port()
     body = b"x" * 1000
+    upstream = http.server.ThreadingHTTPServer((LOOPBACK, 0), _Upstream)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(pki.cert, pki.key)
+    upstream.socket = tls.wrap_socket(upstream.socket, server_side=True)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
     with ProcessSet() as procs:
         start_fleet_proxy(
-            procs, listen_host=LOOPBACK, listen_port=port, upstream_port=free_port(),  # no SuperLink: 502
+            procs, listen_host=LOOPBACK, listen_port=port, upstream_port=upstream.server_address[1],
             cert=pki.cert, key=pki.key, ca=pki.ca, workdir=tmp_path,
         )
         context = ssl.create_default_context(cafile=str(pki.ca))
@@ -57,11 +77,13 @@ def test_the_proxy_logs_request_size_time_and_key_and_the_benchmark_parses_it(tm
             conn.request(method, path, body=body if method == "POST" else None, headers=headers)
             conn.getresponse().read()
             conn.close()
+    upstream.shutdown()
+    upstream.server_close()
     lines = (tmp_path / ACCESS_LOG).read_text().splitlines()
     assert len(lines) == 2
     fleet, other = (_ACCESS.search(line) for line in lines)
     assert fleet is not None and other is not None, lines
-    assert fleet["uri"] == "/v1/fleet/push-object" and fleet["key"] == key
+    assert fleet["uri"] == "/v1/fleet/push-object" and fleet["key"] == key and fleet["status"] == "200"
     assert int(fleet["length"]) > len(body) + len(key)  # request line + headers + body
     assert other["key"] == "-" and other["status"] == "403"
     assert float(fleet["msec"]) > 1.7e9
