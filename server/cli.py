@@ -397,7 +397,10 @@ def rekey(
         try:
             server_address = read_kit_toml(consortium.kit_dir(site) / KIT_FILE)["server"]
         except (ConfigError, KeyError):
-            server_address = f"{LOOPBACK}:{DEFAULT_PORT}"
+            # The kit was deleted after hand-over (as deployment.md advises): never guess an address.
+            raise ConfigError(
+                f"Site {site}'s current kit is gone, so its address is unknown; give --server-address HOST:PORT"
+            ) from None
     rekeyed = consortium.rekey(site, server_address=server_address)
     live = sync_live_superlink(
         workdir, drop={site: str(state.get("nodes", {}).get(site, ""))}, add={site: rekeyed.kit / "site.pub"}
