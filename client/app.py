@@ -28,7 +28,7 @@ app = ClientApp(mods=[secure_mod])
 
 def _configs(context: Context) -> tuple[SiteConfig, RunConfig]:
     use_flower_log_handlers("client", "common")
-    return SiteConfig.from_flower(context.node_config), RunConfig.from_flower(context.run_config)
+    return SiteConfig.from_context(context.node_config, context.run_config), RunConfig.from_flower(context.run_config)
 
 
 def _weights(msg: Message) -> OrderedDict[str, torch.Tensor]:

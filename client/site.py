@@ -137,6 +137,8 @@ def train_round(
     from common.models import build_model
 
     data = open_data(site, run)
+    if not site.dp:
+        return _train_without_dp(site=site, run=run, server_round=server_round, weights=weights, data=data)
     ledger = Ledger(site.privacy_dir)
     check_ledger(site, ledger)
     on_dataset = [row for row in ledger.rows() if row.fingerprint == data.fingerprint]
@@ -217,6 +219,31 @@ def train_round(
     }
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
     return state, metrics, facts
+
+
+NO_DP_WARNING = "site %s trains WITHOUT differential privacy (dp=false): a simulation baseline, no privacy guarantee"
+
+
+def _train_without_dp(
+    *, site: SiteConfig, run: RunConfig, server_round: int, weights: StateDict, data: SiteData
+) -> tuple[StateDict, dict[str, float | int], dict[str, str | int]]:
+    """fl-sim's non-private baseline: same data, steps and optimiser, no clipping, noise or ledger row."""
+    from client.training import train_plain
+    from common.models import build_model
+
+    log.warning(NO_DP_WARNING, site.site)
+    device = _setup_torch(site)
+    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
+    model.load_state_dict(weights)
+    groups, _ = _train_groups(site, data)
+    outcome = train_plain(
+        model, images=data.images(data.train), labels=data.labels[data.train], groups=groups,
+        slices_per_patient=run.slices_per_patient, augment=run.augment, num_classes=len(run.classes),
+        epochs=run.local_epochs, batch_size=run.batch_size, learning_rate=run.learning_rate, device=device,
+        seed=run.seed * 100_003 + server_round,
+    )
+    state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
+    return state, {records.NUM_EXAMPLES: outcome.num_examples}, {records.PRIVACY_UNIT: "none (no DP)"}
 
 
 def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> dict[str, float | int | list[int]]:

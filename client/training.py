@@ -234,3 +234,78 @@ def train_dp(
         num_examples=n,
         event=DPEvent(noise_multiplier=float(sigma), sample_rate=float(sample_rate), steps=int(steps)),
     )
+
+
+@dataclass(frozen=True)
+class PlainOutcome:
+    """What one round of non-private training did (fl-sim baselines only)."""
+
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def train_plain(
+    model: nn.Module,
+    *,
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    device: torch.device,
+    seed: int,
+    groups: np.ndarray | None = None,
+    slices_per_patient: int = 16,
+    augment: AugmentConfig | None = None,
+    num_classes: int = 2,
+) -> PlainOutcome:
+    """Train ``model`` in place without DP: the non-private baseline of fl-sim's comparisons.
+
+    Everything but the privacy mechanism matches :func:`train_dp`: Adam at the
+    same step size, the same number of steps per epoch (``ceil(P / batch_size)``
+    batches of patients, here a shuffled partition instead of Poisson draws), up
+    to ``slices_per_patient`` images per patient per step, the same augmentation.
+    No clipping, no noise, no accounting: a model trained this way carries no
+    privacy guarantee. Sites in a real federation (fl-client) never train this way.
+    """
+    import torch
+
+    n = int(labels.shape[0])
+    groups = np.arange(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    if groups.shape != (n,):
+        raise ValueError(f"Expected one group per image ({n}), but got {groups.shape}")
+    order = np.argsort(groups, kind="stable")
+    num_groups = int(groups.max()) + 1 if n else 0
+    bounds = np.searchsorted(groups[order], np.arange(num_groups + 1))
+    members = [order[bounds[g] : bounds[g + 1]] for g in range(num_groups)]
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    labels_t = torch.from_numpy(labels.astype(np.float32 if num_classes == 2 else np.int64))
+    model = model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    binary = num_classes == 2
+    criterion = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.CrossEntropyLoss()
+    augment = augment or AugmentConfig()
+    augment_generator = torch.Generator().manual_seed(seed + 2)
+    total_loss, total_seen, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        permutation = rng.permutation(num_groups)
+        for start in range(0, num_groups, batch_size):
+            picked = [
+                m if len(m) <= slices_per_patient else rng.choice(m, slices_per_patient, replace=False)
+                for m in (members[int(g)] for g in permutation[start : start + batch_size])
+            ]
+            rows = torch.from_numpy(np.concatenate(picked))
+            x, y = images_t[rows].to(device), labels_t[rows].to(device)
+            x = augment_batch(x, augment, augment_generator)
+            optimizer.zero_grad()
+            logits = model(x)
+            loss = criterion(logits.squeeze(1) if binary else logits, y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            total_loss += float(loss.detach()) * len(y)
+            total_seen += len(y)
+    return PlainOutcome(loss=total_loss / max(total_seen, 1), num_examples=n, steps=steps)

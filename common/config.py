@@ -329,6 +329,24 @@ class RunConfig:
         return cfg
 
 
+SIM_SITES_KEY = "sim-sites"  # run config: fl-sim's table of virtual sites (JSON list of node configs)
+PARTITION_ID_KEY = "partition-id"  # node config key Flower's simulation runtime sets
+
+
+def simulated_node_config(table: Path, partition_id: int) -> dict[str, Any]:
+    """Row ``partition_id`` of fl-sim's site table (a JSON list of node-config dicts)."""
+    import json
+
+    try:
+        rows = json.loads(table.read_text())
+        return dict(rows[partition_id])
+    except (OSError, ValueError, IndexError, TypeError) as exc:
+        raise ConfigError(
+            f"Expected fl-sim's site table {table} to hold a node config for partition {partition_id}, "
+            f"but it could not be read ({exc}); rerun fl-sim"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """A site's own choices (Flower ``node_config``); the coordinator cannot override them."""
@@ -343,11 +361,13 @@ class SiteConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     privacy_unit: str = "patient"
     noise_multiplier: float = 0.0  # the site's own fixed σ; 0 = calibrate σ to the run's plan
+    dp: bool = True  # False only for fl-sim's non-private baselines; fl-client always trains with DP
+    ledger_dir: Path | None = None  # fl-sim: one fresh ledger per simulated run; default work_dir/privacy
 
     @property
     def privacy_dir(self) -> Path:
         """Where the site's ledger and its signing key live."""
-        return self.work_dir / "privacy"
+        return self.ledger_dir if self.ledger_dir is not None else self.work_dir / "privacy"
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -364,6 +384,9 @@ class SiteConfig:
         secure_mode = _get(node_config, "secure-mode", True)
         if not isinstance(secure_mode, bool):
             raise ConfigError(f"Expected `secure-mode` to be true or false, but got {secure_mode!r}")
+        dp = _get(node_config, "dp", True)
+        if not isinstance(dp, bool):
+            raise ConfigError(f"Expected `dp` to be true or false, but got {dp!r}")
         return cls(
             site=site_name(node_config["site"]),
             data_dir=Path(str(node_config["data-dir"])),
@@ -375,7 +398,24 @@ class SiteConfig:
             threads=_non_negative_int("threads", _get(node_config, "threads", 0)),
             privacy_unit=choice("privacy-unit", _get(node_config, "privacy-unit", "patient"), PRIVACY_UNITS),
             noise_multiplier=_non_negative_float("noise-multiplier", _get(node_config, "noise-multiplier", 0.0)),
+            dp=dp,
+            ledger_dir=Path(str(node_config["ledger-dir"])) if node_config.get("ledger-dir") else None,
         )
+
+    @classmethod
+    def from_context(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteConfig:
+        """The site's config for a message: its node config, or its row of fl-sim's site table.
+
+        Flower's simulation runtime gives every virtual SuperNode only a
+        ``partition-id``; fl-sim writes one node config per partition into the
+        JSON file named by the run config's ``sim-sites``. A real SuperNode
+        (started by fl-client) never has a ``partition-id``, so a coordinator
+        cannot use ``sim-sites`` to change a real site's settings.
+        """
+        table = str(run_config.get(SIM_SITES_KEY, "") or "")
+        if PARTITION_ID_KEY not in node_config or not table:
+            return cls.from_flower(node_config)
+        return cls.from_flower(simulated_node_config(Path(table), int(node_config[PARTITION_ID_KEY])))
 
     def to_flower(self) -> str:
         """Render as a ``--node-config`` string for ``flower-supernode``."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 ACCOUNTANTS = ("rdp", "prv")
 """Accountants reported side by side; decisions use the minimum."""
@@ -61,13 +62,23 @@ def epsilon_spent(*, events: Sequence[DPEvent], delta: float, accountant: str = 
     accountant
         Opacus accountant name (``"rdp"`` or ``"prv"``).
     """
-    from opacus.accountants import create_accountant
-
     history = merge_events(events)
     if not history:
         return 0.0
+    return _accountant_epsilon(tuple(history), float(delta), accountant)
+
+
+# Accounting is a pure function of numbers, and slow (PRV ~1 s, a calibration
+# ~10 s). A ClientApp process under fl-client answers one message and exits, so
+# this memo never outlives a message there; fl-sim's Ray actors serve many
+# virtual sites in one process, and sites with the same data shape ask the same
+# questions. Exceptions are not cached (lru_cache only stores results).
+@lru_cache(maxsize=4096)
+def _accountant_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
-    acc.history = history
+    acc.history = list(history)
     if accountant == "prv":
         return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     return float(acc.get_epsilon(delta=delta))
@@ -146,6 +157,13 @@ def calibrate_noise(
     ValueError
         When ``earlier`` alone already spends ``target_epsilon``.
     """
+    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), tuple(earlier), float(tolerance))
+
+
+@lru_cache(maxsize=1024)  # see _accountant_epsilon
+def _calibrate(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, earlier: tuple[DPEvent, ...], tolerance: float
+) -> float:
     if earlier and sound_epsilon(events=earlier, delta=delta) >= target_epsilon:
         raise ValueError("the earlier events already spend the whole budget")
     if not earlier:

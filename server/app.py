@@ -34,7 +34,8 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_flower(context.run_config)
     if not run.workdir:
         raise ConfigError("Expected `workdir` in the run config (set by fl-server), but it is empty")
-    run_dir = Path(run.workdir) / "runs" / str(context.run_id)
+    runs_dir = str(context.run_config.get("runs-dir", "") or "")
+    run_dir = (Path(runs_dir) if runs_dir else Path(run.workdir) / "runs") / str(context.run_id)
     transport = str(context.run_config.get("transport", "")) or "unknown"
     aggregation = "SecAgg+" if run.secagg.enabled else "plain FedAvg (no secure aggregation)"
     report = RunReport(
@@ -42,8 +43,9 @@ def main(grid: Grid, context: Context) -> None:
         run_id=context.run_id,
         config={k: v for k, v in context.run_config.items()},
         transport=f"{transport}; {aggregation}",
+        kind="simulation" if context.run_config.get("sim-sites") else "deployment",
     )
-    if not transport.startswith("tls"):
+    if not transport.startswith(("tls", "simulation")):
         log.warning(INSECURE_WARNING)
     if not run.secagg.enabled:
         log.warning(PLAIN_AGGREGATION_WARNING)

@@ -61,7 +61,8 @@ def aggregate_train_metrics(contents: list[RecordDict], weighted_by_key: str) ->
     """
     metrics = [c[records.METRICS] for c in contents]
     total = sum(int(m[weighted_by_key]) for m in metrics)
-    return MetricRecord({"epsilon-max": max(float(m[records.EPSILON]) for m in metrics), "examples": total})
+    spent = [float(m[records.EPSILON]) for m in metrics if records.EPSILON in m]  # none: fl-sim's no-DP baseline
+    return MetricRecord({**({"epsilon-max": max(spent)} if spent else {}), "examples": total})
 
 
 def aggregate_evaluate_metrics(contents: list[RecordDict], weighted_by_key: str, *, num_classes: int = 2) -> MetricRecord:
