@@ -3,11 +3,17 @@
 Rewritten atomically after every round, so a crashed run still leaves a valid
 report of the rounds it finished. It holds pooled and per-site metrics and
 each site's ε — numbers only, never an image, a label or a patient id.
+
+When the run ends (whatever its status), :meth:`RunReport.finish` also draws
+PNG plots next to the report (:mod:`server.plots`: AUROC, ε and participation
+per round) and lists them under ``"plots"``. A plot that cannot be drawn costs
+a warning, never the run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from common.files import write_atomic
+from server.plots import PLOT_TITLES, write_plots
+
+log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -44,6 +53,10 @@ class RunReport:
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: str = "running"
     finished: float | None = None
+    kind: str = "deployment"
+    """"deployment" (fl-server) or "simulation" (fl-sim); shown in the report."""
+    plots: list[str] = field(default_factory=list)
+    """PNG files :meth:`finish` drew next to the report (names relative to ``run_dir``)."""
 
     def round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round})
@@ -87,14 +100,28 @@ class RunReport:
         self.save()
 
     def finish(self, status: str) -> None:
+        """Set the final status, save, draw the plots and save again with their names.
+
+        The report is complete before any plot is drawn; a plot that fails costs
+        one warning and leaves ``"plots"`` empty (and no PNG half-written).
+        """
         self.status = status
         self.finished = time.time()
+        self.save()
+        try:
+            self.plots = write_plots(self.run_dir, self.to_json())
+        except Exception as exc:  # plots are a convenience: the run's outcome is not theirs
+            self.plots = []
+            log.warning("Could not draw the run's plots (%s: %s); report.json and report.md are complete",
+                        type(exc).__name__, exc)
+            log.debug("Plot failure", exc_info=True)
         self.save()
 
     def to_json(self) -> dict[str, Any]:
         return _clean(
             {
                 "run_id": self.run_id,
+                "kind": self.kind,
                 "status": self.status,
                 "transport": self.transport,
                 "started": self.started,
@@ -104,6 +131,7 @@ class RunReport:
                 "rounds": [self.rounds[r] for r in sorted(self.rounds)],
                 "sites": self.sites,
                 "final": self.final_metrics(),
+                "plots": list(self.plots),
             }
         )
 
@@ -137,6 +165,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# fedrad run {report['run_id']}",
         "",
+        f"- kind: {report.get('kind', 'deployment')}",
         f"- status: **{report['status']}**",
         f"- transport: {report['transport']}",
         f"- wall time: {report['wall_seconds']:.0f} s",
@@ -154,6 +183,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(p.get('specificity'))} | {_fmt(p.get('precision'))} | {_fmt(p.get('f1'))} | "
             f"{_fmt(p.get('accuracy'))} | {len(t.get('sites', {}))} | {', '.join(sorted(t.get('declined', {}))) or '–'} |"
         )
+    lines += _per_site_validation(report)
     lines += [
         "",
         "## Privacy spent per site (as reported by each site; verify with `fl-audit`)",
@@ -172,7 +202,48 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(s.get('epsilon_prv'))} | {_fmt(s.get('run_epsilon'))} | {_fmt_small(s.get('delta'))} | "
             f"{_fmt(s.get('max_epsilon'))} | {s.get('rounds_trained', 0)} | {s.get('rounds_declined', 0)} |"
         )
+    if report.get("plots"):
+        lines += ["", "## Plots", ""]
+        for name in report["plots"]:
+            lines += [f"![{PLOT_TITLES.get(name, name)}]({name})", ""]
+        lines.pop()
     return "\n".join(lines) + "\n"
+
+
+def _examples(metrics: dict[str, Any]) -> Any:
+    """Validation examples of a site: ``examples`` (multi-class) or positives + negatives (binary)."""
+    if metrics.get("examples") is not None:
+        return int(metrics["examples"])
+    if metrics.get("positives") is not None and metrics.get("negatives") is not None:
+        return int(metrics["positives"]) + int(metrics["negatives"])
+    return None
+
+
+def _per_site_validation(report: dict[str, Any]) -> list[str]:
+    """The "Per-site validation metrics" section: each site's metrics in the last evaluated round."""
+    lines = ["", "## Per-site validation metrics (last evaluated round)", ""]
+    evaluated = [r for r in report["rounds"] if "evaluate" in r]
+    if not evaluated:
+        return [*lines, "No round evaluated yet."]
+    last = evaluated[-1]
+    sites = last["evaluate"].get("sites") or {}
+    if not sites:
+        return [*lines, f"Round {last['round']}: no per-site metrics."]
+    examples = {name: _examples(m or {}) for name, m in sites.items()}
+    with_examples = any(v is not None for v in examples.values())
+    lines += [
+        f"Round {last['round']}.",
+        "",
+        "| site | AUROC | sensitivity | specificity |" + (" examples |" if with_examples else ""),
+        "| --- | --- | --- | --- |" + (" --- |" if with_examples else ""),
+    ]
+    for name, m in sorted(sites.items()):
+        m = m or {}
+        lines.append(
+            f"| {name} | {_fmt(m.get('auroc'))} | {_fmt(m.get('sensitivity'))} | {_fmt(m.get('specificity'))} |"
+            + (f" {_fmt(examples[name])} |" if with_examples else "")
+        )
+    return lines
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
