@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     if not transport.startswith(("tls", "simulation")):
         log.warning(INSECURE_WARNING)
-    if not run.secagg.enabled:
+    if not run.secagg.enabled and report.kind != "simulation":
         log.warning(PLAIN_AGGREGATION_WARNING)
     report.save()
     model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)

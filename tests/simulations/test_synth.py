@@ -14,14 +14,17 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from typer.testing import CliRunner
 
+from simulations.partition import dirichlet_prevalences
 from simulations.synth import (
     CT_IMAGE_STORAGE,
     LABELS_FILENAME,
+    SiteSpec,
     SiteSummary,
     SynthConfigError,
     app,
     site_profile,
     synthesize,
+    synthesize_sites,
 )
 
 SITES = ("A", "B", "C")
@@ -324,6 +327,7 @@ def test_module_entry_point_bad_input(tmp_path: Path, args: list[str]) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ")
@@ -339,7 +343,154 @@ def test_module_entry_point_success(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "TOSHIBA" in proc.stdout
     assert len(list((tmp_path / "D").rglob("*.dcm"))) == 4
+
+
+# --------------------------------------------------------------------------- #
+# synthesize_sites: per-site specs, parallel writing, the fast encoder
+# --------------------------------------------------------------------------- #
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _patient_positive_fraction(site_dir: Path) -> float:
+    labels = _labels(site_dir)
+    positive: dict[str, bool] = {}
+    for path in site_dir.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        positive[ds.PatientID] = positive.get(ds.PatientID, False) or bool(
+            labels[ds.SOPInstanceUID]
+        )
+    return sum(positive.values()) / len(positive)
+
+
+def test_site_specs_set_images_prevalence_and_scanner(tmp_path: Path) -> None:
+    specs = [
+        SiteSpec("few", 5, scanner="PHILIPS"),
+        SiteSpec("high", 120, prevalence=0.9),
+        SiteSpec("low", 120, prevalence=0.1, scanner="Ge"),
+        SiteSpec("D", 7),
+    ]
+    summaries = synthesize_sites(tmp_path, specs, seed=2, size=16)
+    assert list(summaries) == ["few", "high", "low", "D"]
+    for spec in specs:
+        files = sorted((tmp_path / spec.name).rglob("*.dcm"))
+        assert len(files) == spec.images == summaries[spec.name].files
+        assert len(_labels(tmp_path / spec.name)) == spec.images
+    # Scanner override: manufacturer, model, kernel and encoding; the rest is the site's own.
+    own = site_profile("few")
+    ds = pydicom.dcmread(next((tmp_path / "few").rglob("*.dcm")))
+    assert (ds.Manufacturer, ds.ManufacturerModelName, ds.ConvolutionKernel) == (
+        "Philips", "Brilliance 64", "UB"
+    )
+    assert (ds.PixelRepresentation, ds.BitsStored, float(ds.RescaleIntercept)) == (0, 16, -1024.0)
+    assert float(ds.PixelSpacing[0]) == pytest.approx(own.fov_mm / 16, abs=1e-5)
+    assert float(ds.SliceThickness) == own.slice_thickness_mm
+    low = pydicom.dcmread(next((tmp_path / "low").rglob("*.dcm")))
+    assert low.Manufacturer == "GE MEDICAL SYSTEMS" and low.PixelRepresentation == 0
+    assert float(low.RescaleIntercept) == -1024.0
+    assert pydicom.dcmread(next((tmp_path / "D").rglob("*.dcm"))).Manufacturer == "TOSHIBA"
+    # Prevalence override: the share of patients with a lesion follows it.
+    assert _patient_positive_fraction(tmp_path / "high") > 0.7
+    assert _patient_positive_fraction(tmp_path / "low") < 0.3
+    assert summaries["high"].positives > 3 * summaries["low"].positives
+
+
+def test_site_profile_overrides_keep_the_rest() -> None:
+    for name in ("A", "hospital-x_7"):
+        own = site_profile(name)
+        other = site_profile(name, scanner="toshiba", prevalence=0.2)
+        assert (other.manufacturer, other.model, other.kernel) == (
+            "TOSHIBA", "Aquilion ONE", "FC26"
+        )
+        assert other.prevalence == 0.2
+        keep = ("fov_mm", "slice_thickness_mm", "noise_hu", "hu_offset", "kvp", "institution")
+        assert all(getattr(other, f) == getattr(own, f) for f in keep)
+    assert site_profile("A", scanner="GE") == site_profile("A")
+
+
+def test_synthesize_is_synthesize_sites(tmp_path: Path) -> None:
+    synthesize(tmp_path / "a", sites=["A", "site-9"], images_per_site=6, seed=4, size=16)
+    synthesize_sites(
+        tmp_path / "b", [SiteSpec("A", 6), SiteSpec("site-9", 6)], seed=4, size=16
+    )
+    assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+
+
+def test_workers_write_the_same_bytes(tmp_path: Path) -> None:
+    specs = [
+        SiteSpec("A", 6),
+        SiteSpec("B", 4, prevalence=0.8),
+        SiteSpec("x-1", 5, scanner="siemens"),
+        SiteSpec("x-2", 3),
+    ]
+    one = synthesize_sites(tmp_path / "one", specs, seed=7, size=16)
+    two = synthesize_sites(tmp_path / "two", specs, seed=7, size=16, workers=2)
+    assert one == two and list(two) == [s.name for s in specs]
+    assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "two")
+
+
+def test_fast_encoder_writes_what_save_as_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file is byte for byte what ``Dataset.save_as(enforce_file_format=True)`` writes."""
+    import io
+
+    import simulations.synth as synth_module
+
+    class SaveAs:
+        def __init__(self, ds: pydicom.Dataset) -> None:
+            pass
+
+        def encode(self, ds: pydicom.Dataset) -> bytes:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            return buffer.getvalue()
+
+    specs = [SiteSpec(name, 9) for name in ("A", "B", "C", "D", "odd_1")]
+    synthesize_sites(tmp_path / "fast", specs, seed=11, size=17)
+    monkeypatch.setattr(synth_module, "_SeriesEncoder", SaveAs)
+    synthesize_sites(tmp_path / "slow", specs, seed=11, size=17)
+    fast, slow = _tree_bytes(tmp_path / "fast"), _tree_bytes(tmp_path / "slow")
+    assert len(fast) == 5 * 10 and fast == slow
+
+
+@pytest.mark.parametrize(
+    ("specs", "kwargs", "fragment"),
+    [
+        ([], {}, "at least one"),
+        (["A"], {}, "SiteSpec objects"),
+        ([SiteSpec("A", 0)], {}, "`images` of site A"),
+        ([SiteSpec("A", 2, prevalence=1.5)], {}, "`prevalence` of site A to be between 0 and 1"),
+        ([SiteSpec("A", 2, prevalence=0.0)], {}, "`prevalence` of site A"),
+        ([SiteSpec("A", 2, prevalence=True)], {}, "`prevalence` of site A"),
+        ([SiteSpec("A", 2, scanner="canon")], {}, "`scanner` of site A to be one of ge, siemens"),
+        ([SiteSpec("A", 2), SiteSpec("a", 2)], {}, "distinct"),
+        ([SiteSpec("A/B", 2)], {}, "site names"),
+        ([SiteSpec("A", 2)], {"workers": 0}, "`workers`"),
+        ([SiteSpec("A", 2)], {"size": 8}, "`size`"),
+        ([SiteSpec("A", 2)], {"seed": -1}, "`seed`"),
+    ],
+)
+def test_invalid_specs_raise(
+    tmp_path: Path, specs: list[object], kwargs: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(SynthConfigError, match="^Expected") as info:
+        synthesize_sites(tmp_path, specs, **{"size": 16, **kwargs})  # type: ignore[arg-type]
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert not any(tmp_path.iterdir()), "nothing is written for invalid input"
+
+
+def test_synthetic_label_skew_with_dirichlet_prevalences(tmp_path: Path) -> None:
+    prevalences = dirichlet_prevalences(3, alpha=0.2, seed=1)
+    specs = [SiteSpec(f"s{i}", 3, prevalence=p) for i, p in enumerate(prevalences)]
+    summaries = synthesize_sites(tmp_path, specs, size=16)
+    assert [s.files for s in summaries.values()] == [3, 3, 3]

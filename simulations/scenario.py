@@ -1,0 +1,268 @@
+"""fl-sim scenarios: TOML files under ``simulations/scenarios/``, overridable on the command line.
+
+A scenario says which virtual hospitals exist and what data they hold
+(``[sites]``), what each one's privacy budget is (``[privacy]``), how the
+federation trains (``[run]``: any key of the project's
+``[tool.flwr.app.config]``) and how many sites run at once (``[simulation]``).
+``--set section.key=value`` overrides one value (the value is TOML:
+``--set run.num-server-rounds=3``, ``--set sites.images=[400,800]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import SITE_NAME_RE
+from common.errors import ConfigError
+
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+DEFAULT_SCENARIO = "default"
+SECTIONS = ("sites", "privacy", "run", "simulation")
+SOURCES = ("synth", "folder")
+# Run-config keys fl-sim sets itself; a scenario cannot.
+RESERVED_RUN_KEYS = ("workdir", "runs-dir", "sim-sites", "transport", "site-nodes")
+
+
+@dataclass(frozen=True)
+class SitesSpec:
+    """The virtual hospitals and their data."""
+
+    count: int = 3
+    names: tuple[str, ...] = ()
+    source: str = "synth"
+    images: tuple[int, ...] = (1000,)  # one value for every site, or one per site
+    prevalence: tuple[float, ...] = ()  # per site; empty = the scanner profile's own (or Dirichlet skew)
+    scanners: tuple[str, ...] = ()  # per site; empty = each site's own (hash of its name)
+    alpha: float = 0.0  # Dirichlet label skew across sites; 0 = none
+    image_size: int = 64  # synthetic DICOM size in pixels
+    folder: str = ""  # source = "folder": a labelled DICOM folder to split into sites
+    sizes: tuple[float, ...] = ()  # source = "folder": relative site sizes
+    seed: int = 0
+
+    def site_names(self) -> list[str]:
+        if self.names:
+            return list(self.names)
+        if self.source == "folder":
+            return [f"site-{i + 1:03d}" for i in range(self.count)]
+        width = max(3, len(str(self.count)))
+        return [f"site-{i + 1:0{width}d}" for i in range(self.count)]
+
+    def images_per_site(self) -> list[int]:
+        return list(self.images) * self.count if len(self.images) == 1 else list(self.images)
+
+    def data_key(self) -> str:
+        """Hash of everything that decides the sites' data: equal keys share one generated copy."""
+        spec = {k: v for k, v in self.__dict__.items()}
+        spec["names"] = self.site_names()
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Each virtual site's own privacy choices (its node config)."""
+
+    dp: bool = True
+    epsilon: tuple[float, ...] = (8.0,)  # one value for every site, or one per site
+    delta: float = 1e-5
+    unit: str = "patient"
+    secure_mode: bool = True  # DP noise from the OS CSPRNG; false makes noise reproducible (tests only)
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    concurrency: int = 2  # sites that train at the same time (Ray actors)
+    threads_per_site: int = 1
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str = ""
+    sites: SitesSpec = SitesSpec()
+    privacy: PrivacySpec = PrivacySpec()
+    run: dict[str, Any] = field(default_factory=dict)
+    simulation: SimulationSpec = SimulationSpec()
+
+    def epsilons(self) -> list[float]:
+        n = self.sites.count
+        return list(self.privacy.epsilon) * n if len(self.privacy.epsilon) == 1 else list(self.privacy.epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the run report (sites, privacy, run, simulation)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "sites": {k.replace("_", "-"): v for k, v in self.sites.__dict__.items()},
+            "privacy": {k.replace("_", "-"): v for k, v in self.privacy.__dict__.items()},
+            "run": dict(self.run),
+            "simulation": {k.replace("_", "-"): v for k, v in self.simulation.__dict__.items()},
+        }
+
+
+def scenario_path(name_or_path: str) -> Path:
+    """A scenario file: a path, or the name of one under ``simulations/scenarios/``."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"Expected a scenario file at {path}, but there is none")
+        return path
+    candidate = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+        raise ConfigError(f"Expected a scenario name ({known}) or a .toml file, but got {name_or_path!r}")
+    return candidate
+
+
+def available() -> dict[str, str]:
+    """Bundled scenarios: name → description."""
+    out = {}
+    for path in sorted(SCENARIO_DIR.glob("*.toml")):
+        with path.open("rb") as handle:
+            out[path.stem] = str(tomllib.load(handle).get("description", ""))
+    return out
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` → (section, key, TOML value); bare words are strings."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"Expected `--set section.key=value` (e.g. run.num-server-rounds=3), but got {text!r}")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"Expected `--set` section to be one of {', '.join(SECTIONS)}, but got {section!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key.strip(), value
+
+
+def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Read a scenario and apply ``--set`` overrides; validate everything once."""
+    path = scenario_path(name_or_path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Expected valid TOML in {path}, but it does not parse ({exc})") from exc
+    for extra in sorted(set(data) - {*SECTIONS, "name", "description"}):
+        raise ConfigError(f"Expected sections {', '.join(SECTIONS)} in {path}, but got [{extra}]")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})[key] = value
+    return build(data, default_name=path.stem)
+
+
+def _list(section: str, key: str, value: Any, kind: type) -> tuple[Any, ...]:
+    values = value if isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+            raise ConfigError(f"Expected `{section}.{key}` to hold {kind.__name__} values, but got {value!r}")
+        out.append(v)
+    return tuple(out)
+
+
+def _take(section: str, table: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table.pop(key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"Expected `{section}.{key}` to be {kind.__name__}, but got {value!r}")
+    return value
+
+
+def _no_leftovers(section: str, table: dict[str, Any]) -> None:
+    if table:
+        raise ConfigError(f"Expected known keys in [{section}], but got {', '.join(sorted(table))}")
+
+
+def build(data: dict[str, Any], *, default_name: str = "scenario") -> Scenario:
+    """Validate parsed TOML into a :class:`Scenario`."""
+    s = dict(data.get("sites", {}))
+    d = SitesSpec()
+    names = _list("sites", "names", s.pop("names"), str) if "names" in s else ()
+    count = _take("sites", s, "count", int, len(names) or d.count)
+    if names and len(names) != count:
+        raise ConfigError(f"Expected {count} names in `sites.names`, but got {len(names)}")
+    for n in names:
+        if not SITE_NAME_RE.match(n):
+            raise ConfigError(f"Expected site names of letters, digits, '_' or '-', but got {n!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError("Expected distinct names in `sites.names`")
+    sites = SitesSpec(
+        count=count,
+        names=names,
+        source=_take("sites", s, "source", str, d.source),
+        images=_list("sites", "images", s.pop("images"), int) if "images" in s else d.images,
+        prevalence=_list("sites", "prevalence", s.pop("prevalence"), float) if "prevalence" in s else (),
+        scanners=_list("sites", "scanners", s.pop("scanners"), str) if "scanners" in s else (),
+        alpha=_take("sites", s, "alpha", float, d.alpha),
+        image_size=_take("sites", s, "image-size", int, d.image_size),
+        folder=_take("sites", s, "folder", str, d.folder),
+        sizes=_list("sites", "sizes", s.pop("sizes"), float) if "sizes" in s else (),
+        seed=_take("sites", s, "seed", int, d.seed),
+    )
+    _no_leftovers("sites", s)
+    if sites.count < 1:
+        raise ConfigError(f"Expected `sites.count` to be at least 1, but got {sites.count}")
+    if sites.source not in SOURCES:
+        raise ConfigError(f"Expected `sites.source` to be one of {', '.join(SOURCES)}, but got {sites.source!r}")
+    if sites.source == "folder" and not sites.folder:
+        raise ConfigError("Expected `sites.folder` (a labelled DICOM folder) with `sites.source = \"folder\"`")
+    for key, values in (("images", sites.images), ("prevalence", sites.prevalence), ("scanners", sites.scanners),
+                        ("sizes", sites.sizes)):
+        if len(values) not in (0, 1, sites.count) or (key == "images" and not values):
+            raise ConfigError(f"Expected one value or {sites.count} values in `sites.{key}`, but got {len(values)}")
+    if any(n < 1 for n in sites.images):
+        raise ConfigError(f"Expected `sites.images` to be at least 1, but got {list(sites.images)}")
+    if sites.alpha < 0:
+        raise ConfigError(f"Expected `sites.alpha` to be 0 (no skew) or positive, but got {sites.alpha}")
+    if sites.alpha and sites.prevalence:
+        raise ConfigError("Expected either `sites.alpha` (Dirichlet label skew) or `sites.prevalence`, not both")
+
+    p = dict(data.get("privacy", {}))
+    dp_default = PrivacySpec()
+    privacy = PrivacySpec(
+        dp=_take("privacy", p, "dp", bool, dp_default.dp),
+        epsilon=_list("privacy", "epsilon", p.pop("epsilon"), float) if "epsilon" in p else dp_default.epsilon,
+        delta=_take("privacy", p, "delta", float, dp_default.delta),
+        unit=_take("privacy", p, "unit", str, dp_default.unit),
+        secure_mode=_take("privacy", p, "secure-mode", bool, dp_default.secure_mode),
+    )
+    _no_leftovers("privacy", p)
+    if len(privacy.epsilon) not in (1, sites.count) or any(e <= 0 for e in privacy.epsilon):
+        raise ConfigError(
+            f"Expected `privacy.epsilon` to be one positive value or {sites.count}, but got {list(privacy.epsilon)}"
+        )
+
+    run = dict(data.get("run", {}))
+    for key in RESERVED_RUN_KEYS:
+        if key in run:
+            raise ConfigError(f"Expected no `run.{key}` in a scenario: fl-sim sets it itself")
+
+    m = dict(data.get("simulation", {}))
+    simulation = SimulationSpec(
+        concurrency=_take("simulation", m, "concurrency", int, SimulationSpec.concurrency),
+        threads_per_site=_take("simulation", m, "threads-per-site", int, SimulationSpec.threads_per_site),
+    )
+    _no_leftovers("simulation", m)
+    if simulation.concurrency < 1 or simulation.threads_per_site < 1:
+        raise ConfigError("Expected `simulation.concurrency` and `simulation.threads-per-site` to be at least 1")
+    return Scenario(
+        name=str(data.get("name", default_name)),
+        description=str(data.get("description", "")),
+        sites=sites,
+        privacy=privacy,
+        run=run,
+        simulation=simulation,
+    )

@@ -1,0 +1,99 @@
+"""Scenario files and --set overrides (simulations.scenario), and fl-sim's run-config checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from simulations import scenario as sc
+from simulations.sim import checked_run_config, project_run_defaults, run_overrides, site_rows
+
+
+def test_every_bundled_scenario_loads_and_gives_a_valid_run_config(tmp_path: Path) -> None:
+    names = sc.available()
+    assert {"default", "tiny", "skewed", "scale"} <= set(names)
+    for name, description in names.items():
+        assert description, name
+        s = sc.load(name)
+        run = checked_run_config(run_overrides(s, workdir=tmp_path, runs_dir=tmp_path / "runs", table=tmp_path / "t.json"))
+        assert run.num_server_rounds >= 1
+        assert len(s.epsilons()) == s.sites.count
+        assert len(s.sites.site_names()) == s.sites.count == len(s.sites.images_per_site())
+
+
+def test_overrides_are_toml_values() -> None:
+    s = sc.load("tiny", ["run.num-server-rounds=7", "sites.images=[10, 20, 30]", "privacy.epsilon=2", "run.window=bone"])
+    assert s.run["num-server-rounds"] == 7
+    assert s.sites.images_per_site() == [10, 20, 30]
+    assert s.epsilons() == [2.0, 2.0, 2.0]
+    assert s.run["window"] == "bone"
+
+
+def test_data_key_follows_the_data_spec_only() -> None:
+    base = sc.load("tiny")
+    assert sc.load("tiny", ["run.num-server-rounds=9"]).sites.data_key() == base.sites.data_key()
+    assert sc.load("tiny", ["privacy.epsilon=1"]).sites.data_key() == base.sites.data_key()
+    assert sc.load("tiny", ["sites.seed=2"]).sites.data_key() != base.sites.data_key()
+    assert sc.load("tiny", ["sites.count=4"]).sites.data_key() != base.sites.data_key()
+
+
+def test_site_rows_are_node_configs(tmp_path: Path) -> None:
+    s = sc.load("tiny", ["privacy.epsilon=[1, 2, 3]", "privacy.dp=false"])
+    data = {n: tmp_path / n for n in s.sites.site_names()}
+    rows = site_rows(s, data, sites_dir=tmp_path / "sites", ledgers_dir=tmp_path / "ledgers")
+    assert [r["max-epsilon"] for r in rows] == [1.0, 2.0, 3.0]
+    assert all(r["dp"] is False for r in rows)
+    assert rows[0]["ledger-dir"] == str(tmp_path / "ledgers" / rows[0]["site"])
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["sites.count=0"], "sites.count"),
+        (["sites.images=[1, 2]"], "sites.images"),
+        (["sites.alpha=-1"], "sites.alpha"),
+        (["sites.alpha=0.5", "sites.prevalence=0.3"], "not both"),
+        (["sites.source=pacs"], "sites.source"),
+        (["sites.source=folder"], "sites.folder"),
+        (["sites.colour=1"], "known keys in [sites]"),
+        (["privacy.epsilon=-1"], "privacy.epsilon"),
+        (["privacy.dp=maybe"], "privacy.dp"),
+        (["simulation.concurrency=0"], "concurrency"),
+        (["run.workdir=/x"], "fl-sim sets it itself"),
+        (["nonsense"], "--set section.key=value"),
+        (["model.x=1"], "section to be one of"),
+        (["sites.names=['A', 'A', 'B']"], "distinct"),
+    ],
+)
+def test_bad_scenarios_say_what_is_wrong(sets: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        sc.load("tiny", sets)
+    assert expected in str(info.value)
+
+
+def test_unknown_run_keys_and_bad_values_are_refused(tmp_path: Path) -> None:
+    args = {"workdir": tmp_path, "runs_dir": tmp_path, "table": tmp_path / "t.json"}
+    with pytest.raises(ConfigError, match="num-server-round"):
+        run_overrides(sc.load("tiny", ["run.num-server-round=3"]), **args)
+    with pytest.raises(ConfigError, match="learning-rate"):
+        checked_run_config(run_overrides(sc.load("tiny", ["run.learning-rate=-1"]), **args))
+    assert "sim-sites" in project_run_defaults()
+
+
+def test_scenario_files_and_names(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text('description = "x"\n[sites]\ncount = 2\nimages = 5\n[run]\nsecagg = false\n')
+    s = sc.load(str(path))
+    assert s.name == "mine" and s.sites.count == 2
+    with pytest.raises(ConfigError, match="scenario name"):
+        sc.load("no-such-scenario")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sites\n")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        sc.load(str(bad))
+    extra = tmp_path / "extra.toml"
+    extra.write_text("[model]\nx = 1\n")
+    with pytest.raises(ConfigError, match=r"\[model\]"):
+        sc.load(str(extra))
