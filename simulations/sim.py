@@ -18,13 +18,14 @@ Folders (``--workdir``, default ``.fedrad-sim``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -253,8 +254,9 @@ class _Progress:
             bar.update(rounds, completed=len([r for r in report.get("rounds", []) if "train" in r]))
 
 
-def _quiet_flower(log_file: Path, verbose: bool) -> None:
-    """Flower's console shows warnings only; everything (ours included) goes to ``log_file``."""
+@contextlib.contextmanager
+def _flower_logs(log_file: Path, verbose: bool) -> Iterator[None]:
+    """Flower's console shows warnings only; everything (ours included) goes to ``log_file`` for the run."""
     from flwr.common.logger import update_console_handler
 
     if not verbose:
@@ -266,6 +268,13 @@ def _quiet_flower(log_file: Path, verbose: bool) -> None:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addHandler(handler)
     flwr_logger.propagate = False
+    try:
+        yield
+    finally:
+        flwr_logger.removeHandler(handler)
+        for name in ("server", "common", "client"):  # use_flower_log_handlers copied it onto ours
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
 
 
 # ----------------------------------------------------------------------------- simulate
@@ -298,7 +307,6 @@ def simulate(
     write_atomic(table, json.dumps(rows, indent=1))
     run_dir = runs_dir / str(run_id)
     metrics = SimulationMetrics()
-    _quiet_flower(workdir / "logs" / f"{run_id}.log", verbose)
     budgets = ", ".join(sorted({f"{r['max-epsilon']:g}" for r in rows}))
     say(
         f"run {run_id}: {len(rows)} sites, {run.num_server_rounds} rounds, "
@@ -306,7 +314,9 @@ def simulate(
         f"SecAgg+ {'on' if run.secagg.enabled else 'off'}, {sc.simulation.concurrency} sites at a time"
     )
     t1 = time.monotonic()
-    with _Progress(run_dir=run_dir, rounds=run.num_server_rounds, sites=len(rows), metrics=metrics, enabled=progress):
+    with _flower_logs(workdir / "logs" / f"{run_id}.log", verbose), _Progress(
+        run_dir=run_dir, rounds=run.num_server_rounds, sites=len(rows), metrics=metrics, enabled=progress
+    ):
         try:
             run_app(
                 run_id=run_id, num_sites=len(rows), run_config=overrides, concurrency=sc.simulation.concurrency,
