@@ -97,3 +97,18 @@ def test_scenario_files_and_names(tmp_path: Path) -> None:
     extra.write_text("[model]\nx = 1\n")
     with pytest.raises(ConfigError, match=r"\[model\]"):
         sc.load(str(extra))
+
+
+def test_compare_table_ratios_and_many_sites() -> None:
+    from simulations.compare import ArmResult, render_table
+
+    pooled = ArmResult("pooled", "pooled", {"auroc": 0.9, "sensitivity": 0.8, "specificity": 0.5},
+                       {"A": {"auroc": 0.8}, "B": {"auroc": 1.0}}, 1.0)
+    fed = ArmResult("fedavg", "FedAvg", {"auroc": 0.81, "sensitivity": 0.0, "specificity": float("nan")},
+                    {"A": {"auroc": 0.7}, "B": {"auroc": None}}, 1.0)
+    table = render_table([pooled, fed]).splitlines()
+    assert table[0].startswith("| arm | auroc |") and "AUROC A" in table[0] and "AUROC B" in table[0]
+    assert table[3].split(" | ")[1:8] == ["0.810", "0.000", "–", "0.900", "0.000", "–", "0.700"]
+    many = ArmResult("pooled", "pooled", {"auroc": 0.5}, {f"s{i:02d}": {"auroc": i / 20} for i in range(20)}, 1.0)
+    row = render_table([many]).splitlines()[2]
+    assert row.endswith("| 0.000 | 0.475 | 0.950 |")
