@@ -85,10 +85,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.secagg import machine_cpu  # one /proc/stat reader for both benchmarks
+
 RESULT_PREFIX = "SIM_SCALE_RESULT "
 SCENARIO = "scale"
 DEFAULT_SITES = "10,100,1000"
 UNITS = ("patient", "image")
+
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 MB = 1024.0  # kB per MB (MiB)
 
@@ -233,14 +236,6 @@ def by_name(parts: dict[int, Memory], names: dict[int, str]) -> dict[str, dict[s
             "uss_mb": None if total.uss_kb is None else round(total.uss_kb / MB, 1),
         }
     return out
-
-
-def machine_cpu() -> float:
-    """CPU seconds every process on this machine has used since boot (``/proc/stat``)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / _TICK
 
 
 def _thread_label(name: str) -> str:

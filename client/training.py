@@ -83,6 +83,17 @@ def patient_groups(patients: tuple[str, ...] | list[str] | np.ndarray) -> np.nda
     return inverse.astype(np.int64)
 
 
+def group_members(groups: np.ndarray | None, n: int) -> list[np.ndarray]:
+    """Image indices of each group (patient) 0…P-1; ``None`` makes every image its own group."""
+    groups = np.arange(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    if groups.shape != (n,):
+        raise ValueError(f"Expected one group per image ({n}), but got {groups.shape}")
+    order = np.argsort(groups, kind="stable")
+    num_groups = int(groups.max()) + 1 if n else 0
+    bounds = np.searchsorted(groups[order], np.arange(num_groups + 1))
+    return [order[bounds[g] : bounds[g + 1]] for g in range(num_groups)]
+
+
 def _torchcsprng_available() -> bool:
     import importlib.util
 
@@ -163,13 +174,8 @@ def train_dp(
     from torch.utils.data import DataLoader, TensorDataset
 
     n = int(labels.shape[0])
-    groups = np.arange(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
-    if groups.shape != (n,):
-        raise ValueError(f"Expected one group per image ({n}), but got {groups.shape}")
-    order = np.argsort(groups, kind="stable")
-    num_groups = int(groups.max()) + 1 if n else 0
-    bounds = np.searchsorted(groups[order], np.arange(num_groups + 1))
-    members = [order[bounds[g] : bounds[g + 1]] for g in range(num_groups)]
+    members = group_members(groups, n)
+    num_groups = len(members)
     one_per_group = all(len(m) == 1 for m in members)
 
     csprng = secure_mode and _torchcsprng_available()
@@ -272,13 +278,8 @@ def train_plain(
     import torch
 
     n = int(labels.shape[0])
-    groups = np.arange(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
-    if groups.shape != (n,):
-        raise ValueError(f"Expected one group per image ({n}), but got {groups.shape}")
-    order = np.argsort(groups, kind="stable")
-    num_groups = int(groups.max()) + 1 if n else 0
-    bounds = np.searchsorted(groups[order], np.arange(num_groups + 1))
-    members = [order[bounds[g] : bounds[g + 1]] for g in range(num_groups)]
+    members = group_members(groups, n)
+    num_groups = len(members)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))

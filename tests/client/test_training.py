@@ -247,3 +247,28 @@ def test_multiclass_site_trains_and_evaluates(tiny_sites: Path, tmp_path: Path) 
     assert len(stats["auroc-confmat"]) == AUROC_THRESHOLDS * 3 * 4 and len(stats["stat-scores"]) == 12
     pooled = pooled_metrics([stats], num_classes=3)
     assert pooled["examples"] == stats["num-examples"] and 0 <= pooled["accuracy"] <= 1
+
+
+def test_train_plain_takes_the_dp_number_of_steps_without_noise() -> None:
+    """fl-sim's no-DP baseline: same steps per epoch as DP-SGD (ceil(P / batch)), deterministic, weights move."""
+    import numpy as np
+    import torch
+
+    from client.training import group_members, train_plain
+    from common.models import build_model
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(30, 1, 16, 16)).astype(np.float32)
+    labels = (rng.random(30) > 0.5).astype(np.int64)
+    groups = np.repeat(np.arange(10), 3)
+    assert [list(m) for m in group_members(groups, 30)][:2] == [[0, 1, 2], [3, 4, 5]]
+    outcomes, states = [], []
+    for _ in range(2):
+        model = build_model("fedrad-cnn", image_size=16, seed=0)
+        before = [p.detach().clone() for p in model.parameters()]
+        outcomes.append(train_plain(model, images=images, labels=labels, groups=groups, epochs=2, batch_size=4,
+                                    learning_rate=0.01, device=torch.device("cpu"), seed=5))
+        states.append([p.detach().clone() for p in model.parameters()])
+        assert any(not torch.equal(a, b) for a, b in zip(before, states[-1], strict=True))
+    assert outcomes[0].steps == 2 * 3 and outcomes[0].num_examples == 30
+    assert all(torch.equal(a, b) for a, b in zip(*states, strict=True))
