@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.config import site_name
 from common.errors import ConfigError
-from common.files import write_atomic
+from common.files import replace_dir, write_atomic
 from common.kit import (
     CA_CERT_FILE,
     FORMAT,
@@ -565,17 +565,7 @@ class Consortium:
 
     def _swap_in(self, staging: Path, kit: Path) -> None:
         """Replace the folder ``kit`` by ``staging``; on failure the old kit stays in place."""
-        if not kit.exists():
-            os.replace(staging, kit)
-            return
-        old = kit.with_name(f".{kit.name}.{os.getpid()}.old")
-        os.replace(kit, old)
-        try:
-            os.replace(staging, kit)
-        except BaseException:
-            os.replace(old, kit)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(staging, kit)
 
     def _write_archive(self, site: str, folder: Path) -> Path:
         """A temporary file (0600) beside ``kits/<site>.tar.gz`` holding ``folder``'s files as

@@ -54,6 +54,7 @@ import numpy as np
 from client.data.cache import scan
 from client.data.labels import LABELS_FILE, Labels, normalise_path_key, read_labels
 from common.errors import ConfigError, DataError
+from common.files import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -407,18 +408,7 @@ def _label_rows(data_dir: Path, key: str) -> tuple[list[str], list[tuple[str, li
 
 def _install(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` folder to ``out``, replacing an empty or earlier ``out``."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(aside)
-    os.rename(out, aside)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def partition_folder(

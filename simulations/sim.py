@@ -122,7 +122,7 @@ def prepare_data(spec: scenarios.SitesSpec, workdir: Path, *, classes: tuple[str
 
 
 def warm_caches(
-    data_dirs: dict[str, Path], sites_dir: Path, run: RunConfig, *, on_site: Any = None
+    data_dirs: dict[str, Path], sites_dir: Path, run: RunConfig
 ) -> None:
     """Build every site's preprocessing cache now (what each site would do on its first message)."""
     from client.data.dataset import load_site_data
@@ -132,8 +132,6 @@ def warm_caches(
             data_dir=data_dir, work_dir=sites_dir / name, config=run.preprocess, classes=run.classes,
             val_fraction=run.val_fraction, seed=run.seed, workers=1,
         )
-        if on_site is not None:
-            on_site(name)
 
 
 # ----------------------------------------------------------------------------- run config

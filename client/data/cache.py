@@ -53,6 +53,7 @@ from client.data.dicom import RETRYABLE, DicomInfo
 from client.data.labels import LABELS_FILE
 from common.config import PreprocessConfig
 from common.errors import DataError, DicomRejected
+from common.files import replace_dir
 
 log = logging.getLogger(__name__)
 INDEX_VERSION = 3
@@ -299,17 +300,6 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing it; readers see the old or the new, never a mix."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @dataclass(frozen=True)
 class CacheUpdate:
     folder: Path
@@ -410,7 +400,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
             (tmp / "new-frames.raw").unlink()
             index = _write_index(tmp, config=config, data_dir=data_dir, entries=entries)
             del old_store
-            _replace_dir(tmp, folder)
+            replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -147,7 +147,7 @@ def test_interrupted_update_leaves_the_previous_cache(site: Path, tmp_path: Path
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "_replace_dir", crash)
+    monkeypatch.setattr(cache_mod, "replace_dir", crash)
     with pytest.raises(KeyboardInterrupt):
         update_cache(data_dir=site, work_dir=work, config=CONFIG, workers=1)
     monkeypatch.undo()
