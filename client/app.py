@@ -51,6 +51,12 @@ def train(msg: Message, context: Context) -> Message:
     """
     from client.secure import is_legacy_fit
 
+    if _expired(msg):
+        site, _ = _configs(context)
+        reason = f"site {site.site} did not train: the round's deadline had passed when its message arrived"
+        log.warning("%s", reason)
+        content = RecordDict({records.SITE: ConfigRecord({records.SITE_NAME: site.site, records.DECLINED: reason})})
+        return Message(content=content, reply_to=msg)
     if is_legacy_fit(msg.content):
         return _train_secure(msg, context)
     site, run = _configs(context)
@@ -73,6 +79,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _expired(msg: Message) -> bool:
+    """Whether the coordinator's deadline for this message (its TTL) has passed: training it would spend
+    privacy on an update the coordinator no longer takes."""
+    import time
+
+    return msg.metadata.created_at + msg.metadata.ttl < time.time()
+
+
 class _Declined(NamedTuple):
     reason: str
     budget: dict[str, float]
@@ -81,11 +95,15 @@ class _Declined(NamedTuple):
 def _train_or_decline(
     site: SiteConfig, run: RunConfig, context: Context, server_round: int, weights: OrderedDict[str, torch.Tensor]
 ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float | int], dict[str, str | int]] | _Declined:
+    from client.faults import after_training
     from client.site import train_round
     from common.errors import PrivacyBudgetExceeded
 
     try:
-        return train_round(site=site, run=run, run_id=context.run_id, server_round=server_round, weights=weights)
+        new_weights, metrics, facts = train_round(
+            site=site, run=run, run_id=run.run_id(context.run_id), server_round=server_round, weights=weights
+        )
+        return after_training(site.site, new_weights), metrics, facts
     except PrivacyBudgetExceeded as exc:
         # A decline is an answer, not a failure: no weights, the reason and the budget facts only.
         log.warning("%s", exc)

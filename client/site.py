@@ -11,6 +11,7 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from client.replay import UpdateStore, weights_digest
 from common import records
 from common.config import RunConfig, SiteConfig
 from common.errors import DataError, PrivacyBudgetExceeded
@@ -117,9 +118,13 @@ def _epsilon_metrics(prefix: str, eps: Epsilons) -> dict[str, float]:
 
 
 def train_round(
-    *, site: SiteConfig, run: RunConfig, run_id: int, server_round: int, weights: StateDict
+    *, site: SiteConfig, run: RunConfig, run_id: int | str, server_round: int, weights: StateDict
 ) -> tuple[StateDict, dict[str, float | int], dict[str, str | int]]:
     """Train the global weights with DP-SGD on the site's training split, inside its budget.
+
+    A round this site already trained and booked in this run, asked for again with
+    the same weights (the coordinator resumed after losing it), is answered with the
+    stored update: no new training, no new ledger row (:mod:`client.replay`).
 
     Returns the new weights, the numbers for the coordinator (training loss and the
     DP facts of this round) and the site's non-numeric facts (privacy unit, ledger key
@@ -142,6 +147,23 @@ def train_round(
     ledger = Ledger(site.privacy_dir)
     check_ledger(site, ledger)
     on_dataset = [row for row in ledger.rows() if row.fingerprint == data.fingerprint]
+    store = UpdateStore(site.work_dir)
+    started_from = weights_digest(weights)
+    booked = [row for row in on_dataset if row.run_id == str(run_id) and row.server_round == server_round]
+    if booked:
+        stored = store.load(run_id=str(run_id), server_round=server_round, started_from=started_from)
+        if stored is not None:
+            log.warning(
+                "Site %s: round %d of run %s was already trained and booked (ledger row %d); the coordinator lost it, "
+                "so the same update is sent again: no new training, no new privacy cost",
+                site.site, server_round, run_id, booked[-1].seq,
+            )
+            return stored
+        log.warning(
+            "Site %s: round %d of run %s was already trained (ledger row %d) from other weights or without a stored "
+            "update; training it again is booked again",
+            site.site, server_round, run_id, booked[-1].seq,
+        )
     earlier = [row.event for row in on_dataset]
     groups, num_units = _train_groups(site, data)
     plan = ledger.plan(run_id=str(run_id), fingerprint=data.fingerprint)
@@ -218,6 +240,8 @@ def train_round(
         records.LEDGER_HASH: row.hash,
     }
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
+    store.save(run_id=str(run_id), server_round=server_round, started_from=started_from, weights=state,
+               metrics=metrics, facts=facts)
     return state, metrics, facts
 
 

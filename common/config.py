@@ -252,6 +252,59 @@ class SecAggConfig:
         return sites * step * self.max_weight / max(total_examples, 1) + 1e-6
 
 
+AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+
+
+def _run_id(value: Any) -> str:
+    text = str(value)
+    if not isinstance(value, str | int) or isinstance(value, bool) or (text and not text.isdigit()):
+        raise ConfigError(f"Expected `resume-run-id` to be a run id (digits) or empty, but got {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How the coordinator runs a round: deadlines, quorum, retries, update screening, aggregation.
+
+    - ``timeout``: seconds the coordinator waits for the sites' answers to one round's
+      training (and again for its evaluation). A message not answered by then expires:
+      the round goes on with the sites that answered, and a late site never trains it.
+    - ``join_timeout``: seconds to wait, at the start of a round, for ``min-sites`` sites to be
+      connected before the round is given up.
+    - ``retries``: a round whose usable answers fall short of ``min-sites`` is tried again this
+      many times (with the sites connected then) before the run stops with the reason.
+    - ``norm_factor``: an update whose distance from the global model is more than this many
+      times the median of the other sites' is rejected (0 turns the check off; plain runs only).
+    - ``aggregation``: ``fedavg`` (weighted by examples), or the robust ``trimmed-mean`` /
+      ``median`` (coordinate-wise, unweighted; plain runs only), with ``trim_fraction``.
+    """
+
+    timeout: float = 600.0
+    join_timeout: float = 600.0
+    retries: int = 1
+    norm_factor: float = 10.0
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RoundPolicy:
+        d = cls()
+        norm_factor = _non_negative_float("norm-factor", _get(run_config, "norm-factor", d.norm_factor))
+        if 0 < norm_factor <= 1:
+            raise ConfigError(f"Expected `norm-factor` to be 0 (off) or above 1, but got {norm_factor!r}")
+        trim = _non_negative_float("trim-fraction", _get(run_config, "trim-fraction", d.trim_fraction))
+        if trim >= 0.5:
+            raise ConfigError(f"Expected `trim-fraction` to be below 0.5, but got {trim!r}")
+        return cls(
+            timeout=positive_float("round-timeout", _get(run_config, "round-timeout", d.timeout)),
+            join_timeout=positive_float("join-timeout", _get(run_config, "join-timeout", d.join_timeout)),
+            retries=_non_negative_int("round-retries", _get(run_config, "round-retries", d.retries)),
+            norm_factor=norm_factor,
+            aggregation=choice("aggregation", _get(run_config, "aggregation", d.aggregation), AGGREGATIONS),
+            trim_fraction=trim,
+        )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The coordinator's choices for one run (Flower ``run_config``)."""
@@ -273,6 +326,14 @@ class RunConfig:
     seed: int = 0
     workdir: str = ""
     secagg: SecAggConfig = SecAggConfig()
+    rounds: RoundPolicy = RoundPolicy()
+    resume_run_id: str = ""
+    """fl-server --resume: the id of the run being continued ("" for a fresh run). Sites book
+    the resumed rounds under this id, so their DP plan and ledger rows stay those of one run."""
+
+    def run_id(self, flower_run_id: int) -> str:
+        """The run's id for reports and ledgers: the resumed run's id, else Flower's."""
+        return self.resume_run_id or str(flower_run_id)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -320,7 +381,15 @@ class RunConfig:
             seed=seed,
             workdir=str(_get(run_config, "workdir", d.workdir)),
             secagg=SecAggConfig.from_flower(run_config),
+            rounds=RoundPolicy.from_flower(run_config),
+            resume_run_id=_run_id(_get(run_config, "resume-run-id", "")),
         )
+        if cfg.secagg.enabled and cfg.rounds.aggregation != "fedavg":
+            raise ConfigError(
+                f"Expected `aggregation` to be fedavg with secure aggregation (the coordinator sees only the sum, "
+                f"so a coordinate-wise {cfg.rounds.aggregation} cannot be computed), but got "
+                f"{cfg.rounds.aggregation!r}; set secagg=false for robust aggregation"
+            )
         if cfg.secagg.enabled and cfg.min_sites < 2:
             raise ConfigError(
                 f"Expected `min-sites` to be at least 2 with secure aggregation (a sum of one update is that "

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.flower import use_flower_log_handlers
 from server.report import RunReport
-from server.strategy import BudgetsSpent, FedradFedAvg
+from server.resume import CoordinatorState, load_state, load_weights, participation, save_state
+from server.rounds import PlainRounds, RunStopped
+from server.secure import site_nodes
+from server.strategy import BudgetsSpent, FedradFedAvg, Names
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -27,7 +36,7 @@ PLAIN_AGGREGATION_WARNING = (
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run FedAvg for the configured rounds and write the run report."""
+    """Run the configured rounds (from the last completed one when resuming) and write the run report."""
     from common.models import build_model
 
     use_flower_log_handlers("server", "common")
@@ -35,51 +44,83 @@ def main(grid: Grid, context: Context) -> None:
     if not run.workdir:
         raise ConfigError("Expected `workdir` in the run config (set by fl-server), but it is empty")
     runs_dir = str(context.run_config.get("runs-dir", "") or "")
-    run_dir = (Path(runs_dir) if runs_dir else Path(run.workdir) / "runs") / str(context.run_id)
+    run_id = run.run_id(context.run_id)
+    run_dir = (Path(runs_dir) if runs_dir else Path(run.workdir) / "runs") / run_id
     transport = str(context.run_config.get("transport", "")) or "unknown"
-    aggregation = "SecAgg+" if run.secagg.enabled else "plain FedAvg (no secure aggregation)"
-    report = RunReport(
-        run_dir=run_dir,
-        run_id=context.run_id,
-        config={k: v for k, v in context.run_config.items()},
-        transport=f"{transport}; {aggregation}",
-        kind="simulation" if context.run_config.get("sim-sites") else "deployment",
-    )
+    aggregation = "SecAgg+" if run.secagg.enabled else f"plain {run.rounds.aggregation} (no secure aggregation)"
+    config = {k: v for k, v in context.run_config.items() if k != "resume-run-id"}
+    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
+    weights = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
+    if run.resume_run_id:
+        state = load_state(run_dir)
+        report = RunReport.load(run_dir, keep_rounds=state.completed_round)
+        report.status = "running"
+        report.transport = f"{transport}; {aggregation}"
+        saved = load_weights(run_dir, state)
+        if saved is not None:
+            weights = OrderedDict((k, saved[k]) for k in weights)
+        first = state.completed_round + 1
+        segments = [*state.segments, {"flower-run-id": context.run_id, "first-round": first, "started": time.time()}]
+        log.info("Resuming run %s at round %d of %d (Flower run %d)", run_id, first, run.num_server_rounds, context.run_id)
+    else:
+        report = RunReport(
+            run_dir=run_dir,
+            run_id=int(run_id),
+            config=config,
+            transport=f"{transport}; {aggregation}",
+            kind="simulation" if context.run_config.get("sim-sites") else "deployment",
+        )
+        first = 1
+        segments = [{"flower-run-id": context.run_id, "first-round": 1, "started": time.time()}]
     if not transport.startswith(("tls", "simulation")):
         log.warning(INSECURE_WARNING)
     if not run.secagg.enabled and report.kind != "simulation":
         log.warning(PLAIN_AGGREGATION_WARNING)
     report.save()
-    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
+    names = Names(site_nodes(context.run_config))
     strategy = FedradFedAvg(
         report=report,
+        names=names,
         num_classes=len(run.classes),
         fraction_train=run.fraction_train,
         fraction_evaluate=run.fraction_evaluate,
-        min_train_nodes=run.min_sites,
-        min_evaluate_nodes=run.min_sites if run.fraction_evaluate > 0 else 0,
-        min_available_nodes=run.min_sites,
+        min_train_nodes=1,  # the quorum (min-sites) is checked by the round loop, with a deadline
+        min_evaluate_nodes=1 if run.fraction_evaluate > 0 else 0,
+        min_available_nodes=1,
     )
+
+    def round_done(server_round: int, new_weights: OrderedDict[str, torch.Tensor]) -> None:
+        del new_weights  # already in the round's checkpoint
+        checkpoint = report.rounds[server_round].get("checkpoint")
+        save_state(run_dir, CoordinatorState(
+            run_id=run_id, completed_round=server_round, num_rounds=run.num_server_rounds, checkpoint=checkpoint,
+            run_config=config, participation=participation(report), segments=segments,
+            strategy={"aggregation": run.rounds.aggregation, "trim-fraction": run.rounds.trim_fraction,
+                      "norm-factor": run.rounds.norm_factor, "secagg": run.secagg.enabled,
+                      "names": {str(k): v for k, v in {**names.learned, **names.enrolled}.items()}},
+        ))
+
     try:
-        if run.secagg.enabled:
+        if first > run.num_server_rounds:
+            log.info("Run %s had already completed its %d rounds", run_id, run.num_server_rounds)
+        elif run.secagg.enabled:
             from server.secure import run_secure
 
-            run_secure(grid, context, run=run, report=report, evaluator=strategy, initial=model.state_dict())
+            run_secure(grid, context, run=run, report=report, evaluator=strategy, initial=weights, first_round=first,
+                       on_round_done=round_done)
         else:
-            strategy.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(model.state_dict()),
-                num_rounds=run.num_server_rounds,
-                train_config=ConfigRecord({"local-epochs": run.local_epochs}),
-            )
+            PlainRounds(grid, run=run, strategy=strategy, names=names, on_round_done=round_done).run_rounds(first, weights)
     except BudgetsSpent as exc:
         # Each site enforces its own budget; when none can train any more the run ends early, cleanly.
         log.warning("Stopping early: %s", exc)
         report.finish("stopped: every site's privacy budget is spent")
         return
+    except RunStopped as exc:
+        log.error("Stopping: %s", exc)
+        report.finish(f"stopped: {exc}")
+        raise
     except BaseException:
         report.finish("failed")
         raise
     report.finish("completed")
     log.info("Run report: %s", run_dir / "report.json")
-

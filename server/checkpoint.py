@@ -1,7 +1,13 @@
-"""Per-round model checkpoints in safetensors format."""
+"""Per-round model checkpoints in safetensors format.
+
+Each checkpoint carries its run's config in its metadata (``run-config``, JSON),
+so ``fl-predict --model CHECKPOINT`` rebuilds the same model and preprocessing
+from the file alone.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,9 +17,18 @@ from common.files import write_atomic
 if TYPE_CHECKING:
     import torch
 
+    from server.report import RunReport
+
+RUN_CONFIG_KEY = "run-config"
+
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
     return run_dir / "checkpoints" / f"round-{server_round:04d}.safetensors"
+
+
+def checkpoint_metadata(report: RunReport, server_round: int) -> dict[str, str]:
+    """Run id, round and the run config (numbers and settings only: no site data)."""
+    return {"run-id": str(report.run_id), "round": str(server_round), RUN_CONFIG_KEY: json.dumps(report.config)}
 
 
 def save_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str]) -> Path:

@@ -57,6 +57,27 @@ class RunReport:
     """"deployment" (fl-server) or "simulation" (fl-sim); shown in the report."""
     plots: list[str] = field(default_factory=list)
     """PNG files :meth:`finish` drew next to the report (names relative to ``run_dir``)."""
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per ``fl-server --resume``: when, from which round, and what was discarded."""
+
+    @classmethod
+    def load(cls, run_dir: Path, *, keep_rounds: int) -> RunReport:
+        """The report of an interrupted run, with the rounds up to ``keep_rounds`` (later ones are redone)."""
+        data = load_report(run_dir)
+        rounds = {int(r["round"]): r for r in data.get("rounds", [])}
+        report = cls(
+            run_dir=run_dir, run_id=data["run_id"], config=dict(data.get("config", {})),
+            transport=str(data.get("transport", "")), started=float(data.get("started") or time.time()),
+            rounds={r: v for r, v in rounds.items() if r <= keep_rounds}, kind=str(data.get("kind", "deployment")),
+            resumes=list(data.get("resumes", [])),
+        )
+        for r in sorted(report.rounds):  # per-site totals, from the rounds kept
+            train = report.rounds[r].get("train", {})
+            report._count_sites(train.get("sites", {}), train.get("declined", {}))
+        discarded = sorted(r for r in rounds if r > keep_rounds)
+        report.resumes.append({"at": time.time(), "from_round": keep_rounds + 1,
+                               "discarded_rounds": discarded, "previous_status": data.get("status")})
+        return report
 
     def round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round})
@@ -69,12 +90,31 @@ class RunReport:
         declined: dict[str, str],
         checkpoint: Path | None,
         failed: dict[str, str] | None = None,
+        rejected: dict[str, str] | None = None,
+        aggregation: str | None = None,
     ) -> None:
         entry = self.round(server_round)
-        entry["train"] = {"sites": site_metrics, "declined": declined, "failed": failed or {}}
+        entry["train"] = {"sites": site_metrics, "declined": declined, "failed": failed or {},
+                          "rejected": rejected or {}}
+        if aggregation:
+            entry["train"]["aggregation"] = aggregation
         entry["trained_at"] = time.time()  # wall clock (s since the epoch) when the round's aggregate was ready
         if checkpoint is not None:
             entry["checkpoint"] = str(checkpoint.relative_to(self.run_dir))
+        self._count_sites(site_metrics, declined)
+        self.save()
+
+    def record_attempt(self, server_round: int, *, reason: str, failed: dict[str, str], rejected: dict[str, str],
+                       declined: dict[str, str], trained: list[str]) -> None:
+        """A try of a round that fell short of ``min-sites`` and was given up (retried or the run stopped)."""
+        entry = self.round(server_round)
+        entry.setdefault("attempts", []).append({
+            "at": time.time(), "reason": reason, "trained": sorted(trained), "failed": failed,
+            "rejected": rejected, "declined": declined,
+        })
+        self.save()
+
+    def _count_sites(self, site_metrics: dict[str, dict[str, Any]], declined: dict[str, str]) -> None:
         for name, metrics in site_metrics.items():
             site = self.sites.setdefault(name, {})
             site.update(
@@ -91,7 +131,6 @@ class RunReport:
         for name in declined:
             site = self.sites.setdefault(name, {})
             site["rounds_declined"] = site.get("rounds_declined", 0) + 1
-        self.save()
 
     def record_evaluate(self, server_round: int, *, pooled: dict[str, float], per_site: dict[str, dict[str, float]]) -> None:
         entry = self.round(server_round)
@@ -132,6 +171,7 @@ class RunReport:
                 "sites": self.sites,
                 "final": self.final_metrics(),
                 "plots": list(self.plots),
+                "resumes": list(self.resumes),
             }
         )
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
@@ -255,12 +255,44 @@ def site_nodes(run_config: Mapping[str, Any]) -> dict[int, str]:
     return names
 
 
-def run_secure(grid: Grid, context: Context, *, run: RunConfig, report: RunReport, evaluator: FedradFedAvg,
-               initial: OrderedDict[str, torch.Tensor]) -> None:
-    """All rounds of a secure-aggregation run (raises BudgetsSpent / SecAggHalted to stop early)."""
-    from flwr.server.workflow import DefaultWorkflow
+class ResumableWorkflow(DefaultWorkflow):
+    """Flower's ``DefaultWorkflow`` from round ``first_round`` on, with a hook after each completed round."""
 
-    check_model_fits(initial, run.secagg)
+    def __init__(self, *, first_round: int, on_round_done: Callable[[int], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.first_round = first_round
+        self.on_round_done = on_round_done
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        import timeit
+
+        from flwr.app import ConfigRecord
+        from flwr.server.compat.app_utils import start_update_client_manager_thread
+        from flwr.server.workflow.default_workflows import default_init_params_workflow
+
+        thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)  # type: ignore[attr-defined]
+        try:
+            c_done.wait()
+            default_init_params_workflow(grid, context)
+            cfg = ConfigRecord({Key.START_TIME: timeit.default_timer()})
+            context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+            for current_round in range(self.first_round, context.config.num_rounds + 1):  # type: ignore[attr-defined]
+                log.info("[ROUND %d/%d] (SecAgg+)", current_round, context.config.num_rounds)  # type: ignore[attr-defined]
+                cfg[Key.CURRENT_ROUND] = current_round
+                self.fit_workflow(grid, context)
+                self.evaluate_workflow(grid, context)
+                self.on_round_done(current_round)
+        finally:
+            f_stop.set()
+            thread.join()
+
+
+def run_secure(grid: Grid, context: Context, *, run: RunConfig, report: RunReport, evaluator: FedradFedAvg,
+               initial: OrderedDict[str, torch.Tensor], first_round: int = 1,
+               on_round_done: Callable[[int, OrderedDict[str, torch.Tensor]], None] | None = None) -> None:
+    """Rounds ``first_round``.. of a secure-aggregation run (raises BudgetsSpent / SecAggHalted to stop early)."""
+    if first_round == 1:
+        check_model_fits(initial, run.secagg)  # a resumed model has trained inside the range already
     keys = list(initial)
     strategy = SecureFedAvg(
         report=report,
@@ -273,7 +305,17 @@ def run_secure(grid: Grid, context: Context, *, run: RunConfig, report: RunRepor
         on_fit_config_fn=lambda r: {records.SERVER_ROUND: r, "local-epochs": run.local_epochs},
         initial_parameters=ndarrays_to_parameters([t.numpy() for t in initial.values()]),
     )
-    workflow = DefaultWorkflow(
-        fit_workflow=FedradSecAggPlus(run.secagg, site_nodes(context.run_config)), evaluate_workflow=evaluate_workflow(evaluator, keys)
+
+    def round_done(server_round: int) -> None:
+        if on_round_done is not None:
+            params = context.state.array_records[MAIN_PARAMS_RECORD]
+            from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+
+            on_round_done(server_round, strategy.to_state(parameters_to_ndarrays(arrayrecord_to_parameters(params, keep_input=True))))
+
+    workflow = ResumableWorkflow(
+        first_round=first_round, on_round_done=round_done,
+        fit_workflow=FedradSecAggPlus(run.secagg, site_nodes(context.run_config)),
+        evaluate_workflow=evaluate_workflow(evaluator, keys),
     )
     workflow(grid, legacy_context(context, strategy=strategy, num_rounds=run.num_server_rounds))

@@ -1,9 +1,10 @@
-"""FedAvg weighted by examples, with a checkpoint and a report entry each round.
+"""Round bookkeeping shared by the plain and secure paths, and the evaluation strategy.
 
-We extend Flower's own ``FedAvg`` through its aggregation hooks instead of
-copying its round loop: ``aggregate_train`` adds per-site privacy facts and a
-checkpoint, ``aggregate_evaluate`` merges the sites' sufficient statistics
-into pooled metrics.
+:class:`RoundBook` records what one training round brought in, site by site,
+checkpoints the new global weights and writes the round into the report.
+:class:`FedradFedAvg` reuses Flower's ``FedAvg`` hooks to sample sites and to
+pool the sites' evaluation statistics into pooled metrics; the round loop
+itself is :mod:`server.rounds` (plain) or :mod:`server.secure` (SecAgg+).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from common import records
 from common.errors import FederationError
 from common.metrics import pooled_metrics
-from server.checkpoint import checkpoint_path, save_checkpoint
+from server.checkpoint import checkpoint_metadata, checkpoint_path, save_checkpoint
 from server.report import RunReport
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,21 @@ def aggregate_evaluate_metrics(contents: list[RecordDict], weighted_by_key: str,
     return MetricRecord(pooled)
 
 
+class Names:
+    """Node id → site name: enrolled sites from fl-server, others as they introduce themselves."""
+
+    def __init__(self, known: dict[int, str] | None = None) -> None:
+        self.enrolled = dict(known or {})
+        self.learned: dict[int, str] = {}
+
+    def of(self, node_id: int, content: Any = None) -> str:
+        if node_id in self.enrolled:  # the key the SuperLink authenticated: a reply cannot claim another name
+            return self.enrolled[node_id]
+        if content is not None:
+            self.learned[node_id] = site_name(content, self.learned.get(node_id, f"node-{node_id}"))
+        return self.learned.get(node_id, f"node-{node_id}")
+
+
 class RoundBook:
     """What one training round brought in, site by site; shared by the plain and secure paths.
 
@@ -88,10 +104,17 @@ class RoundBook:
         self.site_metrics: dict[str, dict[str, Any]] = {}
         self.declined: dict[str, str] = {}
         self.failed: dict[str, str] = {}
+        self.rejected: dict[str, str] = {}
 
     def fail(self, name: str, reason: str) -> None:
         self.failed[name] = reason
         log.warning("Round %d: %s did not train: %s", self.server_round, name, reason)
+
+    def reject(self, name: str, reason: str) -> None:
+        """The site trained, but its update failed the coordinator's checks: it is left out of the aggregate."""
+        self.rejected[name] = reason
+        self.site_metrics.pop(name, None)
+        log.warning("Round %d: update of site %s REJECTED: %s", self.server_round, name, reason)
 
     def reply(self, name: str, metrics: Mapping[str, Any], site: Mapping[str, Any]) -> bool:
         """Book one answer; True when the site trained (its update counts)."""
@@ -107,7 +130,7 @@ class RoundBook:
         }
         return True
 
-    def close(self, report: RunReport, state: Mapping[str, Any] | None) -> None:
+    def close(self, report: RunReport, state: Mapping[str, Any] | None, *, aggregation: str | None = None) -> None:
         """Checkpoint ``state`` (the new global weights) and record the round.
 
         Raises
@@ -119,7 +142,8 @@ class RoundBook:
         """
         r = self.server_round
         if state is None or not self.site_metrics:
-            report.record_train(r, site_metrics={}, declined=self.declined, failed=self.failed, checkpoint=None)
+            report.record_train(r, site_metrics={}, declined=self.declined, failed=self.failed, checkpoint=None,
+                                rejected=self.rejected)
             if self.declined and not self.failed:
                 raise BudgetsSpent(
                     f"Every site declined round {r}: "
@@ -128,7 +152,7 @@ class RoundBook:
             reasons = "; ".join(sorted({*self.failed.values(), *self.declined.values()})) or "no replies"
             raise FederationError(f"No site trained in round {r}: {reasons}")
         checkpoint = save_checkpoint(
-            checkpoint_path(report.run_dir, r), state, metadata={"run-id": str(report.run_id), "round": str(r)}
+            checkpoint_path(report.run_dir, r), state, metadata=checkpoint_metadata(report, r)
         )
         for name, m in sorted(self.site_metrics.items()):
             log.info(
@@ -137,14 +161,19 @@ class RoundBook:
                 m.get(records.MAX_EPSILON, float("nan")),
             )
         report.record_train(
-            r, site_metrics=self.site_metrics, declined=self.declined, failed=self.failed, checkpoint=checkpoint
+            r, site_metrics=self.site_metrics, declined=self.declined, failed=self.failed, checkpoint=checkpoint,
+            rejected=self.rejected, aggregation=aggregation,
         )
 
 
 class FedradFedAvg(FedAvg):
-    """Flower's FedAvg plus checkpoints and the run report."""
+    """Flower's FedAvg hooks for sampling sites and pooling evaluation; the report.
 
-    def __init__(self, *, report: RunReport, num_classes: int = 2, **kwargs: Any) -> None:
+    Training rounds are run by :class:`server.rounds.PlainRounds` (deadlines, screening,
+    robust aggregation) or :mod:`server.secure` (SecAgg+); both book them with :class:`RoundBook`.
+    """
+
+    def __init__(self, *, report: RunReport, num_classes: int = 2, names: Names | None = None, **kwargs: Any) -> None:
         super().__init__(
             train_metrics_aggr_fn=aggregate_train_metrics,
             evaluate_metrics_aggr_fn=partial(aggregate_evaluate_metrics, num_classes=num_classes),
@@ -152,28 +181,12 @@ class FedradFedAvg(FedAvg):
         )
         self.report = report
         self.num_classes = num_classes
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        book = RoundBook(server_round)
-        trained: list[Message] = []
-        for msg in replies:
-            node = f"node-{msg.metadata.src_node_id}"
-            if msg.has_error():
-                book.fail(node, msg.error.reason)
-                continue
-            site_record = msg.content.get(records.SITE, {})
-            if book.reply(site_name(msg.content, node), msg.content[records.METRICS], site_record):
-                trained.append(msg)
-        arrays, metrics = super().aggregate_train(server_round, trained) if trained else (None, None)
-        book.close(self.report, arrays.to_torch_state_dict() if arrays is not None else None)
-        return arrays, metrics
+        self.names = names or Names()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         per_site = {
-            site_name(msg.content, f"node-{msg.metadata.src_node_id}"): pooled_metrics(
+            self.names.of(msg.metadata.src_node_id, msg.content): pooled_metrics(
                 [msg.content[records.METRICS]], num_classes=self.num_classes
             )
             for msg in replies

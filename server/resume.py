@@ -1,0 +1,121 @@
+"""The coordinator's state after each completed round, and resuming from it.
+
+After every completed round (trained, checkpointed, evaluated) the ServerApp
+writes ``RUN_DIR/state.json`` atomically. It is the commit point of the round:
+the checkpoint it names and ``report.json`` are written before it, so a crash
+at any moment leaves either the previous round's state or this one's, never
+half of one.
+
+``state.json`` holds the run id, the last completed round, the run config, the
+aggregation settings and each site's participation, and names the checkpoint
+with the global weights. ``fl-server --resume RUN_DIR`` submits a new Flower run
+with the same run config plus ``resume-run-id``; the ServerApp then loads this
+state and continues with the next round. Sites book the resumed rounds under
+the original run id, so their DP plan (σ for the announced rounds) stays the
+one they started with (see ``docs/resilience.md`` for how a repeated round is
+accounted).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.errors import ConfigError
+from common.files import write_atomic
+
+if TYPE_CHECKING:
+    from collections import OrderedDict
+
+    import torch
+
+    from server.report import RunReport
+
+STATE_FILE = "state.json"
+FORMAT = "fedrad-coordinator-1"
+
+
+@dataclass
+class CoordinatorState:
+    """What the coordinator needs to go on after a crash (numbers and settings only)."""
+
+    run_id: str
+    completed_round: int
+    num_rounds: int
+    checkpoint: str | None
+    """The global weights after ``completed_round``, relative to the run folder (None before round 1)."""
+    run_config: dict[str, Any]
+    strategy: dict[str, Any] = field(default_factory=dict)
+    """Aggregation settings, and the node id → site name map learned so far."""
+    participation: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    """site → {"trained"|"declined"|"failed"|"rejected": [rounds]}."""
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per Flower run that served this run: its id, its first round, when it started."""
+    saved: float = 0.0
+    format: str = FORMAT
+
+    @property
+    def finished(self) -> bool:
+        return self.completed_round >= self.num_rounds
+
+
+def participation(report: RunReport) -> dict[str, dict[str, list[int]]]:
+    """Which rounds each site trained, declined, failed or had its update rejected in."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for r in sorted(report.rounds):
+        train = report.rounds[r].get("train", {})
+        for kind, key in (("trained", "sites"), ("declined", "declined"), ("failed", "failed"), ("rejected", "rejected")):
+            for name in train.get(key, {}):
+                out.setdefault(name, {}).setdefault(kind, []).append(r)
+    return out
+
+
+def save_state(run_dir: Path, state: CoordinatorState) -> Path:
+    """Write ``state.json`` atomically (the commit point of a round)."""
+    state.saved = time.time()
+    path = run_dir / STATE_FILE
+    write_atomic(path, (json.dumps(asdict(state), indent=2) + "\n").encode())
+    return path
+
+
+def load_state(run_dir: Path) -> CoordinatorState:
+    """The state of a run folder; a clear :class:`ConfigError` when it cannot be resumed."""
+    path = run_dir / STATE_FILE
+    if not run_dir.is_dir():
+        raise ConfigError(f"Expected a run folder to resume, but {run_dir} does not exist")
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no {STATE_FILE}: it is not a fedrad run folder, or the run stopped before its first "
+            "round completed (start a new run instead)"
+        )
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+        state = CoordinatorState(**data)
+        int(state.run_id)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"Cannot read {path}: {exc}") from None
+    if state.checkpoint is not None and not (run_dir / state.checkpoint).is_file():
+        raise ConfigError(f"{path} names checkpoint {state.checkpoint}, which is missing from {run_dir}")
+    return state
+
+
+def load_weights(run_dir: Path, state: CoordinatorState) -> OrderedDict[str, torch.Tensor] | None:
+    """The global weights after the last completed round (None: round 1 never completed)."""
+    from collections import OrderedDict
+
+    from server.checkpoint import load_checkpoint
+
+    if state.checkpoint is None:
+        return None
+    tensors, metadata = load_checkpoint(run_dir / state.checkpoint)
+    if metadata.get("round") != str(state.completed_round):
+        raise ConfigError(
+            f"Checkpoint {state.checkpoint} is of round {metadata.get('round')}, but {STATE_FILE} says round "
+            f"{state.completed_round} completed"
+        )
+    return OrderedDict(tensors.items())

@@ -1,0 +1,209 @@
+"""The plain (no secure aggregation) round loop: deadlines, quorum, retries, screening, resume.
+
+Flower's ``Strategy.start`` runs rounds 1..N with one timeout and averages
+whatever comes back. A consortium needs more, so fedrad runs its own loop over
+the same strategy hooks (:class:`server.strategy.FedradFedAvg` samples the
+sites, builds the messages and pools the evaluation):
+
+1. **Join.** A round starts when ``min-sites`` sites are connected; after
+   ``join-timeout`` seconds without them the run stops with that reason. Each
+   round samples the sites connected *then*, so a site that reconnects rejoins
+   the next round.
+2. **Deadline.** Training messages expire after ``round-timeout`` seconds (their
+   Flower TTL): the round goes on with the sites that answered by then; a late
+   answer is dropped by the SuperLink, and a site that picks up an expired
+   message does not train it (no privacy spent on an update nobody will use).
+3. **Screening.** Every update is checked before aggregation
+   (:func:`server.validation.screen`): names, shapes, dtypes, NaN/Inf, and an
+   update norm far outside the other sites'. A rejected update is logged and
+   reported with the site name and the reason.
+4. **Quorum.** The round counts when at least ``min-sites`` sites answered
+   usefully (a trained update that passed screening, or a budget decline) and at
+   least one trained. Otherwise the round is tried again, up to
+   ``round-retries`` times, and then the run stops with the reason.
+5. **Aggregation.** ``fedavg`` (weighted by examples), or ``trimmed-mean`` /
+   ``median`` (:func:`server.validation.aggregate`).
+6. **Commit.** The round's checkpoint and report, then ``state.json``
+   (:mod:`server.resume`): ``fl-server --resume`` continues from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from common import records
+from common.config import RunConfig
+from common.errors import FederationError
+from server.strategy import FedradFedAvg, Names, RoundBook
+
+if TYPE_CHECKING:
+    import torch
+    from flwr.serverapp import Grid
+
+    StateDict = OrderedDict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
+
+
+class RoundShort(FederationError):
+    """A round brought fewer usable answers than ``min-sites``."""
+
+
+class RunStopped(FederationError):
+    """The run cannot go on (too few sites, after the retries); the message says why."""
+
+
+def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, server_round: int, poll: float = 1.0) -> list[int]:
+    """The connected nodes once at least ``min_sites`` are; RunStopped after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    logged = -1
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_sites:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RunStopped(
+                f"Round {server_round}: only {len(nodes)} of the {min_sites} sites needed (min-sites) were connected "
+                f"after waiting {timeout:g} s (join-timeout)"
+            )
+        if len(nodes) != logged:
+            log.info("Round %d: waiting for sites: %d connected, %d needed", server_round, len(nodes), min_sites)
+            logged = len(nodes)
+        time.sleep(poll)
+
+
+def _expires(messages: Iterable[Message], ttl: float) -> list[Message]:
+    """The messages with a TTL of the round deadline: after it the SuperLink drops them and their replies."""
+    out = []
+    for m in messages:
+        out.append(Message(content=m.content, dst_node_id=m.metadata.dst_node_id,
+                           message_type=m.metadata.message_type, ttl=ttl, group_id=m.metadata.group_id))
+    return out
+
+
+def _unanswered(messages: list[Message], replies: list[Message], names: Names, timeout: float) -> dict[str, str]:
+    answered = {m.metadata.src_node_id for m in replies}
+    return {
+        names.of(m.metadata.dst_node_id): f"no answer within the {timeout:g} s deadline (round-timeout)"
+        for m in messages
+        if m.metadata.dst_node_id not in answered
+    }
+
+
+class PlainRounds:
+    """Rounds ``first..num_rounds`` of a run without secure aggregation."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        run: RunConfig,
+        strategy: FedradFedAvg,
+        names: Names,
+        on_round_done: Callable[[int, StateDict], None],
+    ) -> None:
+        self.grid = grid
+        self.run = run
+        self.policy = run.rounds
+        self.strategy = strategy
+        self.names = names
+        self.on_round_done = on_round_done
+
+    def run_rounds(self, first: int, weights: StateDict) -> StateDict:
+        for server_round in range(first, self.run.num_server_rounds + 1):
+            log.info("[ROUND %d/%d]", server_round, self.run.num_server_rounds)
+            weights = self.train(server_round, weights)
+            self.evaluate(server_round, weights)
+            self.on_round_done(server_round, weights)
+        return weights
+
+    # -- training ----------------------------------------------------------------------------
+
+    def train(self, server_round: int, weights: StateDict) -> StateDict:
+        """One round's training with retries; the new global weights (RunStopped when it cannot be done)."""
+        attempts = self.policy.retries + 1
+        for attempt in range(1, attempts + 1):
+            wait_for_sites(self.grid, min_sites=self.run.min_sites, timeout=self.policy.join_timeout,
+                           server_round=server_round)
+            try:
+                return self.train_once(server_round, weights)
+            except RoundShort as exc:
+                if attempt == attempts:
+                    raise RunStopped(f"{exc}; gave up after {attempts} tries (round-retries={self.policy.retries})") from None
+                log.warning("%s; trying round %d again (%d of %d)", exc, server_round, attempt + 1, attempts)
+        raise AssertionError("unreachable")
+
+    def train_once(self, server_round: int, weights: StateDict) -> StateDict:
+        from server.validation import aggregate, screen
+
+        config = ConfigRecord({"local-epochs": self.run.local_epochs})
+        messages = _expires(
+            self.strategy.configure_train(server_round, ArrayRecord(weights), config, self.grid), self.policy.timeout
+        )
+        started = time.monotonic()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.policy.timeout))
+        log.info("Round %d: %d of %d sites answered in %.0f s", server_round, len(replies), len(messages),
+                 time.monotonic() - started)
+        book = RoundBook(server_round)
+        for name, reason in _unanswered(messages, replies, self.names, self.policy.timeout).items():
+            book.fail(name, reason)
+        updates: dict[str, tuple[StateDict, int]] = {}
+        for msg in replies:
+            name = self.names.of(msg.metadata.src_node_id, None if msg.has_error() else msg.content)
+            if msg.has_error():
+                book.fail(name, msg.error.reason)
+                continue
+            metrics = msg.content.get(records.METRICS, {})
+            if not book.reply(name, metrics, msg.content.get(records.SITE, {})):
+                continue  # declined
+            try:
+                update = msg.content[records.ARRAYS].to_torch_state_dict()
+            except Exception as exc:  # noqa: BLE001 - a reply is untrusted input: any decoding failure is a rejection
+                book.reject(name, f"unreadable weights ({type(exc).__name__})")
+                continue
+            updates[name] = (update, int(metrics[records.NUM_EXAMPLES]))
+        accepted, rejected = screen(updates, weights, norm_factor=self.policy.norm_factor)
+        for name, reason in rejected.items():
+            book.reject(name, reason)
+        usable = len(accepted) + len(book.declined)
+        if accepted and usable >= self.run.min_sites:
+            method = self.policy.aggregation
+            state = aggregate(list(accepted.values()), method=method, trim_fraction=self.policy.trim_fraction)
+            book.close(self.strategy.report, state, aggregation=method)
+            return OrderedDict((k, state[k]) for k in weights)
+        if not accepted and book.declined and not book.failed and not book.rejected:
+            book.close(self.strategy.report, None)  # every site declined: BudgetsSpent
+        reason = (
+            f"Round {server_round}: {len(accepted)} usable update(s) and {len(book.declined)} decline(s), "
+            f"{self.run.min_sites} answers needed (min-sites)"
+        )
+        problems = {**book.failed, **book.rejected}
+        if problems:
+            reason += " (" + "; ".join(f"{k}: {v}" for k, v in sorted(problems.items())) + ")"
+        self.strategy.report.record_attempt(server_round, reason=reason, failed=book.failed, rejected=book.rejected,
+                                            declined=book.declined, trained=sorted(accepted))
+        raise RoundShort(reason)
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, server_round: int, weights: StateDict) -> None:
+        messages = _expires(
+            self.strategy.configure_evaluate(server_round, ArrayRecord(weights), ConfigRecord(), self.grid),
+            self.policy.timeout,
+        )
+        if not messages:
+            return
+        replies = list(self.grid.send_and_receive(messages, timeout=self.policy.timeout))
+        for name, reason in _unanswered(messages, replies, self.names, self.policy.timeout).items():
+            log.warning("Round %d: %s did not evaluate: %s", server_round, name, reason)
+        for msg in replies:
+            if msg.has_error():
+                log.warning("Round %d: %s failed to evaluate: %s", server_round,
+                            self.names.of(msg.metadata.src_node_id), msg.error.reason)
+        self.strategy.aggregate_evaluate(server_round, replies)
