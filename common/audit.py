@@ -506,7 +506,9 @@ def audit_run(path: Path) -> RunAudit:
         server_round = entry.get("round")
         train = entry.get("train") if isinstance(entry.get("train"), dict) else {}
         sites = train.get("sites") if isinstance(train.get("sites"), dict) else {}
-        for name, metrics in sites.items():
+        # A rejected update was trained all the same: its round counts for the site's ε.
+        rejected = train.get("rejected_sites") if isinstance(train.get("rejected_sites"), dict) else {}
+        for name, metrics in [*sites.items(), *rejected.items()]:
             if isinstance(metrics, dict):
                 audit.trained.setdefault(str(name), []).append((server_round, metrics))
         for name, reason in (train.get("declined") if isinstance(train.get("declined"), dict) else {}).items():

@@ -257,7 +257,7 @@ AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 
 def _run_id(value: Any) -> str:
     text = str(value)
-    if not isinstance(value, str | int) or isinstance(value, bool) or (text and not text.isdigit()):
+    if not isinstance(value, str | int) or isinstance(value, bool) or (text and not re.fullmatch(r"[0-9]+", text)):
         raise ConfigError(f"Expected `resume-run-id` to be a run id (digits) or empty, but got {value!r}")
     return text
 

@@ -84,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
         num_classes=len(run.classes),
         fraction_train=run.fraction_train,
         fraction_evaluate=run.fraction_evaluate,
-        min_train_nodes=1,  # the quorum (min-sites) is checked by the round loop, with a deadline
+        min_train_nodes=run.min_sites,  # sample at least min-sites; the quorum of answers is the round loop's
         min_evaluate_nodes=1 if run.fraction_evaluate > 0 else 0,
         min_available_nodes=1,
     )

@@ -48,6 +48,8 @@ INSECURE_BANNER = (
     "or site enrollment: for demos and tests on one machine."
 )
 STATE_FILE = "superlink.json"  # the running SuperLink of a workdir: pid, Control API port, node per site
+SUPERLINK_DB = Path("state") / "superlink.sqlite"  # the SuperLink's state (nodes, runs): survives a crash
+NODES_FILE = Path("state") / "nodes.json"  # site → node id and key fingerprint registered in that database
 
 cli = typer.Typer(add_completion=False, help=__doc__)
 
@@ -101,18 +103,25 @@ def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict
 def start_superlink(
     procs: ProcessSet, *, port: int, workdir: Path, tls: tuple[Path, Path, Path] | None = None
 ) -> ManagedProcess:
-    """Start the SuperLink on 127.0.0.1:``port``; with ``tls`` = (CA, cert, key), HTTPS and node auth."""
+    """Start the SuperLink on 127.0.0.1:``port``; with ``tls`` = (CA, cert, key), HTTPS and node auth.
+
+    Its state (registered nodes, runs, messages) is a SQLite database in the workdir, so a
+    SuperLink restarted by ``fl-server --resume`` still knows the sites' SuperNodes: they
+    reconnect on their own and go on with the resumed run.
+    """
     env = flower_env(workdir / "flwr-home" / "superlink")
     security = ["--insecure"]
     if tls is not None:
         ca, cert, key = tls
         security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                     "--enable-supernode-auth"]
+    database = workdir / SUPERLINK_DB
+    database.parent.mkdir(parents=True, exist_ok=True)
     superlink = procs.start(
         "SuperLink",
         [
             flower_bin("flower-superlink"), *security, "--host", LOOPBACK, "--port", str(port),
-            "--disable-runtime-dependency-installation",
+            "--database", str(database), "--disable-runtime-dependency-installation",
         ],
         env=env,
         log_path=workdir / "logs" / "superlink.log",
@@ -176,7 +185,19 @@ def sync_live_superlink(workdir: Path, *, add: dict[str, Path] | None = None, dr
         nodes[site] = register_site(env, public_key)
         log.info("Registered site %s with the running SuperLink (node %s)", site, nodes[site])
     _save_state(workdir, state)
+    _save_nodes(workdir, nodes)
     return True
+
+
+def _save_nodes(workdir: Path, nodes: dict[str, str]) -> None:
+    """Which node id each enrolled key has in the SuperLink's database (a resumed coordinator reuses them)."""
+    from common.files import write_atomic
+    from server.enroll import Consortium
+
+    enrolled = Consortium(workdir).sites()
+    record = {site: {"node-id": node, "fingerprint": enrolled[site]["fingerprint"]}
+              for site, node in sorted(nodes.items()) if site in enrolled}
+    write_atomic(workdir / NODES_FILE, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def print_summary(run_dir: Path) -> dict[str, Any]:
@@ -196,7 +217,9 @@ def print_summary(run_dir: Path) -> dict[str, Any]:
     for col in ("site", "ε", "δ", "max ε", "rounds trained"):
         sites.add_column(col, justify="right")
     for name, s in sorted(report["sites"].items()):
-        sites.add_row(name, f"{s['epsilon']:.3f}", f"{s['delta']:g}", f"{s['max_epsilon']:g}", str(s["rounds_trained"]))
+        sites.add_row(name, *(f"{s[k]:{f}}" if s.get(k) is not None else "–"
+                              for k, f in (("epsilon", ".3f"), ("delta", "g"), ("max_epsilon", "g"))),
+                      str(s.get("rounds_trained", 0)))
     console.print(sites)
     console.print(f"report: {run_dir / 'report.json'}  ({report['wall_seconds']:.0f} s)")
     return report
@@ -220,10 +243,16 @@ def serve(
     window: Annotated[str, typer.Option(help=f"Window preset: {', '.join(WINDOW_PRESETS)}.")] = "brain",
     run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help="Extra run config, e.g. 'batch-size=16' or 'secagg=false'.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP on 127.0.0.1 without TLS or enrollment: demos and tests only.")] = False,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder (<workdir>/runs/<run-id>) from its last "
+                                                "completed round, with its saved config (round options are ignored).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
     """Start the SuperLink (and its Fleet-API proxy), run the federation, print the report and stop."""
     setup_logging(verbose)
+    saved: dict[str, Any] | None = None
+    if resume is not None:
+        workdir, saved = _resume_config(resume.resolve(), insecure=insecure)
+        min_sites = int(saved.get("min-sites", min_sites))
     if window not in WINDOW_PRESETS:
         raise ConfigError(f"Expected `--window` to be one of {', '.join(WINDOW_PRESETS)}, but got {window!r}")
     if insecure and host != LOOPBACK:
@@ -260,7 +289,7 @@ def serve(
         cert, key = consortium.ensure_server_cert(names)
         tls = (ca, cert, key)
         transport = f"tls (Fleet API only, via nginx on {bind}:{port}; {len(enrolled)} enrolled sites)"
-    overrides = {
+    overrides: dict[str, Any] = {
         "num-server-rounds": rounds,
         "min-sites": min_sites,
         "local-epochs": local_epochs,
@@ -269,16 +298,25 @@ def serve(
         "workdir": str(workdir),
         "transport": transport,
     }
+    if saved is not None:  # the run's own config; only where the coordinator runs may change
+        overrides = {k: v for k, v in saved.items() if k not in ("site-nodes", "resume-run-id")}
+        overrides.update(workdir=str(workdir), transport=transport, **{"resume-run-id": saved["resume-run-id"]})
     config_args = [" ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
-    config_args += list(run_config or [])
+    config_args += list(run_config or []) if saved is None else []
     _check_run_config(config_args)
     internal = port if insecure else free_port()
     cli_env = flower_env(workdir / "flwr-home" / "cli")
     write_connection(Path(cli_env["FLWR_HOME"]), internal, ca_cert=tls[0] if tls else None)
 
+    if saved is None:  # a new run starts from a fresh SuperLink state
+        for path in (workdir / SUPERLINK_DB).parent.glob(SUPERLINK_DB.name + "*"):
+            path.unlink()
+        (workdir / NODES_FILE).unlink(missing_ok=True)
     with ProcessSet() as procs:
         superlink = start_superlink(procs, port=internal, workdir=workdir, tls=tls)
         try:
+            if saved is not None:
+                _stop_stale_runs(cli_env)
             if tls is not None:
                 nodes = _register_enrolled(cli_env, workdir, enrolled)
                 _save_state(workdir, {"pid": os.getpid(), "port": internal, "nodes": nodes})
@@ -294,14 +332,54 @@ def serve(
                          bind, port, LOOPBACK, internal, len(enrolled))
             else:
                 log.info("SuperLink listening on %s:%d (log: %s)", LOOPBACK, port, superlink.log_path)
-            status, details, run_id = _run(procs, superlink, source, config_args, cli_env, min_sites)
+            status, details, flower_run_id = _run(procs, superlink, source, config_args, cli_env, min_sites)
         finally:
             _state_path(workdir).unlink(missing_ok=True)
+    run_id = str(saved["resume-run-id"]) if saved is not None else flower_run_id
     run_dir = workdir / "runs" / run_id
     if status != "finished:completed":
-        raise FederationError(f"run {run_id} ended as {status}: {details or 'see ' + str(workdir / 'logs')}")
+        why = _report_status(run_dir)
+        raise FederationError(
+            f"run {run_id} ended as {status}: {why or details or 'see ' + str(workdir / 'logs')}"
+            f"; after fixing the cause, continue it with `fl-server --resume {run_dir}`"
+        )
     print_summary(run_dir)
     return 0
+
+
+def _resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, Any]]:
+    """The workdir and saved run config of the run to resume (one clear error when it cannot be)."""
+    from server.resume import load_state
+
+    state = load_state(run_dir)
+    if run_dir.parent.name != "runs":
+        raise ConfigError(f"Expected a run folder <workdir>/runs/<run-id>, but got {run_dir}")
+    if state.finished:
+        raise ConfigError(f"Run {state.run_id} already completed its {state.num_rounds} rounds; nothing to resume")
+    was_insecure = str(state.run_config.get("transport", "")).startswith("insecure")
+    if was_insecure != insecure:
+        raise ConfigError(
+            f"Run {state.run_id} was served {'with' if was_insecure else 'without'} --insecure; resume it the same way"
+        )
+    log.info("Resuming run %s after round %d of %d", state.run_id, state.completed_round, state.num_rounds)
+    return run_dir.parent.parent, {**state.run_config, "resume-run-id": state.run_id}
+
+
+def _report_status(run_dir: Path) -> str:
+    """Why a run stopped, from its report (the ServerApp writes the reason there)."""
+    try:
+        status = str(load_report(run_dir).get("status", ""))
+    except (OSError, ValueError):
+        return ""
+    return status if status.startswith("stopped") else ""
+
+
+def _stop_stale_runs(env: dict[str, str]) -> None:
+    """Runs the crashed coordinator left unfinished in the SuperLink's database: stopped, so no site trains them."""
+    for run in flwr_cli(["ls", CONNECTION], env).get("runs", []):
+        if not str(run.get("status", "")).startswith("finished"):
+            flwr_cli(["stop", str(run["run-id"]), CONNECTION], env)
+            log.info("Stopped run %s, left unfinished by the previous coordinator", run["run-id"])
 
 
 def _check_run_config(config_args: list[str]) -> None:
@@ -321,11 +399,25 @@ def _register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, d
     """Register every enrolled site's public key with a freshly started SuperLink."""
     keys = workdir / "pki" / "registered"
     keys.mkdir(parents=True, exist_ok=True)
+    try:  # kept from before a crash: the database still holds these registrations
+        known: dict[str, dict[str, str]] = json.loads((workdir / NODES_FILE).read_text())
+    except (OSError, ValueError):
+        known = {}
+    for site, old in known.items():
+        if site not in enrolled or enrolled[site]["fingerprint"] != old.get("fingerprint"):
+            try:  # removed or re-keyed while the coordinator was down
+                unregister_node(env, old["node-id"])
+            except FederationError as exc:
+                log.warning("Could not unregister the old key of site %s (node %s): %s", site, old["node-id"], exc)
     nodes = {}
     for site, entry in sorted(enrolled.items()):
+        if known.get(site, {}).get("fingerprint") == entry["fingerprint"]:
+            nodes[site] = known[site]["node-id"]
+            continue
         path = keys / f"{site}.pub"
         path.write_text(entry["public_key"].strip() + "\n")
         nodes[site] = register_site(env, path)
+    _save_nodes(workdir, nodes)
     log.info("Registered %d enrolled site keys: %s", len(nodes), ", ".join(sorted(nodes)))
     return nodes
 

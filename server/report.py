@@ -73,7 +73,7 @@ class RunReport:
         )
         for r in sorted(report.rounds):  # per-site totals, from the rounds kept
             train = report.rounds[r].get("train", {})
-            report._count_sites(train.get("sites", {}), train.get("declined", {}))
+            report._count_sites(train.get("sites", {}), train.get("declined", {}), train.get("rejected_sites", {}))
         discarded = sorted(r for r in rounds if r > keep_rounds)
         report.resumes.append({"at": time.time(), "from_round": keep_rounds + 1,
                                "discarded_rounds": discarded, "previous_status": data.get("status")})
@@ -91,17 +91,20 @@ class RunReport:
         checkpoint: Path | None,
         failed: dict[str, str] | None = None,
         rejected: dict[str, str] | None = None,
+        rejected_metrics: dict[str, dict[str, Any]] | None = None,
         aggregation: str | None = None,
     ) -> None:
+        """Book a round: ``site_metrics`` of the aggregated sites; ``rejected_metrics`` the privacy facts
+        of sites whose update was trained but rejected (they spent ε all the same)."""
         entry = self.round(server_round)
         entry["train"] = {"sites": site_metrics, "declined": declined, "failed": failed or {},
-                          "rejected": rejected or {}}
+                          "rejected": rejected or {}, "rejected_sites": rejected_metrics or {}}
         if aggregation:
             entry["train"]["aggregation"] = aggregation
         entry["trained_at"] = time.time()  # wall clock (s since the epoch) when the round's aggregate was ready
         if checkpoint is not None:
             entry["checkpoint"] = str(checkpoint.relative_to(self.run_dir))
-        self._count_sites(site_metrics, declined)
+        self._count_sites(site_metrics, declined, rejected_metrics or {})
         self.save()
 
     def record_attempt(self, server_round: int, *, reason: str, failed: dict[str, str], rejected: dict[str, str],
@@ -114,8 +117,9 @@ class RunReport:
         })
         self.save()
 
-    def _count_sites(self, site_metrics: dict[str, dict[str, Any]], declined: dict[str, str]) -> None:
-        for name, metrics in site_metrics.items():
+    def _count_sites(self, site_metrics: dict[str, dict[str, Any]], declined: dict[str, str],
+                     rejected: dict[str, dict[str, Any]]) -> None:
+        for name, metrics in [*site_metrics.items(), *rejected.items()]:
             site = self.sites.setdefault(name, {})
             site.update(
                 epsilon=metrics.get("epsilon"),
@@ -126,8 +130,10 @@ class RunReport:
                 max_epsilon=metrics.get("max-epsilon"),
                 privacy_unit=metrics.get("privacy-unit"),
                 ledger_key=metrics.get("ledger-key"),
-                rounds_trained=site.get("rounds_trained", 0) + 1,
+                rounds_trained=site.get("rounds_trained", 0) + (name in site_metrics),
             )
+            if name in rejected:
+                site["rounds_rejected"] = site.get("rounds_rejected", 0) + 1
         for name in declined:
             site = self.sites.setdefault(name, {})
             site["rounds_declined"] = site.get("rounds_declined", 0) + 1

@@ -93,6 +93,8 @@ def load_state(run_dir: Path) -> CoordinatorState:
         )
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
         state = CoordinatorState(**data)
@@ -112,7 +114,12 @@ def load_weights(run_dir: Path, state: CoordinatorState) -> OrderedDict[str, tor
 
     if state.checkpoint is None:
         return None
-    tensors, metadata = load_checkpoint(run_dir / state.checkpoint)
+    from safetensors import SafetensorError
+
+    try:
+        tensors, metadata = load_checkpoint(run_dir / state.checkpoint)
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"Cannot read checkpoint {run_dir / state.checkpoint}: {exc}") from None
     if metadata.get("round") != str(state.completed_round):
         raise ConfigError(
             f"Checkpoint {state.checkpoint} is of round {metadata.get('round')}, but {STATE_FILE} says round "

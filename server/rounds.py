@@ -30,6 +30,7 @@ sites, builds the messages and pools the evaluation):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -87,6 +88,11 @@ def _expires(messages: Iterable[Message], ttl: float) -> list[Message]:
     return out
 
 
+def _count_ok(value: object) -> bool:
+    """A reply's example count: a finite number >= 0 (it weighs the site's update)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def _unanswered(messages: list[Message], replies: list[Message], names: Names, timeout: float) -> dict[str, str]:
     answered = {m.metadata.src_node_id for m in replies}
     return {
@@ -118,15 +124,16 @@ class PlainRounds:
     def run_rounds(self, first: int, weights: StateDict) -> StateDict:
         for server_round in range(first, self.run.num_server_rounds + 1):
             log.info("[ROUND %d/%d]", server_round, self.run.num_server_rounds)
-            weights = self.train(server_round, weights)
-            self.evaluate(server_round, weights)
+            weights, missed = self.train(server_round, weights)
+            self.evaluate(server_round, weights, skip=missed)
             self.on_round_done(server_round, weights)
         return weights
 
     # -- training ----------------------------------------------------------------------------
 
-    def train(self, server_round: int, weights: StateDict) -> StateDict:
-        """One round's training with retries; the new global weights (RunStopped when it cannot be done)."""
+    def train(self, server_round: int, weights: StateDict) -> tuple[StateDict, set[int]]:
+        """One round's training with retries: the new global weights, and the nodes that missed the deadline
+        (RunStopped when the round cannot be done)."""
         attempts = self.policy.retries + 1
         for attempt in range(1, attempts + 1):
             wait_for_sites(self.grid, min_sites=self.run.min_sites, timeout=self.policy.join_timeout,
@@ -139,7 +146,7 @@ class PlainRounds:
                 log.warning("%s; trying round %d again (%d of %d)", exc, server_round, attempt + 1, attempts)
         raise AssertionError("unreachable")
 
-    def train_once(self, server_round: int, weights: StateDict) -> StateDict:
+    def train_once(self, server_round: int, weights: StateDict) -> tuple[StateDict, set[int]]:
         from server.validation import aggregate, screen
 
         config = ConfigRecord({"local-epochs": self.run.local_epochs})
@@ -151,6 +158,7 @@ class PlainRounds:
         log.info("Round %d: %d of %d sites answered in %.0f s", server_round, len(replies), len(messages),
                  time.monotonic() - started)
         book = RoundBook(server_round)
+        missed = {m.metadata.dst_node_id for m in messages} - {m.metadata.src_node_id for m in replies}
         for name, reason in _unanswered(messages, replies, self.names, self.policy.timeout).items():
             book.fail(name, reason)
         updates: dict[str, tuple[StateDict, int]] = {}
@@ -160,7 +168,11 @@ class PlainRounds:
                 book.fail(name, msg.error.reason)
                 continue
             metrics = msg.content.get(records.METRICS, {})
-            if not book.reply(name, metrics, msg.content.get(records.SITE, {})):
+            site_record = msg.content.get(records.SITE, {})
+            if records.DECLINED not in site_record and not _count_ok(metrics.get(records.NUM_EXAMPLES)):
+                book.reject(name, f"no usable example count ({metrics.get(records.NUM_EXAMPLES)!r})")
+                continue
+            if not book.reply(name, metrics, site_record):
                 continue  # declined
             try:
                 update = msg.content[records.ARRAYS].to_torch_state_dict()
@@ -176,7 +188,7 @@ class PlainRounds:
             method = self.policy.aggregation
             state = aggregate(list(accepted.values()), method=method, trim_fraction=self.policy.trim_fraction)
             book.close(self.strategy.report, state, aggregation=method)
-            return OrderedDict((k, state[k]) for k in weights)
+            return OrderedDict((k, state[k]) for k in weights), missed
         if not accepted and book.declined and not book.failed and not book.rejected:
             book.close(self.strategy.report, None)  # every site declined: BudgetsSpent
         reason = (
@@ -192,9 +204,12 @@ class PlainRounds:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def evaluate(self, server_round: int, weights: StateDict) -> None:
+    def evaluate(self, server_round: int, weights: StateDict, *, skip: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        """Pooled evaluation of the new weights; sites that missed this round's training deadline are
+        not asked (they are most likely still busy, and the round would wait for them twice)."""
         messages = _expires(
-            self.strategy.configure_evaluate(server_round, ArrayRecord(weights), ConfigRecord(), self.grid),
+            [m for m in self.strategy.configure_evaluate(server_round, ArrayRecord(weights), ConfigRecord(), self.grid)
+             if m.metadata.dst_node_id not in skip],
             self.policy.timeout,
         )
         if not messages:

@@ -86,8 +86,12 @@ class Names:
     def of(self, node_id: int, content: Any = None) -> str:
         if node_id in self.enrolled:  # the key the SuperLink authenticated: a reply cannot claim another name
             return self.enrolled[node_id]
-        if content is not None:
-            self.learned[node_id] = site_name(content, self.learned.get(node_id, f"node-{node_id}"))
+        if content is not None and node_id not in self.learned:
+            name = site_name(content, f"node-{node_id}")
+            taken = {*self.enrolled.values(), *self.learned.values()}
+            # Unauthenticated (--insecure) sites name themselves: a name another node already uses is
+            # tagged, so two nodes never merge into one site in a round's book or the report.
+            self.learned[node_id] = name if name not in taken else f"{name}@node-{node_id}"
         return self.learned.get(node_id, f"node-{node_id}")
 
 
@@ -105,6 +109,7 @@ class RoundBook:
         self.declined: dict[str, str] = {}
         self.failed: dict[str, str] = {}
         self.rejected: dict[str, str] = {}
+        self.rejected_metrics: dict[str, dict[str, Any]] = {}
 
     def fail(self, name: str, reason: str) -> None:
         self.failed[name] = reason
@@ -113,7 +118,8 @@ class RoundBook:
     def reject(self, name: str, reason: str) -> None:
         """The site trained, but its update failed the coordinator's checks: it is left out of the aggregate."""
         self.rejected[name] = reason
-        self.site_metrics.pop(name, None)
+        if name in self.site_metrics:  # it trained: its privacy facts stay in the report (the audit needs them)
+            self.rejected_metrics[name] = self.site_metrics.pop(name)
         log.warning("Round %d: update of site %s REJECTED: %s", self.server_round, name, reason)
 
     def reply(self, name: str, metrics: Mapping[str, Any], site: Mapping[str, Any]) -> bool:
@@ -143,7 +149,7 @@ class RoundBook:
         r = self.server_round
         if state is None or not self.site_metrics:
             report.record_train(r, site_metrics={}, declined=self.declined, failed=self.failed, checkpoint=None,
-                                rejected=self.rejected)
+                                rejected=self.rejected, rejected_metrics=self.rejected_metrics)
             if self.declined and not self.failed:
                 raise BudgetsSpent(
                     f"Every site declined round {r}: "
@@ -162,7 +168,7 @@ class RoundBook:
             )
         report.record_train(
             r, site_metrics=self.site_metrics, declined=self.declined, failed=self.failed, checkpoint=checkpoint,
-            rejected=self.rejected, aggregation=aggregation,
+            rejected=self.rejected, rejected_metrics=self.rejected_metrics, aggregation=aggregation,
         )
 
 

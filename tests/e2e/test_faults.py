@@ -1,0 +1,245 @@
+"""Runs that survive: faults injected into a real federation on loopback.
+
+Real ``fl-server`` (SuperLink, ServerApp) and ``fl-client`` (SuperNodes) processes,
+plain HTTP on 127.0.0.1 and ``secagg=false`` so the coordinator can screen each
+update. Each test checks what happened to the run, that the final model is usable
+(pooled validation AUROC above chance), and that every site's ledger books exactly
+the rounds that site trained, no round twice, with its ε recomputed from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from common.processes import ManagedProcess, ProcessSet, _alive, descendants, free_port
+from tests.e2e.support import BIN, run_cli, wait_for_server
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 4
+DEADLINE = 60  # round-timeout (s): a healthy round here takes ~10-20 s on 2 busy cores
+RUN_CONFIG = f"secagg=false batch-size=16 learning-rate=0.03 round-timeout={DEADLINE} join-timeout=120 seed=7"
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from simulations.synth import synthesize
+
+    out = tmp_path_factory.mktemp("fault-sites")
+    synthesize(out, sites=["A", "B", "C"], images_per_site=300, seed=11, size=48)
+    return out
+
+
+class Federation:
+    """One fl-server and its fl-clients, all in one ProcessSet; every PID is remembered."""
+
+    def __init__(self, procs: ProcessSet, tmp: Path, data: Path) -> None:
+        self.procs, self.tmp, self.data = procs, tmp, data
+        self.port = free_port()
+        self.workdir = tmp / "server"
+        self.clients: dict[str, ManagedProcess] = {}
+        self.pids: set[int] = set()
+
+    def serve(self, *extra: str, log: str = "server.log") -> ManagedProcess:
+        server = self.procs.start(
+            "fl-server",
+            [str(BIN / "fl-server"), "--insecure", "--port", str(self.port), "--workdir", str(self.workdir),
+             "--rounds", str(ROUNDS), "--min-sites", "2", "--image-size", "32", "--local-epochs", "3",
+             "--run-config", RUN_CONFIG, *extra],
+            log_path=self.tmp / log,
+        )
+        wait_for_server(self.port, server)
+        return server
+
+    def join(self, site: str, *, fault: str = "", data: str | None = None) -> ManagedProcess:
+        env = {**os.environ, "FEDRAD_FAULT": fault} if fault else None
+        client = self.procs.start(
+            f"fl-client {site}",
+            [str(BIN / "fl-client"), "--site", site, "--data", str(self.data / (data or site)), "--insecure",
+             "--server", f"127.0.0.1:{self.port}", "--workdir", str(self.tmp / f"site-{site}"), "--threads", "1",
+             "--max-epsilon", "30", "--privacy-unit", "image", "-c", "image-size=32"],
+            log_path=self.tmp / f"site-{site}.log", env=env,
+        )
+        self.clients[site] = client
+        return client
+
+    def remember(self) -> None:
+        for proc in self.procs.processes:
+            self.pids.update([proc.pid, *descendants(proc.pid)])
+
+    def run_dir(self) -> Path:
+        (run_dir,) = (self.workdir / "runs").iterdir()
+        return run_dir
+
+    def wait(self, server: ManagedProcess, timeout: float, until: object = None) -> None:
+        deadline = time.monotonic() + timeout
+        while server.running() and time.monotonic() < deadline:
+            self.remember()
+            if until is not None and until():  # type: ignore[operator]
+                return
+            time.sleep(0.5)
+        if until is not None:
+            raise AssertionError("the awaited moment never came:\n" + server.tail(60))
+        assert not server.running(), "run did not finish in time:\n" + server.tail(60)
+
+    def completed_round(self) -> int:
+        try:
+            return int(json.loads((self.run_dir() / "state.json").read_text())["completed_round"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+
+def kill_tree(proc: ManagedProcess) -> None:
+    """A crash: SIGKILL the process and everything it started, with no chance to clean up."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.popen.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def ledger_rounds(tmp: Path, site: str, run_id: str) -> list[int]:
+    """The rounds of ``run_id`` the site's ledger books, after checking the ledger itself.
+
+    ``audit_ledger`` verifies the chain and signatures and recomputes every row's ε from the
+    rows before it: the ledger's ε is exactly that of the rounds it books.
+    """
+    from common.audit import audit_ledger
+    from common.ledger import Ledger
+
+    privacy = tmp / f"site-{site}" / "privacy"
+    audit = audit_ledger(privacy, public_key=privacy / "site-key.pub")
+    assert audit.verified, [str(p) for p in audit.problems]
+    rows = Ledger(privacy).rows()
+    booked = [row.server_round for row in rows if row.run_id == run_id]
+    assert len(booked) == len(set(booked)), f"site {site} was charged twice for a round: {booked}"
+    return booked
+
+
+def booked_rounds(tmp: Path, site: str) -> set[int]:
+    """Rounds the site's ledger holds so far (read while the site runs; SQLite allows it)."""
+    from common.ledger import Ledger
+
+    if not (tmp / f"site-{site}" / "privacy" / "ledger.sqlite").exists():
+        return set()
+    return {row.server_round for row in Ledger(tmp / f"site-{site}" / "privacy", create=False).rows()}
+
+
+def check_usable_and_audited(fed: Federation, report: dict, sites: tuple[str, ...]) -> float:
+    """The run completed, its model is better than chance, and fl-audit verifies every ledger against it."""
+    assert report["status"] == "completed", report["status"]
+    assert [r["round"] for r in report["rounds"]] == list(range(1, ROUNDS + 1))
+    auroc = report["final"]["auroc"]
+    assert auroc > 0.5, f"final pooled AUROC {auroc}"
+    for site in sites:
+        privacy = fed.tmp / f"site-{site}" / "privacy"
+        audit = run_cli(str(BIN / "fl-audit"), "--ledger", str(privacy), "--public-key", str(privacy / "site-key.pub"),
+                        "--run", str(fed.run_dir()), "--json", timeout=300)
+        assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
+    return float(auroc)
+
+
+def trained_in(report: dict, site: str, key: str = "sites") -> list[int]:
+    return [r["round"] for r in report["rounds"] if site in r.get("train", {}).get(key, {})]
+
+
+def test_coordinator_killed_after_round_2_resumes_and_no_site_pays_twice(sites: Path, tmp_path: Path) -> None:
+    fed = Federation(ProcessSet(), tmp_path, sites)
+    with fed.procs:
+        server = fed.serve()
+        for site in ("A", "B", "C"):
+            fed.join(site)
+        # The worst moment: round 2 is committed and a site has trained (and booked) round 3,
+        # but the coordinator dies before it commits round 3.
+        fed.wait(server, 600, until=lambda: fed.completed_round() >= 2 and any(
+            3 in booked_rounds(tmp_path, site) for site in ("A", "B", "C")))
+        run_dir = fed.run_dir()
+        kill_tree(server)  # the coordinator's machine dies: SuperLink, ServerApp and fl-server at once
+        killed_at = json.loads((run_dir / "state.json").read_text())["completed_round"]
+        assert killed_at == 2
+        trained_before = {site for site in ("A", "B", "C") if 3 in booked_rounds(tmp_path, site)}
+
+        # The sites keep running (their SuperNodes retry); a new coordinator picks the run up.
+        resumed = fed.serve("--resume", str(run_dir), log="server-resumed.log")
+        fed.wait(resumed, 900)
+        assert resumed.popen.returncode == 0, resumed.tail(60)
+        assert all(client.running() for client in fed.clients.values()), "a site did not survive the restart"
+    time.sleep(0.5)
+    assert fed.pids and not [p for p in fed.pids if _alive(p)]
+
+    report = json.loads((run_dir / "report.json").read_text())
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["completed_round"] == ROUNDS and len(state["segments"]) == 2
+    assert [r["from_round"] for r in report["resumes"]] == [killed_at + 1]
+    auroc = check_usable_and_audited(fed, report, ("A", "B", "C"))
+    run_id = str(report["run_id"])
+    for site in ("A", "B", "C"):
+        # Every round once in the ledger, including the round the crash interrupted (replayed, not retrained).
+        assert sorted(ledger_rounds(tmp_path, site, run_id)) == list(range(1, ROUNDS + 1))
+        assert trained_in(report, site) == list(range(1, ROUNDS + 1))
+    for site in trained_before:
+        log = (tmp_path / f"site-{site}.log").read_text()
+        assert "round 3 of run" in log and "the same update is sent again" in log, site
+    print(f"resumed run: final pooled AUROC {auroc:.3f}")
+
+
+def test_dead_nan_and_slow_sites_do_not_stop_or_poison_the_run(sites: Path, tmp_path: Path) -> None:
+    """Three sites each fail differently around two healthy ones (A and B):
+
+    - C is killed mid-round 2 and started again: round 2 completes without it, and it rejoins;
+    - N sends NaN weights every round: each update is rejected, with the reason, by name;
+    - S answers 10x later than the round deadline: each round goes on without it.
+    """
+    fed = Federation(ProcessSet(), tmp_path, sites)
+    with fed.procs:
+        server = fed.serve("--min-sites", "2")
+        for site in ("A", "B", "C"):
+            fed.join(site)
+        fed.join("N", fault="nan", data="A")
+        fed.join("S", fault=f"slow:{10 * DEADLINE}", data="B")
+        fed.wait(server, 600, until=lambda: fed.completed_round() >= 1)
+        time.sleep(4)  # round 2's training is under way
+        kill_tree(fed.clients["C"])
+        fed.join("C")  # the hospital restarts its client
+        fed.wait(server, 1200)
+        assert server.popen.returncode == 0, server.tail(60)
+    time.sleep(0.5)
+    assert fed.pids and not [p for p in fed.pids if _alive(p)]
+
+    run_dir = fed.run_dir()
+    report = json.loads((run_dir / "report.json").read_text())
+    check_usable_and_audited(fed, report, ("A", "B", "N"))
+    run_id = str(report["run_id"])
+    rounds = {r["round"]: r["train"] for r in report["rounds"]}
+    # The healthy sites trained every round, and each round booked once in their ledgers.
+    for site in ("A", "B"):
+        assert trained_in(report, site) == list(range(1, ROUNDS + 1))
+        assert sorted(ledger_rounds(tmp_path, site, run_id)) == list(range(1, ROUNDS + 1))
+    # C: gone in round 2, back for a later round.
+    assert "C" in rounds[1]["sites"] and "C" not in rounds[2]["sites"]
+    assert "deadline" in rounds[2]["failed"].get("C", "") or "C" not in rounds[2]["failed"]
+    assert any("C" in rounds[r]["sites"] for r in (3, 4)), "C did not rejoin"
+    booked_c = ledger_rounds(tmp_path, "C", run_id)
+    assert set(trained_in(report, "C")) <= set(booked_c) <= set(range(1, ROUNDS + 1))
+    # N: trained every round (its ledger says so), every update rejected for its NaN values, by name.
+    for r in range(1, ROUNDS + 1):
+        assert "NaN/Inf" in rounds[r]["rejected"]["N"] and "N" not in rounds[r]["sites"]
+    assert sorted(ledger_rounds(tmp_path, "N", run_id)) == list(range(1, ROUNDS + 1))
+    assert trained_in(report, "N", "rejected_sites") == list(range(1, ROUNDS + 1))
+    # S: never in time; it trained round 1 only (later messages expired before it was free).
+    for r in range(1, ROUNDS + 1):
+        assert "deadline" in rounds[r]["failed"]["S"] and "S" not in rounds[r]["sites"]
+    assert ledger_rounds(tmp_path, "S", run_id) == [1]
+    server_log = (tmp_path / "server.log").read_text()
+    assert "update of site N REJECTED" in server_log and "SYN-" not in server_log
