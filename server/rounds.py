@@ -159,11 +159,14 @@ class PlainRounds:
                  time.monotonic() - started)
         book = RoundBook(server_round)
         missed = {m.metadata.dst_node_id for m in messages} - {m.metadata.src_node_id for m in replies}
-        for name, reason in _unanswered(messages, replies, self.names, self.policy.timeout).items():
-            book.fail(name, reason)
         updates: dict[str, tuple[StateDict, int]] = {}
+        answered: dict[str, int] = {}  # name -> the node that answered under it this round
         for msg in replies:
-            name = self.names.of(msg.metadata.src_node_id, None if msg.has_error() else msg.content)
+            node = msg.metadata.src_node_id
+            name = self.names.of(node, None if msg.has_error() else msg.content)
+            if answered.get(name, node) != node:  # two live nodes claim one (unauthenticated) name: keep both
+                name = f"{name}@node-{node}"
+            answered[name] = node
             if msg.has_error():
                 book.fail(name, msg.error.reason)
                 continue
@@ -180,6 +183,13 @@ class PlainRounds:
                 book.reject(name, f"unreadable weights ({type(exc).__name__})")
                 continue
             updates[name] = (update, int(metrics[records.NUM_EXAMPLES]))
+        for node in sorted(missed):
+            name = self.names.of(node)
+            if name in answered:  # the site restarted: its old node is silent, its new one answered
+                log.info("Round %d: site %s answered from node %d; its earlier node %d is gone", server_round,
+                         name, answered[name], node)
+                continue
+            book.fail(name, f"no answer within the {self.policy.timeout:g} s deadline (round-timeout)")
         accepted, rejected = screen(updates, weights, norm_factor=self.policy.norm_factor)
         for name, reason in rejected.items():
             book.reject(name, reason)

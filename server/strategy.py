@@ -84,14 +84,16 @@ class Names:
         self.learned: dict[int, str] = {}
 
     def of(self, node_id: int, content: Any = None) -> str:
+        """The site behind ``node_id``; an unenrolled node is named by its first reply (``content``).
+
+        Several nodes may carry one name over a run: an unenrolled (``--insecure``) site whose
+        client restarts comes back as a new node. The round loop keeps two nodes that answer
+        the same round under one name apart.
+        """
         if node_id in self.enrolled:  # the key the SuperLink authenticated: a reply cannot claim another name
             return self.enrolled[node_id]
         if content is not None and node_id not in self.learned:
-            name = site_name(content, f"node-{node_id}")
-            taken = {*self.enrolled.values(), *self.learned.values()}
-            # Unauthenticated (--insecure) sites name themselves: a name another node already uses is
-            # tagged, so two nodes never merge into one site in a round's book or the report.
-            self.learned[node_id] = name if name not in taken else f"{name}@node-{node_id}"
+            self.learned[node_id] = site_name(content, f"node-{node_id}")
         return self.learned.get(node_id, f"node-{node_id}")
 
 

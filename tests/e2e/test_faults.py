@@ -23,16 +23,25 @@ from tests.e2e.support import BIN, run_cli, wait_for_server
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 4
-DEADLINE = 60  # round-timeout (s): a healthy round here takes ~10-20 s on 2 busy cores
+DEADLINE = 40  # round-timeout (s): a healthy round here takes ~10-20 s on 2 busy cores
 RUN_CONFIG = f"secagg=false batch-size=16 learning-rate=0.03 round-timeout={DEADLINE} join-timeout=120 seed=7"
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from simulations.synth import synthesize
+    """Three hospitals of 200 slices, and two small ones (60) for the sites that misbehave.
+
+    The lesions are large and clearly hyperdense: one local epoch per round reaches a
+    pooled AUROC near 1 within two rounds at ε = 10, so "better than chance" tests the
+    faults, not the luck of the DP noise draw.
+    """
+    from simulations.synth import LesionModel, SiteSpec, synthesize_sites
 
     out = tmp_path_factory.mktemp("fault-sites")
-    synthesize(out, sites=["A", "B", "C"], images_per_site=300, seed=11, size=48)
+    easy = LesionModel(radius_mm=(28.0, 40.0), contrast_hu=(60.0, 80.0), subtle_fraction=0.0,
+                       extra_axial_fraction=0.0)
+    specs = [SiteSpec("A", 200), SiteSpec("B", 200), SiteSpec("C", 200), SiteSpec("N", 60), SiteSpec("S", 60)]
+    synthesize_sites(out, specs, seed=11, size=48, lesions=easy)
     return out
 
 
@@ -46,24 +55,24 @@ class Federation:
         self.clients: dict[str, ManagedProcess] = {}
         self.pids: set[int] = set()
 
-    def serve(self, *extra: str, log: str = "server.log") -> ManagedProcess:
+    def serve(self, *extra: str, rounds: int = ROUNDS, log: str = "server.log") -> ManagedProcess:
         server = self.procs.start(
             "fl-server",
             [str(BIN / "fl-server"), "--insecure", "--port", str(self.port), "--workdir", str(self.workdir),
-             "--rounds", str(ROUNDS), "--min-sites", "2", "--image-size", "32", "--local-epochs", "3",
+             "--rounds", str(rounds), "--min-sites", "2", "--image-size", "32", "--local-epochs", "1",
              "--run-config", RUN_CONFIG, *extra],
             log_path=self.tmp / log,
         )
         wait_for_server(self.port, server)
         return server
 
-    def join(self, site: str, *, fault: str = "", data: str | None = None) -> ManagedProcess:
+    def join(self, site: str, *, fault: str = "") -> ManagedProcess:
         env = {**os.environ, "FEDRAD_FAULT": fault} if fault else None
         client = self.procs.start(
             f"fl-client {site}",
-            [str(BIN / "fl-client"), "--site", site, "--data", str(self.data / (data or site)), "--insecure",
+            [str(BIN / "fl-client"), "--site", site, "--data", str(self.data / site), "--insecure",
              "--server", f"127.0.0.1:{self.port}", "--workdir", str(self.tmp / f"site-{site}"), "--threads", "1",
-             "--max-epsilon", "30", "--privacy-unit", "image", "-c", "image-size=32"],
+             "--max-epsilon", "10", "--privacy-unit", "image", "-c", "image-size=32"],
             log_path=self.tmp / f"site-{site}.log", env=env,
         )
         self.clients[site] = client
@@ -136,10 +145,10 @@ def booked_rounds(tmp: Path, site: str) -> set[int]:
     return {row.server_round for row in Ledger(tmp / f"site-{site}" / "privacy", create=False).rows()}
 
 
-def check_usable_and_audited(fed: Federation, report: dict, sites: tuple[str, ...]) -> float:
+def check_usable_and_audited(fed: Federation, report: dict, sites: tuple[str, ...], rounds: int = ROUNDS) -> float:
     """The run completed, its model is better than chance, and fl-audit verifies every ledger against it."""
     assert report["status"] == "completed", report["status"]
-    assert [r["round"] for r in report["rounds"]] == list(range(1, ROUNDS + 1))
+    assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
     auroc = report["final"]["auroc"]
     assert auroc > 0.5, f"final pooled AUROC {auroc}"
     for site in sites:
@@ -195,51 +204,54 @@ def test_coordinator_killed_after_round_2_resumes_and_no_site_pays_twice(sites: 
 
 
 def test_dead_nan_and_slow_sites_do_not_stop_or_poison_the_run(sites: Path, tmp_path: Path) -> None:
-    """Three sites each fail differently around two healthy ones (A and B):
+    """Three sites each fail differently next to two healthy ones (A and B):
 
-    - C is killed mid-round 2 and started again: round 2 completes without it, and it rejoins;
+    - C is killed mid-round 2 and started again: round 2 completes without it, and it rejoins in round 3;
     - N sends NaN weights every round: each update is rejected, with the reason, by name;
-    - S answers 10x later than the round deadline: each round goes on without it.
+    - S answers 10x later than the round deadline: every round goes on without it.
     """
+    rounds = 3
     fed = Federation(ProcessSet(), tmp_path, sites)
     with fed.procs:
-        server = fed.serve("--min-sites", "2")
+        server = fed.serve(rounds=rounds)
         for site in ("A", "B", "C"):
             fed.join(site)
-        fed.join("N", fault="nan", data="A")
-        fed.join("S", fault=f"slow:{10 * DEADLINE}", data="B")
+        fed.join("N", fault="nan")
+        fed.join("S", fault=f"slow:{10 * DEADLINE}")
+        # Mid-round 2: round 1 is committed and C has started training round 2 (its data is loaded).
         fed.wait(server, 600, until=lambda: fed.completed_round() >= 1)
-        time.sleep(4)  # round 2's training is under way
+        time.sleep(3)
         kill_tree(fed.clients["C"])
-        fed.join("C")  # the hospital restarts its client
-        fed.wait(server, 1200)
+        assert 2 not in booked_rounds(tmp_path, "C"), "C finished round 2 before it could be killed"
+        fed.join("C")  # the hospital restarts its client; it comes back as a new SuperNode
+        fed.wait(server, 900)
         assert server.popen.returncode == 0, server.tail(60)
     time.sleep(0.5)
     assert fed.pids and not [p for p in fed.pids if _alive(p)]
 
-    run_dir = fed.run_dir()
-    report = json.loads((run_dir / "report.json").read_text())
-    check_usable_and_audited(fed, report, ("A", "B", "N"))
+    report = json.loads((fed.run_dir() / "report.json").read_text())
+    auroc = check_usable_and_audited(fed, report, ("A", "B", "C", "N"), rounds=rounds)
     run_id = str(report["run_id"])
-    rounds = {r["round"]: r["train"] for r in report["rounds"]}
-    # The healthy sites trained every round, and each round booked once in their ledgers.
+    train = {r["round"]: r["train"] for r in report["rounds"]}
+    every = list(range(1, rounds + 1))
+    # The healthy sites trained and were aggregated every round, each round booked once.
     for site in ("A", "B"):
-        assert trained_in(report, site) == list(range(1, ROUNDS + 1))
-        assert sorted(ledger_rounds(tmp_path, site, run_id)) == list(range(1, ROUNDS + 1))
-    # C: gone in round 2, back for a later round.
-    assert "C" in rounds[1]["sites"] and "C" not in rounds[2]["sites"]
-    assert "deadline" in rounds[2]["failed"].get("C", "") or "C" not in rounds[2]["failed"]
-    assert any("C" in rounds[r]["sites"] for r in (3, 4)), "C did not rejoin"
-    booked_c = ledger_rounds(tmp_path, "C", run_id)
-    assert set(trained_in(report, "C")) <= set(booked_c) <= set(range(1, ROUNDS + 1))
+        assert trained_in(report, site) == every
+        assert ledger_rounds(tmp_path, site, run_id) == every
+    # C: trained round 1, missed round 2 (killed), rejoined for round 3; its ledger holds exactly those.
+    assert trained_in(report, "C") == [1, 3]
+    assert "deadline" in train[2]["failed"]["C"]
+    assert ledger_rounds(tmp_path, "C", run_id) == [1, 3]
     # N: trained every round (its ledger says so), every update rejected for its NaN values, by name.
-    for r in range(1, ROUNDS + 1):
-        assert "NaN/Inf" in rounds[r]["rejected"]["N"] and "N" not in rounds[r]["sites"]
-    assert sorted(ledger_rounds(tmp_path, "N", run_id)) == list(range(1, ROUNDS + 1))
-    assert trained_in(report, "N", "rejected_sites") == list(range(1, ROUNDS + 1))
-    # S: never in time; it trained round 1 only (later messages expired before it was free).
-    for r in range(1, ROUNDS + 1):
-        assert "deadline" in rounds[r]["failed"]["S"] and "S" not in rounds[r]["sites"]
+    for r in every:
+        assert "NaN/Inf" in train[r]["rejected"]["N"] and "N" not in train[r]["sites"]
+    assert ledger_rounds(tmp_path, "N", run_id) == every
+    assert trained_in(report, "N", "rejected_sites") == every
+    # S: never in time. It trained round 1 (booked), then held its answer; its later messages expired
+    # while it was busy, so it never trained them.
+    for r in every:
+        assert "deadline" in train[r]["failed"]["S"] and "S" not in train[r]["sites"]
     assert ledger_rounds(tmp_path, "S", run_id) == [1]
     server_log = (tmp_path / "server.log").read_text()
     assert "update of site N REJECTED" in server_log and "SYN-" not in server_log
+    print(f"faulty sites run: final pooled AUROC {auroc:.3f}")

@@ -426,17 +426,32 @@ def test_a_reply_without_metrics_is_rejected_not_fatal(tmp_path: Path) -> None:
     assert "A" in load_report(h.report.run_dir)["rounds"][0]["train"]["rejected"]
 
 
-def test_two_unauthenticated_nodes_claiming_one_name_stay_two_sites() -> None:
-    from flwr.app import ConfigRecord, RecordDict
-
-    from common import records
+def test_names_come_from_keys_when_enrolled_and_from_the_first_reply_otherwise() -> None:
     from server.strategy import Names
 
     names = Names({7: "E"})
     claim = RecordDict({records.SITE: ConfigRecord({records.SITE_NAME: "A"})})
-    assert names.of(1, claim) == "A"
-    assert names.of(2, claim) == "A@node-2"  # not merged into A's book
-    assert names.of(1) == "A" and names.of(2) == "A@node-2"
+    assert names.of(1, claim) == "A" and names.of(2, claim) == "A"  # a restarted client: same site
+    renamed = RecordDict({records.SITE: ConfigRecord({records.SITE_NAME: "Z"})})
+    assert names.of(1, renamed) == "A"  # a node keeps the name it first gave
     forged = RecordDict({records.SITE: ConfigRecord({records.SITE_NAME: "X"})})
     assert names.of(7, forged) == "E"  # an enrolled node's name comes from its key, not its reply
-    assert names.of(3, RecordDict({records.SITE: ConfigRecord({records.SITE_NAME: "E"})})) == "E@node-3"
+    assert names.of(9) == "node-9"
+
+
+def test_a_restarted_site_answers_from_a_new_node_and_is_not_failed_for_its_old_one(tmp_path: Path) -> None:
+    sites = {**_three(), 14: Site("C", 30, shift=0.03, modes={1: "silent"})}
+    sites[13].modes = {2: "silent"}  # C's first node answers round 1, then is killed; C restarts as node 14
+    h = _harness(tmp_path, sites, **{"num-server-rounds": 2})
+    h.run(_weights())
+    second = load_report(h.report.run_dir)["rounds"][1]["train"]
+    assert sorted(second["sites"]) == ["A", "B", "C"] and second["failed"] == {}
+
+
+def test_two_live_nodes_claiming_one_name_are_booked_apart(tmp_path: Path) -> None:
+    sites = {**_three(), 14: Site("C", 40, shift=0.04)}
+    h = _harness(tmp_path, sites)
+    h.run(_weights())
+    train = load_report(h.report.run_dir)["rounds"][0]["train"]
+    assert sorted(train["sites"]) == ["A", "B", "C", "C@node-14"]
+    assert train["sites"]["C@node-14"]["num-examples"] == 40
