@@ -37,6 +37,8 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 
 
 # Run-config keys that decide how a site's data is read; `-c` mirrors the coordinator's.
+REJOIN_WAIT = 180  # s: how long a restarted site waits for the coordinator to notice its previous client is gone
+REJOIN_RETRY = 5  # s between tries (a try costs one short SuperNode start)
 DATA_KEYS = ("image-size", "window", "multiframe", "color", "enhance", "classes", "val-fraction", "seed")
 RUN_CONFIG_HELP = (
     "The run's data settings, so the check and cache match it, e.g. -c 'image-size=64 window=\"voi\"'. "
@@ -170,6 +172,37 @@ def join(
         security = ["--root-certificates", str(site_kit.ca_cert), "--auth-supernode-private-key", str(site_kit.private_key)]
 
     env = flower_env(site_cfg.work_dir / "flwr-home")
+    deadline = time.monotonic() + REJOIN_WAIT
+    while True:
+        code, output = _run_supernode(site_cfg, site_kit, host=host, port=port, security=security, env=env)
+        still_online = site_kit is not None and "could not be activated" in output
+        if not still_online or time.monotonic() > deadline:
+            break
+        # A client of this site died without saying goodbye (crash, kill): the coordinator
+        # counts its node online until it misses two heartbeats. Wait for that, then rejoin.
+        log.warning("The coordinator still sees this site's previous connection (a crashed client?); "
+                    "rejoining in %d s", REJOIN_RETRY)
+        time.sleep(REJOIN_RETRY)
+    if still_online:
+        raise FederationError(
+            f"The coordinator at {host}:{port} still counts site {site_cfg.site} as connected after "
+            f"{REJOIN_WAIT} s; is another fl-client of this site running?"
+        )
+    if site_kit is not None and "Failed to activate SuperNode" in output:
+        raise FederationError(
+            f"The coordinator at {host}:{port} refused this site's key {site_kit.fingerprint}: site "
+            f"{site_cfg.site} is not enrolled there (or was removed or re-keyed); ask the coordinator to check "
+            "`fl-server sites` and send a new kit"
+        )
+    raise FederationError(
+        f"SuperNode of site {site_cfg.site} exited with code {code} (log: {site_cfg.work_dir / 'logs' / 'supernode.log'})"
+    )
+
+
+def _run_supernode(
+    site_cfg: SiteConfig, site_kit: Kit | None, *, host: str, port: int, security: list[str], env: dict[str, str]
+) -> tuple[int | None, str]:
+    """Run the site's SuperNode until it exits, echoing its log; its exit code and output."""
     runtime_port = free_port()
     supernode_log = site_cfg.work_dir / "logs" / "supernode.log"
     with ProcessSet() as procs:
@@ -195,14 +228,7 @@ def join(
             _echo(follow)
             follow.seek(start)
             output = follow.read()
-        code = supernode.popen.returncode
-    if site_kit is not None and "Failed to activate SuperNode" in output:
-        raise FederationError(
-            f"The coordinator at {host}:{port} refused this site's key {site_kit.fingerprint}: site "
-            f"{site_cfg.site} is not enrolled there (or was removed or re-keyed); ask the coordinator to check "
-            "`fl-server sites` and send a new kit"
-        )
-    raise FederationError(f"SuperNode of site {site_cfg.site} exited with code {code} (log: {supernode_log})")
+        return supernode.popen.returncode, output
 
 
 def _echo(follow: Any) -> None:

@@ -93,8 +93,20 @@ def _count_ok(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
+def _destinations(messages: list[Message]) -> dict[str, int]:
+    """Message id → the node it was sent to (ids are set when the grid pushes the messages)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def _origin(reply: Message, sent_to: dict[str, int]) -> int:
+    """The node a reply is about: the SuperLink itself answers for an unreachable node
+    ("Node Unavailable"), so go by the message it replies to."""
+    return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def _unanswered(messages: list[Message], replies: list[Message], names: Names, timeout: float) -> dict[str, str]:
-    answered = {m.metadata.src_node_id for m in replies}
+    sent_to = _destinations(messages)
+    answered = {_origin(m, sent_to) for m in replies}
     return {
         names.of(m.metadata.dst_node_id): f"no answer within the {timeout:g} s deadline (round-timeout)"
         for m in messages
@@ -158,11 +170,12 @@ class PlainRounds:
         log.info("Round %d: %d of %d sites answered in %.0f s", server_round, len(replies), len(messages),
                  time.monotonic() - started)
         book = RoundBook(server_round)
-        missed = {m.metadata.dst_node_id for m in messages} - {m.metadata.src_node_id for m in replies}
+        sent_to = _destinations(messages)
+        missed = {m.metadata.dst_node_id for m in messages} - {_origin(m, sent_to) for m in replies}
         updates: dict[str, tuple[StateDict, int]] = {}
         answered: dict[str, int] = {}  # name -> the node that answered under it this round
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = _origin(msg, sent_to)
             name = self.names.of(node, None if msg.has_error() else msg.content)
             if answered.get(name, node) != node:  # two live nodes claim one (unauthenticated) name: keep both
                 name = f"{name}@node-{node}"
@@ -227,8 +240,9 @@ class PlainRounds:
         replies = list(self.grid.send_and_receive(messages, timeout=self.policy.timeout))
         for name, reason in _unanswered(messages, replies, self.names, self.policy.timeout).items():
             log.warning("Round %d: %s did not evaluate: %s", server_round, name, reason)
+        sent_to = _destinations(messages)
         for msg in replies:
             if msg.has_error():
                 log.warning("Round %d: %s failed to evaluate: %s", server_round,
-                            self.names.of(msg.metadata.src_node_id), msg.error.reason)
+                            self.names.of(_origin(msg, sent_to)), msg.error.reason)
         self.strategy.aggregate_evaluate(server_round, replies)
