@@ -22,6 +22,7 @@ import typer
 from common.cli import run_typer, setup_logging
 from common.config import DEVICES, RunConfig, SiteConfig, positive_float, site_name
 from common.errors import ConfigError, DataError, FederationError
+from common.files import write_atomic
 from common.flower import flower_bin, flower_env
 from common.processes import LOOPBACK, ProcessSet, can_connect, free_port, parse_address
 
@@ -37,6 +38,7 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 
 
 # Run-config keys that decide how a site's data is read; `-c` mirrors the coordinator's.
+CONNECTED_MARKER = "connected.json"  # in the site's workdir while its SuperNode is connected
 REJOIN_WAIT = 180  # s: how long a restarted site waits for the coordinator to notice its previous client is gone
 REJOIN_RETRY = 5  # s between tries (a try costs one short SuperNode start)
 DATA_KEYS = ("image-size", "window", "multiframe", "color", "enhance", "classes", "val-fraction", "seed")
@@ -172,27 +174,30 @@ def join(
         security = ["--root-certificates", str(site_kit.ca_cert), "--auth-supernode-private-key", str(site_kit.private_key)]
 
     env = flower_env(site_cfg.work_dir / "flwr-home")
+    # A client of this site that died without leaving (crash, kill) leaves its marker behind; the
+    # coordinator then still counts the site's node online until it misses two heartbeats, and
+    # refuses to activate it again until then. Only in that case is a refusal worth waiting out.
+    marker = site_cfg.work_dir / CONNECTED_MARKER
+    crashed = site_kit is not None and marker.exists()
     deadline = time.monotonic() + REJOIN_WAIT
-    while True:
-        code, output = _run_supernode(site_cfg, site_kit, host=host, port=port, security=security, env=env)
-        still_online = site_kit is not None and "could not be activated" in output
-        if not still_online or time.monotonic() > deadline:
-            break
-        # A client of this site died without saying goodbye (crash, kill): the coordinator
-        # counts its node online until it misses two heartbeats. Wait for that, then rejoin.
-        log.warning("The coordinator still sees this site's previous connection (a crashed client?); "
-                    "rejoining in %d s", REJOIN_RETRY)
-        time.sleep(REJOIN_RETRY)
-    if still_online:
+    try:
+        while True:
+            code, output = _run_supernode(site_cfg, site_kit, host=host, port=port, security=security, env=env,
+                                          marker=marker)
+            refused = site_kit is not None and "Failed to activate SuperNode" in output
+            if not (refused and crashed) or time.monotonic() > deadline:
+                break
+            log.warning("The coordinator still counts this site's previous client (which did not leave cleanly) "
+                        "as connected; rejoining in %d s", REJOIN_RETRY)
+            time.sleep(REJOIN_RETRY)
+    finally:
+        marker.unlink(missing_ok=True)
+    if refused and site_kit is not None:
+        waited = f" (after waiting {REJOIN_WAIT} s for its previous connection to expire)" if crashed else ""
         raise FederationError(
-            f"The coordinator at {host}:{port} still counts site {site_cfg.site} as connected after "
-            f"{REJOIN_WAIT} s; is another fl-client of this site running?"
-        )
-    if site_kit is not None and "Failed to activate SuperNode" in output:
-        raise FederationError(
-            f"The coordinator at {host}:{port} refused this site's key {site_kit.fingerprint}: site "
-            f"{site_cfg.site} is not enrolled there (or was removed or re-keyed); ask the coordinator to check "
-            "`fl-server sites` and send a new kit"
+            f"The coordinator at {host}:{port} refused this site's key {site_kit.fingerprint}{waited}: site "
+            f"{site_cfg.site} is not enrolled there (or was removed or re-keyed, or another fl-client of this site "
+            "is connected); ask the coordinator to check `fl-server sites` and send a new kit"
         )
     raise FederationError(
         f"SuperNode of site {site_cfg.site} exited with code {code} (log: {site_cfg.work_dir / 'logs' / 'supernode.log'})"
@@ -200,9 +205,13 @@ def join(
 
 
 def _run_supernode(
-    site_cfg: SiteConfig, site_kit: Kit | None, *, host: str, port: int, security: list[str], env: dict[str, str]
+    site_cfg: SiteConfig, site_kit: Kit | None, *, host: str, port: int, security: list[str], env: dict[str, str],
+    marker: Path,
 ) -> tuple[int | None, str]:
-    """Run the site's SuperNode until it exits, echoing its log; its exit code and output."""
+    """Run the site's SuperNode until it exits, echoing its log; its exit code and output.
+
+    ``marker`` is written once the SuperNode is connected (and removed by the caller when it leaves).
+    """
     runtime_port = free_port()
     supernode_log = site_cfg.work_dir / "logs" / "supernode.log"
     with ProcessSet() as procs:
@@ -222,8 +231,12 @@ def _run_supernode(
                  supernode_log)
         with supernode_log.open(errors="replace") as follow:
             follow.seek(start)
+            connected = False
             while supernode.running():
-                _echo(follow)
+                chunk = _echo(follow)
+                if not connected and "SuperNode ID:" in chunk:
+                    connected = True
+                    write_atomic(marker, json.dumps({"pid": supernode.pid, "since": time.time()}).encode())
                 time.sleep(0.5)
             _echo(follow)
             follow.seek(start)
@@ -231,12 +244,13 @@ def _run_supernode(
         return supernode.popen.returncode, output
 
 
-def _echo(follow: Any) -> None:
+def _echo(follow: Any) -> str:
     """Copy what the SuperNode wrote since last time to our stdout (the operator sees it live)."""
     chunk = follow.read()
     if chunk:
         sys.stdout.write(chunk)
         sys.stdout.flush()
+    return str(chunk)
 
 
 def _site_kit(kit: Path | None, *, site: str | None, insecure: bool) -> Kit | None:

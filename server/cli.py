@@ -441,7 +441,7 @@ def _run(
         status, details = run.get("status", ""), run.get("status-details", "")
         if status.startswith("finished"):
             break
-        time.sleep(2)
+        time.sleep(5)  # each poll starts a `flwr` process (~0.5 s of CPU): not too often on small machines
     time.sleep(1.5)  # let the log stream print the last lines
     return status, details, run_id
 

@@ -104,6 +104,19 @@ def _origin(reply: Message, sent_to: dict[str, int]) -> int:
     return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
+def _failure(reply: Message, timeout: float) -> str:
+    """Why a site did not answer, in the coordinator's words (the SuperLink's errors for a
+    message that expired unanswered, or a node that stopped sending heartbeats)."""
+    from flwr.common.constant import ErrorCode
+
+    code = reply.error.code
+    if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+        return f"no answer within the {timeout:g} s deadline (round-timeout)"
+    if code == ErrorCode.NODE_UNAVAILABLE:
+        return "connection lost: the site stopped sending heartbeats (Node Unavailable)"
+    return reply.error.reason
+
+
 def _unanswered(messages: list[Message], replies: list[Message], names: Names, timeout: float) -> dict[str, str]:
     sent_to = _destinations(messages)
     answered = {_origin(m, sent_to) for m in replies}
@@ -144,7 +157,7 @@ class PlainRounds:
     # -- training ----------------------------------------------------------------------------
 
     def train(self, server_round: int, weights: StateDict) -> tuple[StateDict, set[int]]:
-        """One round's training with retries: the new global weights, and the nodes that missed the deadline
+        """One round's training with retries: the new global weights, and the nodes that failed or missed the deadline
         (RunStopped when the round cannot be done)."""
         attempts = self.policy.retries + 1
         for attempt in range(1, attempts + 1):
@@ -172,6 +185,7 @@ class PlainRounds:
         book = RoundBook(server_round)
         sent_to = _destinations(messages)
         missed = {m.metadata.dst_node_id for m in messages} - {_origin(m, sent_to) for m in replies}
+        missed |= {_origin(m, sent_to) for m in replies if m.has_error()}  # not asked to evaluate either
         updates: dict[str, tuple[StateDict, int]] = {}
         answered: dict[str, int] = {}  # name -> the node that answered under it this round
         for msg in replies:
@@ -181,7 +195,7 @@ class PlainRounds:
                 name = f"{name}@node-{node}"
             answered[name] = node
             if msg.has_error():
-                book.fail(name, msg.error.reason)
+                book.fail(name, _failure(msg, self.policy.timeout))
                 continue
             metrics = msg.content.get(records.METRICS, {})
             site_record = msg.content.get(records.SITE, {})
@@ -196,7 +210,7 @@ class PlainRounds:
                 book.reject(name, f"unreadable weights ({type(exc).__name__})")
                 continue
             updates[name] = (update, int(metrics[records.NUM_EXAMPLES]))
-        for node in sorted(missed):
+        for node in sorted(missed - {_origin(m, sent_to) for m in replies}):
             name = self.names.of(node)
             if name in answered:  # the site restarted: its old node is silent, its new one answered
                 log.info("Round %d: site %s answered from node %d; its earlier node %d is gone", server_round,
