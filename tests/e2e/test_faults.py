@@ -24,7 +24,7 @@ from tests.e2e.support import BIN, run_cli, wait_for_server
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 4
-DEADLINE = 90  # round-timeout (s): the first round, where every site starts up at once, takes up to ~50 s here
+DEADLINE = 60  # round-timeout (s): the first round, where every site starts up at once, takes ~40 s here
 RUN_CONFIG = f"secagg=false batch-size=16 learning-rate=0.03 round-timeout={DEADLINE} join-timeout=120 seed=7"
 SIZES = {"A": 200, "B": 200, "C": 200, "N": 60, "S": 60}
 
@@ -225,7 +225,7 @@ def test_dead_nan_and_slow_sites_do_not_stop_or_poison_the_run(sites: Path, tmp_
     """Three sites each fail differently next to two healthy ones (A and B), over two rounds:
 
     - C is killed mid-round 1 and started again (its node stays "online" at the SuperLink until it misses
-      two heartbeats; fl-client waits that out): round 1 completes without it, and it rejoins in round 2;
+      two heartbeats; fl-client waits that out): round 1 goes on without it, and it rejoins;
     - N sends NaN weights every round: each update is rejected, with the reason, by name;
     - S answers 10x later than the round deadline: every round goes on without it.
     """
@@ -259,10 +259,13 @@ def test_dead_nan_and_slow_sites_do_not_stop_or_poison_the_run(sites: Path, tmp_
     for site in ("A", "B"):
         assert trained_in(report, site) == every
         assert ledger_rounds(tmp_path, site, run_id) == every
-    # C: killed in round 1 (nothing booked), back for round 2; its ledger holds exactly that round.
-    assert trained_in(report, "C") == [2]
-    assert "deadline" in train[1]["failed"]["C"] or "heartbeat" in train[1]["failed"]["C"]
-    assert ledger_rounds(tmp_path, "C", run_id) == [2]
+    # C: killed in round 1 before it booked anything, back for a later try; its ledger holds exactly
+    # the rounds it was aggregated in. (On a busy machine round 1 may need its retry: the sites answer
+    # the retry with their stored update, so nobody pays for round 1 twice.)
+    first_try = report["rounds"][0].get("attempts", [{}])[0].get("failed", train[1]["failed"])
+    assert "heartbeats" in first_try.get("C", "") or "deadline" in first_try.get("C", ""), first_try
+    booked_c = ledger_rounds(tmp_path, "C", run_id)
+    assert booked_c and booked_c == trained_in(report, "C")
     # N: trained every round (its ledger says so), every update rejected for its NaN values, by name.
     for r in every:
         assert "NaN/Inf" in train[r]["rejected"]["N"] and "N" not in train[r]["sites"]
