@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from common.privacy import (
@@ -82,3 +84,19 @@ def test_calibration_refuses_a_spent_budget() -> None:
 def test_sample_rate_is_what_opacus_poisson_loader_uses() -> None:
     assert steps_per_epoch(num_examples=100, batch_size=32) == 4
     assert poisson_sample_rate(num_examples=100, batch_size=32) == 0.25
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0, 3.5])
+def test_sigma_search_is_sound_tight_and_needs_few_evaluations(power: float) -> None:
+    from common.privacy import _smallest_sigma
+
+    calls: list[float] = []
+
+    def spend(sigma: float) -> float:  # a smooth, decreasing ε(σ), like the accountants'
+        calls.append(sigma)
+        return math.inf if sigma <= 0 else 5.0 / sigma**power
+
+    sigma = _smallest_sigma(spend, 2.0, 0.0, 10.0, 0.02)
+    assert spend(sigma) <= 2.0  # never over budget
+    assert spend(sigma) > 2.0 - 0.02 or sigma * 0.995 <= (5.0 / 2.0) ** (1 / power)  # tight
+    assert len(calls) <= 12
