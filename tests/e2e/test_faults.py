@@ -24,7 +24,7 @@ from tests.e2e.support import BIN, run_cli, wait_for_server
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 4
-DEADLINE = 90  # round-timeout (s): the first round, where five sites start up at once, takes ~45 s here
+DEADLINE = 60  # round-timeout (s): the first round, where five sites start up at once, takes ~40 s here
 RUN_CONFIG = f"secagg=false batch-size=16 learning-rate=0.03 round-timeout={DEADLINE} join-timeout=120 seed=7"
 SIZES = {"A": 200, "B": 200, "C": 200, "N": 60, "S": 60}
 
@@ -182,20 +182,20 @@ def trained_in(report: dict, site: str, key: str = "sites") -> list[int]:
 
 def test_coordinator_killed_after_round_2_resumes_and_no_site_pays_twice(sites: Path, tmp_path: Path) -> None:
     fed = Federation(ProcessSet(), tmp_path, sites)
-    fed.enroll("A", "B", "C")
+    fed.enroll("A", "B")
     with fed.procs:
         server = fed.serve()
-        for site in ("A", "B", "C"):
+        for site in ("A", "B"):
             fed.join(site)
         # The worst moment: round 2 is committed and a site has trained (and booked) round 3,
         # but the coordinator dies before it commits round 3.
         fed.wait(server, 600, until=lambda: fed.completed_round() >= 2 and any(
-            3 in booked_rounds(tmp_path, site) for site in ("A", "B", "C")))
+            3 in booked_rounds(tmp_path, site) for site in ("A", "B")))
         run_dir = fed.run_dir()
         kill_tree(server)  # the coordinator's machine dies: SuperLink, ServerApp and fl-server at once
         killed_at = json.loads((run_dir / "state.json").read_text())["completed_round"]
         assert killed_at == 2
-        trained_before = {site for site in ("A", "B", "C") if 3 in booked_rounds(tmp_path, site)}
+        trained_before = {site for site in ("A", "B") if 3 in booked_rounds(tmp_path, site)}
 
         # The sites keep running (their SuperNodes retry); a new coordinator picks the run up.
         resumed = fed.serve("--resume", str(run_dir), log="server-resumed.log")
@@ -209,9 +209,9 @@ def test_coordinator_killed_after_round_2_resumes_and_no_site_pays_twice(sites: 
     state = json.loads((run_dir / "state.json").read_text())
     assert state["completed_round"] == ROUNDS and len(state["segments"]) == 2
     assert [r["from_round"] for r in report["resumes"]] == [killed_at + 1]
-    auroc = check_usable_and_audited(fed, report, ("A", "B", "C"))
+    auroc = check_usable_and_audited(fed, report, ("A", "B"))
     run_id = str(report["run_id"])
-    for site in ("A", "B", "C"):
+    for site in ("A", "B"):
         # Every round once in the ledger, including the round the crash interrupted (replayed, not retrained).
         assert sorted(ledger_rounds(tmp_path, site, run_id)) == list(range(1, ROUNDS + 1))
         assert trained_in(report, site) == list(range(1, ROUNDS + 1))
