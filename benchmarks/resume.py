@@ -1,12 +1,13 @@
 """A run resumed after a coordinator crash next to an uninterrupted run with the same seed.
 
     python -m benchmarks.resume [--sites A,B,C] [--images-per-site 300] [--rounds 4] [--kill-after 2]
-                                [--local-epochs 2] [--image-size 32] [--seed 7] [--data-seed 0]
+                                [--local-epochs 2] [--image-size 32] [--seed 7] [--data-seed 0] [--easy-lesions]
                                 [--max-epsilon 10] [--threads 1] [--timeout 1200]
                                 [--workdir DIR] [--keep] [--json FILE]
 
 Synthesises ``--sites`` hospitals once (``simulations.synth.synthesize``, 48 px
-DICOMs, the default lesion model: realistic difficulty), then runs two real
+DICOMs, the default lesion model: realistic difficulty; ``--easy-lesions``: the
+fault tests' large clear lesions, which the model learns), then runs two real
 federations on loopback, one after the other, with the same data folders and
 the very same settings, each with a fresh coordinator workdir and fresh site
 workdirs (fresh caches and privacy ledgers)::
@@ -294,7 +295,7 @@ def render(result: Mapping[str, Any]) -> list[str]:
     s = result["settings"]
     lines = [
         (f"fedrad resume after a coordinator crash: {len(s['sites'])} sites × {s['images_per_site']} synthetic "
-        f"48 px DICOMs (default lesion model), model input {s['image_size']} px, {s['rounds']} rounds × "
+        f"48 px DICOMs ({'easy' if s.get('easy_lesions') else 'default'} lesion model), model input {s['image_size']} px, {s['rounds']} rounds × "
         f"{s['local_epochs']} local epochs, seed {s['seed']}, image-level DP, max ε {s['max_epsilon']:g}, "
         f"--no-secure-mode, coordinator SIGKILLed after round {s['kill_after']}; {s['cores']} cores, every "
         "process on loopback"),
