@@ -11,7 +11,7 @@ import torch
 
 from client.replay import UPDATES_DIR, UpdateStore, weights_digest
 from client.site import train_round
-from common.config import PreprocessConfig, RunConfig, SiteConfig
+from common.config import RunConfig, SiteConfig
 from common.ledger import Ledger
 from common.models import build_model
 
@@ -108,16 +108,6 @@ def test_an_unreadable_stored_update_means_training_again(
 
 
 # -- train_round on a real (tiny) site ------------------------------------------------------------------
-
-
-@pytest.fixture
-def site_and_run(tiny_sites: Path, tmp_path: Path) -> tuple[SiteConfig, RunConfig]:
-    """As in test_training.py: site A of the synthetic sites, a 3-round run at 32 px."""
-    site = SiteConfig(
-        site="A", data_dir=tiny_sites / "A", work_dir=tmp_path / "work", max_epsilon=3.0, threads=1, secure_mode=False
-    )
-    run = RunConfig(num_server_rounds=3, local_epochs=1, batch_size=8, preprocess=PreprocessConfig(image_size=32))
-    return site, run
 
 
 def _weights(seed: int = 0) -> StateDict:

@@ -88,15 +88,6 @@ def test_patient_groups_number_hashed_ids_from_zero() -> None:
     assert patient_groups(["b", "a", "b", "c"]).tolist() == [1, 0, 1, 2]
 
 
-@pytest.fixture
-def site_and_run(tiny_sites: Path, tmp_path: Path) -> tuple[SiteConfig, RunConfig]:
-    site = SiteConfig(
-        site="A", data_dir=tiny_sites / "A", work_dir=tmp_path / "work", max_epsilon=3.0, threads=1, secure_mode=False
-    )
-    run = RunConfig(num_server_rounds=3, local_epochs=1, batch_size=8, preprocess=PreprocessConfig(image_size=32))
-    return site, run
-
-
 def _weights() -> OrderedDict[str, torch.Tensor]:
     return OrderedDict(build_model("fedrad-cnn", seed=0).state_dict())
 
