@@ -2,6 +2,11 @@
 
 ``fl-predict --model RUN_DIR|CHECKPOINT --data DIR --out scores.csv [--threshold T]``
 
+A binary model is labelled at the threshold the coordinator chose on that
+round's pooled validation statistics (the run's ``operating-point``), kept in
+the checkpoint's metadata (else in the run folder's ``report.json``), unless
+``--threshold`` says otherwise.
+
 Every file under ``DIR`` goes through the training ingest (the same decoder,
 checks, preprocessing and cache, with the run's image size, window,
 multi-frame, colour and enhancement settings), so a file is accepted or
@@ -35,9 +40,10 @@ import numpy as np
 import typer
 
 from common.cli import run_typer, setup_logging
-from common.config import DEVICES, RunConfig
+from common.config import DEVICES, RunConfig, parse_operating_point
 from common.errors import ConfigError, DataError
 from common.files import write_atomic
+from common.metrics import describe_operating_point
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +56,8 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"  # written by the coordinator after each completed round: {"checkpoint": "<relative path>", ...}
 REPORT_FILE = "report.json"
 RUN_CONFIG_KEY = "run-config"  # = server.checkpoint.RUN_CONFIG_KEY (client/ does not import server/)
+THRESHOLD_KEY = "threshold"  # = server.checkpoint.THRESHOLD_KEY: the coordinator's chosen threshold
+OPERATING_POINT_KEY = "operating-point"  # = server.checkpoint.OPERATING_POINT_KEY: the rule that chose it
 CHECKPOINT_RE = re.compile(r"round-(\d+)\.safetensors")
 WORK_PREFIX = ".fedrad-predict-"
 OK, REJECTED = "ok", "rejected"
@@ -67,6 +75,10 @@ class TrainedModel:
     round: int | None
     run_id: str | None
     config_source: str  # "checkpoint", or the state.json / report.json it came from
+    threshold: float | None = None
+    """Binary: the threshold the coordinator chose on this round's pooled validation (None when unknown)."""
+    threshold_rule: str = ""
+    """How it was chosen, in words ("Youden's J", "target sensitivity 0.9")."""
 
 
 def find_checkpoint(model: Path) -> tuple[Path, Path | None]:
@@ -142,6 +154,54 @@ def _folder_config(run_dir: Path | None) -> tuple[dict[str, Any], Path] | None:
     return None
 
 
+def _threshold(value: Any) -> float | None:
+    """A usable threshold (a number strictly between 0 and 1), else None."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        return None
+    return number if 0 < number < 1 else None
+
+
+def _rule(value: Any) -> str:
+    """The run config's ``operating-point`` in words; Youden's J when absent (the default)."""
+    try:
+        return describe_operating_point(parse_operating_point("youden" if value is None else value))
+    except ConfigError:
+        return f"operating-point {value!r}"
+
+
+def coordinator_threshold(
+    metadata: dict[str, str], run_dir: Path | None, server_round: int | None
+) -> tuple[float, str] | None:
+    """The threshold the coordinator chose on ``server_round``'s pooled validation, and its rule in words.
+
+    From the checkpoint's metadata (``threshold``, ``operating-point``), else from the run
+    folder's ``report.json`` (the round's pooled ``threshold``; only when the report is of the
+    checkpoint's run). ``None`` when neither has one (multi-class, no evaluation that round,
+    a checkpoint from an older version).
+    """
+    if THRESHOLD_KEY in metadata:
+        value = _threshold(metadata[THRESHOLD_KEY])
+        if value is None:
+            log.warning("Ignoring the checkpoint's chosen threshold %r: not a number in (0, 1)", metadata[THRESHOLD_KEY])
+            return None
+        return value, _rule(metadata.get(OPERATING_POINT_KEY))
+    path = run_dir / REPORT_FILE if run_dir is not None else None
+    if server_round is None or path is None or not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        if "run-id" in metadata and str(report.get("run_id")) != metadata["run-id"]:
+            return None  # a report of another run
+        entry = next((r for r in report.get("rounds", []) if r.get("round") == server_round), {})
+        value = _threshold(entry.get("evaluate", {}).get("pooled", {}).get(THRESHOLD_KEY))
+        rule = _rule(report.get("config", {}).get(OPERATING_POINT_KEY))
+    except (OSError, ValueError, AttributeError):
+        return None  # the threshold is a default only: an unreadable report leaves the scores unlabelled
+    return (value, rule) if value is not None else None
+
+
 def resolve_model(model: Path) -> TrainedModel:
     """Find the checkpoint for ``--model`` and its run config; torch is not imported.
 
@@ -191,7 +251,11 @@ def resolve_model(model: Path) -> TrainedModel:
     round_text = metadata.get("round")
     match = CHECKPOINT_RE.fullmatch(checkpoint.name)
     server_round = int(round_text) if round_text and round_text.isdigit() else (int(match.group(1)) if match else None)
-    return TrainedModel(checkpoint=checkpoint, run=run, round=server_round, run_id=metadata.get("run-id"), config_source=source)
+    chosen = coordinator_threshold(metadata, run_dir, server_round) if len(run.classes) == 2 else None
+    return TrainedModel(
+        checkpoint=checkpoint, run=run, round=server_round, run_id=metadata.get("run-id"), config_source=source,
+        threshold=chosen[0] if chosen else None, threshold_rule=chosen[1] if chosen else "",
+    )
 
 
 def load_model(trained: TrainedModel) -> nn.Module:
@@ -435,7 +499,7 @@ def _check_out(out: Path) -> None:
 
 def _summary(
     trained: TrainedModel, predictions: Predictions, *, out: Path, threshold: float | None, positives: int,
-    auroc: tuple[float, int] | None,
+    auroc: tuple[float, int] | None, chosen_by: str = "",
 ) -> str:
     files = predictions.files
     ok = sum(f.status == OK for f in files)
@@ -449,8 +513,9 @@ def _summary(
     ]
     lines += [f"  {n} × {reason}" for reason, n in sorted(rejected.items(), key=lambda x: (-x[1], x[0]))]
     if len(run.classes) == 2 and threshold is not None:
+        why = f" (chosen by the coordinator on pooled validation, {chosen_by})" if chosen_by else ""
         lines.append(
-            f"Positive ({run.classes[1]}) at threshold {threshold:g}: {positives} of {predictions.images} image(s)"
+            f"Positive ({run.classes[1]}) at threshold {threshold:g}{why}: {positives} of {predictions.images} image(s)"
         )
     elif len(run.classes) > 2:
         counts = Counter(run.classes[int(np.argmax(p))] for f in files if f.probs is not None for p in f.probs)
@@ -471,7 +536,8 @@ def predict(
     data: Annotated[Path, typer.Option(help="Folder of DICOM files to score (searched recursively).")],
     out: Annotated[Path, typer.Option(help="CSV file to write (atomically): one row per image and per rejected file.")],
     threshold: Annotated[float | None, typer.Option(help="Binary models: add a `label` column, the positive class "
-                                                    "when score >= T (0 < T < 1).")] = None,
+                                                    "when score >= T (0 < T < 1). Default: the threshold the "
+                                                    "coordinator chose for this round, when the run has one.")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Keep the preprocessed-image cache here, so a re-run decodes "
                                                   "only new or changed files. Default: a temporary folder next to "
                                                   "--out, removed at exit.")] = None,
@@ -494,6 +560,9 @@ def predict(
             f"`--threshold` applies to binary models only; this model has {len(classes)} classes "
             f"({','.join(classes)}) and is labelled by its most probable class without one"
         )
+    chosen_by = ""
+    if threshold is None and trained.threshold is not None:
+        threshold, chosen_by = trained.threshold, trained.threshold_rule
     if device == "cuda":
         from client.training import resolve_device
 
@@ -521,7 +590,8 @@ def predict(
     auroc = labelled_auroc(data.resolve(), predictions, index)
     rejected = predictions.rejections()
     log.info("%d images scored, %d files rejected (%d reasons)", predictions.images, sum(rejected.values()), len(rejected))
-    print(_summary(trained, predictions, out=out, threshold=threshold, positives=positives, auroc=auroc), flush=True)
+    print(_summary(trained, predictions, out=out, threshold=threshold, positives=positives, auroc=auroc,
+                   chosen_by=chosen_by), flush=True)
     if predictions.images == 0:
         top = "; ".join(f"{n} × {r}" for r, n in rejected.most_common(3))
         raise DataError(f"No usable file in {data}: {len(predictions.files)} file(s), all rejected ({top}); "

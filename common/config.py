@@ -162,6 +162,29 @@ def parse_classes(value: Any) -> tuple[str, ...]:
     return names
 
 
+YOUDEN = "youden"  # operating-point: the threshold maximising Youden's J (sensitivity + specificity - 1)
+
+
+def parse_operating_point(value: Any) -> str | float:
+    """``"youden"``, or a target sensitivity in (0, 1) (a number, or its text: ``"0.9"``).
+
+    How the coordinator picks each round's decision threshold from the pooled
+    validation statistics (:func:`common.metrics.choose_threshold`).
+    """
+    if value == YOUDEN:
+        return YOUDEN
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number < 1:
+        raise ConfigError(
+            f'Expected `operating-point` to be "{YOUDEN}" or a target sensitivity strictly between 0 and 1, '
+            f"but got {value!r}"
+        )
+    return number
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Training-time augmentation; all zero (the default) means none. Never used for evaluation."""
@@ -306,6 +329,35 @@ class RoundPolicy:
 
 
 @dataclass(frozen=True)
+class InitWeightsConfig:
+    """The file a run starts from instead of seeded random weights (``--init-weights FILE``).
+
+    ``path`` is absolute and ``sha256`` the hash fl-server/fl-sim computed when they
+    checked the file against the run's model (:mod:`common.weights`); the ServerApp
+    refuses the file if its hash changed since. Both empty: seeded random weights.
+    """
+
+    path: str = ""
+    sha256: str = ""
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> InitWeightsConfig:
+        """Build and validate from Flower's ``context.run_config`` (keys ``init-weights*``)."""
+        path, sha256 = (_get(run_config, k, "") for k in ("init-weights", "init-weights-sha256"))
+        if not isinstance(path, str) or (path and not Path(path).is_absolute()):
+            raise ConfigError(f"Expected `init-weights` to be an absolute path or empty, but got {path!r}")
+        if not isinstance(sha256, str) or (sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256)):
+            raise ConfigError(f"Expected `init-weights-sha256` to be a SHA-256 in hex or empty, but got {sha256!r}")
+        if bool(path) != bool(sha256):
+            raise ConfigError(
+                f"Expected `init-weights` and `init-weights-sha256` together, but got only "
+                f"`{'init-weights' if path else 'init-weights-sha256'}`; give the file with `--init-weights FILE` "
+                "(fl-server, fl-sim run), which checks it and sets both"
+            )
+        return cls(path=path, sha256=sha256)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The coordinator's choices for one run (Flower ``run_config``)."""
 
@@ -321,12 +373,14 @@ class RunConfig:
     model: str = "fedrad-cnn"
     preprocess: PreprocessConfig = PreprocessConfig()
     classes: tuple[str, ...] = ("0", "1")
+    operating_point: str | float = YOUDEN  # binary: how each round's decision threshold is chosen
     augment: AugmentConfig = AugmentConfig()
     val_fraction: float = 0.25
     seed: int = 0
     workdir: str = ""
     secagg: SecAggConfig = SecAggConfig()
     rounds: RoundPolicy = RoundPolicy()
+    init_weights: InitWeightsConfig = InitWeightsConfig()
     resume_run_id: str = ""
     """fl-server --resume: the id of the run being continued ("" for a fresh run). Sites book
     the resumed rounds under this id, so their DP plan and ledger rows stay those of one run."""
@@ -376,6 +430,7 @@ class RunConfig:
             model=choice("model", _get(run_config, "model", d.model), sorted(MODELS)),
             preprocess=PreprocessConfig.from_flower(run_config),
             classes=parse_classes(_get(run_config, "classes", ",".join(d.classes))),
+            operating_point=parse_operating_point(_get(run_config, "operating-point", d.operating_point)),
             augment=AugmentConfig.from_flower(run_config),
             val_fraction=val_fraction,
             seed=seed,
@@ -383,6 +438,7 @@ class RunConfig:
             secagg=SecAggConfig.from_flower(run_config),
             rounds=RoundPolicy.from_flower(run_config),
             resume_run_id=_run_id(_get(run_config, "resume-run-id", "")),
+            init_weights=InitWeightsConfig.from_flower(run_config),
         )
         if cfg.secagg.enabled and cfg.rounds.aggregation != "fedavg":
             raise ConfigError(

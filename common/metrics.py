@@ -9,15 +9,27 @@ prediction; pooled metrics are macro averages (accuracy is micro). The server me
 ``merge_state`` and lets torchmetrics compute pooled AUROC, sensitivity,
 specificity, precision, F1 and accuracy — exactly what it would compute on the
 pooled predictions (AUROC up to the threshold binning).
+
+**Operating point (binary).** The binned AUROC state holds the confusion matrix
+at each of the 201 thresholds ``k / 200``, so the pooled state gives sensitivity
+and specificity at every one of them. :func:`choose_threshold` picks the
+decision threshold there (the run config's ``operating-point``: Youden's J, or
+a target sensitivity); :func:`pooled_metrics` reports it beside the metrics at
+0.5.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from common import records
+from common.config import YOUDEN
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +37,10 @@ if TYPE_CHECKING:
 AUROC_THRESHOLDS = 201
 """Thresholds of the binned AUROC state (0, 0.005, ..., 1)."""
 DECISION_THRESHOLD = 0.5
+THRESHOLD = "threshold"
+"""Pooled metrics (binary): the threshold :func:`choose_threshold` picked, and the rates there."""
+SENSITIVITY_AT_THRESHOLD = "sensitivity-at-threshold"
+SPECIFICITY_AT_THRESHOLD = "specificity-at-threshold"
 
 
 def sufficient_statistics(*, probs: torch.Tensor, targets: torch.Tensor, num_classes: int = 2) -> dict[str, list[int]]:
@@ -64,6 +80,64 @@ def sufficient_statistics(*, probs: torch.Tensor, targets: torch.Tensor, num_cla
     }
 
 
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A decision threshold and the pooled sensitivity and specificity at it."""
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+
+
+def describe_operating_point(method: str | float) -> str:
+    """``"Youden's J"`` or ``"target sensitivity 0.9"``: how a threshold was chosen, in words."""
+    return "Youden's J" if method == YOUDEN else f"target sensitivity {float(method):g}"
+
+
+def choose_threshold(confmat: Any, *, method: str | float = YOUDEN) -> OperatingPoint | None:
+    """The decision threshold, chosen on binned (pooled) statistics.
+
+    Parameters
+    ----------
+    confmat
+        ``BinaryAUROC(thresholds=T)``'s state, shape ``(T, 2, 2)``: at threshold
+        ``k / (T - 1)`` the counts ``[[tn, fp], [fn, tp]]``, a score counting as
+        positive when ``score >= threshold`` (torchmetrics' rule).
+    method
+        ``"youden"``: maximise Youden's J = sensitivity + specificity - 1; among
+        thresholds with the same J (compared exactly, on counts), the one closest
+        to 0.5, then the lower one. A number in (0, 1): the target sensitivity,
+        and the highest threshold whose sensitivity is at least that; when none
+        reaches it, the lowest candidate.
+
+    Returns
+    -------
+    OperatingPoint or None
+        The threshold (one of ``k / (T - 1)``, strictly between 0 and 1: 0 and 1
+        would call every or no image positive) and the rates at it; ``None``
+        when the statistics hold no positive or no negative example.
+    """
+    counts = np.asarray(confmat, dtype=np.int64).reshape(-1, 2, 2)
+    last = len(counts) - 1
+    tp, fn, tn, fp = counts[:, 1, 1], counts[:, 1, 0], counts[:, 0, 0], counts[:, 0, 1]
+    positives, negatives = int(tp[0] + fn[0]), int(tn[0] + fp[0])
+    if last < 2 or not positives or not negatives:
+        return None
+    candidates = range(1, last)  # 0 < k / last < 1
+    if method == YOUDEN:
+        # J * P * N = tp * N + tn * P - P * N: integers, so ties are exact
+        k = max(candidates, key=lambda i: (int(tp[i]) * negatives + int(tn[i]) * positives, -abs(2 * i - last), -i))
+    else:
+        target = Fraction(str(float(method)))  # the decimal the user wrote: 0.9 is 9/10, not 0.900000000000000022
+        if not 0 < target < 1:
+            raise ValueError(f"Expected the operating point to be {YOUDEN!r} or a number in (0, 1), but got {method!r}")
+        reached = [i for i in candidates if Fraction(int(tp[i]), positives) >= target]
+        k = max(reached) if reached else candidates[0]  # sensitivity falls as the threshold rises
+    return OperatingPoint(
+        threshold=k / last, sensitivity=int(tp[k]) / positives, specificity=int(tn[k]) / negatives
+    )
+
+
 def _multiclass_statistics(*, probs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, list[int]]:
     from torchmetrics.classification import MulticlassAUROC, MulticlassStatScores
 
@@ -85,17 +159,31 @@ def _as_counts(value: Any, length: int, key: str) -> list[int]:
     return [int(v) for v in values]
 
 
-def pooled_metrics(site_stats: Iterable[Mapping[str, Any]], *, num_classes: int = 2) -> dict[str, float]:
+def pooled_metrics(
+    site_stats: Iterable[Mapping[str, Any]], *, num_classes: int = 2, operating_point: str | float = YOUDEN
+) -> dict[str, float]:
     """Merge sites' sufficient statistics and compute pooled metrics with torchmetrics.
+
+    Parameters
+    ----------
+    site_stats
+        Each site's :func:`sufficient_statistics`.
+    num_classes
+        K; 2 for the binary task.
+    operating_point
+        Binary: how :func:`choose_threshold` picks the decision threshold
+        (``"youden"`` or a target sensitivity).
 
     Returns
     -------
     dict
         ``auroc``, ``sensitivity``, ``specificity``, ``precision``, ``f1``,
-        ``accuracy``, and ``positives``/``negatives`` (binary) or
-        ``examples`` (multi-class; the other metrics are macro averages over
-        classes, accuracy is micro). AUROC is ``nan`` when a class is absent
-        from the pooled data.
+        ``accuracy`` (at threshold 0.5), and ``positives``/``negatives``
+        (binary) or ``examples`` (multi-class; the other metrics are macro
+        averages over classes, accuracy is micro). Binary also:
+        ``threshold`` (the chosen one), ``sensitivity-at-threshold`` and
+        ``specificity-at-threshold``. AUROC and the chosen threshold are
+        ``nan`` when a class is absent from the pooled data.
     """
     if num_classes != 2:
         return _pooled_multiclass(site_stats, num_classes)
@@ -139,6 +227,10 @@ def pooled_metrics(site_stats: Iterable[Mapping[str, Any]], *, num_classes: int 
         result["auroc"] = float(auroc.compute()) if positives and negatives else float("nan")
         for name, metric in threshold_metrics.items():
             result[name] = float(metric.compute()) if positives + negatives else float("nan")
+    point = choose_threshold(confmat.numpy(), method=operating_point)
+    result[THRESHOLD] = point.threshold if point else float("nan")
+    result[SENSITIVITY_AT_THRESHOLD] = point.sensitivity if point else float("nan")
+    result[SPECIFICITY_AT_THRESHOLD] = point.specificity if point else float("nan")
     return result
 
 

@@ -3,6 +3,13 @@
 Each checkpoint carries its run's config in its metadata (``run-config``, JSON),
 so ``fl-predict --model CHECKPOINT`` rebuilds the same model and preprocessing
 from the file alone.
+
+A binary run's checkpoint of round ``r`` also carries the decision threshold the
+coordinator chose on round ``r``'s pooled evaluation (``threshold``, and the
+``operating-point`` rule that chose it), fl-predict's default threshold. The
+checkpoint is written when round ``r`` closes, before its evaluation, so the
+threshold is added afterwards (:func:`annotate_checkpoint`); ``state.json``,
+which names the checkpoint to resume from, is written only after that.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ if TYPE_CHECKING:
     from server.report import RunReport
 
 RUN_CONFIG_KEY = "run-config"
+THRESHOLD_KEY = "threshold"
+OPERATING_POINT_KEY = "operating-point"
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
@@ -29,6 +38,17 @@ def checkpoint_path(run_dir: Path, server_round: int) -> Path:
 def checkpoint_metadata(report: RunReport, server_round: int) -> dict[str, str]:
     """Run id, round and the run config (numbers and settings only: no site data)."""
     return {"run-id": str(report.run_id), "round": str(server_round), RUN_CONFIG_KEY: json.dumps(report.config)}
+
+
+def threshold_metadata(threshold: float, operating_point: str | float) -> dict[str, str]:
+    """The chosen threshold (``repr``: exact round trip) and the rule that chose it (the run config's value)."""
+    return {THRESHOLD_KEY: repr(float(threshold)), OPERATING_POINT_KEY: str(operating_point)}
+
+
+def annotate_checkpoint(path: Path, metadata: Mapping[str, str]) -> Path:
+    """Add ``metadata`` to a written checkpoint; the weights are unchanged, the file rewritten atomically."""
+    tensors, existing = load_checkpoint(path)
+    return save_checkpoint(path, tensors, metadata={**existing, **metadata})
 
 
 def save_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str]) -> Path:

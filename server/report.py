@@ -4,6 +4,12 @@ Rewritten atomically after every round, so a crashed run still leaves a valid
 report of the rounds it finished. It holds pooled and per-site metrics and
 each site's ε — numbers only, never an image, a label or a patient id.
 
+Binary runs also hold, per round, the decision threshold the coordinator chose
+on the pooled validation statistics (``threshold``, with the sensitivity and
+specificity there, beside those at 0.5) and whether the run is learning
+(``learning``, :mod:`server.learning`); a run flagged as not learning gets a
+top-level ``warnings`` entry and a warning line at the top of ``report.md``.
+
 When the run ends (whatever its status), :meth:`RunReport.finish` also draws
 PNG plots next to the report (:mod:`server.plots`: AUROC, ε and participation
 per round) and lists them under ``"plots"``. A plot that cannot be drawn costs
@@ -20,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import YOUDEN, parse_operating_point
+from common.errors import ConfigError
 from common.files import write_atomic
+from common.metrics import SENSITIVITY_AT_THRESHOLD, SPECIFICITY_AT_THRESHOLD, THRESHOLD, describe_operating_point
+from server.learning import FLAGGED
 from server.plots import PLOT_TITLES, write_plots
 
 log = logging.getLogger(__name__)
@@ -144,6 +154,11 @@ class RunReport:
         entry["evaluated_at"] = time.time()
         self.save()
 
+    def record_learning(self, server_round: int, verdict: dict[str, Any]) -> None:
+        """Book :mod:`server.learning`'s verdict on an evaluated round."""
+        self.round(server_round)["learning"] = verdict
+        self.save()
+
     def finish(self, status: str) -> None:
         """Set the final status, save, draw the plots and save again with their names.
 
@@ -176,6 +191,8 @@ class RunReport:
                 "rounds": [self.rounds[r] for r in sorted(self.rounds)],
                 "sites": self.sites,
                 "final": self.final_metrics(),
+                "learning": self.learning(),
+                "warnings": learning_warnings(self.rounds),
                 "plots": list(self.plots),
                 "resumes": list(self.resumes),
             }
@@ -188,10 +205,30 @@ class RunReport:
         last = evaluated[-1]
         return {"round": last, **self.rounds[last]["evaluate"]["pooled"]}
 
+    def learning(self) -> dict[str, Any]:
+        """The latest verdict on whether the run is learning (``{}`` before the first)."""
+        judged = [r for r in sorted(self.rounds) if "learning" in self.rounds[r]]
+        return dict(self.rounds[judged[-1]]["learning"]) if judged else {}
+
     def save(self) -> None:
         data = self.to_json()
         write_atomic(self.run_dir / REPORT_JSON, json.dumps(data, indent=2))
         write_atomic(self.run_dir / REPORT_MD, render_markdown(data))
+
+
+def learning_warnings(rounds: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per round where the learning verdict turned to a flag (``not-learning``, ``below-chance``)."""
+    out: list[dict[str, Any]] = []
+    previous = None
+    for r in sorted(rounds):
+        verdict = rounds[r].get("learning")
+        if not verdict:
+            continue
+        status = verdict.get("status")
+        if status in FLAGGED and status != previous:
+            out.append({"round": r, "status": status, "message": verdict.get("message", "")})
+        previous = status
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -215,18 +252,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- status: **{report['status']}**",
         f"- transport: {report['transport']}",
         f"- wall time: {report['wall_seconds']:.0f} s",
+        *_final_line(report),
+        *_warning_lines(report),
         "",
         "## Pooled validation metrics per round",
         "",
-        "| round | AUROC | sensitivity | specificity | precision | F1 | accuracy | sites trained | declined |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        (
+            "Sensitivity, specificity, precision, F1 and accuracy at threshold 0.5 (more than two classes: of the "
+            "most probable class, macro-averaged); for two classes also the threshold the coordinator chose on the "
+            f"pooled validation statistics ({_method(report)}) and the sensitivity and specificity there."
+        ),
+        "",
+        "| round | AUROC | sensitivity | specificity | threshold | sensitivity @ threshold | specificity @ threshold "
+        "| precision | F1 | accuracy | sites trained | declined |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rounds"]:
         p = r.get("evaluate", {}).get("pooled", {})
         t = r.get("train", {})
         lines.append(
             f"| {r['round']} | {_fmt(p.get('auroc'))} | {_fmt(p.get('sensitivity'))} | "
-            f"{_fmt(p.get('specificity'))} | {_fmt(p.get('precision'))} | {_fmt(p.get('f1'))} | "
+            f"{_fmt(p.get('specificity'))} | {_fmt(p.get(THRESHOLD))} | {_fmt(p.get(SENSITIVITY_AT_THRESHOLD))} | "
+            f"{_fmt(p.get(SPECIFICITY_AT_THRESHOLD))} | {_fmt(p.get('precision'))} | {_fmt(p.get('f1'))} | "
             f"{_fmt(p.get('accuracy'))} | {len(t.get('sites', {}))} | {', '.join(sorted(t.get('declined', {}))) or '–'} |"
         )
     lines += _per_site_validation(report)
@@ -254,6 +301,39 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [f"![{PLOT_TITLES.get(name, name)}]({name})", ""]
         lines.pop()
     return "\n".join(lines) + "\n"
+
+
+def _method(report: dict[str, Any]) -> str:
+    """The run's ``operating-point`` in words (Youden's J by default)."""
+    try:
+        return describe_operating_point(parse_operating_point(report.get("config", {}).get("operating-point", YOUDEN)))
+    except ConfigError:
+        return f"operating-point {report['config']['operating-point']!r}"
+
+
+def _final_line(report: dict[str, Any]) -> list[str]:
+    """The last evaluated round in one line: AUROC, the rates at 0.5 and at the chosen threshold."""
+    final = report.get("final") or {}
+    if not final:
+        return []
+    line = (f"- final (round {final['round']}): AUROC {_fmt(final.get('auroc'))}; at threshold 0.5 sensitivity "
+            f"{_fmt(final.get('sensitivity'))}, specificity {_fmt(final.get('specificity'))}")
+    if final.get(THRESHOLD) is not None:
+        line += (f"; at threshold {final[THRESHOLD]:g} ({_method(report)}) sensitivity "
+                 f"{_fmt(final.get(SENSITIVITY_AT_THRESHOLD))}, specificity {_fmt(final.get(SPECIFICITY_AT_THRESHOLD))}")
+    return [line]
+
+
+def _warning_lines(report: dict[str, Any]) -> list[str]:
+    """A visible line per learning warning, and whether the run has recovered since."""
+    warnings = report.get("warnings") or []
+    if not warnings:
+        return []
+    lines = [line for w in warnings for line in ("", f"> **Warning:** {w['message']}")]  # one quote block each
+    latest = report.get("learning") or {}
+    if latest.get("status") not in FLAGGED:
+        lines += ["", f"> Since then: {latest.get('message', '')}"]
+    return lines
 
 
 def _examples(metrics: dict[str, Any]) -> Any:

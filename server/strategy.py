@@ -5,6 +5,13 @@ checkpoints the new global weights and writes the round into the report.
 :class:`FedradFedAvg` reuses Flower's ``FedAvg`` hooks to sample sites and to
 pool the sites' evaluation statistics into pooled metrics; the round loop
 itself is :mod:`server.rounds` (plain) or :mod:`server.secure` (SecAgg+).
+
+After each evaluation (binary tasks) :class:`FedradFedAvg` also writes the
+threshold it chose on the pooled statistics (run config ``operating-point``)
+into that round's checkpoint metadata — the checkpoint was saved when the round
+closed, before its evaluation, and the threshold belongs to those weights — and
+checks whether the run is learning (:mod:`server.learning`), warning once when
+the verdict turns to a flag.
 """
 
 from __future__ import annotations
@@ -18,9 +25,23 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from common import records
+from common.config import YOUDEN, parse_operating_point
 from common.errors import FederationError
-from common.metrics import pooled_metrics
-from server.checkpoint import checkpoint_metadata, checkpoint_path, save_checkpoint
+from common.metrics import (
+    SENSITIVITY_AT_THRESHOLD,
+    SPECIFICITY_AT_THRESHOLD,
+    THRESHOLD,
+    describe_operating_point,
+    pooled_metrics,
+)
+from server.checkpoint import (
+    annotate_checkpoint,
+    checkpoint_metadata,
+    checkpoint_path,
+    save_checkpoint,
+    threshold_metadata,
+)
+from server.learning import FLAGGED, LEARNING, check_round
 from server.report import RunReport
 
 log = logging.getLogger(__name__)
@@ -66,11 +87,13 @@ def aggregate_train_metrics(contents: list[RecordDict], weighted_by_key: str) ->
     return MetricRecord({**({"epsilon-max": max(spent)} if spent else {}), "examples": total})
 
 
-def aggregate_evaluate_metrics(contents: list[RecordDict], weighted_by_key: str, *, num_classes: int = 2) -> MetricRecord:
-    """Pooled metrics from the sum of the sites' sufficient statistics."""
+def aggregate_evaluate_metrics(
+    contents: list[RecordDict], weighted_by_key: str, *, num_classes: int = 2, operating_point: str | float = YOUDEN
+) -> MetricRecord:
+    """Pooled metrics from the sum of the sites' sufficient statistics (binary: with the chosen threshold)."""
     del weighted_by_key  # statistics are counts: they add up, no weighting needed
     metrics = [c[records.METRICS] for c in contents]
-    pooled = pooled_metrics(metrics, num_classes=num_classes)
+    pooled = pooled_metrics(metrics, num_classes=num_classes, operating_point=operating_point)
     total = sum(int(m[records.NUM_EXAMPLES]) for m in metrics)
     pooled["eval-loss"] = sum(float(m[records.EVAL_LOSS]) * int(m[records.NUM_EXAMPLES]) for m in metrics) / max(total, 1)
     return MetricRecord(pooled)
@@ -181,21 +204,36 @@ class FedradFedAvg(FedAvg):
     robust aggregation) or :mod:`server.secure` (SecAgg+); both book them with :class:`RoundBook`.
     """
 
-    def __init__(self, *, report: RunReport, num_classes: int = 2, names: Names | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        report: RunReport,
+        num_classes: int = 2,
+        names: Names | None = None,
+        operating_point: str | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``operating_point``: ``"youden"`` or a target sensitivity; by default the run config's
+        ``operating-point`` (``report.config``), else Youden's J."""
+        if operating_point is None:
+            operating_point = parse_operating_point(report.config.get("operating-point", YOUDEN))
         super().__init__(
             train_metrics_aggr_fn=aggregate_train_metrics,
-            evaluate_metrics_aggr_fn=partial(aggregate_evaluate_metrics, num_classes=num_classes),
+            evaluate_metrics_aggr_fn=partial(
+                aggregate_evaluate_metrics, num_classes=num_classes, operating_point=operating_point
+            ),
             **kwargs,
         )
         self.report = report
         self.num_classes = num_classes
         self.names = names or Names()
+        self.operating_point = operating_point
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         per_site = {
             self.names.of(msg.metadata.src_node_id, msg.content): pooled_metrics(
-                [msg.content[records.METRICS]], num_classes=self.num_classes
+                [msg.content[records.METRICS]], num_classes=self.num_classes, operating_point=self.operating_point
             )
             for msg in replies
             if not msg.has_error()
@@ -204,8 +242,49 @@ class FedradFedAvg(FedAvg):
         if metrics is not None:
             pooled = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
             self.report.record_evaluate(server_round, pooled=pooled, per_site=per_site)
-            log.info(
-                "Round %d: pooled AUROC %.3f, sensitivity %.3f, specificity %.3f",
-                server_round, pooled["auroc"], pooled["sensitivity"], pooled["specificity"],
-            )
+            self._log_pooled(server_round, pooled)
+            if self.num_classes == 2:
+                self._store_threshold(server_round, pooled.get(THRESHOLD, float("nan")))
+                self._check_learning(server_round)
         return metrics
+
+    def _log_pooled(self, server_round: int, pooled: dict[str, float]) -> None:
+        if THRESHOLD not in pooled:  # multi-class: macro averages, no threshold
+            log.info("Round %d: pooled AUROC %.3f, sensitivity %.3f, specificity %.3f",
+                     server_round, pooled["auroc"], pooled["sensitivity"], pooled["specificity"])
+            return
+        log.info(
+            "Round %d: pooled AUROC %.3f; at threshold 0.5 sensitivity %.3f, specificity %.3f; "
+            "at threshold %.3f (%s) sensitivity %.3f, specificity %.3f",
+            server_round, pooled["auroc"], pooled["sensitivity"], pooled["specificity"], pooled[THRESHOLD],
+            describe_operating_point(self.operating_point), pooled[SENSITIVITY_AT_THRESHOLD],
+            pooled[SPECIFICITY_AT_THRESHOLD],
+        )
+
+    def _store_threshold(self, server_round: int, threshold: float) -> None:
+        """Write the threshold chosen on this round's evaluation into this round's checkpoint (fl-predict's default).
+
+        A failure costs a warning: the threshold is in the report too, where fl-predict also looks.
+        """
+        name = self.report.rounds.get(server_round, {}).get("checkpoint")
+        if name is None or not 0 < threshold < 1:  # no checkpoint, or no threshold (a class absent)
+            return
+        try:
+            annotate_checkpoint(self.report.run_dir / name, threshold_metadata(threshold, self.operating_point))
+        except Exception as exc:  # noqa: BLE001 - a convenience for fl-predict; the run goes on
+            log.warning("Round %d: could not write the chosen threshold into %s (%s: %s); it is in report.json",
+                        server_round, name, type(exc).__name__, exc)
+
+    def _check_learning(self, server_round: int) -> None:
+        """Judge the run on the rounds so far; log when the verdict turns to a flag, or back to learning."""
+        rounds = self.report.rounds
+        earlier = [r for r in sorted(rounds) if r < server_round and "learning" in rounds[r]]
+        previous = rounds[earlier[-1]]["learning"].get("status") if earlier else None
+        verdict = check_round(rounds, self.report.config, server_round)
+        if verdict is None:
+            return
+        self.report.record_learning(server_round, verdict.to_json())
+        if verdict.flagged and verdict.status != previous:
+            log.warning("%s", verdict.message)
+        elif verdict.status == LEARNING and previous in FLAGGED:
+            log.info("%s", verdict.message)

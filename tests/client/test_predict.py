@@ -20,7 +20,13 @@ from client.predict import main
 from common.config import RunConfig
 from common.errors import DicomRejected
 from common.models import build_model
-from server.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from server.checkpoint import (
+    annotate_checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    threshold_metadata,
+)
 
 BINARY = {"model": "fedrad-cnn", "image-size": 32, "window": "brain", "classes": "0,1", "seed": 0}
 MULTI = {"model": "fedrad-cnn", "image-size": 32, "window": "voi", "color": "grey", "classes": "a,b,c"}
@@ -168,6 +174,54 @@ def test_threshold_labels_and_summary(site: Path, run_dir: Path, tmp_path: Path,
     assert f"Scored {len(ok)} image(s) from {len(ok)} of {len(rows)} file(s); 3 file(s) rejected" in stdout
     assert "1 × not a DICOM file" in stdout and "1 × empty file (0 bytes)" in stdout
     assert "AUROC against labels.csv" in stdout  # site A has labels.csv
+
+
+def _labels(out: Path) -> list[tuple[float, str]]:
+    with out.open(newline="") as f:
+        return [(float(r["score"]), r["label"]) for r in csv.DictReader(f) if r["status"] == "ok"]
+
+
+def test_the_coordinators_threshold_is_the_default(
+    site: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = _predict(capsys, run_dir, site, tmp_path / "plain.csv")
+    assert "label" not in plain[0]  # no chosen threshold in the run: no label column, as before
+    chosen = round(float(np.median([float(r["score"]) for r in plain if r["score"]])) * 200) / 200  # a grid value
+    assert 0 < chosen < 1
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    annotate_checkpoint(checkpoint_path(run, 2), threshold_metadata(chosen, "youden"))
+    code, stdout, err = _run(["--model", run, "--data", site, "--out", tmp_path / "a.csv", "--workers", 1], capsys)
+    assert code == 0, err
+    labels = _labels(tmp_path / "a.csv")
+    assert all(label == ("1" if score >= chosen else "0") for score, label in labels)
+    positives = sum(label == "1" for _, label in labels)
+    assert 0 < positives < len(labels)
+    assert (f"Positive (1) at threshold {chosen:g} (chosen by the coordinator on pooled validation, Youden's J): "
+            f"{positives} of {len(labels)} image(s)") in stdout
+    # --threshold still decides
+    code, stdout, err = _run(["--model", run, "--data", site, "--out", tmp_path / "b.csv", "--workers", 1,
+                              "--threshold", 0.999], capsys)
+    assert code == 0, err
+    assert "Positive (1) at threshold 0.999: " in stdout and "chosen by" not in stdout
+    assert all(label == ("1" if score >= 0.999 else "0") for score, label in _labels(tmp_path / "b.csv"))
+
+
+def test_the_threshold_of_an_unannotated_checkpoint_comes_from_its_runs_report(
+    site: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    rounds = [{"round": r, "evaluate": {"pooled": {"threshold": t}}} for r, t in ((1, 0.3), (2, 0.45))]
+    report = {"run_id": 42, "config": {**BINARY, "operating-point": 0.9}, "rounds": rounds}
+    (run / "report.json").write_text(json.dumps(report))
+    rule = "(chosen by the coordinator on pooled validation, target sensitivity 0.9)"
+    for model, threshold in ((run, 0.45), (checkpoint_path(run, 1), 0.3)):  # each checkpoint its own round's
+        code, stdout, err = _run(["--model", model, "--data", site, "--out", tmp_path / "o.csv", "--workers", 1], capsys)
+        assert code == 0, err
+        assert f"at threshold {threshold:g} {rule}: " in stdout
+    (run / "report.json").write_text(json.dumps({**report, "run_id": 7}))  # another run's report: not used
+    assert "label" not in _predict(capsys, run, site, tmp_path / "other.csv")[0]
 
 
 def test_run_folder_and_checkpoint_give_identical_scores_and_state_json_picks(

@@ -243,6 +243,36 @@ def test_markdown_before_finish_has_no_plots(tmp_path: Path) -> None:
     assert "| A | – | – | – |" in (tmp_path / "report.md").read_text()  # NaN shown as a dash, no examples
 
 
+def test_threshold_columns_and_final_line(tmp_path: Path) -> None:
+    report = RunReport(run_dir=tmp_path, run_id=5, config={"operating-point": "youden"}, transport="test")
+    report.record_evaluate(1, pooled={"auroc": 0.8, "sensitivity": 0.0, "specificity": 1.0, "threshold": 0.37,
+                                      "sensitivity-at-threshold": 0.7, "specificity-at-threshold": 0.65}, per_site={})
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| 1 | 0.800 | 0.000 | 1.000 | 0.370 | 0.700 | 0.650 |" in markdown
+    assert ("- final (round 1): AUROC 0.800; at threshold 0.5 sensitivity 0.000, specificity 1.000; "
+            "at threshold 0.37 (Youden's J) sensitivity 0.700, specificity 0.650") in markdown
+    assert load_report(tmp_path)["final"]["threshold"] == 0.37
+    assert load_report(tmp_path)["warnings"] == [] and load_report(tmp_path)["learning"] == {}
+
+
+def test_learning_flags_become_warnings_once_per_change(tmp_path: Path) -> None:
+    report = RunReport(run_dir=tmp_path, run_id=6, config={}, transport="test")
+    statuses = ["unclear", "not-learning", "not-learning", "learning", "below-chance"]
+    for r, status in enumerate(statuses, start=1):
+        report.record_learning(r, {"status": status, "round": r, "message": f"Round {r}: {status}"})
+    data = load_report(tmp_path)
+    assert data["warnings"] == [
+        {"round": 2, "status": "not-learning", "message": "Round 2: not-learning"},
+        {"round": 5, "status": "below-chance", "message": "Round 5: below-chance"},
+    ]
+    assert data["learning"]["status"] == "below-chance"
+    head = (tmp_path / "report.md").read_text().split("## Pooled")[0]
+    assert "> **Warning:** Round 2: not-learning" in head and "> **Warning:** Round 5: below-chance" in head
+    assert "Since then" not in head  # still flagged
+    resumed = RunReport.load(tmp_path, keep_rounds=3)  # rounds 4-5 are redone: their verdicts go with them
+    assert [w["round"] for w in resumed.to_json()["warnings"]] == [2]
+
+
 def test_kind_simulation(tmp_path: Path) -> None:
     three_round_report(tmp_path, kind="simulation").finish("completed")
     assert load_report(tmp_path)["kind"] == "simulation"
