@@ -51,6 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     config = {k: v for k, v in context.run_config.items() if k != "resume-run-id"}
     model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
     weights = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
+    saved: OrderedDict[str, torch.Tensor] | None = None
     if run.resume_run_id:
         state = load_state(run_dir)
         report = RunReport.load(run_dir, keep_rounds=state.completed_round)
@@ -72,6 +73,10 @@ def main(grid: Grid, context: Context) -> None:
         )
         first = 1
         segments = [{"flower-run-id": context.run_id, "first-round": 1, "started": time.time()}]
+    if saved is None and run.init_weights.path:  # --init-weights, checked by the launcher; a checkpoint wins
+        from common.weights import run_init_weights
+
+        weights = run_init_weights(run, model=model)
     if not transport.startswith(("tls", "simulation")):
         log.warning(INSECURE_WARNING)
     if not run.secagg.enabled and report.kind != "simulation":

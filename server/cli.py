@@ -10,6 +10,8 @@ every change at once.
 with TLS and SuperNode authentication (enrolled keys only), puts an nginx
 reverse proxy on ``--host:--port`` that lets through the Fleet API only,
 submits the fedrad run (SecAgg+ on by default), prints the report and stops.
+``--init-weights FILE`` starts the run from given weights (checked against the
+run's model before anything starts; :mod:`common.weights`).
 ``--insecure`` is plain HTTP on loopback, for demos and tests only.
 """
 
@@ -27,7 +29,7 @@ from typing import Annotated, Any
 import typer
 
 from common.cli import run_typer, setup_logging
-from common.config import WINDOW_PRESETS
+from common.config import WINDOW_PRESETS, RunConfig
 from common.errors import ConfigError, FederationError
 from common.flower import flower_bin, flower_env
 from common.processes import (
@@ -245,11 +247,26 @@ def serve(
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP on 127.0.0.1 without TLS or enrollment: demos and tests only.")] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder (<workdir>/runs/<run-id>) from its last "
                                                 "completed round, with its saved config (round options are ignored).")] = None,
+    init_weights: Annotated[Path | None, typer.Option(
+        "--init-weights", metavar="FILE",
+        help="Start from these weights instead of random ones: a safetensors file or a torch.save'd state_dict of "
+             "the run's model (checked before anything starts; its SHA-256 goes into the report).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
     """Start the SuperLink (and its Fleet-API proxy), run the federation, print the report and stop."""
     setup_logging(verbose)
     saved: dict[str, Any] | None = None
+    init: dict[str, str] = {}  # --init-weights: its path and SHA-256; checked against the run's model below
+    if init_weights is not None:
+        from common.weights import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, file_sha256
+
+        if resume is not None:
+            raise ConfigError(
+                "Expected no `--init-weights` with `--resume`, but got both; a resumed run goes on from its last "
+                "checkpoint (or from the initial weights it started with)"
+            )
+        init_path = init_weights.expanduser().resolve()
+        init = {INIT_WEIGHTS_KEY: str(init_path), INIT_WEIGHTS_SHA256_KEY: file_sha256(init_path)}
     if resume is not None:
         workdir, saved = _resume_config(resume.resolve(), insecure=insecure)
         min_sites = int(saved.get("min-sites", min_sites))
@@ -297,13 +314,14 @@ def serve(
         "window": window,
         "workdir": str(workdir),
         "transport": transport,
+        **init,
     }
     if saved is not None:  # the run's own config; only where the coordinator runs may change
         overrides = {k: v for k, v in saved.items() if k not in ("site-nodes", "resume-run-id")}
         overrides.update(workdir=str(workdir), transport=transport, **{"resume-run-id": saved["resume-run-id"]})
     config_args = [" ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
     config_args += list(run_config or []) if saved is None else []
-    _check_run_config(config_args)
+    _check_init_weights(_check_run_config(config_args), resume=resume)
     internal = port if insecure else free_port()
     cli_env = flower_env(workdir / "flwr-home" / "cli")
     write_connection(Path(cli_env["FLWR_HOME"]), internal, ca_cert=tls[0] if tls else None)
@@ -382,17 +400,39 @@ def _stop_stale_runs(env: dict[str, str]) -> None:
             log.info("Stopped run %s, left unfinished by the previous coordinator", run["run-id"])
 
 
-def _check_run_config(config_args: list[str]) -> None:
+def _check_run_config(config_args: list[str]) -> RunConfig:
     """Validate the run config here, so a bad value is one line now, not a failed run later."""
     from flwr.common.config import parse_config_args
-
-    from common.config import RunConfig
 
     try:
         values = parse_config_args(config_args)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {config_args[1:]!r} ({exc})") from None
-    RunConfig.from_flower(values)
+    return RunConfig.from_flower(values)
+
+
+def _check_init_weights(run: RunConfig, *, resume: Path | None) -> None:
+    """The run's initial-weights file (if any) still fits its model and the SecAgg+ range, before anything starts.
+
+    A resumed run needs the file only while no round has completed (a checkpoint wins).
+    """
+    if not run.init_weights.path:
+        return
+    if resume is not None:
+        from server.resume import load_state
+
+        if load_state(resume.resolve()).checkpoint is not None:
+            return
+    from common.weights import load_init_weights, model_for_run
+
+    weights, _ = load_init_weights(
+        Path(run.init_weights.path), model=model_for_run(run), expected_sha256=run.init_weights.sha256,
+        option="--init-weights" if resume is None else "init-weights",
+    )
+    if run.secagg.enabled:
+        from server.secure import check_model_fits
+
+        check_model_fits(weights, run.secagg)
 
 
 def _register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, dict[str, str]]) -> dict[str, str]:

@@ -159,7 +159,32 @@ def run_overrides(sc: Scenario, *, workdir: Path, runs_dir: Path, table: Path) -
     overrides.update(
         {"workdir": str(workdir), "runs-dir": str(runs_dir), "sim-sites": str(table), "transport": SIM_TRANSPORT}
     )
+    if overrides.get("init-weights"):
+        overrides.update(checked_init_weights(overrides))
     return overrides
+
+
+def checked_init_weights(overrides: dict[str, Any]) -> dict[str, str]:
+    """The scenario's ``run.init-weights`` file (``fl-sim run --init-weights FILE``), checked against the run's model.
+
+    A relative path is taken from the current folder. A scenario may pin the file's
+    hash with ``run.init-weights-sha256``; otherwise it is computed here.
+
+    Returns
+    -------
+    dict
+        ``init-weights`` (the absolute path) and ``init-weights-sha256``, for the run config.
+    """
+    from common.weights import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, init_weights_config
+
+    path, pinned = overrides[INIT_WEIGHTS_KEY], overrides.get(INIT_WEIGHTS_SHA256_KEY) or None
+    if not isinstance(path, str) or (pinned is not None and not isinstance(pinned, str)):
+        raise ConfigError(
+            f"Expected `run.init-weights` to be a file path (and `run.init-weights-sha256` a hex string), "
+            f"but got {path!r}"
+        )
+    rest = {k: v for k, v in overrides.items() if k not in (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY)}
+    return init_weights_config(Path(path), run=checked_run_config(rest), expected_sha256=pinned)
 
 
 def checked_run_config(overrides: dict[str, Any]) -> RunConfig:
@@ -409,6 +434,10 @@ def run_cmd(
     epsilon: Annotated[float | None, typer.Option("--epsilon", help="ε budget of every site (privacy.epsilon).")] = None,
     dp: Annotated[bool | None, typer.Option("--dp/--no-dp", help="Train with DP-SGD (privacy.dp).")] = None,
     secagg: SecaggOpt = None,
+    init_weights: Annotated[Path | None, typer.Option(
+        "--init-weights", metavar="FILE",
+        help="Start from these weights instead of random ones (run.init-weights): a safetensors file or a "
+             "torch.save'd state_dict of the run's model; its SHA-256 goes into the report.")] = None,
     workdir: WorkdirOpt = Path(".fedrad-sim"),
     out: OutOpt = Path("runs"),
     quiet: QuietOpt = False,
@@ -420,6 +449,8 @@ def run_cmd(
         extra.append(f"privacy.epsilon={epsilon}")
     if dp is not None:
         extra.append(f"privacy.dp={'true' if dp else 'false'}")
+    if init_weights is not None:
+        extra.append(f"run.init-weights={json.dumps(str(init_weights.expanduser().resolve()), ensure_ascii=False)}")
     sc = _scenario(scenario, set_, sites, rounds, secagg, extra)
     result = simulate(sc, workdir=workdir, runs_dir=out, progress=not quiet, verbose=verbose, echo=typer.echo)
     for line in _summary(result):

@@ -1,0 +1,315 @@
+"""Initial weights from a file: read, hash and check them against a run's model.
+
+``fl-server --init-weights FILE`` and ``fl-sim run --init-weights FILE`` start a
+run from given weights (e.g. learned on public data) instead of the seeded
+random ones. FILE is a safetensors file or a PyTorch state dict written with
+``torch.save(model.state_dict(), FILE)``; the latter is read with
+``torch.load(..., weights_only=True)``, so a file that pickles anything but
+tensors (a whole model, an optimizer, custom classes) is refused, never run.
+
+The file must hold exactly the run model's ``state_dict()``: the same names and
+shapes, floating-point and finite values (cast to the model's dtype). One
+wrapper prefix shared by every name (``module.`` from DataParallel/DDP,
+``_module.`` from Opacus' GradSampleModule, ``model.``) is removed first.
+
+The launchers check the file before anything starts and pass its absolute path
+and SHA-256 in the run config (``init-weights``, ``init-weights-sha256``); the
+ServerApp loads it again and refuses it if its SHA-256 changed in between, so
+the hash in ``report.json``'s config is that of the weights the run started from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from common.config import RunConfig
+
+__all__ = [
+    "INIT_WEIGHTS_KEY",
+    "INIT_WEIGHTS_SHA256_KEY",
+    "WRAPPER_PREFIXES",
+    "check_state_dict",
+    "file_sha256",
+    "init_weights_config",
+    "load_init_weights",
+    "model_for_run",
+    "run_init_weights",
+]
+
+log = logging.getLogger(__name__)
+
+INIT_WEIGHTS_KEY = "init-weights"  # run config: absolute path of the file ("" = seeded random weights)
+INIT_WEIGHTS_SHA256_KEY = "init-weights-sha256"  # run config: its SHA-256 when the launcher checked it
+WRAPPER_PREFIXES = ("module.", "_module.", "model.")
+OPTION = "--init-weights"
+_FIX = "save the run model's state_dict() with safetensors.torch.save_file or torch.save"
+_CHUNK = 1 << 20
+
+
+def _what(option: str) -> str:
+    return f"`{option}` FILE"
+
+
+def _read_bytes(path: Path, option: str) -> bytes:
+    if not path.exists():
+        raise ConfigError(f"Expected {_what(option)} to be a file, but {path} does not exist; check the path")
+    if not path.is_file():
+        raise ConfigError(
+            f"Expected {_what(option)} to be a file, but {path} is not a regular file; give the weights file"
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"Expected {_what(option)} to be a readable file, but {path} cannot be read ({exc.strerror or exc}); "
+            "check its permissions"
+        ) from None
+
+
+def file_sha256(path: Path, *, option: str = OPTION) -> str:
+    """The SHA-256 of a file's bytes, as lower-case hex.
+
+    Parameters
+    ----------
+    path
+        The file.
+    option
+        The option that named the file, for the error message.
+
+    Raises
+    ------
+    ConfigError
+        When ``path`` is not a readable regular file.
+    """
+    if not path.is_file():
+        _read_bytes(path, option)  # raises the right message
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ConfigError(
+            f"Expected {_what(option)} to be a readable file, but {path} cannot be read ({exc.strerror or exc}); "
+            "check its permissions"
+        ) from None
+    return digest.hexdigest()
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    return len(data) >= 9 and data[8:9] == b"{"
+
+
+def _short(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    hint = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__)
+    hint = hint.removeprefix("error: ").split(" was not an allowed global")[0].split(". ")[0]
+    return hint if len(hint) <= 160 else hint[:157] + "..."
+
+
+def _parse(data: bytes, path: Path, option: str) -> Any:
+    """The object a safetensors file or a ``torch.save`` file holds (tensors only)."""
+    import pickle
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    if path.suffix == ".safetensors" or _looks_like_safetensors(data):
+        try:
+            return load_safetensors(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise ConfigError(
+                f"Expected {_what(option)} to be a valid safetensors file, but {path} is not ({_short(exc)}); "
+                f"it may be truncated or corrupt; {_FIX}"
+            ) from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):
+            raise ConfigError(
+                f"Expected {_what(option)} to hold only tensors (a state dict), but {path} pickles other objects "
+                f"({_short(exc)}); {_FIX}"
+            ) from None
+        reason = "neither"
+    except Exception as exc:  # noqa: BLE001 - damaged bytes make torch.load raise many kinds; all mean "unreadable"
+        reason = f"neither ({_short(exc)})"
+    raise ConfigError(
+        f"Expected {_what(option)} to be a safetensors file or a torch.save'd state dict, but {path} is {reason}; "
+        f"it may be truncated or corrupt; {_FIX}"
+    )
+
+
+def _tensors(obj: Any, path: Path, option: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    if not isinstance(obj, Mapping) or not obj:
+        kind = "an empty dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise ConfigError(f"Expected {_what(option)} to hold a dict of named tensors, but {path} holds {kind}; {_FIX}")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ConfigError(
+                f"Expected {_what(option)} to hold a dict of named tensors, but entry {key!r} in {path} is of type "
+                f"{type(value).__name__}, not a tensor; {_FIX} (the state dict alone, not a training checkpoint)"
+            )
+    return dict(obj)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], expected: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Remove one wrapper prefix shared by every name, when no name matches the model's as is."""
+    if set(state) & set(expected):
+        return state
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _shape(shape: Any) -> str:
+    return "[" + ", ".join(str(int(n)) for n in shape) + "]"
+
+
+def _listed(keys: list[str], shapes: Mapping[str, Any]) -> str:
+    first = f"`{keys[0]}` {_shape(shapes[keys[0]].shape)}"
+    return first + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+
+
+def check_state_dict(
+    state: Mapping[str, torch.Tensor], *, expected: Mapping[str, torch.Tensor], path: Path, option: str = OPTION
+) -> OrderedDict[str, torch.Tensor]:
+    """``state`` checked against ``expected`` (a model's state dict), in its order and dtypes.
+
+    Raises
+    ------
+    ConfigError
+        On missing or unexpected names, a shape mismatch, a non-floating or a non-finite tensor.
+    """
+    import torch
+
+    state = _strip_prefix(dict(state), expected)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"lacks {_listed(missing, expected)}")
+        if unexpected:
+            parts.append(f"has {_listed(unexpected, state)}, which the model lacks")
+        raise ConfigError(
+            f"Expected {_what(option)} to hold the tensors of the run's model ({len(expected)} tensors), but {path} "
+            f"{' and '.join(parts)}; {_FIX} (same model, image-size and classes as the run)"
+        )
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, reference in expected.items():
+        tensor = state[key]
+        if tuple(tensor.shape) != tuple(reference.shape):
+            raise ConfigError(
+                f"Expected {_what(option)} tensor `{key}` to have the run model's shape {_shape(reference.shape)}, "
+                f"but {path} holds {_shape(tensor.shape)}; {_FIX} (same model, image-size and classes as the run)"
+            )
+        if not tensor.is_floating_point():
+            raise ConfigError(
+                f"Expected {_what(option)} to hold floating-point weights, but tensor `{key}` in {path} is "
+                f"{str(tensor.dtype).removeprefix('torch.')}; {_FIX}"
+            )
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ConfigError(
+                f"Expected {_what(option)} to hold finite weights, but tensor `{key}` in {path} has {bad} NaN or "
+                "infinite values; use weights from a run that did not diverge"
+            )
+        out[key] = tensor.detach().to(device="cpu", dtype=reference.dtype, copy=True).contiguous()
+    return out
+
+
+def load_init_weights(
+    path: Path, *, model: nn.Module, expected_sha256: str | None = None, option: str = OPTION
+) -> tuple[OrderedDict[str, torch.Tensor], str]:
+    """Read a weights file and check it against ``model``.
+
+    The bytes are read once: the SHA-256 returned is that of the weights returned.
+
+    Parameters
+    ----------
+    path
+        A safetensors file or a ``torch.save``'d state dict.
+    model
+        The run's model (:func:`model_for_run`); its ``state_dict()`` gives the names, shapes and dtypes.
+    expected_sha256
+        If given, the file's SHA-256 must be this (lower-case hex): the file has not changed since it was checked.
+    option
+        The option that named the file, for the error messages.
+
+    Returns
+    -------
+    tuple
+        The weights (ordered as ``model.state_dict()``, in its dtypes, on the CPU) and the file's SHA-256.
+
+    Raises
+    ------
+    ConfigError
+        One line saying what is wrong with the file and what to do.
+    """
+    path = Path(path)
+    data = _read_bytes(path, option)
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise ConfigError(
+            f"Expected {_what(option)} {path} to be unchanged since it was checked (sha256 {expected_sha256}), but its "
+            f"sha256 is now {digest}; put the original file back, or start a new run with the new one"
+        )
+    state = _tensors(_parse(data, path, option), path, option)
+    return check_state_dict(state, expected=model.state_dict(), path=path, option=option), digest
+
+
+def model_for_run(run: RunConfig) -> nn.Module:
+    """The run's model with its seeded initial weights (what the ServerApp starts from)."""
+    from common.models import build_model
+
+    return build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
+
+
+def init_weights_config(
+    path: Path, *, run: RunConfig, expected_sha256: str | None = None, option: str = OPTION
+) -> dict[str, str]:
+    """Check a weights file against ``run``'s model; the run-config entries that name it.
+
+    Returns
+    -------
+    dict
+        ``{"init-weights": "<absolute path>", "init-weights-sha256": "<hex>"}``.
+    """
+    path = Path(path).expanduser().resolve()
+    _, digest = load_init_weights(path, model=model_for_run(run), expected_sha256=expected_sha256, option=option)
+    return {INIT_WEIGHTS_KEY: str(path), INIT_WEIGHTS_SHA256_KEY: digest}
+
+
+def run_init_weights(run: RunConfig, *, model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """The initial weights a run's config names (``init-weights``), re-checked against their SHA-256.
+
+    Raises
+    ------
+    ConfigError
+        When the run names no file, or the file changed, vanished or does not fit ``model``.
+    """
+    if not run.init_weights.path:
+        raise ConfigError("Expected `init-weights` in the run config, but it is empty")
+    weights, digest = load_init_weights(
+        Path(run.init_weights.path), model=model, expected_sha256=run.init_weights.sha256, option=INIT_WEIGHTS_KEY
+    )
+    log.info("Initial weights: %s (sha256 %s)", run.init_weights.path, digest)
+    return weights
