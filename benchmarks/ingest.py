@@ -84,7 +84,8 @@ def main() -> None:
         train_dp(  # what a site runs each round: patient-level DP, secure mode
             model, images=images, labels=labels, groups=groups, epochs=run.local_epochs,
             batch_size=run.batch_size, slices_per_patient=run.slices_per_patient,
-            learning_rate=run.learning_rate, max_grad_norm=run.max_grad_norm, noise_multiplier=1.0,
+            learning_rate=run.learning_rate, optimizer=run.optimizer, momentum=run.momentum,
+            max_grad_norm=run.max_grad_norm, noise_multiplier=1.0,
             device=torch.device("cpu"), secure_mode=True, seed=0,
         )
         dp_s = time.perf_counter() - start

@@ -13,7 +13,7 @@ the very same settings, each with a fresh coordinator workdir and fresh site
 workdirs (fresh caches and privacy ledgers)::
 
     fl-server --insecure --port P --workdir W --rounds R --min-sites N --image-size 32 --local-epochs 2
-              --run-config "secagg=false batch-size=16 learning-rate=0.03 round-timeout=300 seed=7"
+              --run-config "secagg=false batch-size=16 optimizer='adam' learning-rate=0.03 round-timeout=300 seed=7"
     fl-client --insecure --site X --server 127.0.0.1:P --data D --workdir SW --threads 1
               --privacy-unit image --max-epsilon 10 --no-secure-mode -c image-size=32
 
@@ -544,7 +544,7 @@ class Federation:
 
 
 def run_config(args: argparse.Namespace) -> str:
-    return (f"secagg=false batch-size={args.batch_size} learning-rate={args.learning_rate} "
+    return (f"secagg=false batch-size={args.batch_size} optimizer='adam' learning-rate={args.learning_rate} "
             f"round-timeout={args.round_timeout} seed={args.seed}")
 
 

@@ -276,6 +276,14 @@ class SecAggConfig:
 
 
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+OPTIMIZERS = ("sgd", "adam")  # client/training.py builds them
+
+
+def _momentum(value: Any) -> float:
+    number = _non_negative_float("momentum", value)
+    if number >= 1:
+        raise ConfigError(f"Expected `momentum` to be in [0, 1), but got {value!r}")
+    return number
 
 
 def _run_id(value: Any) -> str:
@@ -366,8 +374,10 @@ class RunConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     local_epochs: int = 3
-    batch_size: int = 64  # expected patients per DP step
-    learning_rate: float = 0.03
+    batch_size: int = 128  # expected patients per DP step
+    learning_rate: float = 1.0
+    optimizer: str = "sgd"  # local optimiser: "sgd" (heavy-ball momentum) or "adam"
+    momentum: float = 0.9  # sgd only
     max_grad_norm: float = 1.0
     slices_per_patient: int = 16  # images of a sampled patient used per DP step (memory bound)
     model: str = "fedrad-cnn"
@@ -421,6 +431,8 @@ class RunConfig:
             learning_rate=positive_float(
                 "learning-rate", _get(run_config, "learning-rate", d.learning_rate)
             ),
+            optimizer=choice("optimizer", _get(run_config, "optimizer", d.optimizer), OPTIMIZERS),
+            momentum=_momentum(_get(run_config, "momentum", d.momentum)),
             max_grad_norm=positive_float(
                 "max-grad-norm", _get(run_config, "max-grad-norm", d.max_grad_norm)
             ),

@@ -426,7 +426,7 @@ def test_a_trained_model_ranks_held_out_synthetic_files(tmp_path: Path, capsys: 
                            workers=1, val_fraction=0.01)
     model = build_model(run.model, image_size=32, seed=0)
     train_plain(model, images=train.images(), labels=train.labels, epochs=3, batch_size=16, learning_rate=0.03,
-                device=torch.device("cpu"), seed=0)
+                device=torch.device("cpu"), seed=0, optimizer="adam")
     save_checkpoint(checkpoint_path(tmp_path / "run", 1), model.state_dict(), metadata=_metadata(config, 1))
 
     code, stdout, err = _run(["--model", tmp_path / "run", "--data", tmp_path / "synth/B",

@@ -28,6 +28,9 @@ def test_pyproject_defaults_build_a_valid_run_config() -> None:
         ("window", "liver", "Expected `window` to be one of"),
         ("model", "resnet-9000", "Expected `model` to be one of"),
         ("image-size", 8, "Expected `image-size` to be an integer in [16, 1024], but got 8"),
+        ("optimizer", "rmsprop", "Expected `optimizer` to be one of sgd, adam, but got 'rmsprop'"),
+        ("momentum", 1.0, "Expected `momentum` to be in [0, 1), but got 1.0"),
+        ("momentum", -0.1, "Expected `momentum` to be a non-negative number, but got -0.1"),
     ],
 )
 def test_run_config_rejects_bad_values(key: str, value: object, message: str) -> None:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 ROUNDS = 4
 DEADLINE = 60  # round-timeout (s): the first round, where five sites start up at once, takes ~40 s here
-RUN_CONFIG = f"secagg=false batch-size=16 learning-rate=0.03 round-timeout={DEADLINE} join-timeout=120 seed=7"
+RUN_CONFIG = f"secagg=false batch-size=16 optimizer='adam' learning-rate=0.03 round-timeout={DEADLINE} join-timeout=120 seed=7"
 SIZES = {"A": 200, "B": 200, "C": 200, "N": 60, "S": 60}
 
 
