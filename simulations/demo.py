@@ -1,6 +1,8 @@
 """``make demo``: three synthetic hospitals train a shared CNN with DP over a secure federation.
 
-Synthesises sites A, B and C, enrolls each with ``fl-server enroll`` (one kit
+Its data and run settings are the ``demo`` scenario's
+(``simulations/scenarios/demo.toml``), so ``fl-sim compare demo`` measures the
+same recipe on the same data. Synthesises sites A, B and C, enrolls each with ``fl-server enroll`` (one kit
 per hospital), starts ``fl-server`` (TLS SuperLink behind the Fleet-only
 proxy, SecAgg+) and one ``fl-client --kit`` per site on free loopback ports,
 waits for the run, prints its pooled AUROC and every site's ε, audits every
@@ -25,6 +27,7 @@ from common.errors import FederationError
 from common.flower import flower_bin
 from common.processes import ProcessSet, can_connect, free_port
 from server.report import load_report
+from simulations import scenario as scenarios
 
 cli = typer.Typer(add_completion=False, help=__doc__)
 
@@ -32,22 +35,27 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 @cli.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Demo folder (data, site and server work dirs, logs).")] = Path(".demo"),
-    sites: Annotated[str, typer.Option(help="Comma-separated site names.")] = "A,B,C",
-    images_per_site: Annotated[int, typer.Option(min=20)] = 2000,
-    rounds: Annotated[int, typer.Option(min=1)] = 5,
-    max_epsilon: Annotated[float, typer.Option(help="Each site's privacy budget.")] = 8.0,
-    seed: Annotated[int, typer.Option()] = 7,
+    sites: Annotated[str | None, typer.Option(help="Comma-separated site names (default: the demo scenario's).")] = None,
+    images_per_site: Annotated[int | None, typer.Option(min=20)] = None,
+    rounds: Annotated[int | None, typer.Option(min=1)] = None,
+    max_epsilon: Annotated[float | None, typer.Option(help="Each site's privacy budget.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
 ) -> int:
     """Run the three-hospital demo end to end."""
     from simulations.synth import synthesize
 
+    sc = scenarios.load(DEMO_SCENARIO)
+    names = [s.strip() for s in sites.split(",") if s.strip()] if sites else sc.sites.site_names()
+    images_per_site = images_per_site or sc.sites.images_per_site()[0]
+    rounds = rounds or int(sc.run["num-server-rounds"])
+    max_epsilon = max_epsilon or sc.epsilons()[0]
+    seed = sc.sites.seed if seed is None else seed
     started = time.monotonic()
-    names = [s.strip() for s in sites.split(",") if s.strip()]
     workdir = workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     data = workdir / "data"
     print(f"==> Synthesising {len(names)} hospitals × {images_per_site} CT slices in {data}", flush=True)
-    synthesize(data, sites=names, images_per_site=images_per_site, seed=seed)
+    synthesize(data, sites=names, images_per_site=images_per_site, seed=seed, size=sc.sites.image_size)
 
     port = free_port()
     logs = workdir / "logs"
@@ -68,7 +76,7 @@ def demo(
             "fl-server",
             [
                 flower_bin("fl-server"), "--rounds", str(rounds), "--min-sites", str(len(names)),
-                "--port", str(port), "--workdir", str(server_dir),
+                "--port", str(port), "--workdir", str(server_dir), *_run_config_args(sc),
             ],
             log_path=logs / "fl-server.log",
         )
@@ -124,6 +132,16 @@ def demo(
         json.dumps({"auroc": final["auroc"], "sites": report["sites"], "audit": {n: a.get("verified") for n, a in audits.items()}})
     )
     return 0
+
+
+DEMO_SCENARIO = "demo"
+_SET_BY_DEMO = ("num-server-rounds", "min-sites")
+
+
+def _run_config_args(sc: scenarios.Scenario) -> list[str]:
+    """The scenario's other run settings as ``fl-server --run-config`` pairs (values in TOML)."""
+    pairs = [f"{k}={json.dumps(v)}" for k, v in sc.run.items() if k not in _SET_BY_DEMO]
+    return ["--run-config", " ".join(pairs)] if pairs else []
 
 
 _INTERESTING = ("Round ", "WARNING", "ERROR", "error", "┃", "│", "┏", "┗", "┡", "└", "report:", "privacy spent", "pooled validation")

@@ -469,9 +469,13 @@ def compare_cmd(
         str | None, typer.Option("--epsilon", metavar="E[,E...]", help="ε of the FedAvg+DP arm(s); default: the scenario's.")
     ] = None,
     arms: Annotated[
-        str, typer.Option("--arms", help="Comma-separated subset of pooled,local,fedavg,fedavg-dp.")
+        str, typer.Option("--arms", help="Comma-separated subset of pooled,local,fedavg,fedavg-dp,public-pretrain.")
     ] = "pooled,local,fedavg,fedavg-dp",
     secagg: SecaggOpt = None,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Train each DP arm this many times with independent noise (median, worst, best).")
+    ] = 1,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the comparison (every draw) as JSON here.")] = None,
     workdir: WorkdirOpt = Path(".fedrad-sim"),
     out: OutOpt = Path("runs"),
     quiet: QuietOpt = False,
@@ -491,10 +495,16 @@ def compare_cmd(
         raise ConfigError(f"Expected --epsilon to be numbers separated by commas, but got {epsilon!r}") from exc
     if any(e is not None and e <= 0 for e in epsilons):
         raise ConfigError(f"Expected positive ε values, but got {epsilon!r}")
+    if repeats < 1:
+        raise ConfigError(f"Expected --repeats to be at least 1, but got {repeats}")
+    if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+        raise ConfigError(f"Expected --json to be a file in an existing folder, but got {json_path}")
     result = compare(
-        sc, arms=chosen, epsilons=epsilons, workdir=workdir, runs_dir=out, progress=not quiet, verbose=verbose,
-        echo=typer.echo,
+        sc, arms=chosen, epsilons=epsilons, repeats=repeats, workdir=workdir, runs_dir=out, progress=not quiet,
+        verbose=verbose, echo=typer.echo,
     )
+    if json_path is not None:
+        write_atomic(json_path, (result.folder / "compare.json").read_text())
     typer.echo(result.markdown_table)
     typer.echo(f"comparison: {result.folder / 'compare.md'}")
 

@@ -107,8 +107,41 @@ def test_compare_table_ratios_and_many_sites() -> None:
     fed = ArmResult("fedavg", "FedAvg", {"auroc": 0.81, "sensitivity": 0.0, "specificity": float("nan")},
                     {"A": {"auroc": 0.7}, "B": {"auroc": None}}, 1.0)
     table = render_table([pooled, fed]).splitlines()
-    assert table[0].startswith("| arm | auroc |") and "AUROC A" in table[0] and "AUROC B" in table[0]
-    assert table[3].split(" | ")[1:8] == ["0.810", "0.000", "–", "0.900", "0.000", "–", "0.700"]
+    assert table[0].startswith("| arm | draws | auroc |") and "AUROC A" in table[0] and "AUROC B" in table[0]
+    # draws, auroc, sensitivity, specificity, threshold and the rates there, ratio (median, worst), site A
+    assert table[3].split(" | ")[1:11] == ["1", "0.810", "0.000", "–", "–", "–", "–", "0.900", "0.900", "0.700"]
     many = ArmResult("pooled", "pooled", {"auroc": 0.5}, {f"s{i:02d}": {"auroc": i / 20} for i in range(20)}, 1.0)
     row = render_table([many]).splitlines()[2]
     assert row.endswith("| 0.000 | 0.475 | 0.950 |")
+
+
+def test_a_dp_arm_of_several_draws_reports_median_worst_and_best() -> None:
+    from simulations.compare import ArmResult, Draw, ratios, render_table
+
+    pooled = ArmResult("pooled", "pooled", {"auroc": 0.9, "sensitivity": 0.8, "specificity": 0.5}, {}, 1.0)
+    finals = [0.88, 0.45, 0.90, 0.86]
+    draws = tuple(
+        Draw(pooled={"auroc": v, "sensitivity": v / 2, "specificity": 1 - v / 2, "threshold": 0.3},
+             sites={}, auroc_per_round=[0.5, v], seconds=1.0, run_dir=f"run{i}")
+        for i, v in enumerate(finals)
+    )
+    dp = ArmResult("fedavg-dp", "FedAvg + DP", draws[0].pooled, {}, 4.0, draws=draws, epsilon=8.0)
+    assert dp.spread("auroc") == {"median": pytest.approx(0.87), "min": 0.45, "max": 0.90}
+    assert dp.worst() is draws[1]
+    r = ratios(dp, pooled)
+    assert r["median"]["auroc"] == pytest.approx(0.87 / 0.9) and r["worst"]["auroc"] == pytest.approx(0.45 / 0.9)
+    assert r["worst"]["sensitivity"] == pytest.approx(0.225 / 0.8)  # the worst draw's, not the smallest value
+    row = render_table([pooled, dp]).splitlines()[3].split(" | ")
+    assert row[1:3] == ["4", "0.870 (0.450–0.900)"]
+    assert row[8] == "0.967" and row[9].startswith("0.500")
+
+
+def test_the_public_dataset_shares_no_site_seed_or_data_with_the_scenario() -> None:
+    from simulations.compare import PUBLIC_SITES, public_scenario
+
+    demo = sc.load("demo")
+    public = public_scenario(demo)
+    assert public.sites.site_names() == list(PUBLIC_SITES) and not set(PUBLIC_SITES) & set(demo.sites.site_names())
+    assert public.sites.seed != demo.sites.seed and public.sites.data_key() != demo.sites.data_key()
+    assert public.sites.images_per_site() == [2000, 2000] and public.sites.image_size == demo.sites.image_size
+    assert public.run == demo.run and public.privacy == demo.privacy

@@ -84,27 +84,44 @@ def test_a_small_dp_secagg_simulation_leaves_a_report_that_matches_its_ledgers(t
     assert set(_ray_processes()) <= before
 
 
-def test_compare_puts_each_arm_against_pooled(tmp_path: Path) -> None:
-    proc = _sim(tmp_path, "compare", "tiny", "--arms", "pooled,local,fedavg", "--no-secagg", "--rounds", "2")
+def test_compare_puts_each_arm_against_pooled_and_repeats_only_the_dp_arm(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    proc = _sim(tmp_path, "compare", "tiny", "--arms", "pooled,local,fedavg,fedavg-dp", "--no-secagg", "--rounds", "2",
+                "--repeats", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (folder,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("compare-")]
     data = json.loads((folder / "compare.json").read_text())
+    assert json.loads(out.read_text()) == data
     arms = {a["arm"]: a for a in data["arms"]}
-    assert list(arms) == ["pooled", "local", "fedavg"]
+    assert list(arms) == ["pooled", "local", "fedavg", "fedavg-dp"] and data["repeats"] == 2
     assert arms["pooled"]["ratio_to_pooled"]["auroc"] == pytest.approx(1.0)
     for a in arms.values():
         assert set(a["sites"]) == {"site-001", "site-002", "site-003"}
         if a["pooled"]["auroc"] is not None:
-            assert a["ratio_to_pooled"]["auroc"] == pytest.approx(a["pooled"]["auroc"] / arms["pooled"]["pooled"]["auroc"])
-    # The FedAvg arm is a real simulated run with its own report, trained without DP.
+            assert a["ratio_to_pooled"]["auroc"] == pytest.approx(a["spread"]["auroc"]["median"] / arms["pooled"]["pooled"]["auroc"])
+    # The FedAvg arm is a real simulated run with its own report, trained without DP, once (it is deterministic).
+    assert arms["fedavg"]["draws"] == 1 and len(arms["fedavg"]["auroc_per_round"]) == 1
     fed = json.loads((Path(arms["fedavg"]["run_dir"]) / "report.json").read_text())
     assert fed["final"]["auroc"] == pytest.approx(arms["fedavg"]["pooled"]["auroc"])
     assert all(s.get("epsilon") is None for s in fed["sites"].values())
     assert all(s["privacy_unit"].startswith("none") for s in fed["sites"].values())
+    # The DP arm: two independent draws, each a real run with its own report and ledgers.
+    dp = arms["fedavg-dp"]
+    assert dp["draws"] == 2 and len({d["run_dir"] for d in dp["draw_results"]}) == 2
+    finals = sorted(d["pooled"]["auroc"] for d in dp["draw_results"])
+    spread = dp["spread"]["auroc"]
+    assert (spread["min"], spread["max"]) == (finals[0], finals[1])
+    assert spread["median"] == pytest.approx(sum(finals) / 2)
+    worst = min(dp["draw_results"], key=lambda d: d["pooled"]["auroc"])
+    assert dp["ratio_to_pooled_worst"]["auroc"] == pytest.approx(worst["pooled"]["auroc"] / arms["pooled"]["pooled"]["auroc"])
+    for d in dp["draw_results"]:
+        report = json.loads((Path(d["run_dir"]) / "report.json").read_text())
+        assert [r["evaluate"]["pooled"]["auroc"] for r in report["rounds"]] == d["auroc_per_round"]
+        assert all(s["epsilon"] <= 8.0 for s in report["sites"].values())
     assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
     table = (folder / "compare.md").read_text()
-    assert "pooled (centralised, no DP)" in table and "FedAvg (no DP)" in table
-    assert table.count("\n|") >= 4  # header, rule, three arms
+    assert "pooled (centralised, no DP)" in table and "FedAvg (no DP)" in table and "FedAvg + DP" in table
+    assert table.count("\n|") >= 5  # header, rule, four arms
 
 
 @pytest.mark.parametrize(
@@ -115,6 +132,7 @@ def test_compare_puts_each_arm_against_pooled(tmp_path: Path) -> None:
         (("run", "tiny", "--set", "sites.count=1"), "min-sites"),
         (("compare", "tiny", "--arms", "pooled,magic"), "--arms"),
         (("compare", "tiny", "--epsilon", "eight"), "--epsilon"),
+        (("compare", "tiny", "--repeats", "0"), "--repeats"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
