@@ -266,7 +266,8 @@ def _train_without_dp(
         model, images=data.images(data.train), labels=data.labels[data.train], groups=groups,
         slices_per_patient=run.slices_per_patient, augment=run.augment, num_classes=len(run.classes),
         epochs=run.local_epochs, batch_size=run.batch_size, learning_rate=run.learning_rate, device=device,
-        optimizer=run.optimizer, momentum=run.momentum, seed=run.seed * 100_003 + server_round,
+        optimizer=run.optimizer, momentum=run.momentum, max_grad_norm=run.max_grad_norm,
+        seed=run.seed * 100_003 + server_round,
     )
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
     return state, {records.NUM_EXAMPLES: outcome.num_examples}, {records.PRIVACY_UNIT: "none (no DP)"}

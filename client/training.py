@@ -288,6 +288,7 @@ def train_plain(
     num_classes: int = 2,
     optimizer: str = "sgd",
     momentum: float = 0.9,
+    max_grad_norm: float | None = None,
 ) -> PlainOutcome:
     """Train ``model`` in place without DP: the non-private baseline of fl-sim's comparisons.
 
@@ -295,8 +296,10 @@ def train_plain(
     and step size, the same number of steps per epoch (``ceil(P / batch_size)``
     batches of patients, here a shuffled partition instead of Poisson draws), up
     to ``slices_per_patient`` images per patient per step, the same augmentation.
-    No clipping, no noise, no accounting: a model trained this way carries no
-    privacy guarantee. Sites in a real federation (fl-client) never train this way.
+    No per-patient clipping, no noise, no accounting: a model trained this way
+    carries no privacy guarantee. With ``max_grad_norm`` the batch gradient's norm
+    is capped at it (ordinary gradient clipping), so the step sizes tuned for DP,
+    whose updates are bounded by the clipping norm, do not blow up without it. Sites in a real federation (fl-client) never train this way.
     """
     import torch
 
@@ -328,6 +331,8 @@ def train_plain(
             logits = model(x)
             loss = criterion(logits.squeeze(1) if binary else logits, y)
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             plain_optimizer.step()
             steps += 1
             total_loss += float(loss.detach()) * len(y)

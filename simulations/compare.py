@@ -136,7 +136,7 @@ def _train_central(run: RunConfig, parts: list[Any], *, epochs: int, seed: int) 
     train_plain(
         model, images=images, labels=labels, groups=patient_groups(patients), epochs=epochs,
         batch_size=run.batch_size, learning_rate=run.learning_rate, device=torch.device("cpu"), seed=seed,
-        optimizer=run.optimizer, momentum=run.momentum,
+        optimizer=run.optimizer, momentum=run.momentum, max_grad_norm=run.max_grad_norm,
         slices_per_patient=run.slices_per_patient, augment=run.augment, num_classes=len(run.classes),
     )
     return model
