@@ -115,6 +115,9 @@ def demo(
         f"{final['auroc']:.3f} after round {final['round']}; {eps} (δ=1e-5); report {run_dir / 'report.json'}",
         flush=True,
     )
+    if final.get("threshold") is not None:
+        print(f"==> Operating point (chosen on pooled validation): threshold {final['threshold']:.3f}, sensitivity "
+              f"{final['sensitivity-at-threshold']:.3f}, specificity {final['specificity-at-threshold']:.3f}", flush=True)
     print(f"==> Transport: {report['transport']}", flush=True)
     # What each hospital's privacy officer would run: its ledger, checked against the run report.
     audits = {}
