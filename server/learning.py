@@ -6,7 +6,8 @@ and standard error ``sqrt((P + N + 1) / (12 P N))`` (Hanley & McNeil 1982,
 continuous scores). A pooled AUROC within ``z`` of those standard errors of 0.5
 cannot be told from chance; small validation sets get a wide band.
 
-- **not learning**: the last ``window`` evaluated rounds all lie within the band;
+- **not learning**: none of the last ``window`` evaluated rounds lies above the
+  band (they sit within it, or wander between it and below it);
 - **below chance**: they all lie below it (scores ranked the wrong way round,
   e.g. swapped labels): a separate, softer flag;
 - **learning**: the latest round lies above it; **unclear** otherwise.
@@ -89,7 +90,7 @@ class Verdict:
         spread = f"{self.low:.2f}–{self.high:.2f}, ±{self.band:.2f}"
         likely = f" Likely causes: {'; '.join(self.causes)}." if self.causes else ""
         if self.status == NOT_LEARNING:
-            return (f"Round {r}: pooled AUROC has stayed within noise of chance ({spread}) for {n} rounds: "
+            return (f"Round {r}: pooled AUROC has not risen above chance ({spread} around 0.5) for {n} rounds: "
                     f"the model is not learning.{likely}")
         if self.status == BELOW_CHANCE:
             return (f"Round {r}: pooled AUROC has stayed below chance ({spread} around 0.5) for {n} rounds: "
@@ -125,10 +126,11 @@ def assess(history: Sequence[RoundAuroc], *, window: int = WINDOW, z: float = Z)
     status = UNCLEAR
     if latest.auroc > 0.5 + bands[-1]:
         status = LEARNING
-    elif len(judged) == window and all(abs(h.auroc - 0.5) <= b for h, b in zip(judged, bands, strict=True)):
-        status = NOT_LEARNING
     elif len(judged) == window and all(h.auroc < 0.5 - b for h, b in zip(judged, bands, strict=True)):
         status = BELOW_CHANCE
+    elif len(judged) == window and all(h.auroc <= 0.5 + b for h, b in zip(judged, bands, strict=True)):
+        # No round rose above chance; rounds that dip below it (0.45, 0.53, 0.45) are still not learning.
+        status = NOT_LEARNING
     aurocs = [h.auroc for h in judged]
     return Verdict(status=status, round=latest.round, rounds=tuple(h.round for h in judged), auroc=latest.auroc,
                    low=min(aurocs), high=max(aurocs), band=max(bands))

@@ -67,13 +67,21 @@ def test_a_flat_run_is_flagged_after_window_rounds_not_before() -> None:
     band = 2 * math.sqrt(401 / (12 * 100 * 300))
     assert verdict.band == pytest.approx(band) and (verdict.low, verdict.high) == (0.47, 0.53)
     message = verdict.message
-    assert message.startswith(f"Round 3: pooled AUROC has stayed within noise of chance (0.47–0.53, ±{band:.2f}) "
+    assert message.startswith(f"Round 3: pooled AUROC has not risen above chance (0.47–0.53, ±{band:.2f} around 0.5) "
                               "for 3 rounds: the model is not learning. Likely causes: too few patients per site")
     # the noisiest site's facts, and the learning rate with the noise it has to beat
     assert "site A: noise multiplier σ=2.50, sample rate 0.25, about 256 patients, 12 steps per round" in message
     assert "learning-rate=0.03" in message and "σ/batch-size = 0.039" in message
     assert "labels.csv" in message and "validation set too small" not in message
     assert check_round(rounds, CONFIG, 4).status == NOT_LEARNING  # type: ignore[union-attr]
+
+
+def test_a_run_wandering_between_chance_and_below_it_is_not_learning() -> None:
+    """The failed demo draw of issue 15: pooled AUROC 0.480, 0.488, 0.449, 0.529, 0.452 on ~1,500 images."""
+    rounds = _rounds([0.480, 0.488, 0.449, 0.529, 0.452], positives=700, negatives=800)
+    assert 0.449 < 0.5 - 2 * math.sqrt(1501 / (12 * 700 * 800))  # round 3 alone is significantly below 0.5
+    assert [check_round(rounds, CONFIG, r).status for r in (3, 4, 5)] == [NOT_LEARNING] * 3  # type: ignore[union-attr]
+    assert check_round(_rounds([0.44, 0.45, 0.44], positives=700, negatives=800), CONFIG, 3).status == BELOW_CHANCE  # type: ignore[union-attr]
 
 
 def test_low_noise_puts_the_learning_rate_first() -> None:
@@ -104,8 +112,8 @@ def test_below_chance_is_a_separate_flag_naming_the_inverted_sites() -> None:
     assert verdict is not None and verdict.status == BELOW_CHANCE
     assert "below chance" in verdict.message and "wrong way round" in verdict.message
     assert "labels swapped" in verdict.causes[0] and "A (0.10)" in verdict.causes[0] and "B (" not in verdict.causes[0]
-    # one round below chance after flat ones is neither flag
-    assert check_round(_rounds([0.5, 0.5, 0.3]), CONFIG, 3).status == UNCLEAR  # type: ignore[union-attr]
+    # one round below chance after flat ones: not learning (nothing rose above chance), not the below-chance flag
+    assert check_round(_rounds([0.5, 0.5, 0.3]), CONFIG, 3).status == NOT_LEARNING  # type: ignore[union-attr]
 
 
 def test_rounds_without_a_usable_auroc_are_skipped() -> None:

@@ -133,7 +133,7 @@ def test_a_run_not_learning_warns_once_and_the_report_says_so(tmp_path: Path, ca
             strategy.aggregate_evaluate(r, _replies({11: flat}))
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings  # round 3 flags it; round 4 says nothing new
-    assert warnings[0].startswith("Round 3: pooled AUROC has stayed within noise of chance (0.50–0.50, ±")
+    assert warnings[0].startswith("Round 3: pooled AUROC has not risen above chance (0.50–0.50, ±")
     assert "site A: noise multiplier σ=3.00, sample rate 0.5, about 64 patients, 4 steps per round" in warnings[0]
     data = load_report(tmp_path)
     assert [w["round"] for w in data["warnings"]] == [3] and data["warnings"][0]["message"] == warnings[0]
