@@ -323,6 +323,7 @@ def _plot(folder: Path, arms: list[ArmResult]) -> None:
     right: final pooled AUROC per arm (bar: median draw, whisker: worst–best, dots: sites)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -350,6 +351,7 @@ def _plot(folder: Path, arms: list[ArmResult]) -> None:
         final_ax.scatter([i] * len(site_values), site_values, color="black", s=10, zorder=3)
     rounds_ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     rounds_ax.set_xlabel("round")
+    rounds_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     rounds_ax.set_ylabel("pooled AUROC (band: worst–best draw)")
     rounds_ax.set_ylim(0.3, 1)
     rounds_ax.legend(fontsize=7, loc="lower right")
