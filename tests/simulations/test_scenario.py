@@ -143,5 +143,6 @@ def test_the_public_dataset_shares_no_site_seed_or_data_with_the_scenario() -> N
     public = public_scenario(demo)
     assert public.sites.site_names() == list(PUBLIC_SITES) and not set(PUBLIC_SITES) & set(demo.sites.site_names())
     assert public.sites.seed != demo.sites.seed and public.sites.data_key() != demo.sites.data_key()
-    assert public.sites.images_per_site() == [2000, 2000] and public.sites.image_size == demo.sites.image_size
+    assert public.sites.images_per_site() == [demo.sites.images_per_site()[0]] * 2
+    assert public.sites.image_size == demo.sites.image_size
     assert public.run == demo.run and public.privacy == demo.privacy
