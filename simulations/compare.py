@@ -388,6 +388,11 @@ def compare(
     workdir, runs_dir = workdir.resolve(), runs_dir.resolve()
     run = checked_run_config(run_overrides(sc, workdir=workdir, runs_dir=runs_dir, table=workdir / "unused.json"))
     results: list[ArmResult] = []
+    pretrained: tuple[Path, ArmResult] | None = None
+    if "public-pretrain" in arms:  # first: a weights file the federation cannot use fails before any long run
+        pretrained = _public_pretrain(sc, run, workdir, echo)
+        run_overrides(replace(sc, run={**sc.run, "init-weights": str(pretrained[0])}), workdir=workdir,
+                      runs_dir=runs_dir, table=workdir / "unused.json")
     for arm in ARMS:
         if arm not in arms:
             continue
@@ -399,8 +404,8 @@ def compare(
                                       progress=progress, verbose=verbose, echo=echo))
         else:
             start = sc
-            if arm == "public-pretrain":
-                weights, only = _public_pretrain(sc, run, workdir, echo)
+            if arm == "public-pretrain" and pretrained is not None:
+                weights, only = pretrained
                 results.append(only)
                 echo(f"{only.label}: pooled AUROC {_cell(only, 'auroc')} ({only.seconds:.0f} s)")
                 start = replace(sc, run={**sc.run, "init-weights": str(weights)})

@@ -183,8 +183,17 @@ def checked_init_weights(overrides: dict[str, Any]) -> dict[str, str]:
             f"Expected `run.init-weights` to be a file path (and `run.init-weights-sha256` a hex string), "
             f"but got {path!r}"
         )
+    from common.weights import load_init_weights, model_for_run
+    from server.secure import check_model_fits
+
     rest = {k: v for k, v in overrides.items() if k not in (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY)}
-    return init_weights_config(Path(path), run=checked_run_config(rest), expected_sha256=pinned)
+    run = checked_run_config(rest)
+    entries = init_weights_config(Path(path), run=run, expected_sha256=pinned)
+    if run.secagg.enabled:  # as fl-server does: refuse a range the sites would refuse to mask, before anything runs
+        weights, _ = load_init_weights(Path(entries[INIT_WEIGHTS_KEY]), model=model_for_run(run),
+                                       expected_sha256=entries[INIT_WEIGHTS_SHA256_KEY])
+        check_model_fits(weights, run.secagg)
+    return entries
 
 
 def checked_run_config(overrides: dict[str, Any]) -> RunConfig:

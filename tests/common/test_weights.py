@@ -162,3 +162,21 @@ def test_fl_sim_checks_the_scenarios_init_weights_before_anything_runs(tmp_path:
     save_file(_state("plain-cnn"), str(plain))
     with pytest.raises(ConfigError, match="lacks `2.weight`"):
         run_overrides(scenario.load("tiny", [f'run.init-weights="{plain}"']), **args)
+
+
+def test_fl_sim_refuses_init_weights_secagg_could_not_mask(tmp_path: Path) -> None:
+    """As fl-server does: a weight beyond half the SecAgg+ clipping range stops the run before it starts."""
+    from safetensors.torch import save_file
+
+    from common.models import build_model
+    from simulations.sim import checked_init_weights
+
+    state = {k: v.clone().contiguous() for k, v in build_model("fedrad-cnn", seed=0).state_dict().items()}
+    next(iter(state.values())).view(-1)[0] = 8.3
+    path = tmp_path / "big.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ConfigError, match=r"secagg-clipping-range.*\(8\.3\)"):
+        checked_init_weights({"init-weights": str(path), "secagg": True})
+    entries = checked_init_weights({"init-weights": str(path), "secagg": True, "secagg-clipping-range": 32.0})
+    assert entries["init-weights"] == str(path.resolve())
+    assert checked_init_weights({"init-weights": str(path), "secagg": False})["init-weights-sha256"]
