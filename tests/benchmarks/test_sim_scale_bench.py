@@ -34,6 +34,36 @@ TOUCH_MB = 64
 HOLDER = f"import time; b = bytearray({TOUCH_MB} << 20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(60)"
 
 
+@pytest.fixture(scope="module")
+def smaps() -> bool:
+    """Whether the kernel gives ``/proc/PID/smaps_rollup`` (Linux >= 4.14): PSS/USS must be read."""
+    try:
+        with open("/proc/self/smaps_rollup", "rb") as f:
+            return b"Pss:" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def needs_smaps(smaps: bool) -> None:
+    if not smaps:
+        pytest.skip("/proc/self/smaps_rollup is not readable here: no PSS/USS to check")
+
+
+def _touch(mb: int) -> bytearray:
+    """``mb`` MB this process knowingly holds: every page written, so every page resident."""
+    block = bytearray(mb << 20)
+    block[::4096] = b"x" * len(block[::4096])
+    return block
+
+
+def _statm_rss_kb(pid: int) -> int:
+    """Resident kB from ``/proc/PID/statm`` (not the ``status`` file the benchmark reads)."""
+    with open(f"/proc/{pid}/statm") as f:
+        resident = int(f.read().split()[1])
+    return resident * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
 @pytest.fixture
 def holder():  # type: ignore[no-untyped-def]
     proc = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
@@ -56,19 +86,43 @@ def test_the_stat_parser_survives_spaces_and_parentheses_in_the_name(tmp_path) -
     assert read_stat(43, base=str(tmp_path)) is None
 
 
-def test_this_process_memory_is_sane() -> None:
-    mem = process_memory(os.getpid())
-    assert mem is not None
-    assert 10 * 1024 < mem.rss_kb < 8 * 1024 * 1024  # a Python with pytest: tens to hundreds of MB
-    if mem.pss_kb is not None:  # smaps_rollup readable (Linux >= 4.14)
-        assert mem.uss_kb is not None
+def test_this_process_memory_counts_what_it_holds(smaps: bool) -> None:
+    pid = os.getpid()
+    before = process_memory(pid)
+    held = _touch(TOUCH_MB)
+    mem = process_memory(pid)
+    kernel_kb = _statm_rss_kb(pid)
+    assert before is not None and mem is not None
+    assert mem.rss_kb - before.rss_kb >= 0.9 * TOUCH_MB * 1024  # the block it just touched
+    assert abs(mem.rss_kb - kernel_kb) <= 4 * 1024  # the kernel's own count, read another way
+    # PSS and USS are there exactly where the kernel offers them, and in the docstring's order.
+    assert (mem.pss_kb is not None, mem.uss_kb is not None) == (smaps, smaps)
+    if mem.pss_kb is not None and mem.uss_kb is not None:
         assert 0 < mem.uss_kb <= mem.pss_kb <= mem.rss_kb
-    fast = process_memory(os.getpid(), smaps=False)
-    assert fast is not None and fast.pss_kb is None and fast.uss_kb is None and fast.rss_kb > 0
+    fast = process_memory(pid, smaps=False)
+    assert fast is not None and fast.pss_kb is None and fast.uss_kb is None
+    assert abs(fast.rss_kb - mem.rss_kb) <= 4 * 1024
     assert process_memory(2**22 + 12345) is None  # no such pid (pid_max is at most 2**22)
+    del held
 
 
-def test_a_child_is_counted_in_the_tree_with_its_memory(holder) -> None:  # type: ignore[no-untyped-def]
+def test_uss_counts_the_memory_only_this_process_holds(needs_smaps: None) -> None:
+    pid = os.getpid()
+    before = process_memory(pid)
+    held = _touch(TOUCH_MB)
+    mem = process_memory(pid)
+    assert before is not None and before.uss_kb is not None and before.pss_kb is not None
+    assert mem is not None and mem.uss_kb is not None and mem.pss_kb is not None
+    # private, written pages: USS and PSS grow by all of it (RSS over-states, USS under-states)
+    assert mem.uss_kb - before.uss_kb >= 0.9 * TOUCH_MB * 1024
+    assert mem.pss_kb - before.pss_kb >= 0.9 * TOUCH_MB * 1024
+    assert mem.uss_kb <= mem.pss_kb <= mem.rss_kb
+    del held
+
+
+def test_a_child_is_counted_in_the_tree_with_its_memory(  # type: ignore[no-untyped-def]
+    holder, smaps: bool
+) -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         table = proc_table()
@@ -84,8 +138,10 @@ def test_a_child_is_counted_in_the_tree_with_its_memory(holder) -> None:  # type
         assert set(counted) >= {os.getpid(), holder.pid, sleeper.pid}
         assert child.rss_kb >= TOUCH_MB * 1024
         assert total.rss_kb >= own.rss_kb + child.rss_kb * 0.9
-        if total.uss_kb is not None and child.uss_kb is not None:
+        assert (total.uss_kb is not None, child.uss_kb is not None) == (smaps, smaps)
+        if total.uss_kb is not None and child.uss_kb is not None:  # smaps: checked just above
             assert child.uss_kb >= TOUCH_MB * 1024 * 0.9  # the touched bytearray is the child's own
+            assert total.uss_kb >= own.uss_kb + child.uss_kb * 0.9  # type: ignore[operator]
             assert total.uss_kb <= total.pss_kb <= total.rss_kb  # type: ignore[operator]
         # the child's tree is only the child
         assert tree_pids(holder.pid, table) == [holder.pid]
@@ -101,7 +157,7 @@ def test_sum_memory_refuses_a_partial_pss() -> None:
     assert sum_memory([]) == Memory(0, 0, 0)
 
 
-def test_the_sampler_keeps_peaks_per_phase_and_sees_a_child_come_and_go() -> None:
+def test_the_sampler_keeps_peaks_per_phase_and_sees_a_child_come_and_go(smaps: bool) -> None:
     sampler = TreeSampler(interval=0.05)
     sampler.phase = "before"
     sampler.start()
@@ -122,8 +178,14 @@ def test_the_sampler_keeps_peaks_per_phase_and_sees_a_child_come_and_go() -> Non
     assert set(peaks) >= {"before", "child", "after"}
     assert peaks["child"].processes >= 2 and peaks["before"].processes == 1
     assert peaks["child"].rss_kb >= peaks["before"].rss_kb + TOUCH_MB * 1024 * 0.9
-    if peaks["child"].uss_kb is not None:
-        assert peaks["child"].uss_kb >= TOUCH_MB * 1024 * 0.9
+    for peak in peaks.values():
+        assert (peak.uss_kb is not None, peak.pss_kb is not None) == (smaps, smaps)
+    if smaps:
+        child = peaks["child"]
+        assert child.uss_kb is not None and child.uss_kb >= TOUCH_MB * 1024 * 0.9
+        # each figure is a maximum over samples that each hold USS <= PSS <= RSS
+        for p in peaks.values():
+            assert p.uss_kb <= p.pss_kb <= p.rss_kb  # type: ignore[operator]
         assert sampler.smaps_samples >= 3  # at least each phase change and the stop
     assert sampler.samples > sampler.smaps_samples or sampler.samples <= 6
     by_process = sampler.cpu_by_process()

@@ -3,7 +3,9 @@ an independent pydicom + torch reference, re-encoded synthetic CT and broken fil
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from functools import cache
@@ -63,13 +65,9 @@ def _accepted(config_name: str, reader: str | None = None) -> list[Path]:
     ]
 
 
-def _params(pairs: list[tuple[Path, str]]) -> list[object]:
-    return [pytest.param(p, c, id=f"{c}:{_rel(p)}") for p, c in pairs]
-
-
-ALL_PARAMS = _params([(p, c) for c in CONFIGS for p in PYDICOM_FILES])
-ACCEPTED_PARAMS = _params([(p, c) for c in CONFIGS for p in _accepted(c)])
-LIGHT_PARAMS = _params([(p, c) for c in CONFIGS for p in _accepted(c, reader="light")])
+# Every (file, config) pair by name only: the files are decoded inside the tests (once each,
+# through ``_outcome``'s cache), never while pytest collects.
+ALL_PARAMS = [pytest.param(p, c, id=f"{c}:{_rel(p)}") for c in CONFIGS for p in PYDICOM_FILES]
 
 
 # ------------------------------------------------------------------ reference
@@ -194,24 +192,8 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 # ------------------------------------------------- 1-3: pydicom's test files
 
 
-@pytest.mark.parametrize(("path", "config_name"), ALL_PARAMS)
-def test_pydicom_file_is_decoded_or_rejected_with_a_reason(path: Path, config_name: str) -> None:
-    outcome = _outcome(path, config_name)
-    if isinstance(outcome, DicomRejected):
-        reason = str(outcome)
-        assert reason.strip(), "empty rejection reason"
-        assert "\n" not in reason and "\r" not in reason, f"reason is not one line: {reason!r}"
-        return
-    if isinstance(outcome, BaseException):
-        raise outcome  # anything but DicomRejected is a bug
-    _check_shape(outcome, CONFIGS[config_name])
-
-
-@pytest.mark.parametrize(("path", "config_name"), ACCEPTED_PARAMS)
-def test_accepted_pydicom_file_matches_independent_reference(path: Path, config_name: str) -> None:
-    config = CONFIGS[config_name]
-    decoded = _outcome(path, config_name)
-    assert isinstance(decoded, DecodedFile)
+def _check_against_reference(path: Path, decoded: DecodedFile, config: PreprocessConfig) -> None:
+    """An accepted pydicom test file: its header and images against pydicom + torch."""
     _check_shape(decoded, config)
     ds = pydicom.dcmread(path)
     info = decoded.info
@@ -241,6 +223,27 @@ def test_accepted_pydicom_file_matches_independent_reference(path: Path, config_
     )
     assert decoded.stats["min"] == pytest.approx(min(v.min() for v in values), rel=1e-9)
     assert decoded.stats["max"] == pytest.approx(max(v.max() for v in values), rel=1e-9)
+
+
+@pytest.mark.parametrize(("path", "config_name"), ALL_PARAMS)
+def test_pydicom_file_is_rejected_with_a_reason_or_matches_the_reference(
+    path: Path, config_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pydicom test file under both configs: a one-line rejection reason, or (accepted)
+    the independent reference's header and images, and, where the light reader took it, the
+    full reader's result too."""
+    config = CONFIGS[config_name]
+    outcome = _outcome(path, config_name)
+    if isinstance(outcome, DicomRejected):
+        reason = str(outcome)
+        assert reason.strip(), "empty rejection reason"
+        assert "\n" not in reason and "\r" not in reason, f"reason is not one line: {reason!r}"
+        return  # which files must be accepted: test_enough_pydicom_files_are_accepted
+    if isinstance(outcome, BaseException):
+        raise outcome  # anything but DicomRejected is a bug
+    _check_against_reference(path, outcome, config)
+    if outcome.reader == "light":
+        _assert_readers_agree(path, config, monkeypatch)
 
 
 def test_enough_pydicom_files_are_accepted() -> None:
@@ -327,15 +330,9 @@ def _assert_readers_agree(
     assert light.stats == pytest.approx(full.stats, rel=1e-6)
 
 
-@pytest.mark.parametrize(("path", "config_name"), LIGHT_PARAMS)
-def test_light_and_full_readers_agree_on_pydicom_files(
-    path: Path, config_name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _assert_readers_agree(path, CONFIGS[config_name], monkeypatch)
-
-
 def test_light_reader_handles_enough_pydicom_files() -> None:
-    assert len(LIGHT_PARAMS) >= 30
+    light = [(p, c) for c in CONFIGS for p in _accepted(c, reader="light")]
+    assert len(light) >= 30, [f"{c}:{_rel(p)}" for p, c in light]
 
 
 @pytest.mark.parametrize(
@@ -572,14 +569,20 @@ def test_broken_file_is_rejected_with_a_reason(
         assert reason in message, message
 
 
-def test_unreadable_file_is_rejected(synthetic: list[Path], tmp_path: Path) -> None:
+def test_unreadable_file_is_rejected(
+    synthetic: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "locked.dcm"
     path.write_bytes(_valid_bytes(synthetic))
     path.chmod(0)
     try:
-        if os.access(path, os.R_OK):
-            pytest.skip("running with privileges that read a mode-000 file (root)")
-        with pytest.raises(DicomRejected, match="permission denied"):
+        if os.access(path, os.R_OK):  # root reads mode-000 files: fail as for a site's user
+
+            def denied(self: Path) -> bytes:
+                raise PermissionError(13, "Permission denied", str(self))
+
+            monkeypatch.setattr(Path, "read_bytes", denied)
+        with pytest.raises(DicomRejected, match=r"^file cannot be read \(permission denied\)$"):
             decode_file(path, BRAIN)
     finally:
         path.chmod(0o600)
@@ -806,26 +809,73 @@ def test_empty_window_attributes_fall_back_to_min_max_in_both_readers(
     np.testing.assert_allclose(full.images[0, 0], expected, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("attribute", "raw"),
-    [("RescaleSlope", b"abc"), ("RescaleSlope", b"1\\2"), ("RescaleIntercept", b"1,5"), ("WindowWidth", b"x")],
-)
-def test_malformed_attributes_are_rejected_not_raised(tmp_path: Path, attribute: str, raw: bytes) -> None:
-    """Values pydicom cannot convert surface deep inside numpy; they are a rejection reason."""
+def _with_raw_attribute(
+    tmp_path: Path, attribute: str, raw: bytes, **valid: object
+) -> tuple[Path, Dataset]:
+    """CT_small.dcm with the ``valid`` attributes set and ``attribute`` holding ``raw`` bytes as
+    they are (no conversion on write); and the file without ``attribute``."""
     from pydicom.datadict import dictionary_VR, tag_for_keyword
     from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
 
-    source = Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm"
-    ds = pydicom.dcmread(source)
-    tag = tag_for_keyword(attribute)
-    ds._dict[pydicom.tag.Tag(tag)] = RawDataElement(pydicom.tag.Tag(tag), dictionary_VR(tag), len(raw), raw, 0, False, True)
+    ds = pydicom.dcmread(_td("CT_small.dcm"))
+    for keyword, value in valid.items():
+        setattr(ds, keyword, value)
+    clean = copy.deepcopy(ds)
+    if attribute in clean:
+        delattr(clean, attribute)
+    tag = Tag(tag_for_keyword(attribute))
+    ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
     path = tmp_path / "bad.dcm"
     ds.save_as(path)
-    for config in (PreprocessConfig(), PreprocessConfig(window="voi")):
-        try:
+    assert raw in path.read_bytes()  # the malformed value really is in the file
+    return path, clean
+
+
+@pytest.mark.parametrize(
+    ("attribute", "raw"),
+    [("RescaleSlope", b"abc"), ("RescaleSlope", b"1\\2"), ("RescaleIntercept", b"1,5")],
+)
+def test_malformed_attributes_are_rejected_not_raised(
+    tmp_path: Path, attribute: str, raw: bytes
+) -> None:
+    """A Rescale value pydicom cannot convert fails deep inside numpy; decode_file turns it into
+    its one-line rejection (never another exception, never an accepted file)."""
+    path, _ = _with_raw_attribute(tmp_path, attribute, raw)
+    for config in (BRAIN, VOI_GREY):
+        with pytest.raises(DicomRejected) as caught:
             decode_file(path, config)
-        except DicomRejected as exc:
-            assert str(exc) and "\n" not in str(exc)
+        # the numpy/pydicom exception's class name in brackets, nothing of the value itself
+        message = str(caught.value)
+        assert re.fullmatch(r"invalid image attributes or pixel data \(\w+\)", message), message
+
+
+def _with_window(ds: Dataset) -> Dataset:
+    """``ds`` with a usable 40/400 window."""
+    out = copy.deepcopy(ds)
+    out.WindowCenter, out.WindowWidth = 40, 400
+    return out
+
+
+@pytest.mark.parametrize(
+    ("attribute", "other"),
+    [("WindowWidth", {"WindowCenter": 40}), ("WindowCenter", {"WindowWidth": 400})],
+)
+def test_malformed_window_falls_back_to_min_max(
+    tmp_path: Path, attribute: str, other: dict[str, object]
+) -> None:
+    """An unusable window is no reason to reject a file: VOI mode falls back to the value range
+    (as with no window at all), and a preset window never reads the file's window."""
+    path, clean = _with_raw_attribute(tmp_path, attribute, b"x", **other)
+    voi = decode_file(path, VOI_GREY)
+    assert voi.reader == "full"  # the light reader leaves an unparsable value to the full one
+    expected, _ = _reference(clean, VOI_GREY)  # half a window: min-max of the modality values
+    np.testing.assert_allclose(voi.images[:, 0], expected, atol=1e-4)
+    windowed, _ = _reference(_with_window(clean), VOI_GREY)
+    assert np.abs(windowed - expected).max() > 0.1  # a usable window would have changed it
+    brain = decode_file(path, BRAIN)
+    preset, _ = _reference(clean, BRAIN)
+    np.testing.assert_allclose(brain.images[:, 0], preset, atol=1e-4)
 
 
 def test_print_report_escapes_markup_in_paths(capsys: pytest.CaptureFixture[str]) -> None:
