@@ -444,7 +444,7 @@ def test_fast_encoder_writes_what_save_as_writes(
     """Every file is byte for byte what ``Dataset.save_as(enforce_file_format=True)`` writes."""
     import io
 
-    import simulations.synth as synth_module
+    from simulations.synth import write
 
     class SaveAs:
         def __init__(self, ds: pydicom.Dataset) -> None:
@@ -457,7 +457,7 @@ def test_fast_encoder_writes_what_save_as_writes(
 
     specs = [SiteSpec(name, 9) for name in ("A", "B", "C", "D", "odd_1")]
     synthesize_sites(tmp_path / "fast", specs, seed=11, size=17)
-    monkeypatch.setattr(synth_module, "_SeriesEncoder", SaveAs)
+    monkeypatch.setattr(write, "_SeriesEncoder", SaveAs)
     synthesize_sites(tmp_path / "slow", specs, seed=11, size=17)
     fast, slow = _tree_bytes(tmp_path / "fast"), _tree_bytes(tmp_path / "slow")
     assert len(fast) == 5 * 10 and fast == slow
