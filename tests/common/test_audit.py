@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from common.audit import SHARED_PATIENTS, cli, memoized_rdp
+from common.audit import SHARED_PATIENTS, memoized_rdp
+from common.audit.cli import cli
 from common.cli import run_typer
 from common.ledger import (
     PRIVATE_KEY_FILE,
@@ -33,7 +34,7 @@ OTHER = "0b" * 32
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_rdp() -> Iterator[None]:
-    """Keep Opacus' per-step RDP memoized across the module (exact; see common.audit)."""
+    """Keep Opacus' per-step RDP memoized across the module (exact; see common.audit.recompute)."""
     with memoized_rdp():
         yield
 
@@ -381,14 +382,14 @@ def test_cross_check_catches_a_ledger_rolled_back_to_fewer_rows(
 
 def test_the_command_runs_as_a_subprocess(honest: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "common.audit", "--ledger", str(honest), "--public-key", str(pinned(honest)),
+        [sys.executable, "-m", "common.audit.cli", "--ledger", str(honest), "--public-key", str(pinned(honest)),
          "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["verified"] is True
     result = subprocess.run(
-        [sys.executable, "-m", "common.audit", "--ledger", str(honest / "missing.sqlite")],
+        [sys.executable, "-m", "common.audit.cli", "--ledger", str(honest / "missing.sqlite")],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 3 and result.stdout == ""

@@ -1,0 +1,139 @@
+"""ε recomputed the way the sites compute it, and compared with what they recorded."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+from common.privacy import DPEvent, Epsilons, epsilons, merge_events
+
+REL_TOL = 1e-6
+"""Relative tolerance when a recorded ε is compared with its recomputation."""
+ABS_TOL = 1e-9
+"""...plus this absolute tolerance."""
+BUDGET_TOL = 1e-9
+"""Relative tolerance of a budget check (what the sites use too)."""
+
+_memo_lock = threading.Lock()
+_memo_depth = 0
+_memo_original: Any = None
+
+
+@contextmanager
+def memoized_rdp() -> Iterator[None]:
+    """Memoize Opacus' per-step RDP curve ``_compute_rdp(q, σ, α)`` for the duration.
+
+    Both accountants evaluate it (PRV sizes its domain with RDP) for every order α
+    of every (q, σ) of every row's history — the same few (q, σ) over and over —
+    and for short histories it is most of the cost of :func:`epsilons`. It is a
+    pure function of its arguments, so caching it returns the very same floats:
+    every ε is bit-for-bit what :func:`epsilons` gives without it. Re-entrant;
+    thread-safe (one cache shared by the threads of :func:`recompute`).
+    """
+    global _memo_depth, _memo_original
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    with _memo_lock:
+        if _memo_depth == 0:
+            _memo_original = rdp_analysis._compute_rdp
+            rdp_analysis._compute_rdp = functools.lru_cache(maxsize=None)(_memo_original)
+        _memo_depth += 1
+    try:
+        yield
+    finally:
+        with _memo_lock:
+            _memo_depth -= 1
+            if _memo_depth == 0:
+                rdp_analysis._compute_rdp = _memo_original
+                _memo_original = None
+
+
+def close(recorded: Any, recomputed: float | None) -> bool:
+    """Whether a recorded ε equals its recomputation (1e-6 relative + 1e-9 absolute)."""
+    if recorded is None or recomputed is None:
+        return recorded is None and recomputed is None
+    try:
+        a, b = float(recorded), float(recomputed)
+    except (TypeError, ValueError):
+        return False
+    return a == b or abs(a - b) <= REL_TOL * max(abs(a), abs(b)) + ABS_TOL
+
+
+def exceeds(epsilon: float | None, max_epsilon: Any) -> bool:
+    """Whether ``epsilon`` is above ``max_epsilon`` (beyond the 1e-9 relative tolerance)."""
+    if epsilon is None:
+        return False
+    try:
+        limit = float(max_epsilon)
+    except (TypeError, ValueError):
+        return True  # no readable budget: nothing is within it
+    return not epsilon <= limit * (1 + BUDGET_TOL)
+
+
+def number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None (JSON has no NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def span(values: Sequence[Any]) -> dict[str, float | None]:
+    """``{"min", "max"}`` of the finite numbers among ``values`` (both None when there are none)."""
+    nums = [v for v in map(number, values) if v is not None]
+    return {"min": min(nums), "max": max(nums)} if nums else {"min": None, "max": None}
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """``value`` as an audit message or table shows it: ``—`` for None, ``digits`` for floats."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def recompute(tasks: Sequence[tuple[Sequence[DPEvent], Any]]) -> list[Epsilons | Exception]:
+    """:func:`common.privacy.epsilons` of every ``(events, δ)`` in ``tasks``, in order.
+
+    Every task is computed in full by the same function the sites use (nothing is
+    extrapolated from a neighbouring row), on one thread per CPU core (Opacus' PRV
+    numerics run in NumPy/SciPy, which release the GIL), the longest histories
+    first; identical tasks are computed once. A task that cannot be computed gives
+    the exception that stopped it instead of a result.
+    """
+    keys: list[tuple[Any, ...]] = []
+    for events, delta in tasks:
+        try:
+            keys.append((tuple(merge_events(events)), float(delta)))
+        except (TypeError, ValueError) as exc:
+            keys.append(("error", id(exc), exc))
+    unique = list(dict.fromkeys(k for k in keys if k[0] != "error"))
+    if not unique:
+        return [key[2] for key in keys]
+
+    def one(key: tuple[Any, ...]) -> Epsilons | Exception:
+        history, delta = key
+        try:
+            return epsilons(events=[DPEvent(*entry) for entry in history], delta=delta)
+        except (ArithmeticError, TypeError, ValueError, RuntimeError) as exc:
+            return exc
+
+    # Opacus warns about loose RDP orders and logs of 0 at q = 1: noise for an auditor, not findings.
+    with memoized_rdp(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        order = sorted(unique, key=lambda k: -sum(steps for _, _, steps in k[0]) * len(k[0]))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(max(1, cores), len(order))
+        if workers <= 1:
+            results = {key: one(key) for key in order}
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = dict(zip(order, pool.map(one, order), strict=True))
+    return [key[2] if key[0] == "error" else results[key] for key in keys]
