@@ -3,12 +3,17 @@
 Flower starts a fresh process for every message, so this module imports
 nothing heavy: torch and Opacus are imported inside :mod:`client.site` when a
 message is handled, and the site's data comes from its on-disk cache.
+
+:func:`client_app` builds the app; the project's ``clientapp`` component is
+``client.app:app``, built without extra mods. The end-to-end tests build their
+own from the same function, with mods of their own (``tests/e2e/apps.py``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,9 +26,9 @@ from common.flower import use_flower_log_handlers
 
 if TYPE_CHECKING:
     import torch
+    from flwr.clientapp.typing import Mod
 
 log = logging.getLogger(__name__)
-app = ClientApp(mods=[secure_mod])
 
 
 def _configs(context: Context) -> tuple[SiteConfig, RunConfig]:
@@ -41,7 +46,6 @@ def _site_record(site: SiteConfig) -> ConfigRecord:
     return ConfigRecord({records.SITE_NAME: site.site})
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model with DP-SGD inside the site's budget.
 
@@ -95,7 +99,6 @@ class _Declined(NamedTuple):
 def _train_or_decline(
     site: SiteConfig, run: RunConfig, context: Context, server_round: int, weights: OrderedDict[str, torch.Tensor]
 ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float | int], dict[str, str | int]] | _Declined:
-    from client.faults import after_training
     from client.site import train_round
     from common.errors import PrivacyBudgetExceeded
 
@@ -103,7 +106,7 @@ def _train_or_decline(
         new_weights, metrics, facts = train_round(
             site=site, run=run, run_id=run.run_id(context.run_id), server_round=server_round, weights=weights
         )
-        return after_training(site.site, new_weights), metrics, facts
+        return new_weights, metrics, facts
     except PrivacyBudgetExceeded as exc:
         # A decline is an answer, not a failure: no weights, the reason and the budget facts only.
         log.warning("%s", exc)
@@ -116,7 +119,7 @@ def _train_or_decline(
 def _train_secure(msg: Message, context: Context) -> Message:
     import numpy as np
 
-    from client.secure import check_bounds, fitres_content, inspect_plaintext, read_fitins
+    from client.secure import check_bounds, fitres_content, read_fitins
     from common.models import build_model
 
     site, run = _configs(context)
@@ -133,12 +136,10 @@ def _train_secure(msg: Message, context: Context) -> Message:
     arrays = [w.detach().cpu().numpy() for w in new_weights.values()]
     num_examples = int(numbers[records.NUM_EXAMPLES])
     check_bounds(arrays, num_examples=num_examples, secagg=run.secagg)
-    inspect_plaintext(site.site, server_round, arrays, num_examples)
     metrics = {records.SITE_NAME: site.site, **numbers, **facts}
     return Message(content=fitres_content(arrays, num_examples=num_examples, metrics=metrics), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model; reply with summable statistics only."""
     from client.site import evaluate_round
@@ -148,3 +149,26 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = evaluate_round(site=site, run=run, weights=weights)
     content = RecordDict({records.METRICS: MetricRecord(metrics), records.SITE: _site_record(site)})
     return Message(content=content, reply_to=msg)
+
+
+def client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
+    """The fedrad ClientApp: ``train`` and ``evaluate`` behind :func:`client.secure.secure_mod`.
+
+    Parameters
+    ----------
+    mods
+        Extra Flower mods, run inside ``secure_mod`` (closest to the handlers):
+        they see each reply before it is masked. The project's app has none.
+
+    Returns
+    -------
+    ClientApp
+        A new app; Flower loads the project's from ``client.app:app``.
+    """
+    client = ClientApp(mods=[secure_mod, *mods])
+    client.train()(train)
+    client.evaluate()(evaluate)
+    return client
+
+
+app = client_app()

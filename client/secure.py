@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 SECAGG_CONFIGS = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 SECAGG_STAGE = "stage"
-INSPECT_ENV = "FEDRAD_INSPECT_DIR"
-"""Tests only: when set, a site writes each plaintext update it masks into this folder."""
 
 
 def is_legacy_fit(content: RecordDict) -> bool:
@@ -108,18 +106,6 @@ def fitres_content(
         metrics=metrics,
     )
     return fitres_to_recorddict(fitres, keep_input=True)
-
-
-def inspect_plaintext(site: str, server_round: int, arrays: list[np.ndarray], num_examples: int) -> None:
-    """Tests only (``FEDRAD_INSPECT_DIR``): keep the plaintext update this site is about to mask."""
-    import os
-
-    import numpy as np
-
-    folder = os.environ.get(INSPECT_ENV)
-    if folder:
-        path = Path(folder) / f"plain-{site}-round{server_round}.npz"
-        np.savez(path, *arrays, num_examples=np.array(num_examples))
 
 
 def secure_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:

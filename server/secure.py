@@ -17,10 +17,8 @@ SecAgg+ exists only in Flower's workflow API, so a secure run is a
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
@@ -45,8 +43,6 @@ if TYPE_CHECKING:
     from server.strategy import FedradFedAvg
 
 log = logging.getLogger(__name__)
-INSPECT_ENV = "FEDRAD_INSPECT_DIR"
-"""Tests only: when set, the coordinator writes every masked vector it receives into this folder."""
 
 SITE_KEYS = (records.SITE_NAME, records.DECLINED, records.PRIVACY_UNIT, records.LEDGER_KEY,
              records.LEDGER_ROW, records.LEDGER_HASH)
@@ -118,12 +114,11 @@ class SecureFedAvg(LegacyFedAvg):
 class _TrackingGrid:
     """The ServerApp's grid, noting which site failed or fell silent at which stage."""
 
-    def __init__(self, grid: Grid, names: dict[int, str], inspect: Path | None, server_round: int) -> None:
+    def __init__(self, grid: Grid, names: dict[int, str], server_round: int) -> None:
         self._grid = grid
         self.names = names
         self.dropped: dict[str, str] = {}
         self.stage = 0
-        self.inspect = inspect
         self.server_round = server_round
 
     def __getattr__(self, name: str) -> Any:
@@ -148,23 +143,10 @@ class _TrackingGrid:
                 metrics = m.content.config_records.get("fitres.metrics", {})
                 if records.SITE_NAME in metrics:
                     self.names[node] = str(metrics[records.SITE_NAME])
-                if self.inspect is not None:
-                    self._inspect(m)
         ok = len([m for m in replies if not m.has_error()])
         log.info("Round %d, SecAgg+ stage '%s': %d of %d sites answered", self.server_round, stage, ok, len(messages))
         self.stage += 1
         return replies
-
-    def _inspect(self, msg: Message) -> None:
-        """Tests only: keep the masked vector exactly as the coordinator received it."""
-        import numpy as np
-        from flwr.common import bytes_to_ndarray
-        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-        from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
-
-        cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
-        vectors = [bytes_to_ndarray(b) for b in cfg[SecAggKey.MASKED_PARAMETERS]]  # type: ignore[union-attr]
-        np.savez(self.inspect / f"masked-{self.name(msg.metadata.src_node_id)}-round{self.server_round}.npz", *vectors)
 
 
 class FedradSecAggPlus(SecAggPlusWorkflow):
@@ -181,12 +163,10 @@ class FedradSecAggPlus(SecAggPlusWorkflow):
             timeout=secagg.timeout,
         )
         self.names: dict[int, str] = dict(names or {})
-        folder = os.environ.get(INSPECT_ENV)
-        self.inspect = Path(folder) if folder else None
 
     def __call__(self, grid: Grid, context: Context) -> None:  # type: ignore[override]
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])  # type: ignore[arg-type]
-        tracking = _TrackingGrid(grid, self.names, self.inspect, server_round)
+        tracking = _TrackingGrid(grid, self.names, server_round)
         state = WorkflowState()
         strategy: SecureFedAvg = context.strategy  # type: ignore[attr-defined]
         steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)

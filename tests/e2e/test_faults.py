@@ -5,7 +5,9 @@ Real ``fl-server`` (SuperLink behind its TLS proxy, ServerApp) and ``fl-client``
 the coordinator can screen each update. Each test checks what happened to the
 run, that the final model is usable (pooled validation AUROC above chance), and
 that every site's ledger books exactly the rounds that site trained, no round
-twice, with its ε recomputed from them.
+twice, with its ε recomputed from them. Faulty sites misbehave through Flower mods
+of the test's own app (``tests/e2e/apps.py``), which fl-server submits from a copy
+of the project (``tests/e2e/support.py::copy_app``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from common.processes import ManagedProcess, ProcessSet, _alive, descendants, free_port
-from tests.e2e.support import BIN, run_cli, wait_for_server
+from tests.e2e.support import BIN, copy_app, fl_server, run_cli, wait_for_server
 
 pytestmark = pytest.mark.e2e
 
@@ -68,25 +70,26 @@ class Federation:
                            "--server-address", f"127.0.0.1:{self.port}")
             assert proc.returncode == 0, proc.stderr
 
-    def serve(self, *extra: str, rounds: int = ROUNDS, log: str = "server.log") -> ManagedProcess:
+    def serve(self, *extra: str, rounds: int = ROUNDS, log: str = "server.log", app: Path | None = None) -> ManagedProcess:
+        """Start fl-server; ``app``: a copy of the project with the test app (:func:`copy_app`) to run instead."""
+        command, where = fl_server(app)
         server = self.procs.start(
             "fl-server",
-            [str(BIN / "fl-server"), "--port", str(self.port), "--workdir", str(self.workdir),
+            [*command, "--port", str(self.port), "--workdir", str(self.workdir),
              "--rounds", str(rounds), "--min-sites", "2", "--image-size", "32", "--local-epochs", "1",
              "--run-config", RUN_CONFIG, *extra],
-            log_path=self.tmp / log,
+            log_path=self.tmp / log, **where,
         )
         wait_for_server(self.port, server)
         return server
 
-    def join(self, site: str, *, fault: str = "") -> ManagedProcess:
-        env = {**os.environ, "FEDRAD_FAULT": fault} if fault else None
+    def join(self, site: str) -> ManagedProcess:
         client = self.procs.start(
             f"fl-client {site}",
             [str(BIN / "fl-client"), "--kit", str(self.workdir / "kits" / site), "--data", str(self.data / site),
              "--workdir", str(self.tmp / f"site-{site}"), "--threads", "1",
              "--max-epsilon", "10", "--privacy-unit", "image", "-c", "image-size=32"],
-            log_path=self.tmp / f"site-{site}.log", env=env,
+            log_path=self.tmp / f"site-{site}.log",
         )
         self.clients[site] = client
         return client
@@ -232,11 +235,11 @@ def test_dead_nan_and_slow_sites_do_not_stop_or_poison_the_run(sites: Path, tmp_
     rounds = 2
     fed = Federation(ProcessSet(), tmp_path, sites)
     fed.enroll("A", "B", "C", "N", "S")
+    # The faults are Flower mods of the test's own app (tests/e2e/apps.py), bundled with its plan.
+    app = copy_app(tmp_path / "app", faults={"N": "nan", "S": f"slow:{10 * DEADLINE}"})
     with fed.procs:
-        server = fed.serve(rounds=rounds)
-        fed.join("N", fault="nan")
-        fed.join("S", fault=f"slow:{10 * DEADLINE}")
-        for site in ("A", "B", "C"):
+        server = fed.serve(rounds=rounds, app=app)
+        for site in ("N", "S", "A", "B", "C"):
             fed.join(site)
         # Mid-round 1: C has received its training message and started on it.
         c_log = tmp_path / "site-C.log"

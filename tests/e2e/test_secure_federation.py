@@ -1,9 +1,10 @@
 """The secure federation on loopback: enrolled kits, TLS through the Fleet-only proxy, SecAgg+.
 
 Real ``fl-server`` (SuperLink + nginx) and ``fl-client`` (SuperNode) processes.
-``FEDRAD_INSPECT_DIR`` makes each site keep the plaintext update it masks and
-the coordinator keep every masked vector it receives, so the tests can compare
-what the coordinator saw with what it must not see.
+Where a test compares what the coordinator saw with what it must not see, the
+run uses the test's own app (``tests/e2e/apps.py``, submitted by fl-server from a
+copy of the project): a mod makes each site keep the plaintext update it masks,
+and the ServerApp's grid keeps every masked vector the coordinator receives.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from common.config import SecAggConfig
 from common.flower import flower_bin, flower_env
 from common.processes import ProcessSet, free_port
-from tests.e2e.support import BIN, one_line_error, run_cli, wait_for_server
+from tests.e2e.support import BIN, copy_app, fl_server, one_line_error, run_cli, wait_for_server
 
 pytestmark = pytest.mark.e2e
 SITES = ("A", "B", "C")
@@ -46,17 +47,19 @@ def _enroll(workdir: Path, port: int, sites: tuple[str, ...] = SITES) -> None:
 class Federation:
     """fl-server and one fl-client per site, all in one ProcessSet."""
 
-    def __init__(self, procs: ProcessSet, tmp: Path, data: Path, port: int, env: dict[str, str] | None = None) -> None:
-        self.procs, self.tmp, self.data, self.port, self.env = procs, tmp, data, port, env
+    def __init__(self, procs: ProcessSet, tmp: Path, data: Path, port: int, app: Path | None = None) -> None:
+        """``app``: a copy of the project with the test app (:func:`copy_app`) for fl-server to run."""
+        self.procs, self.tmp, self.data, self.port, self.app = procs, tmp, data, port, app
         self.workdir = tmp / "server"
         self.clients: dict[str, object] = {}
 
     def serve(self, *args: str) -> object:
+        command, where = fl_server(self.app)
         server = self.procs.start(
             "fl-server",
-            [str(BIN / "fl-server"), "--port", str(self.port), "--workdir", str(self.workdir), "--image-size", "32",
+            [*command, "--port", str(self.port), "--workdir", str(self.workdir), "--image-size", "32",
              "--local-epochs", "1", *args],
-            log_path=self.tmp / "server.log", env=self.env,
+            log_path=self.tmp / "server.log", **where,
         )
         wait_for_server(self.port, server)
         return server
@@ -66,7 +69,7 @@ class Federation:
             f"fl-client {site}",
             [str(BIN / "fl-client"), "--kit", str(kit or self.workdir / "kits" / site), "--data", str(data or self.data / site),
              "--workdir", str(self.tmp / f"site-{site}"), "--threads", "1", "-c", "image-size=32"],
-            log_path=self.tmp / f"site-{site}.log", env=self.env,
+            log_path=self.tmp / f"site-{site}.log",
         )
         self.clients[site] = client
         return client
@@ -93,15 +96,12 @@ def _stages(site_workdir: Path) -> Iterator[dict]:
 def test_secagg_over_tls_equals_plaintext_fedavg_and_the_coordinator_sees_only_masked_updates(
     three_sites: Path, tmp_path: Path
 ) -> None:
-    import os
-
     from server.checkpoint import load_checkpoint
 
     port = free_port()
     inspect = tmp_path / "inspect"
     inspect.mkdir()
-    env = {**os.environ, "FEDRAD_INSPECT_DIR": str(inspect)}
-    fed = Federation(ProcessSet(), tmp_path, three_sites, port, env)
+    fed = Federation(ProcessSet(), tmp_path, three_sites, port, copy_app(tmp_path / "app", inspect=inspect))
     _enroll(fed.workdir, port)
     with fed.procs:
         server = fed.serve("--rounds", "1", "--min-sites", "3", "-c", "batch-size=8")
