@@ -1,6 +1,6 @@
 """A site's enrollment kit: what the coordinator hands a site so its SuperNode can join.
 
-A kit is one folder (the coordinator writes it with :mod:`server.enroll`)::
+A kit is one folder (the coordinator writes it with :mod:`server.enroll.kits`)::
 
     <kit>/
         kit.toml    format, site, server (HOST:PORT), fingerprint, ca-fingerprint, created
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
 import tomllib
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from common.config import site_name
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
+    from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
 KIT_FILE = "kit.toml"
@@ -157,12 +157,14 @@ def render_kit_toml(values: dict[str, str]) -> str:
     Returns
     -------
     str
-        TOML text (JSON string escapes are valid TOML basic strings).
+        TOML text.
     """
+    import tomli_w
+
     missing = [key for key in KIT_KEYS if key not in values]
     if missing:
         raise ConfigError(f"Cannot write kit.toml without {', '.join(missing)}")
-    return "".join(f"{key} = {json.dumps(str(values[key]), ensure_ascii=True)}\n" for key in KIT_KEYS)
+    return tomli_w.dumps({key: str(values[key]) for key in KIT_KEYS})
 
 
 def read_kit_toml(path: Path) -> dict[str, str]:
@@ -190,6 +192,27 @@ def read_kit_toml(path: Path) -> dict[str, str]:
     if data["format"] != FORMAT:
         raise ConfigError(f"Expected {path} to be of format {FORMAT!r}, but got {data['format']!r}")
     return {key: str(data[key]) for key in KIT_KEYS}
+
+
+def check_private_mode(path: Path) -> None:
+    """Raise :class:`ConfigError` when the private key file ``path`` is readable by others than its owner."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"The private key {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`"
+        )
+
+
+def load_certificate(
+    path: Path, *, what: str = "certificate", fix: str = "restore it from backup"
+) -> x509.Certificate:
+    """The PEM certificate at ``path``, else ConfigError "Cannot parse the <what> <path> (<why>); <fix>"."""
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"Cannot parse the {what} {path} ({exc}); {fix}") from exc
 
 
 def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -228,7 +251,6 @@ def load_kit(kit_dir: Path) -> Kit:
     ConfigError
         One line naming the file at fault and what to do.
     """
-    from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
@@ -245,11 +267,7 @@ def load_kit(kit_dir: Path) -> Kit:
     server = server_address(fields["server"])
 
     key_path = kit_dir / PRIVATE_KEY_FILE
-    mode = key_path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise ConfigError(
-            f"The private key {key_path} is readable by others (mode {mode:04o}); run `chmod 600 {key_path}`"
-        )
+    check_private_mode(key_path)
     private_key = _load_private_key(key_path)
 
     pub_path = kit_dir / PUBLIC_KEY_FILE
@@ -272,14 +290,8 @@ def load_kit(kit_dir: Path) -> Kit:
         )
 
     ca_path = kit_dir / CA_CERT_FILE
-    try:
-        ca_pem = ca_path.read_bytes()
-        x509.load_pem_x509_certificate(ca_pem)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"Cannot parse the CA certificate {ca_path} ({exc}); ask the coordinator for a new kit"
-        ) from exc
-    ca_fingerprint = cert_fingerprint(ca_pem)
+    load_certificate(ca_path, what="CA certificate", fix="ask the coordinator for a new kit")
+    ca_fingerprint = cert_fingerprint(ca_path.read_bytes())
     if ca_fingerprint != fields["ca-fingerprint"]:
         raise ConfigError(
             f"{ca_path} is not the CA certificate this kit was issued with ({fields['ca-fingerprint']}); "

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from common.kit import (
     FORMAT,
     KIT_FILE,
     KIT_FILES,
+    KIT_KEYS,
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     Kit,
@@ -256,3 +258,10 @@ def test_kit_toml_bad_values(kit_dir: Path) -> None:
     _rewrite_toml(kit_dir, server="coord:1", format="fedrad-kit-0")
     with pytest.raises(ConfigError, match="format"):
         load_kit(kit_dir)
+
+
+def test_kit_toml_round_trips_any_string() -> None:
+    values = dict.fromkeys(KIT_KEYS, "x") | {"fingerprint": 'q"uote \\ back\nslash é', "created": ""}
+    assert tomllib.loads(render_kit_toml(values)) == values
+    with pytest.raises(ConfigError, match="without site"):
+        render_kit_toml({k: v for k, v in values.items() if k != "site"})

@@ -7,6 +7,7 @@ reachable through the public port.
 from __future__ import annotations
 
 import datetime
+import functools
 import http.client
 import ipaddress
 import os
@@ -213,6 +214,16 @@ def test_render_nginx_conf_forwards_only_the_fleet_api_with_upstream_verificatio
         listen_host="::", listen_port=9443, upstream_port=19092, cert=pki.cert, key=pki.key,
         ca=pki.ca, prefix=tmp_path, worker_user="nobody nogroup",
     )
+
+
+def test_render_nginx_conf_fills_every_placeholder_and_refuses_quotes(pki: Pki, tmp_path: Path) -> None:
+    render = functools.partial(render_nginx_conf, listen_host="::1", listen_port=9443, upstream_port=19092,
+                               cert=pki.cert, key=pki.key, ca=pki.ca)
+    conf = render(prefix=tmp_path)
+    assert "%{" not in conf and "listen [::1]:9443 ssl;" in conf
+    assert conf.count(f'return 403 "{FORBIDDEN_BODY.strip()}\\n";') == 2
+    with pytest.raises(FederationError, match="quote or newline"):
+        render(prefix=tmp_path / 'a"b')
 
 
 def test_upstream_name_comes_from_a_dns_name_of_the_certificate(tmp_path: Path) -> None:

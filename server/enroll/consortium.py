@@ -1,0 +1,269 @@
+"""The consortium the coordinator keeps: its CA, the registry of enrolled sites and their kits.
+
+Everything lives under the coordinator's work dir::
+
+    <workdir>/pki/ca.key         consortium CA key, ECDSA P-384, PKCS#8 PEM, mode 0600
+    <workdir>/pki/ca.crt         self-signed CA certificate (10 years)
+    <workdir>/pki/server.key     the coordinator's TLS key, mode 0600
+    <workdir>/pki/server.crt     its certificate, signed by the CA (2 years, serverAuth)
+    <workdir>/pki/sites.json     registry: site → public_key, fingerprint, enrolled, kit
+    <workdir>/kits/<site>/       the site's kit (see :mod:`common.kit`)
+    <workdir>/kits/<site>.tar.gz the same kit as one file to hand over (mode 0600)
+
+Every file is written whole to a temporary file in its folder and renamed into
+place, so a crash leaves the old file or the new one, never half of one. Changes
+are serialised by an ``flock`` on ``pki/.lock``. The registry is the source of
+truth and is written last: kit folder, then archive, then registry entry, so a
+crash in between leaves at worst a kit whose key is not registered, which the
+next ``enroll``/``rekey`` replaces.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import site_name
+from common.errors import ConfigError
+from common.files import write_atomic
+from common.kit import server_address as check_address
+from server.enroll.ca import CertificateAuthority, cert_pem, san_entries
+from server.enroll.kits import kit_archive, remove_kit, write_kit
+
+logger = logging.getLogger(__package__)  # "server.enroll", as the log has always said
+
+PKI_DIR = "pki"
+KITS_DIR = "kits"
+REGISTRY = "sites.json"
+
+
+@dataclass(frozen=True)
+class Rekeyed:
+    """What :meth:`Consortium.rekey` returns.
+
+    Attributes
+    ----------
+    kit : Path
+        The site's new kit folder.
+    old_public_key : str
+        The OpenSSH public key line the site had before, for the caller to unregister.
+    old_fingerprint : str
+        Its fingerprint (``SHA256:…``).
+    """
+
+    kit: Path
+    old_public_key: str
+    old_fingerprint: str
+
+
+class Consortium:
+    """The coordinator's PKI and site registry under ``<workdir>/pki`` and ``<workdir>/kits``.
+
+    Parameters
+    ----------
+    workdir : Path
+        The coordinator's work dir (created on first write).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.pki_dir = self.workdir / PKI_DIR
+        self.kits_dir = self.workdir / KITS_DIR
+        self.registry_path = self.pki_dir / REGISTRY
+        self.ca = CertificateAuthority(self.pki_dir)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise changes to the PKI between processes (one coordinator CLI at a time)."""
+        self.pki_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.pki_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def ensure_ca(self) -> Path:
+        """Create the consortium CA once; afterwards check and reuse it.
+
+        Returns
+        -------
+        Path
+            ``pki/ca.crt``.
+
+        Raises
+        ------
+        ConfigError
+            The CA certificate exists without its key, or either is unreadable.
+        """
+        with self._locked():
+            self.ca.load_or_create()
+        return self.ca.cert_path
+
+    def ensure_server_cert(self, hosts: list[str]) -> tuple[Path, Path]:
+        """Issue the coordinator's TLS certificate, or reuse the one that fits.
+
+        The certificate names ``127.0.0.1`` and ``localhost`` plus every host in
+        ``hosts`` (an IP address as an IP SAN, anything else as a DNS SAN). It is
+        re-issued, with a new key, when the names differ from the existing
+        certificate's, when it is not signed by the current CA, does not match its
+        key, or expires within 30 days.
+
+        Parameters
+        ----------
+        hosts : list[str]
+            Extra names the sites reach the coordinator by.
+
+        Returns
+        -------
+        tuple[Path, Path]
+            ``(pki/server.crt, pki/server.key)``.
+        """
+        wanted = san_entries(hosts)
+        with self._locked():
+            self.ca.ensure_server_cert(wanted)
+        return self.ca.server_cert_path, self.ca.server_key_path
+
+    def sites(self) -> dict[str, dict[str, str]]:
+        """The enrolled sites.
+
+        Returns
+        -------
+        dict[str, dict[str, str]]
+            Site name → ``{"public_key", "fingerprint", "enrolled", "kit"}``; empty before
+            the first enrollment.
+        """
+        if not self.registry_path.exists():
+            return {}
+        try:
+            data: Any = json.loads(self.registry_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(
+                f"Cannot read the site registry {self.registry_path} ({exc}); restore it from backup"
+            ) from exc
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ConfigError(
+                f"The site registry {self.registry_path} is not a mapping of sites; restore it from backup"
+            )
+        return {str(site): {str(k): str(v) for k, v in entry.items()} for site, entry in data.items()}
+
+    def _save_sites(self, sites: dict[str, dict[str, str]]) -> None:
+        text = json.dumps(dict(sorted(sites.items())), indent=2, sort_keys=True) + "\n"
+        write_atomic(self.registry_path, text, mode=0o644)
+
+    def kit_dir(self, site: str) -> Path:
+        """The folder of ``site``'s kit, ``<workdir>/kits/<site>``."""
+        return self.kits_dir / site_name(site)
+
+    def kit_archive(self, site: str) -> Path:
+        """The archive of ``site``'s kit, ``<workdir>/kits/<site>.tar.gz``."""
+        return kit_archive(self.kits_dir, site_name(site))
+
+    def enroll(self, site: str, *, server_address: str) -> Path:
+        """Enroll a new site: a fresh key pair, its kit and archive, a registry entry.
+
+        Parameters
+        ----------
+        site : str
+            The site's name (letters, digits, ``_``, ``-``).
+        server_address : str
+            The coordinator's address as the site reaches it, ``HOST:PORT``.
+
+        Returns
+        -------
+        Path
+            The kit folder ``<workdir>/kits/<site>`` (the archive lies beside it).
+
+        Raises
+        ------
+        ConfigError
+            A bad name or address, or the site is already enrolled.
+        """
+        site = site_name(site)
+        address = check_address(server_address, name="server-address")
+        with self._locked():
+            sites = self.sites()
+            if site in sites:
+                raise ConfigError(
+                    f"Site {site!r} is already enrolled (key {sites[site].get('fingerprint', '?')}); "
+                    f"to give it a new key use `fl-server rekey --site {site}`"
+                )
+            kit, sites[site] = self._write_kit(site, address)
+            self._save_sites(sites)
+        logger.info("Enrolled site %s (key %s); kit %s", site, sites[site]["fingerprint"], kit)
+        return kit
+
+    def rekey(self, site: str, *, server_address: str) -> Rekeyed:
+        """Give an enrolled site a new key pair and a new kit, replacing the old ones.
+
+        Parameters
+        ----------
+        site : str
+            An enrolled site.
+        server_address : str
+            The coordinator's address as the site reaches it, ``HOST:PORT``.
+
+        Returns
+        -------
+        Rekeyed
+            The new kit folder and the old public key (for the caller to unregister
+            from the SuperLink).
+
+        Raises
+        ------
+        ConfigError
+            A bad name or address, or the site is not enrolled.
+        """
+        site = site_name(site)
+        address = check_address(server_address, name="server-address")
+        with self._locked():
+            sites = self.sites()
+            if site not in sites:
+                raise ConfigError(f"Site {site!r} is not enrolled; use `fl-server enroll --site {site}`")
+            old = sites[site]
+            kit, sites[site] = self._write_kit(site, address)
+            self._save_sites(sites)
+        logger.info("Re-keyed site %s: key %s replaces %s", site, sites[site]["fingerprint"], old.get("fingerprint"))
+        return Rekeyed(kit=kit, old_public_key=old.get("public_key", ""),
+                       old_fingerprint=old.get("fingerprint", ""))
+
+    def remove(self, site: str) -> str:
+        """Remove a site: its registry entry, kit folder and archive.
+
+        Parameters
+        ----------
+        site : str
+            An enrolled site.
+
+        Returns
+        -------
+        str
+            The removed OpenSSH public key line (for the caller to unregister).
+
+        Raises
+        ------
+        ConfigError
+            The site is not enrolled.
+        """
+        site = site_name(site)
+        with self._locked():
+            sites = self.sites()
+            if site not in sites:
+                raise ConfigError(f"Site {site!r} is not enrolled; `fl-server sites` lists the enrolled ones")
+            entry = sites.pop(site)
+            self._save_sites(sites)  # registry first: a crash leaves stray files, not a site with no kit
+            remove_kit(self.kits_dir, site)
+        logger.info("Removed site %s (key %s)", site, entry.get("fingerprint"))
+        return entry.get("public_key", "")
+
+    def _write_kit(self, site: str, address: str) -> tuple[Path, dict[str, str]]:
+        """``site``'s new kit under the current CA, and its registry entry; call with the lock held."""
+        _, ca_cert = self.ca.load_or_create()
+        return write_kit(self.kits_dir, site, address=address, ca_pem=cert_pem(ca_cert))
