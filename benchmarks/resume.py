@@ -72,6 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.runfolder import RunFolder
+
 LOOPBACK = "127.0.0.1"
 LABELS = ("uninterrupted", "resumed")
 EXPECTATION = (
@@ -444,14 +446,14 @@ class Federation:
     def privacy(self, site: str) -> Path:
         return self.site_dir(site) / "privacy"
 
-    def run_dir(self) -> Path | None:
-        found = sorted((self.server_dir / "runs").glob("*")) if (self.server_dir / "runs").is_dir() else []
+    def run_folder(self) -> RunFolder | None:
+        found = RunFolder.in_workdir(self.server_dir)
         return found[0] if len(found) == 1 else None
 
     def completed_round(self) -> int:
-        run_dir = self.run_dir()
+        folder = self.run_folder()
         try:
-            return int(json.loads((run_dir / "state.json").read_text())["completed_round"])  # type: ignore[operator]
+            return int(folder.read_state()["completed_round"]) if folder else 0
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
@@ -528,11 +530,11 @@ class Federation:
             time.sleep(0.5)
 
     def progress(self) -> None:
-        run_dir = self.run_dir()
-        if run_dir is None:
+        folder = self.run_folder()
+        if folder is None:
             return
         try:
-            rounds = json.loads((run_dir / "report.json").read_text()).get("rounds", [])
+            rounds = folder.read_report().get("rounds", [])
         except (OSError, ValueError):
             return
         done = [r for r in rounds if "evaluated_at" in r]
@@ -581,11 +583,11 @@ def run_resumed(fed: Federation) -> dict[str, Any]:
     load0 = os.getloadavg()[0]
 
     def worst_moment() -> bool:
-        run_dir = fed.run_dir()
-        if run_dir is None or fed.completed_round() < k:
+        folder = fed.run_folder()
+        if folder is None or fed.completed_round() < k:
             return False
         return fed.completed_round() > k or any(
-            k + 1 in booked_now(fed.privacy(site), run_dir.name) for site in fed.sites
+            k + 1 in booked_now(fed.privacy(site), folder.path.name) for site in fed.sites
         )
 
     with ProcessSet() as procs:
@@ -594,8 +596,8 @@ def run_resumed(fed: Federation) -> dict[str, Any]:
         fed.join(procs)
         fed.wait(procs, server, fed.t0 + fed.args.timeout,
                  f"round {k} to be committed and a site to book round {k + 1}", until=worst_moment)
-        run_dir = fed.run_dir()
-        assert run_dir is not None
+        folder = fed.run_folder()
+        assert folder is not None
         fed.remember(procs)
         killed = crash(server.pid)
         t_kill, wall_kill = time.monotonic(), time.time()
@@ -604,18 +606,18 @@ def run_resumed(fed: Federation) -> dict[str, Any]:
             time.sleep(0.2)  # the dead SuperLink's port must refuse before the new one is awaited
         port_closed_s = time.monotonic() - t_kill
         killed_at = fed.completed_round()
-        booked = {site: sorted(booked_now(fed.privacy(site), run_dir.name)) for site in fed.sites}
+        booked = {site: sorted(booked_now(fed.privacy(site), folder.path.name)) for site in fed.sites}
         fed.say(f"  resumed: coordinator tree SIGKILLed ({len(killed)} processes) at completed_round {killed_at}, "
                 f"{t_kill - fed.t0:.0f} s since start; ledgers book "
                 + ", ".join(f"{s}: {_rounds_text(r)}" for s, r in booked.items()))
-        resumed = fed.serve(procs, resume=run_dir)
+        resumed = fed.serve(procs, resume=folder.path)
         t_back = time.monotonic()
         fed.say(f"  resumed: new coordinator listening on port {fed.port} after {t_back - t_kill:.1f} s")
         fed.wait(procs, resumed, fed.t0 + fed.args.timeout, "the end of the resumed run")
         t_end = time.monotonic()
         check_exit(fed, resumed)
-    try:  # when the resumed ServerApp started (its segment in state.json), on the wall clock
-        segments = json.loads((run_dir / "state.json").read_text()).get("segments", [])
+    try:  # when the resumed ServerApp started (its segment in the coordinator's state), on the wall clock
+        segments = folder.read_state().get("segments", [])
         serverapp_s: float | None = float(segments[-1]["started"]) - wall_kill if len(segments) > 1 else None
     except (OSError, ValueError, KeyError, TypeError):
         serverapp_s = None
@@ -636,18 +638,17 @@ def collect(feds: Mapping[str, Federation], timings: Mapping[str, dict[str, Any]
     """Everything the two runs left behind, side by side."""
     rounds, k = int(settings["rounds"]), int(settings["kill_after"])
     runs: dict[str, dict[str, Any]] = {}
-    run_dirs: dict[str, Path] = {}
+    folders: dict[str, RunFolder] = {}
     for label, fed in feds.items():
-        run_dir = fed.run_dir()
-        if run_dir is None:
-            raise BenchError(f"{label} run: no run folder under {fed.server_dir / 'runs'}")
-        run_dirs[label] = run_dir
-        report = json.loads((run_dir / "report.json").read_text())
-        state = json.loads((run_dir / "state.json").read_text())
+        folder = fed.run_folder()
+        if folder is None:
+            raise BenchError(f"{label} run: no run folder in the coordinator workdir {fed.server_dir}")
+        folders[label] = folder
+        report, state = folder.read_report(), folder.read_state()
         runs[label] = {
             **timings[label],
             "run_id": str(report["run_id"]),
-            "run_dir": str(run_dir),
+            "run_dir": str(folder.path),
             "status": report.get("status"),
             "auroc": {str(r): v for r, v in auroc_by_round(report).items()},
             "final_auroc": final_auroc(report),
@@ -656,11 +657,9 @@ def collect(feds: Mapping[str, Federation], timings: Mapping[str, dict[str, Any]
             "segments": len(state.get("segments", [])),
             "completed_round": state.get("completed_round"),
         }
-    from server.checkpoint import checkpoint_path
-
     checkpoints: dict[str, Any] = {}
     for r in range(1, rounds + 1):
-        a, b = (checkpoint_path(run_dirs[label], r) for label in LABELS)
+        a, b = (folders[label].checkpoint(r) for label in LABELS)
         checkpoints[str(r)] = compare_checkpoints(a, b) if a.is_file() and b.is_file() else None
     sites: dict[str, Any] = {}
     replayed_sites: list[str] = []

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -44,6 +43,19 @@ from common.config import DEVICES, RunConfig, parse_operating_point
 from common.errors import ConfigError, DataError
 from common.files import write_atomic
 from common.metrics import describe_operating_point
+from common.runfolder import (
+    CHECKPOINT_FILES,
+    CHECKPOINTS,
+    OPERATING_POINT_KEY,
+    REPORT_JSON,
+    ROUND_KEY,
+    RUN_CONFIG_KEY,
+    RUN_ID_KEY,
+    STATE,
+    THRESHOLD_KEY,
+    RunFolder,
+    checkpoint_round,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -52,13 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fl-predict")
 cli = typer.Typer(add_completion=False, help=__doc__)
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "state.json"  # written by the coordinator after each completed round: {"checkpoint": "<relative path>", ...}
-REPORT_FILE = "report.json"
-RUN_CONFIG_KEY = "run-config"  # = server.checkpoint.RUN_CONFIG_KEY (client/ does not import server/)
-THRESHOLD_KEY = "threshold"  # = server.checkpoint.THRESHOLD_KEY: the coordinator's chosen threshold
-OPERATING_POINT_KEY = "operating-point"  # = server.checkpoint.OPERATING_POINT_KEY: the rule that chose it
-CHECKPOINT_RE = re.compile(r"round-(\d+)\.safetensors")
 WORK_PREFIX = ".fedrad-predict-"
 OK, REJECTED = "ok", "rejected"
 
@@ -97,41 +102,37 @@ def find_checkpoint(model: Path) -> tuple[Path, Path | None]:
     if not model.exists():
         raise ConfigError(f"Expected `--model` to be a run folder or a checkpoint file, but {model} does not exist")
     if model.is_file():
-        return model, model.resolve().parent.parent
+        return model, RunFolder.of_checkpoint(model).path
     if not model.is_dir():
         raise ConfigError(f"Expected `--model` to be a run folder or a checkpoint file, but {model} is neither")
-    state_path = model / STATE_FILE
-    if state_path.exists():
+    folder = RunFolder(model)
+    if folder.state.exists():
         try:
-            name = json.loads(state_path.read_text())["checkpoint"]
+            name = folder.read_state()["checkpoint"]
             if name is not None and (not isinstance(name, str) or not name):
                 raise TypeError
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigError(
-                f"{state_path} cannot be read or names no checkpoint (expected JSON with a \"checkpoint\" path); "
+                f"{folder.state} cannot be read or names no checkpoint (expected JSON with a \"checkpoint\" path); "
                 "pass a checkpoint file as --model instead"
             ) from None
         if name is None:
-            raise ConfigError(f"{state_path} says the run has not completed a round yet: there is no model to use")
+            raise ConfigError(f"{folder.state} says the run has not completed a round yet: there is no model to use")
         checkpoint = model / name
         if not checkpoint.is_file():
             raise ConfigError(
-                f"{state_path} names the checkpoint {name}, but {checkpoint} is not a file; "
+                f"{folder.state} names the checkpoint {name}, but {checkpoint} is not a file; "
                 "pass a checkpoint file as --model instead"
             )
         return checkpoint, model
-    numbered = [
-        (int(m.group(1)), p)
-        for p in (model / CHECKPOINTS).glob("round-*.safetensors")
-        if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_file()
-    ]
-    if not numbered:
-        what = "a run folder" if (model / REPORT_FILE).is_file() else "not a fedrad run folder"
+    saved = folder.saved_checkpoints()
+    if not saved:
+        what = "a run folder" if folder.report_json.is_file() else "not a fedrad run folder"
         raise ConfigError(
-            f"No checkpoint in {model / CHECKPOINTS} ({what}; the run may not have finished a round yet); "
-            "pass a run folder with checkpoints/round-NNNN.safetensors, or a checkpoint file"
+            f"No checkpoint in {folder.checkpoints} ({what}; the run may not have finished a round yet); "
+            f"pass a run folder with {CHECKPOINT_FILES}, or a checkpoint file"
         )
-    return max(numbered)[1], model
+    return saved[max(saved)], model
 
 
 def _folder_config(run_dir: Path | None) -> tuple[dict[str, Any], Path] | None:
@@ -141,13 +142,14 @@ def _folder_config(run_dir: Path | None) -> tuple[dict[str, Any], Path] | None:
     """
     if run_dir is None:
         return None
-    for name, key in ((STATE_FILE, "run_config"), (REPORT_FILE, "config")):
-        path = run_dir / name
+    folder = RunFolder(run_dir)
+    for path, read, key in ((folder.state, folder.read_state, "run_config"),
+                            (folder.report_json, folder.read_report, "config")):
         if not path.is_file():
             continue
         try:
-            config = json.loads(path.read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
+            config = read().get(key)
+        except (OSError, ValueError):
             raise ConfigError(f"{path} cannot be read (expected JSON with a \"{key}\")") from None
         if isinstance(config, dict):
             return config, path
@@ -187,12 +189,12 @@ def coordinator_threshold(
             log.warning("Ignoring the checkpoint's chosen threshold %r: not a number in (0, 1)", metadata[THRESHOLD_KEY])
             return None
         return value, _rule(metadata.get(OPERATING_POINT_KEY))
-    path = run_dir / REPORT_FILE if run_dir is not None else None
-    if server_round is None or path is None or not path.is_file():
+    folder = RunFolder(run_dir) if run_dir is not None else None
+    if server_round is None or folder is None or not folder.report_json.is_file():
         return None
     try:
-        report = json.loads(path.read_text())
-        if "run-id" in metadata and str(report.get("run_id")) != metadata["run-id"]:
+        report = folder.read_report()
+        if RUN_ID_KEY in metadata and str(report.get("run_id")) != metadata[RUN_ID_KEY]:
             return None  # a report of another run
         entry = next((r for r in report.get("rounds", []) if r.get("round") == server_round), {})
         value = _threshold(entry.get("evaluate", {}).get("pooled", {}).get(THRESHOLD_KEY))
@@ -223,7 +225,7 @@ def resolve_model(model: Path) -> TrainedModel:
     except SafetensorError as exc:
         raise ConfigError(
             f"{checkpoint} is not a readable safetensors checkpoint ({' '.join(str(exc).split())}); "
-            "pass a checkpoints/round-NNNN.safetensors file or its run folder"
+            f"pass a {CHECKPOINT_FILES} file or its run folder"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{checkpoint} cannot be read ({exc.strerror or type(exc).__name__})") from None
@@ -240,7 +242,7 @@ def resolve_model(model: Path) -> TrainedModel:
         if found is None:
             raise ConfigError(
                 f"{checkpoint} carries no run config (an older checkpoint) and its run folder {run_dir} has no "
-                f"{REPORT_FILE} or {STATE_FILE} holding one; pass the run folder with the checkpoint and its report"
+                f"{REPORT_JSON} or {STATE} holding one; pass the run folder with the checkpoint and its report"
             )
         config, report_path = found
         source = str(report_path)
@@ -248,12 +250,11 @@ def resolve_model(model: Path) -> TrainedModel:
         run = RunConfig.from_flower(config)
     except ConfigError as exc:
         raise ConfigError(f"The run config of {checkpoint} (from {source}) cannot be used: {exc}") from None
-    round_text = metadata.get("round")
-    match = CHECKPOINT_RE.fullmatch(checkpoint.name)
-    server_round = int(round_text) if round_text and round_text.isdigit() else (int(match.group(1)) if match else None)
+    round_text = metadata.get(ROUND_KEY)
+    server_round = int(round_text) if round_text and round_text.isdigit() else checkpoint_round(checkpoint)
     chosen = coordinator_threshold(metadata, run_dir, server_round) if len(run.classes) == 2 else None
     return TrainedModel(
-        checkpoint=checkpoint, run=run, round=server_round, run_id=metadata.get("run-id"), config_source=source,
+        checkpoint=checkpoint, run=run, round=server_round, run_id=metadata.get(RUN_ID_KEY), config_source=source,
         threshold=chosen[0] if chosen else None, threshold_rule=chosen[1] if chosen else "",
     )
 
@@ -531,8 +532,8 @@ def _summary(
 
 @cli.command()
 def predict(
-    model: Annotated[Path, typer.Option(help="A run folder (runs/<run-id>/, with checkpoints/) or one "
-                                        "checkpoints/round-NNNN.safetensors file.")],
+    model: Annotated[Path, typer.Option(help=f"A run folder (runs/<run-id>/, with {CHECKPOINTS}/) or one "
+                                        f"{CHECKPOINT_FILES} file.")],
     data: Annotated[Path, typer.Option(help="Folder of DICOM files to score (searched recursively).")],
     out: Annotated[Path, typer.Option(help="CSV file to write (atomically): one row per image and per rejected file.")],
     threshold: Annotated[float | None, typer.Option(help="Binary models: add a `label` column, the positive class "

@@ -8,8 +8,9 @@ A binary run's checkpoint of round ``r`` also carries the decision threshold the
 coordinator chose on round ``r``'s pooled evaluation (``threshold``, and the
 ``operating-point`` rule that chose it), fl-predict's default threshold. The
 checkpoint is written when round ``r`` closes, before its evaluation, so the
-threshold is added afterwards (:func:`annotate_checkpoint`); ``state.json``,
-which names the checkpoint to resume from, is written only after that.
+threshold is added afterwards (:func:`annotate_checkpoint`); the coordinator's
+state, which names the checkpoint to resume from, is written only after that.
+Where checkpoints live and their metadata keys: :mod:`common.runfolder`.
 """
 
 from __future__ import annotations
@@ -20,24 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.files import write_atomic
+from common.runfolder import OPERATING_POINT_KEY, ROUND_KEY, RUN_CONFIG_KEY, RUN_ID_KEY, THRESHOLD_KEY, RunFolder
 
 if TYPE_CHECKING:
     import torch
 
     from server.report import RunReport
 
-RUN_CONFIG_KEY = "run-config"
-THRESHOLD_KEY = "threshold"
-OPERATING_POINT_KEY = "operating-point"
-
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
-    return run_dir / "checkpoints" / f"round-{server_round:04d}.safetensors"
+    return RunFolder(run_dir).checkpoint(server_round)
 
 
 def checkpoint_metadata(report: RunReport, server_round: int) -> dict[str, str]:
     """Run id, round and the run config (numbers and settings only: no site data)."""
-    return {"run-id": str(report.run_id), "round": str(server_round), RUN_CONFIG_KEY: json.dumps(report.config)}
+    return {RUN_ID_KEY: str(report.run_id), ROUND_KEY: str(server_round), RUN_CONFIG_KEY: json.dumps(report.config)}
 
 
 def threshold_metadata(threshold: float, operating_point: str | float) -> dict[str, str]:

@@ -40,6 +40,7 @@ from common.processes import (
     free_port,
     port_is_free,
 )
+from common.runfolder import RunFolder
 from server.report import load_report
 
 log = logging.getLogger("fl-server")
@@ -49,7 +50,7 @@ INSECURE_BANNER = (
     "WARNING: --insecure: plain HTTP. The SuperLink listens on 127.0.0.1 only, without TLS "
     "or site enrollment: for demos and tests on one machine."
 )
-STATE_FILE = "superlink.json"  # the running SuperLink of a workdir: pid, Control API port, node per site
+SUPERLINK_STATE = "superlink.json"  # the running SuperLink of a workdir: pid, Control API port, node per site
 SUPERLINK_DB = Path("state") / "superlink.sqlite"  # the SuperLink's state (nodes, runs): survives a crash
 NODES_FILE = Path("state") / "nodes.json"  # site → node id and key fingerprint registered in that database
 
@@ -76,12 +77,12 @@ def toml_value(value: Any) -> str:
 
 def write_connection(flwr_home: Path, port: int, *, ca_cert: Path | None = None) -> None:
     """The `flwr` CLI's connection to our SuperLink's Control API (loopback), in its own FLWR_HOME."""
+    import tomli_w
+
     flwr_home.mkdir(parents=True, exist_ok=True)
-    transport = f"root-certificates = {json.dumps(str(ca_cert))}" if ca_cert else "insecure = true"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{LOOPBACK}:{port}"\n{transport}\n'
-    )
+    transport: dict[str, Any] = {"root-certificates": str(ca_cert)} if ca_cert else {"insecure": True}
+    superlink = {"default": CONNECTION, CONNECTION: {"address": f"{LOOPBACK}:{port}", **transport}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": superlink}))
 
 
 def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def start_superlink(
 
 
 def _state_path(workdir: Path) -> Path:
-    return workdir / STATE_FILE
+    return workdir / SUPERLINK_STATE
 
 
 def live_superlink(workdir: Path) -> dict[str, Any] | None:
@@ -223,7 +224,7 @@ def print_summary(run_dir: Path) -> dict[str, Any]:
                               for k, f in (("epsilon", ".3f"), ("delta", "g"), ("max_epsilon", "g"))),
                       str(s.get("rounds_trained", 0)))
     console.print(sites)
-    console.print(f"report: {run_dir / 'report.json'}  ({report['wall_seconds']:.0f} s)")
+    console.print(f"report: {RunFolder(run_dir).report_json}  ({report['wall_seconds']:.0f} s)")
     return report
 
 
@@ -354,7 +355,7 @@ def serve(
         finally:
             _state_path(workdir).unlink(missing_ok=True)
     run_id = str(saved["resume-run-id"]) if saved is not None else flower_run_id
-    run_dir = workdir / "runs" / run_id
+    run_dir = RunFolder.of(workdir, run_id).path
     if status != "finished:completed":
         why = _report_status(run_dir)
         raise FederationError(
@@ -369,8 +370,8 @@ def _resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, An
     """The workdir and saved run config of the run to resume (one clear error when it cannot be)."""
     from server.resume import load_state
 
-    state = load_state(run_dir)
-    if run_dir.parent.name != "runs":
+    state, workdir = load_state(run_dir), RunFolder(run_dir).workdir
+    if workdir is None:
         raise ConfigError(f"Expected a run folder <workdir>/runs/<run-id>, but got {run_dir}")
     if state.finished:
         raise ConfigError(f"Run {state.run_id} already completed its {state.num_rounds} rounds; nothing to resume")
@@ -380,7 +381,7 @@ def _resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, An
             f"Run {state.run_id} was served {'with' if was_insecure else 'without'} --insecure; resume it the same way"
         )
     log.info("Resuming run %s after round %d of %d", state.run_id, state.completed_round, state.num_rounds)
-    return run_dir.parent.parent, {**state.run_config, "resume-run-id": state.run_id}
+    return workdir, {**state.run_config, "resume-run-id": state.run_id}
 
 
 def _report_status(run_dir: Path) -> str:

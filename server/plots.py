@@ -23,19 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.files import write_atomic
+from common.runfolder import AUROC_PLOT, EPSILON_PLOT, PARTICIPATION_PLOT, PLOT_FILES, RunFolder
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-AUROC_PNG = "auroc.png"
-EPSILON_PNG = "epsilon.png"
-PARTICIPATION_PNG = "participation.png"
-PLOT_FILES = (AUROC_PNG, EPSILON_PNG, PARTICIPATION_PNG)
 PLOT_TITLES = {
-    AUROC_PNG: "Pooled and per-site AUROC per round",
-    EPSILON_PNG: "ε spent per site per round",
-    PARTICIPATION_PNG: "Sites that trained, declined and failed per round",
+    AUROC_PLOT: "Pooled and per-site AUROC per round",
+    EPSILON_PLOT: "ε spent per site per round",
+    PARTICIPATION_PLOT: "Sites that trained, declined and failed per round",
 }
 """Alt text of each plot in ``report.md``."""
 
@@ -325,28 +322,28 @@ def render_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
     if report.get("kind") and report["kind"] != "deployment":
         title += f" ({report['kind']})"
     return {
-        AUROC_PNG: _png(_draw_auroc(series["auroc"], colors, title)),
-        EPSILON_PNG: _png(_draw_epsilon(series["epsilon"], colors, title)),
-        PARTICIPATION_PNG: _png(_draw_participation(series["participation"], title)),
+        AUROC_PLOT: _png(_draw_auroc(series["auroc"], colors, title)),
+        EPSILON_PLOT: _png(_draw_epsilon(series["epsilon"], colors, title)),
+        PARTICIPATION_PLOT: _png(_draw_participation(series["participation"], title)),
     }
 
 
 def write_plots(run_dir: Path, report: Mapping[str, Any]) -> list[str]:
-    """Draw the plots of ``report`` into ``run_dir``; the file names written.
+    """Draw the plots of ``report`` into ``run_dir``; the file names written (all of :data:`PLOT_FILES`).
 
     All figures are rendered before any file is written, and each file is
     written atomically, so a failure leaves no half-written PNG. Should a write
     fail part-way, the plots written by this call are removed again: either all
     plots are there, or none is.
     """
-    pngs = render_plots(report)
+    pngs, folder = render_plots(report), RunFolder(run_dir)
     written: list[str] = []
     try:
-        for name, data in pngs.items():
-            write_atomic(run_dir / name, data)
+        for name in PLOT_FILES:
+            write_atomic(folder.plot(name), pngs[name])
             written.append(name)
     except BaseException:
         for name in written:
-            (run_dir / name).unlink(missing_ok=True)
+            folder.plot(name).unlink(missing_ok=True)
         raise
     return written

@@ -30,13 +30,11 @@ from common.config import YOUDEN, parse_operating_point
 from common.errors import ConfigError
 from common.files import write_atomic
 from common.metrics import SENSITIVITY_AT_THRESHOLD, SPECIFICITY_AT_THRESHOLD, THRESHOLD, describe_operating_point
+from common.runfolder import RunFolder
 from server.learning import FLAGGED
 from server.plots import PLOT_TITLES, write_plots
 
 log = logging.getLogger(__name__)
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
 
 
 def _clean(value: Any) -> Any:
@@ -211,9 +209,9 @@ class RunReport:
         return dict(self.rounds[judged[-1]]["learning"]) if judged else {}
 
     def save(self) -> None:
-        data = self.to_json()
-        write_atomic(self.run_dir / REPORT_JSON, json.dumps(data, indent=2))
-        write_atomic(self.run_dir / REPORT_MD, render_markdown(data))
+        data, folder = self.to_json(), RunFolder(self.run_dir)
+        write_atomic(folder.report_json, json.dumps(data, indent=2))
+        write_atomic(folder.report_md, render_markdown(data))
 
 
 def learning_warnings(rounds: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -374,4 +372,4 @@ def _per_site_validation(report: dict[str, Any]) -> list[str]:
 
 def load_report(run_dir: Path) -> dict[str, Any]:
     """Read ``report.json`` of a finished or running run."""
-    return json.loads((run_dir / REPORT_JSON).read_text())
+    return RunFolder(run_dir).read_report()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError
 from common.files import write_atomic
+from common.runfolder import ROUND_KEY, STATE, RunFolder
 
 if TYPE_CHECKING:
     from collections import OrderedDict
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
     from server.report import RunReport
 
-STATE_FILE = "state.json"
 FORMAT = "fedrad-coordinator-1"
 
 
@@ -76,25 +76,24 @@ def participation(report: RunReport) -> dict[str, dict[str, list[int]]]:
 def save_state(run_dir: Path, state: CoordinatorState) -> Path:
     """Write ``state.json`` atomically (the commit point of a round)."""
     state.saved = time.time()
-    path = run_dir / STATE_FILE
+    path = RunFolder(run_dir).state
     write_atomic(path, (json.dumps(asdict(state), indent=2) + "\n").encode())
     return path
 
 
 def load_state(run_dir: Path) -> CoordinatorState:
     """The state of a run folder; a clear :class:`ConfigError` when it cannot be resumed."""
-    path = run_dir / STATE_FILE
+    folder = RunFolder(run_dir)
+    path = folder.state
     if not run_dir.is_dir():
         raise ConfigError(f"Expected a run folder to resume, but {run_dir} does not exist")
     if not path.is_file():
         raise ConfigError(
-            f"{run_dir} has no {STATE_FILE}: it is not a fedrad run folder, or the run stopped before its first "
+            f"{run_dir} has no {STATE}: it is not a fedrad run folder, or the run stopped before its first "
             "round completed (start a new run instead)"
         )
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
+        data = folder.read_state()
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
         state = CoordinatorState(**data)
@@ -120,9 +119,9 @@ def load_weights(run_dir: Path, state: CoordinatorState) -> OrderedDict[str, tor
         tensors, metadata = load_checkpoint(run_dir / state.checkpoint)
     except (OSError, SafetensorError) as exc:
         raise ConfigError(f"Cannot read checkpoint {run_dir / state.checkpoint}: {exc}") from None
-    if metadata.get("round") != str(state.completed_round):
+    if metadata.get(ROUND_KEY) != str(state.completed_round):
         raise ConfigError(
-            f"Checkpoint {state.checkpoint} is of round {metadata.get('round')}, but {STATE_FILE} says round "
+            f"Checkpoint {state.checkpoint} is of round {metadata.get(ROUND_KEY)}, but {STATE} says round "
             f"{state.completed_round} completed"
         )
     return OrderedDict(tensors.items())

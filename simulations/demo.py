@@ -26,7 +26,7 @@ from common.cli import run_typer
 from common.errors import FederationError
 from common.flower import flower_bin
 from common.processes import ProcessSet, can_connect, free_port
-from server.report import load_report
+from common.runfolder import RunFolder
 from simulations import scenario as scenarios
 
 cli = typer.Typer(add_completion=False, help=__doc__)
@@ -106,13 +106,13 @@ def demo(
         code = server.popen.returncode
     if code != 0:
         raise FederationError(f"fl-server exited with code {code}; see {logs / 'fl-server.log'}")
-    run_dir = max((server_dir / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
-    report = load_report(run_dir)
+    folder = RunFolder.in_workdir(server_dir)[-1]
+    report = folder.read_report()
     final = report["final"]
     eps = ", ".join(f"{n} ε={s['epsilon']:.2f}" for n, s in sorted(report["sites"].items()))
     print(
         f"==> Demo finished in {time.monotonic() - started:.0f} s: final pooled AUROC "
-        f"{final['auroc']:.3f} after round {final['round']}; {eps} (δ=1e-5); report {run_dir / 'report.json'}",
+        f"{final['auroc']:.3f} after round {final['round']}; {eps} (δ=1e-5); report {folder.report_json}",
         flush=True,
     )
     if final.get("threshold") is not None:
@@ -122,9 +122,9 @@ def demo(
     # What each hospital's privacy officer would run: its ledger, checked against the run report.
     audits = {}
     for name in names:
-        print(f"==> fl-audit --ledger {workdir / f'site-{name}' / 'privacy'} --run {run_dir}", flush=True)
+        print(f"==> fl-audit --ledger {workdir / f'site-{name}' / 'privacy'} --run {folder.path}", flush=True)
         proc = subprocess.run(
-            [flower_bin("fl-audit"), "--ledger", str(workdir / f"site-{name}" / "privacy"), "--run", str(run_dir), "--json"],
+            [flower_bin("fl-audit"), "--ledger", str(workdir / f"site-{name}" / "privacy"), "--run", str(folder.path), "--json"],
             capture_output=True, text=True, check=False,
         )
         if proc.returncode != 0:

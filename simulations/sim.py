@@ -36,6 +36,7 @@ from common.cli import run_typer
 from common.config import RunConfig
 from common.errors import ConfigError, FederationError
 from common.files import write_atomic
+from common.runfolder import RunFolder
 from simulations import scenario as scenarios
 from simulations.runtime import SimulationMetrics, new_run_id, project_dir, run_app
 from simulations.scenario import Scenario
@@ -230,7 +231,7 @@ class _Progress:
     """A live rich display of rounds and site messages, fed from report.json and the runtime's counters."""
 
     def __init__(self, *, run_dir: Path, rounds: int, sites: int, metrics: SimulationMetrics, enabled: bool) -> None:
-        self.run_dir, self.rounds, self.sites, self.metrics = run_dir, rounds, sites, metrics
+        self.folder, self.rounds, self.sites, self.metrics = RunFolder(run_dir), rounds, sites, metrics
         self.enabled = enabled
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -248,7 +249,7 @@ class _Progress:
 
     def _read(self) -> dict[str, Any]:
         try:
-            return json.loads((self.run_dir / "report.json").read_text())
+            return self.folder.read_report()
         except (OSError, ValueError):
             return {}
 
@@ -361,7 +362,7 @@ def simulate(
             raise FederationError(f"the simulation stopped: {exc} (log: {workdir / 'logs' / f'{run_id}.log'})") from exc
     seconds = time.monotonic() - t1
     try:
-        report = json.loads((run_dir / "report.json").read_text())
+        report = RunFolder(run_dir).read_report()
     except (OSError, ValueError) as exc:
         raise FederationError(f"the simulation left no report in {run_dir} ({exc})") from exc
     return SimResult(
@@ -430,7 +431,7 @@ def _summary(result: SimResult) -> list[str]:
     spent = [s.get("epsilon") for s in report.get("sites", {}).values() if s.get("epsilon") is not None]
     if spent:
         lines.append(f"ε spent per site: {min(spent):.2f}–{max(spent):.2f}")
-    lines.append(f"report: {result.run_dir / 'report.md'}")
+    lines.append(f"report: {RunFolder(result.run_dir).report_md}")
     return lines
 
 

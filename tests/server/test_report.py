@@ -14,13 +14,13 @@ import pytest
 from matplotlib.image import imread
 
 import server.report as report_module
+from common.runfolder import PLOT_FILES
 from server import plots
 from server.plots import (
     DPI,
     FIGSIZE,
     MAX_SITE_LINES,
     NO_DP_TEXT,
-    PLOT_FILES,
     plot_series,
     write_plots,
 )

@@ -13,11 +13,11 @@ import torch
 
 from common.config import RoundPolicy, RunConfig
 from common.errors import ConfigError
+from common.runfolder import STATE
 from server.checkpoint import checkpoint_path, save_checkpoint
 from server.report import RunReport, load_report
 from server.resume import (
     FORMAT,
-    STATE_FILE,
     CoordinatorState,
     load_state,
     load_weights,
@@ -56,7 +56,7 @@ def _one_line_config_error(call: Callable[[], Any], match: str) -> str:
 
 def test_state_round_trip_and_weights(tmp_path: Path) -> None:
     saved = _state(tmp_path)
-    assert (tmp_path / STATE_FILE).is_file() and saved.saved > 0
+    assert (tmp_path / STATE).is_file() and saved.saved > 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic: no temp file left
     loaded = load_state(tmp_path)
     assert asdict(loaded) == asdict(saved)
@@ -74,16 +74,16 @@ def test_a_state_before_any_checkpoint_has_no_weights_and_a_finished_state_says_
 
 
 def _rewrite(run_dir: Path, **changes: Any) -> None:
-    data = json.loads((run_dir / STATE_FILE).read_text())
+    data = json.loads((run_dir / STATE).read_text())
     data.update(changes)
-    (run_dir / STATE_FILE).write_text(json.dumps(data))
+    (run_dir / STATE).write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize(
     ("damage", "match"),
     [
-        (lambda d: (d / STATE_FILE).write_text("{not json"), "Cannot read .*state.json"),
-        (lambda d: (d / STATE_FILE).write_text(""), "Cannot read .*state.json"),
+        (lambda d: (d / STATE).write_text("{not json"), "Cannot read .*state.json"),
+        (lambda d: (d / STATE).write_text(""), "Cannot read .*state.json"),
         (lambda d: _rewrite(d, format="fedrad-coordinator-0"), "format 'fedrad-coordinator-0', expected"),
         (lambda d: _rewrite(d, format=None), "format None"),
         (lambda d: _rewrite(d, run_id="seventeen"), "Cannot read"),
@@ -113,7 +113,7 @@ def test_a_checkpoint_of_another_round_is_refused(tmp_path: Path) -> None:
 
 def test_a_state_file_that_is_not_an_object_is_a_config_error(tmp_path: Path) -> None:
     _state(tmp_path)
-    (tmp_path / STATE_FILE).write_text("[]")
+    (tmp_path / STATE).write_text("[]")
     _one_line_config_error(lambda: load_state(tmp_path), "Cannot read")
 
 
