@@ -13,8 +13,8 @@ from common.audit.recompute import ABS_TOL, BUDGET_TOL, close, exceeds, fmt, num
 from common.errors import DataError
 from common.ledger import Problem
 from common.privacy import PRV_EPS_ERROR, DPEvent, Epsilons
+from common.runfolder import RunFolder
 
-REPORT_JSON = "report.json"
 _EVENT_KEYS = (rec.NOISE_MULTIPLIER, rec.SAMPLE_RATE, rec.STEPS, rec.DELTA)
 
 
@@ -47,7 +47,7 @@ class RunAudit:
 def load_run_report(path: Path) -> tuple[Path, dict[str, Any]]:
     """``(file, report)`` of a run folder (or its report.json), or a one-line error."""
     path = Path(path)
-    file = path / REPORT_JSON if path.is_dir() else path
+    file = RunFolder(path).report_json if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"No run report at {file}; pass a run folder <workdir>/runs/<run-id>")
     try:
