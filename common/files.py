@@ -1,10 +1,13 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader never sees half a file), and the worker pools' start method."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -47,3 +50,13 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(aside, dst)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def pool_context() -> multiprocessing.context.BaseContext:
+    """``fork`` (~50x faster to start) while this process has no other thread, else ``spawn``.
+
+    fork is only safe before torch (and its thread pools) or any other thread exists.
+    """
+    if "torch" not in sys.modules and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")

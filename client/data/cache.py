@@ -32,13 +32,10 @@ import fcntl
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import stat
-import sys
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -49,10 +46,11 @@ from typing import Any
 
 import numpy as np
 
-from client.data.dicom import RETRYABLE, DicomInfo
+from client.data.dicom import RETRYABLE, DicomInfo, quiet_pydicom_log
 from client.data.labels import LABELS_FILE
 from common.config import PreprocessConfig
 from common.errors import DataError, DicomRejected
+from common.files import pool_context as _pool_context  # tests replace it
 from common.files import replace_dir
 
 log = logging.getLogger(__name__)
@@ -253,19 +251,9 @@ def _decode_one(rel: str, path: Path, state: list[int] | None, config: Preproces
 
 
 def _decode_chunk(chunk: list[tuple[str, str, list[int] | None]]) -> list[tuple[dict[str, Any], np.ndarray | None]]:
-    from client.data.dicom import quiet_pydicom_log
-
     assert _WORKER_CONFIG is not None
     with quiet_pydicom_log():
         return [_decode_one(rel, Path(p), s, _WORKER_CONFIG, _WORKER_KNOWN) for rel, p, s in chunk]
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork is ~50x cheaper to start than spawn, but only safe before torch (and
-    # its thread pools) or any other thread exists in this process.
-    if "torch" not in sys.modules and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
 
 
 def _decode_all(

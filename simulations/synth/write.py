@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import multiprocessing
 import shutil
-import sys
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import astuple, dataclass
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import pool_context
 from simulations.synth.anatomy import LESIONS, LesionModel, _draw_patient
 from simulations.synth.encoder import _SeriesEncoder
 from simulations.synth.profiles import _stable_int, site_profile
@@ -117,18 +115,6 @@ def _write_site(
     return summary
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork starts workers in milliseconds, but is only safe while this process has no
-    # other thread (torch starts thread pools); otherwise spawn.
-    if (
-        "torch" not in sys.modules
-        and threading.active_count() == 1
-        and "fork" in multiprocessing.get_all_start_methods()
-    ):
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
 def synthesize_sites(
     out: Path,
     specs: Sequence[SiteSpec],
@@ -189,7 +175,7 @@ def synthesize_sites(
     else:
         job = partial(_write_site, out, seed=seed, size=size, lesions=model)
         chunk = max(1, min(16, len(specs) // (workers * 4)))
-        with ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+        with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
             summaries = list(pool.map(job, specs, chunksize=chunk))
     return {summary.site: summary for summary in summaries}
 

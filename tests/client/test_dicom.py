@@ -20,7 +20,7 @@ from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-import client.data.dicom as dicom_module
+import client.data.dicom.decode as decode_module
 from client.data.dicom import DecodedFile, decode_file, hash_identifier
 from common.config import PreprocessConfig
 from common.errors import DicomRejected
@@ -170,7 +170,7 @@ def _check_shape(decoded: DecodedFile, config: PreprocessConfig) -> None:
 
 
 def _force_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dicom_module, "_read_light", lambda content: None)
+    monkeypatch.setattr(decode_module, "read_light", lambda content: None)
 
 
 def _save(ds: Dataset, path: Path) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
-import simulations.partition as partition_module
+import simulations.partition.folder as partition_module
 from client.data.dataset import load_site_data
 from common.config import PreprocessConfig
 from common.errors import ConfigError, DataError
