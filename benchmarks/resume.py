@@ -62,7 +62,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -378,42 +377,14 @@ def _tail(path: Path, lines: int = 1) -> str:
     return " | ".join((errors or text)[-lines:]).strip() or "(empty log)"
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22); None when gone."""
+def start_time(pid: int) -> float | None:
+    """When the process started (psutil's ``create_time``): a PID reused by another job differs; None when gone."""
+    import psutil
+
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
         return None
-
-
-def crash(pid: int) -> list[int]:
-    """SIGKILL ``pid`` and every descendant, like a machine dying.
-
-    The tree is frozen first (SIGSTOP, repeated until no new member appears) so no
-    member can start a process between listing and killing; then every frozen PID
-    gets SIGKILL. Returns the PIDs killed.
-    """
-    from common.processes import _alive, descendants
-
-    frozen: list[int] = []
-    todo = [pid]
-    while todo:
-        for p in todo:
-            try:
-                os.kill(p, signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
-            frozen.append(p)
-        todo = [p for p in descendants(pid) if p not in frozen]
-    for p in frozen:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in frozen) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return frozen
 
 
 @dataclass
@@ -427,7 +398,7 @@ class Federation:
     args: argparse.Namespace
     say: Callable[[str], None]
     port: int = 0
-    pids: dict[int, int | None] = field(default_factory=dict)  # every PID seen in the run -> its start time
+    pids: dict[int, float | None] = field(default_factory=dict)  # every PID seen in the run -> its start time
     clients: dict[str, Any] = field(default_factory=dict)
     seen_rounds: int = 0
     t0: float = 0.0
@@ -576,7 +547,7 @@ def run_uninterrupted(fed: Federation) -> dict[str, Any]:
 
 
 def run_resumed(fed: Federation) -> dict[str, Any]:
-    from common.processes import ProcessSet, can_connect, free_port
+    from common.processes import ProcessSet, can_connect, free_port, wait_until
 
     k = fed.args.kill_after
     fed.port = free_port()
@@ -599,11 +570,14 @@ def run_resumed(fed: Federation) -> dict[str, Any]:
         folder = fed.run_folder()
         assert folder is not None
         fed.remember(procs)
+        from common.processes import crash
+
         killed = crash(server.pid)
         t_kill, wall_kill = time.monotonic(), time.time()
         server.popen.wait(timeout=10)
-        while can_connect(LOOPBACK, fed.port, timeout=0.5) and time.monotonic() < t_kill + 30:
-            time.sleep(0.2)  # the dead SuperLink's port must refuse before the new one is awaited
+        # the dead SuperLink's port must refuse before the new one is awaited
+        wait_until(lambda: not can_connect(LOOPBACK, fed.port, timeout=0.5), timeout=30, interval=0.2,
+                   what=f"the killed coordinator's port {fed.port} to close")
         port_closed_s = time.monotonic() - t_kill
         killed_at = fed.completed_round()
         booked = {site: sorted(booked_now(fed.privacy(site), folder.path.name)) for site in fed.sites}

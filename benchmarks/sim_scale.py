@@ -12,7 +12,7 @@ one size to the next and every peak is that size's own:
    24 DICOMs of 16 px, the ``scale`` scenario) and ``warm_caches`` (every site's
    preprocessing cache), timed. Both are built once per data spec under
    ``--workdir`` and reused: the table says "new" or "cached".
-2. **the round**: ``simulations.sim.simulate`` on ``scale`` with
+2. **the round**: ``simulations.run.simulate`` on ``scale`` with
    ``sites.count=N``, DP on (``privacy.dp=true``, ``privacy.unit=--unit``,
    default patient-level), ``simulation.concurrency=--concurrency`` Ray actors,
    one federated round (train + federated evaluation of every site), SecAgg+
@@ -85,7 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.secagg import machine_cpu  # one /proc/stat reader for both benchmarks
+from benchmarks.harness import machine_cpu
 
 RESULT_PREFIX = "SIM_SCALE_RESULT "
 SCENARIO = "scale"
@@ -460,7 +460,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{n} sites {time.monotonic() - began:7.1f} s] {text}", file=sys.stderr, flush=True)
 
     from simulations import scenario as scenarios
-    from simulations import sim
+    from simulations import run as sim, sites
 
     clock = MessageClock()
     clock.install()
@@ -470,17 +470,17 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         sim.run_overrides(sc, workdir=workdir, runs_dir=runs_dir, table=workdir / "tables" / "unused.json")
     )
     key = sc.sites.data_key()
-    data_cached = (workdir / "data" / key / sim.DATA_MARKER).is_file()
+    data_cached = (workdir / "data" / key / sites.DATA_MARKER).is_file()
     sites_dir = workdir / "sites" / key
     caches_seen = sites_dir.is_dir() and sum(1 for _ in sites_dir.iterdir()) >= n
 
     sampler.set_phase("prep")
     say(f"data: {'cached' if data_cached else 'generating'} ({workdir / 'data' / key})")
     t0 = time.monotonic()
-    data_dirs = sim.prepare_data(sc.sites, workdir, classes=run.classes)
+    data_dirs = sites.prepare_data(sc.sites, workdir, classes=run.classes)
     t1 = time.monotonic()
     say(f"data ready in {t1 - t0:.1f} s; preprocessing caches {'(cached)' if caches_seen else '(building)'}")
-    sim.warm_caches(data_dirs, sites_dir, run)
+    sites.warm_caches(data_dirs, sites_dir, run)
     t2 = time.monotonic()
     say(f"caches ready in {t2 - t1:.1f} s; simulating one round ({args.concurrency} actors)")
 

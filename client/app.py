@@ -119,7 +119,8 @@ def _train_or_decline(
 def _train_secure(msg: Message, context: Context) -> Message:
     import numpy as np
 
-    from client.secure import check_bounds, fitres_content, read_fitins
+    from client.secure import check_bounds, read_fitins
+    from common.adapters.flower import fit_reply
     from common.models import build_model
 
     site, run = _configs(context)
@@ -131,13 +132,13 @@ def _train_secure(msg: Message, context: Context) -> Message:
         # Still part of the protocol (the other sites' masks must cancel): zeros, weight 0.
         zeros = [np.zeros_like(w.numpy()) for w in weights.values()]
         metrics: dict[str, Any] = {records.SITE_NAME: site.site, records.DECLINED: outcome.reason, **outcome.budget}
-        return Message(content=fitres_content(zeros, num_examples=0, metrics=metrics), reply_to=msg)
+        return Message(content=fit_reply(zeros, num_examples=0, metrics=metrics), reply_to=msg)
     new_weights, numbers, facts = outcome
     arrays = [w.detach().cpu().numpy() for w in new_weights.values()]
     num_examples = int(numbers[records.NUM_EXAMPLES])
     check_bounds(arrays, num_examples=num_examples, secagg=run.secagg)
     metrics = {records.SITE_NAME: site.site, **numbers, **facts}
-    return Message(content=fitres_content(arrays, num_examples=num_examples, metrics=metrics), reply_to=msg)
+    return Message(content=fit_reply(arrays, num_examples=num_examples, metrics=metrics), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:

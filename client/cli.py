@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import typer
 from common.cli import run_typer, setup_logging
 from common.config import DEVICES, RunConfig, SiteConfig, positive_float, site_name
 from common.errors import ConfigError, DataError, FederationError
-from common.files import write_atomic
+from common.files import json_safe, write_atomic
 from common.flower import flower_bin, flower_env
 from common.processes import LOOPBACK, ProcessSet, can_connect, free_port, parse_address
 
@@ -153,7 +152,7 @@ def join(
     report = check_data(site_cfg, run, workers=workers)
     if check:
         if json_output:
-            print(json.dumps(_finite(report), indent=2, allow_nan=False))
+            print(json.dumps(json_safe(report), indent=2, allow_nan=False))
         else:
             print_report(report)
         if not report["usable"]:
@@ -304,17 +303,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "—" if value is None else escape(str(value))
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or Infinity: non-finite numbers become null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def print_report(report: dict[str, Any]) -> None:

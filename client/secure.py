@@ -23,8 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Message, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import Context, Message, MessageType, RecordDict
 
 from common import records
 from common.config import SecAggConfig
@@ -38,9 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SECAGG_CONFIGS = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
-SECAGG_STAGE = "stage"
-
 
 def is_legacy_fit(content: RecordDict) -> bool:
     """Whether a train message carries legacy fit instructions (the SecAgg+ path)."""
@@ -50,18 +46,17 @@ def is_legacy_fit(content: RecordDict) -> bool:
 def read_fitins(content: RecordDict, keys: list[str]) -> tuple[StateDict, dict[str, Any]]:
     """The global weights (named by the model's state-dict keys) and the fit config."""
     import torch
-    from flwr.common import parameters_to_ndarrays
-    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 
-    fitins = recorddict_to_fitins(content, keep_input=True)
-    arrays = parameters_to_ndarrays(fitins.parameters)
+    from common.adapters.flower import read_fit_instructions
+
+    arrays, config = read_fit_instructions(content)
     if len(arrays) != len(keys):
         raise UpdateOutOfRange(
             f"The coordinator sent {len(arrays)} arrays for a model with {len(keys)}; "
             "the run's model does not match this site's fedrad version"
         )
     weights = OrderedDict((k, torch.from_numpy(a.copy())) for k, a in zip(keys, arrays, strict=True))
-    return weights, dict(fitins.config)
+    return weights, config
 
 
 def check_bounds(arrays: list[np.ndarray], *, num_examples: int, secagg: SecAggConfig) -> None:
@@ -92,22 +87,6 @@ def check_bounds(arrays: list[np.ndarray], *, num_examples: int, secagg: SecAggC
         )
 
 
-def fitres_content(
-    arrays: list[np.ndarray], *, num_examples: int, metrics: dict[str, Any]
-) -> RecordDict:
-    """A legacy fit reply (``fitres.*``), what ``secaggplus_mod`` masks."""
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
-
-    fitres = FitRes(
-        status=Status(code=Code.OK, message="OK"),
-        parameters=ndarrays_to_parameters(arrays),
-        num_examples=num_examples,
-        metrics=metrics,
-    )
-    return fitres_to_recorddict(fitres, keep_input=True)
-
-
 def secure_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     """Flower's ``secaggplus_mod`` for SecAgg+ train messages; other messages pass through.
 
@@ -115,11 +94,15 @@ def secure_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     does except the training it calls) and appends it, per stage, to
     ``<work-dir>/logs/secagg.jsonl`` on the site (numbers only).
     """
-    if msg.metadata.message_type != MessageType.TRAIN or SECAGG_CONFIGS not in msg.content.config_records:
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    from common.adapters.flower import secaggplus_stage
+
+    stage = secaggplus_stage(msg.content)
+    if stage is None:
         return call_next(msg, ctxt)
     from flwr.client.mod import secaggplus_mod
 
-    stage = str(msg.content.config_records[SECAGG_CONFIGS].get(SECAGG_STAGE, "?"))
     inner = [0.0]
 
     def timed_next(m: Message, c: Context) -> Message:

@@ -57,3 +57,7 @@ class UpdateOutOfRange(FedradError, ValueError):
     """A model update cannot be encoded for secure aggregation without clipping or overflow."""
 
     exit_code = 7
+
+
+class IncompatibleVersion(ConfigError):
+    """An installed library is not the version fedrad was tested with (see :mod:`common.adapters`)."""

@@ -1,7 +1,8 @@
-"""Atomic file writes (a reader never sees half a file), and the worker pools' start method."""
+"""Atomic file writes (a reader never sees half a file), JSON-safe values, and the worker pools' start method."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> None:
@@ -30,6 +32,29 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` made fit for strict JSON: every non-finite float (NaN, ±inf) becomes None, recursively.
+
+    Parameters
+    ----------
+    value : Any
+        A float, or dicts, lists and tuples nesting any values.
+
+    Returns
+    -------
+    Any
+        A copy in which dicts have string keys (``str(key)``), tuples are lists
+        and non-finite floats are None; every other value is returned as is.
+    """
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -1,29 +1,54 @@
-"""Starting and stopping the federation processes we own.
+"""Starting, waiting for and stopping the processes we own (psutil for process trees).
 
 fedrad starts Flower's SuperLink and SuperNodes as child processes; those
 start ``flower-superexec`` children of their own, which outlive a killed
-parent. We therefore keep every PID we start, collect its descendants from
-``/proc`` *before* stopping it, and stop exactly those processes — never by
-name.
+parent. We therefore keep every PID we start, collect its descendants
+*before* stopping it, and stop exactly those processes — never by name.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Self
+
+import psutil
 
 from common.errors import FederationError
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
+
+__all__ = [
+    "LOOPBACK", "ManagedProcess", "ProcessSet", "alive", "can_connect", "crash", "descendants", "free_port",
+    "parse_address", "port_is_free", "stop_pids", "wait_until",
+]
+
+
+def wait_until(
+    predicate: Callable[[], object], *, timeout: float, interval: float = 0.5, what: str,
+) -> object:
+    """Call ``predicate`` every ``interval`` s until it returns something truthy, and return that.
+
+    Raises
+    ------
+    TimeoutError
+        After ``timeout`` s, naming ``what`` was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"Timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -62,63 +87,86 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may contain spaces/parens: ppid is the 2nd field after the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
 def descendants(pid: int) -> list[int]:
-    """All live descendant PIDs of ``pid`` (children first, depth-first)."""
-    children = _children_map()
-    out: list[int] = []
-    stack = list(children.get(pid, []))
-    while stack:
-        child = stack.pop()
-        out.append(child)
-        stack.extend(children.get(child, []))
-    return out
-
-
-def _alive(pid: int) -> bool:
+    """All live descendant PIDs of ``pid`` (empty when ``pid`` is gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie is dead for our purposes)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    try:  # a zombie is dead for our purposes
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+
+
+_alive = alive  # the name older callers import
+
+
+def _processes(pids: Sequence[int]) -> list[psutil.Process]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+    return out
 
 
 def stop_pids(pids: Sequence[int], *, timeout: float = 10.0) -> None:
     """SIGTERM ``pids``, wait up to ``timeout`` s, then SIGKILL the survivors."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+    procs = _processes(pids)
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        for proc in procs:
             try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
+                proc.send_signal(sig)
+            except psutil.Error:
                 pass
-        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.1)
-        if not any(_alive(p) for p in pids):
+        if _gone(procs, timeout=wait):
             return
-    survivors = [p for p in pids if _alive(p)]
-    if survivors:
-        log.warning("Processes %s did not stop", survivors)
+    log.warning("Processes %s did not stop", [p.pid for p in procs if alive(p.pid)])
+
+
+def _gone(procs: Sequence[psutil.Process], *, timeout: float) -> bool:
+    """Whether every process ended within ``timeout`` s (zombies count as ended: we never reap
+    here, so a ``Popen`` still gets its child's exit status)."""
+    try:
+        wait_until(lambda: not any(p.is_running() and alive(p.pid) for p in procs), timeout=timeout,
+                   interval=0.1, what="processes to stop")
+    except TimeoutError:
+        return False
+    return True
+
+
+def crash(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and every descendant, like a machine dying; the PIDs killed.
+
+    The tree is frozen first (SIGSTOP, repeated until no new member appears), so
+    no member can start a process between listing and killing.
+    """
+    frozen: list[psutil.Process] = []
+    todo = _processes([pid])
+    while todo:
+        for proc in todo:
+            try:
+                proc.suspend()
+            except psutil.Error:
+                pass
+        frozen += todo
+        seen = {p.pid for p in frozen}
+        todo = [p for p in _processes(descendants(pid)) if p.pid not in seen]
+    for proc in frozen:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    _gone(frozen, timeout=10)
+    return [p.pid for p in frozen]
 
 
 class ManagedProcess:
@@ -134,6 +182,8 @@ class ManagedProcess:
         Full environment for the child.
     log_path
         File that receives the child's stdout and stderr; ``None`` inherits ours.
+    cwd
+        Working folder of the child.
     """
 
     def __init__(
@@ -173,6 +223,10 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.popen.poll() is None
 
+    def tree(self) -> list[int]:
+        """This process (while it runs) and its live descendants."""
+        return [self.pid, *descendants(self.pid)] if self.running() else descendants(self.pid)
+
     def tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines of the child's log, for error messages."""
         if self.log_path is None or not self.log_path.exists():
@@ -182,7 +236,7 @@ class ManagedProcess:
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop the process and every descendant it started."""
-        pids = [*descendants(self.pid), self.pid] if self.running() else descendants(self.pid)
+        pids = self.tree()
         if pids:
             stop_pids(pids, timeout=timeout)
         try:
@@ -209,6 +263,10 @@ class ProcessSet:
         self.processes.append(proc)
         return proc
 
+    def pids(self) -> set[int]:
+        """Every live PID of the set: each process and its descendants."""
+        return {pid for proc in self.processes for pid in proc.tree()}
+
     def stop_all(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()
@@ -217,7 +275,7 @@ class ProcessSet:
     def _on_signal(self, signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"received signal {signum}")
 
-    def __enter__(self) -> ProcessSet:
+    def __enter__(self) -> Self:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         return self

@@ -16,8 +16,8 @@ from common.errors import ConfigError
 from common.flower import use_flower_log_handlers
 from server.report import RunReport
 from server.resume import CoordinatorState, load_state, load_weights, participation, save_state
-from server.rounds import PlainRounds, RunStopped
-from server.secure import site_nodes
+from server.rounds import PlainRounds, RoundEngine, RunStopped
+from server.secure import SecureRounds, site_nodes
 from server.strategy import BudgetsSpent, FedradFedAvg, Names
 
 if TYPE_CHECKING:
@@ -105,16 +105,15 @@ def main(grid: Grid, context: Context) -> None:
                       "names": {str(k): v for k, v in {**names.learned, **names.enrolled}.items()}},
         ))
 
+    engine: RoundEngine = (
+        SecureRounds(grid, context, run=run, strategy=strategy, on_round_done=round_done) if run.secagg.enabled
+        else PlainRounds(grid, run=run, strategy=strategy, names=names, on_round_done=round_done)
+    )
     try:
         if first > run.num_server_rounds:
             log.info("Run %s had already completed its %d rounds", run_id, run.num_server_rounds)
-        elif run.secagg.enabled:
-            from server.secure import run_secure
-
-            run_secure(grid, context, run=run, report=report, evaluator=strategy, initial=weights, first_round=first,
-                       on_round_done=round_done)
         else:
-            PlainRounds(grid, run=run, strategy=strategy, names=names, on_round_done=round_done).run_rounds(first, weights)
+            engine.run_rounds(first, weights)
     except BudgetsSpent as exc:
         # Each site enforces its own budget; when none can train any more the run ends early, cleanly.
         log.warning("Stopping early: %s", exc)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,24 +27,13 @@ from typing import Any
 
 from common.config import YOUDEN, parse_operating_point
 from common.errors import ConfigError
-from common.files import write_atomic
+from common.files import json_safe, write_atomic
 from common.metrics import SENSITIVITY_AT_THRESHOLD, SPECIFICITY_AT_THRESHOLD, THRESHOLD, describe_operating_point
 from common.runfolder import RunFolder
 from server.learning import FLAGGED
 from server.plots import PLOT_TITLES, write_plots
 
 log = logging.getLogger(__name__)
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: write it as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
 
 
 @dataclass
@@ -176,7 +164,7 @@ class RunReport:
         self.save()
 
     def to_json(self) -> dict[str, Any]:
-        return _clean(
+        return json_safe(
             {
                 "run_id": self.run_id,
                 "kind": self.kind,

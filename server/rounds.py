@@ -34,7 +34,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
@@ -107,12 +107,12 @@ def _origin(reply: Message, sent_to: dict[str, int]) -> int:
 def _failure(reply: Message, timeout: float) -> str:
     """Why a site did not answer, in the coordinator's words (the SuperLink's errors for a
     message that expired unanswered, or a node that stopped sending heartbeats)."""
-    from flwr.common.constant import ErrorCode
+    from common.adapters.flower import undelivered
 
-    code = reply.error.code
-    if code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+    why = undelivered(reply.error.code)
+    if why == "expired":
         return f"no answer within the {timeout:g} s deadline (round-timeout)"
-    if code == ErrorCode.NODE_UNAVAILABLE:
+    if why == "node unavailable":
         return "connection lost: the site stopped sending heartbeats (Node Unavailable)"
     return reply.error.reason
 
@@ -125,6 +125,13 @@ def _unanswered(messages: list[Message], replies: list[Message], names: Names, t
         for m in messages
         if m.metadata.dst_node_id not in answered
     }
+
+
+class RoundEngine(Protocol):
+    """Runs rounds ``first..num-server-rounds``: :class:`PlainRounds` or :class:`server.secure.SecureRounds`."""
+
+    def run_rounds(self, first: int, weights: StateDict) -> object:
+        """Train, aggregate, evaluate and commit each round, starting from the global ``weights``."""
 
 
 class PlainRounds:

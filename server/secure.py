@@ -22,13 +22,11 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
-from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.server.workflow import SecAggPlusWorkflow
 
 from common import records
+from common.adapters import flower
 from common.config import RunConfig, SecAggConfig
 from common.errors import ConfigError, FederationError
 from server.report import RunReport
@@ -38,6 +36,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
     from flwr.app import ArrayRecord, Context, Message
+    from flwr.server import LegacyContext
     from flwr.serverapp import Grid
 
     from server.strategy import FedradFedAvg
@@ -79,8 +78,8 @@ class SecureFedAvg(LegacyFedAvg):
     def aggregate_fit(
         self,
         server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        results: list[tuple[Any, FitRes]],
+        failures: list[tuple[Any, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         book = RoundBook(server_round)
         for name, reason in self.dropped.items():
@@ -164,57 +163,48 @@ class FedradSecAggPlus(SecAggPlusWorkflow):
         )
         self.names: dict[int, str] = dict(names or {})
 
-    def __call__(self, grid: Grid, context: Context) -> None:  # type: ignore[override]
-        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])  # type: ignore[arg-type]
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:  # type: ignore[override, unused-ignore]
+        server_round = flower.current_round(context)
+        log.info("[ROUND %d/%d] (SecAgg+)", server_round, context.config.num_rounds)
         tracking = _TrackingGrid(grid, self.names, server_round)
-        state = WorkflowState()
-        strategy: SecureFedAvg = context.strategy  # type: ignore[attr-defined]
-        steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
-        for index, step in enumerate(steps):
-            if index == 3:  # unmask
-                strategy.dropped = tracking.dropped  # the same dict: the unmask stage's own dropouts count too
-            if not step(tracking, context, state):  # type: ignore[arg-type]
-                book = RoundBook(server_round)
-                for name, reason in tracking.dropped.items():
-                    book.fail(name, reason)
-                strategy.report.record_train(server_round, site_metrics={}, declined={}, failed=book.failed, checkpoint=None)
-                raise SecAggHalted(
-                    f"Round {server_round}: secure aggregation stopped at stage {tracking.stage}: "
-                    f"{len(state.active_node_ids)} site(s) left, {state.threshold} needed to unmask"
-                    + (f" ({'; '.join(f'{k}: {v}' for k, v in sorted(tracking.dropped.items()))})" if tracking.dropped else "")
-                )
-            if index == 1:  # share keys
-                # A site that left before sharing its keys holds no one's masks and no one holds its
-                # shares: it must not be "unmasked" later (Flower 1.41 would ask the others for shares
-                # they never received, and the round would fail).
-                state.sampled_node_ids = set(state.active_node_ids)
-            if index == 2 and state.legacy_results and all(
-                fitres.num_examples == 0 for _, fitres in state.legacy_results
-            ):
+        strategy: SecureFedAvg = context.strategy  # type: ignore[assignment, unused-ignore]
+
+        def before_unmask(results: list[tuple[Any, FitRes]]) -> None:
+            if results and all(fitres.num_examples == 0 for _, fitres in results):
                 # Everybody declined: there is no sum to unmask (and no weight to divide by).
                 strategy.dropped = dict(tracking.dropped)
-                strategy.aggregate_fit(server_round, state.legacy_results, [])
+                strategy.aggregate_fit(server_round, results, [])
+            strategy.dropped = tracking.dropped  # the same dict: the unmask stage's own dropouts count too
+
+        halt = flower.run_secaggplus_stages(self, tracking, context, before_unmask=before_unmask)  # type: ignore[arg-type, unused-ignore]
+        if halt is not None:
+            book = RoundBook(server_round)
+            for name, reason in tracking.dropped.items():
+                book.fail(name, reason)
+            strategy.report.record_train(server_round, site_metrics={}, declined={}, failed=book.failed, checkpoint=None)
+            raise SecAggHalted(
+                f"Round {server_round}: secure aggregation stopped at stage {tracking.stage}: "
+                f"{halt.active} site(s) left, {halt.threshold} needed to unmask"
+                + (f" ({'; '.join(f'{k}: {v}' for k, v in sorted(tracking.dropped.items()))})" if tracking.dropped else "")
+            )
 
 
-def legacy_context(context: Context, *, strategy: SecureFedAvg, num_rounds: int) -> Context:
+def legacy_context(context: Context, *, strategy: SecureFedAvg, num_rounds: int) -> LegacyContext:
     from flwr.server import ServerConfig
     from flwr.server.compat import LegacyContext
 
     return LegacyContext(context, config=ServerConfig(num_rounds=num_rounds), strategy=strategy)
 
 
-def evaluate_workflow(evaluator: FedradFedAvg, keys: list[str]) -> Callable[[Grid, Context], None]:
+def evaluate_workflow(evaluator: FedradFedAvg, keys: list[str]) -> Callable[[Grid, LegacyContext], None]:
     """Federated evaluation of the current global weights, in plain messages (statistics only)."""
 
-    def evaluate(grid: Grid, context: Context) -> None:
+    def evaluate(grid: Grid, context: LegacyContext) -> None:
         from flwr.app import ArrayRecord, ConfigRecord
 
-        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])  # type: ignore[arg-type]
-        params = context.state.array_records[MAIN_PARAMS_RECORD]
-        from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
-
-        strategy: SecureFedAvg = context.strategy  # type: ignore[attr-defined]
-        state = strategy.to_state(parameters_to_ndarrays(arrayrecord_to_parameters(params, keep_input=True)))
+        server_round = flower.current_round(context)
+        strategy: SecureFedAvg = context.strategy  # type: ignore[assignment, unused-ignore]
+        state = strategy.to_state(flower.global_arrays(context))
         arrays: ArrayRecord = ArrayRecord(state)
         messages = evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
         if not messages:
@@ -235,67 +225,34 @@ def site_nodes(run_config: Mapping[str, Any]) -> dict[int, str]:
     return names
 
 
-class ResumableWorkflow(DefaultWorkflow):
-    """Flower's ``DefaultWorkflow`` from round ``first_round`` on, with a hook after each completed round."""
+class SecureRounds:
+    """Rounds under SecAgg+ (a :class:`server.rounds.RoundEngine`); BudgetsSpent / SecAggHalted stop early."""
 
-    def __init__(self, *, first_round: int, on_round_done: Callable[[int], None], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.first_round = first_round
-        self.on_round_done = on_round_done
+    def __init__(self, grid: Grid, context: Context, *, run: RunConfig, strategy: FedradFedAvg,
+                 on_round_done: Callable[[int, OrderedDict[str, torch.Tensor]], None]) -> None:
+        self.grid, self.context, self.run, self.evaluator, self.on_round_done = grid, context, run, strategy, on_round_done
 
-    def __call__(self, grid: Grid, context: Context) -> None:
-        import timeit
-
-        from flwr.app import ConfigRecord
-        from flwr.server.compat.app_utils import start_update_client_manager_thread
-        from flwr.server.workflow.default_workflows import default_init_params_workflow
-
-        thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)  # type: ignore[attr-defined]
-        try:
-            c_done.wait()
-            default_init_params_workflow(grid, context)
-            cfg = ConfigRecord({Key.START_TIME: timeit.default_timer()})
-            context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
-            for current_round in range(self.first_round, context.config.num_rounds + 1):  # type: ignore[attr-defined]
-                log.info("[ROUND %d/%d] (SecAgg+)", current_round, context.config.num_rounds)  # type: ignore[attr-defined]
-                cfg[Key.CURRENT_ROUND] = current_round
-                self.fit_workflow(grid, context)
-                self.evaluate_workflow(grid, context)
-                self.on_round_done(current_round)
-        finally:
-            f_stop.set()
-            thread.join()
-
-
-def run_secure(grid: Grid, context: Context, *, run: RunConfig, report: RunReport, evaluator: FedradFedAvg,
-               initial: OrderedDict[str, torch.Tensor], first_round: int = 1,
-               on_round_done: Callable[[int, OrderedDict[str, torch.Tensor]], None] | None = None) -> None:
-    """Rounds ``first_round``.. of a secure-aggregation run (raises BudgetsSpent / SecAggHalted to stop early)."""
-    if first_round == 1:
-        check_model_fits(initial, run.secagg)  # a resumed model has trained inside the range already
-    keys = list(initial)
-    strategy = SecureFedAvg(
-        report=report,
-        keys=keys,
-        run=run,
-        fraction_fit=run.fraction_train,
-        fraction_evaluate=0.0,  # evaluation runs in plain messages, see evaluate_workflow
-        min_fit_clients=max(run.min_sites, 2),
-        min_available_clients=max(run.min_sites, 2),
-        on_fit_config_fn=lambda r: {records.SERVER_ROUND: r, "local-epochs": run.local_epochs},
-        initial_parameters=ndarrays_to_parameters([t.numpy() for t in initial.values()]),
-    )
-
-    def round_done(server_round: int) -> None:
-        if on_round_done is not None:
-            params = context.state.array_records[MAIN_PARAMS_RECORD]
-            from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
-
-            on_round_done(server_round, strategy.to_state(parameters_to_ndarrays(arrayrecord_to_parameters(params, keep_input=True))))
-
-    workflow = ResumableWorkflow(
-        first_round=first_round, on_round_done=round_done,
-        fit_workflow=FedradSecAggPlus(run.secagg, site_nodes(context.run_config)),
-        evaluate_workflow=evaluate_workflow(evaluator, keys),
-    )
-    workflow(grid, legacy_context(context, strategy=strategy, num_rounds=run.num_server_rounds))
+    def run_rounds(self, first: int, weights: OrderedDict[str, torch.Tensor]) -> None:
+        """Rounds ``first..num-server-rounds`` from the global ``weights``."""
+        run = self.run
+        if first == 1:
+            check_model_fits(weights, run.secagg)  # a resumed model has trained inside the range already
+        keys = list(weights)
+        strategy = SecureFedAvg(
+            report=self.evaluator.report,
+            keys=keys,
+            run=run,
+            fraction_fit=run.fraction_train,
+            fraction_evaluate=0.0,  # evaluation runs in plain messages, see evaluate_workflow
+            min_fit_clients=max(run.min_sites, 2),
+            min_available_clients=max(run.min_sites, 2),
+            on_fit_config_fn=lambda r: {records.SERVER_ROUND: r, "local-epochs": run.local_epochs},
+            initial_parameters=ndarrays_to_parameters([t.numpy() for t in weights.values()]),
+        )
+        legacy = legacy_context(self.context, strategy=strategy, num_rounds=run.num_server_rounds)
+        flower.run_workflow_rounds(
+            self.grid, legacy, first_round=first,
+            on_round_done=lambda r: self.on_round_done(r, strategy.to_state(flower.global_arrays(legacy))),
+            fit=FedradSecAggPlus(run.secagg, site_nodes(self.context.run_config)),
+            evaluate=evaluate_workflow(self.evaluator, keys),
+        )

@@ -25,9 +25,9 @@ import typer
 from common.cli import run_typer
 from common.errors import FederationError
 from common.flower import flower_bin
-from common.processes import ProcessSet, can_connect, free_port
 from common.runfolder import RunFolder
 from simulations import scenario as scenarios
+from simulations.federation import Federation
 
 cli = typer.Typer(add_completion=False, help=__doc__)
 
@@ -57,55 +57,25 @@ def demo(
     print(f"==> Synthesising {len(names)} hospitals × {images_per_site} CT slices in {data}", flush=True)
     synthesize(data, sites=names, images_per_site=images_per_site, seed=seed, size=sc.sites.image_size)
 
-    port = free_port()
-    logs = workdir / "logs"
-    server_dir = workdir / "server"
-    for name in names:
-        print(f"==> fl-server enroll --site {name}: a key pair and a kit for hospital {name}", flush=True)
-        proc = subprocess.run(
-            [flower_bin("fl-server"), "enroll", "--site", name, "--workdir", str(server_dir),
-             "--server-address", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, check=False,
-        )
-        if proc.returncode != 0:
-            raise FederationError(f"fl-server enroll failed for site {name}: {proc.stderr.strip()[-500:]}")
-    with ProcessSet() as procs:
-        print(f"==> Starting fl-server on https://127.0.0.1:{port} (TLS, enrolled sites only, SecAgg+; "
-              f"{rounds} rounds, {len(names)} sites)", flush=True)
-        server = procs.start(
-            "fl-server",
-            [
-                flower_bin("fl-server"), "--rounds", str(rounds), "--min-sites", str(len(names)),
-                "--port", str(port), "--workdir", str(server_dir), *_run_config_args(sc),
-            ],
-            log_path=logs / "fl-server.log",
-        )
-        deadline = time.monotonic() + 60
-        while not can_connect("127.0.0.1", port):
-            if not server.running() or time.monotonic() > deadline:
-                raise FederationError(f"fl-server did not start; see {logs / 'fl-server.log'}")
-            time.sleep(0.5)
+    sc_args = ["--rounds", str(rounds), *_run_config_args(sc)]
+    client_args = ["--max-epsilon", str(max_epsilon)]
+    with Federation(workdir, names, data, server_args=sc_args, client_args=client_args) as fed:
+        logs, server_dir = fed.logs, fed.server_dir
         for name in names:
-            kit = server_dir / "kits" / name
-            print(f"==> Starting fl-client --kit {kit} (max ε {max_epsilon:g}; log {logs / f'site-{name}.log'})", flush=True)
-            procs.start(
-                f"fl-client {name}",
-                [
-                    flower_bin("fl-client"), "--kit", str(kit), "--data", str(data / name),
-                    "--workdir", str(workdir / f"site-{name}"),
-                    "--max-epsilon", str(max_epsilon), "--threads", "1",
-                ],
-                log_path=logs / f"site-{name}.log",
-            )
+            print(f"==> fl-server enroll --site {name}: a key pair and a kit for hospital {name}", flush=True)
+            fed.enroll(name)
+        print(f"==> Starting fl-server on https://127.0.0.1:{fed.port} (TLS, enrolled sites only, SecAgg+; "
+              f"{rounds} rounds, {len(names)} sites)", flush=True)
+        fed.start_server(timeout=60)
+        for name in names:
+            print(f"==> Starting fl-client --kit {fed.kit(name)} (max ε {max_epsilon:g}; "
+                  f"log {logs / f'site-{name}.log'})", flush=True)
+            fed.join(name)
         print("==> Training (the coordinator's log follows)", flush=True)
-        shown = 0
-        while server.running():
-            shown = _follow(logs / "fl-server.log", shown)
-            time.sleep(1)
-        _follow(logs / "fl-server.log", shown)
-        code = server.popen.returncode
-    if code != 0:
-        raise FederationError(f"fl-server exited with code {code}; see {logs / 'fl-server.log'}")
+        follow = _Follow(logs / "fl-server.log")
+        fed.wait(timeout=float("inf"), on_poll=follow, interval=1.0)
+        follow()
+        fed.check_exit()
     folder = RunFolder.in_workdir(server_dir)[-1]
     report = folder.read_report()
     final = report["final"]
@@ -150,15 +120,20 @@ def _run_config_args(sc: scenarios.Scenario) -> list[str]:
 _INTERESTING = ("Round ", "WARNING", "ERROR", "error", "┃", "│", "┏", "┗", "┡", "└", "report:", "privacy spent", "pooled validation")
 
 
-def _follow(path: Path, shown: int) -> int:
-    """Print the interesting new lines of the coordinator's log; return lines seen."""
-    if not path.exists():
-        return shown
-    lines = path.read_text(errors="replace").splitlines()
-    for line in lines[shown:]:
-        if any(key in line for key in _INTERESTING) and "└──>" not in line and "├──" not in line:
-            print(line, flush=True)
-    return len(lines)
+class _Follow:
+    """Prints the interesting new lines of the coordinator's log at each call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.shown = path, 0
+
+    def __call__(self) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text(errors="replace").splitlines()
+        for line in lines[self.shown:]:
+            if any(key in line for key in _INTERESTING) and "└──>" not in line and "├──" not in line:
+                print(line, flush=True)
+        self.shown = len(lines)
 
 
 def main() -> None:

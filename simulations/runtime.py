@@ -8,9 +8,8 @@ the overrides, and every virtual SuperNode runs the ClientApp inside a Ray
 actor. Only ``concurrency`` actors exist at any time, so memory grows with the
 sites that train at once, not with the number of sites.
 
-It uses one private Flower function, ``flwr.simulation.run_simulation._run_simulation``
-(the one ``flwr-simulation`` calls), because Flower's public ``run_simulation``
-cannot pass a run config; Flower is pinned to 1.41.0.
+Flower's public ``run_simulation`` cannot pass a run config, so this goes
+through :func:`common.adapters.flower.run_simulation` (what ``flwr-simulation`` calls).
 """
 
 from __future__ import annotations
@@ -49,16 +48,14 @@ class SimulationMetrics:
 
 
 def _vce_metrics(counters: SimulationMetrics) -> Any:
-    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+    from common.adapters.flower import clientapp_metrics
 
-    class _Counting(VceMetrics):  # type: ignore[misc]
-        def add_clientapp_runtime(self, runtime: float) -> None:
-            super().add_clientapp_runtime(runtime)
-            with counters.lock:
-                counters.messages += 1
-                counters.clientapp_seconds += runtime
+    def count(runtime: float) -> None:
+        with counters.lock:
+            counters.messages += 1
+            counters.clientapp_seconds += runtime
 
-    return _Counting()
+    return clientapp_metrics(count)
 
 
 def new_run_id() -> int:
@@ -96,32 +93,10 @@ def run_app(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    from flwr.app import Context, RecordDict
-    from flwr.common.config import get_fused_config_from_dir
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
-    app_dir = project_dir()
-    run = Run.create_empty(run_id=run_id)
-    run.override_config = dict(run_config)
-    run.primary_task_id = new_run_id()
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id = run.primary_task_id
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(
-        run_id=run_id,
-        node_id=0,
-        node_config={},
-        state=RecordDict(),
-        run_config=get_fused_config_from_dir(app_dir, run.override_config),
-    )
+    from common.adapters.flower import run_simulation
     from common.processes import descendants, stop_pids
 
+    app_dir = project_dir()
     ray_dir = Path(tempfile.mkdtemp(prefix="fedrad-ray-"))  # short: Ray's socket paths must fit 107 bytes
     before = set(descendants(os.getpid()))
     backend_config = {
@@ -137,19 +112,10 @@ def run_app(
         },
     }
     try:
-        _run_simulation(
-            server_app_attr="server.app:app",
-            client_app_attr="client.app:app",
-            num_supernodes=num_sites,
-            backend_name="ray",
-            backend_config=backend_config,  # type: ignore[arg-type]
-            app_dir=str(app_dir),
-            run=run,
-            server_app_context=context,
-            is_app=True,
-            verbose_logging=verbose,
-            exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-            metrics=_vce_metrics(metrics or SimulationMetrics()),
+        run_simulation(
+            app_dir=app_dir, server_app_attr="server.app:app", client_app_attr="client.app:app",
+            run_id=run_id, task_id=new_run_id(), run_config=run_config, num_supernodes=num_sites,
+            backend_config=backend_config, metrics=_vce_metrics(metrics or SimulationMetrics()), verbose=verbose,
         )
     finally:
         # Flower shuts Ray down; whatever Ray process is still running is ours to stop (by PID).

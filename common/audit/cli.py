@@ -7,11 +7,10 @@ naming the row or the site and round); 3 a file cannot be read; 2 usage errors.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import click
 import typer
@@ -24,20 +23,10 @@ from common.audit.recompute import fmt
 from common.audit.run import RunAudit, audit_run, cross_check
 from common.cli import run_typer
 from common.errors import AuditFailed
+from common.files import json_safe
 from common.ledger import Problem
 
 cli = typer.Typer(add_completion=False)
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None, for JSON."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _count(n: int, noun: str) -> str:
@@ -156,7 +145,7 @@ def audit(
         doc["verified"] = not problems
         doc["problems"] = [asdict(p) for p in problems]
         doc["warnings"] = warnings
-        print(json.dumps(_finite(doc), indent=2, allow_nan=False))
+        print(json.dumps(json_safe(doc), indent=2, allow_nan=False))
     else:
         console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
         if ledger_audit is not None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 from common.privacy import DPEvent, Epsilons, epsilons, merge_events
@@ -21,38 +19,12 @@ ABS_TOL = 1e-9
 BUDGET_TOL = 1e-9
 """Relative tolerance of a budget check (what the sites use too)."""
 
-_memo_lock = threading.Lock()
-_memo_depth = 0
-_memo_original: Any = None
 
+def memoized_rdp() -> AbstractContextManager[None]:
+    """:func:`common.adapters.opacus.memoized_rdp`, imported when used (the adapter checks Opacus' version)."""
+    from common.adapters import opacus
 
-@contextmanager
-def memoized_rdp() -> Iterator[None]:
-    """Memoize Opacus' per-step RDP curve ``_compute_rdp(q, σ, α)`` for the duration.
-
-    Both accountants evaluate it (PRV sizes its domain with RDP) for every order α
-    of every (q, σ) of every row's history — the same few (q, σ) over and over —
-    and for short histories it is most of the cost of :func:`epsilons`. It is a
-    pure function of its arguments, so caching it returns the very same floats:
-    every ε is bit-for-bit what :func:`epsilons` gives without it. Re-entrant;
-    thread-safe (one cache shared by the threads of :func:`recompute`).
-    """
-    global _memo_depth, _memo_original
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    with _memo_lock:
-        if _memo_depth == 0:
-            _memo_original = rdp_analysis._compute_rdp
-            rdp_analysis._compute_rdp = functools.lru_cache(maxsize=None)(_memo_original)
-        _memo_depth += 1
-    try:
-        yield
-    finally:
-        with _memo_lock:
-            _memo_depth -= 1
-            if _memo_depth == 0:
-                rdp_analysis._compute_rdp = _memo_original
-                _memo_original = None
+    return opacus.memoized_rdp()
 
 
 def close(recorded: Any, recomputed: float | None) -> bool:

@@ -15,7 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
-from benchmarks.secagg import _ACCESS, ACCESS_LOG, MACHINE, header_key, tree_cpu
+from benchmarks.harness import MACHINE, CpuSampler, machine_cpu, tree_cpu
+from benchmarks.secagg import _ACCESS, ACCESS_LOG, header_key
 from common.processes import LOOPBACK, ProcessSet, free_port
 from server.proxy import start_fleet_proxy
 from tests.server.test_proxy import _write_pki, needs_nginx
@@ -93,11 +94,32 @@ def test_the_proxy_logs_request_size_time_and_key_and_the_benchmark_parses_it(tm
 def test_tree_cpu_counts_exited_children() -> None:
     import os
 
-    before = tree_cpu({"me": os.getpid()})
+    before, machine = tree_cpu(os.getpid()), machine_cpu()
     subprocess.run(
         [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"],
         check=True,
     )
-    after = tree_cpu({"me": os.getpid()})
-    assert after["me"] - before["me"] >= 0.25
-    assert after[MACHINE] >= before[MACHINE] + 0.25
+    assert tree_cpu(os.getpid()) - before >= 0.25
+    assert machine_cpu() >= machine + 0.25
+    assert tree_cpu(2**22 + 12345) == 0.0  # above pid_max: never a process
+
+
+def test_the_sampler_gives_each_trees_cpu_between_two_moments() -> None:
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass"])
+    sampler = CpuSampler({"child": child.pid})
+    sampler.start()
+    try:
+        time.sleep(2.4)
+    finally:
+        sampler.stop()
+        child.wait()
+    assert len(sampler.samples) >= 2, sampler.samples
+    first, last = sampler.samples[0][0], sampler.samples[-1][0]
+    start, end = first + 0.25 * (last - first), last - 0.25 * (last - first)  # between samples: interpolated
+    used = sampler.used(start, end)
+    assert set(used) == {"child", MACHINE}
+    assert 0.2 * (end - start) <= used["child"] <= 1.1 * (end - start)  # at most one busy core (a busy machine shares it)
+    assert used[MACHINE] >= used["child"] * 0.9
+    assert sampler.used(start - 100, end) == {}  # before the first sample: not measured

@@ -10,11 +10,13 @@ from common.errors import FederationError
 from common.processes import (
     ManagedProcess,
     ProcessSet,
-    _alive,
+    alive,
+    crash,
     descendants,
     free_port,
     parse_address,
     port_is_free,
+    wait_until,
 )
 
 # A parent that starts a child in its own session (like flower-superexec) and sleeps.
@@ -26,12 +28,7 @@ SPAWNER = (
 
 
 def _wait_for_child(proc: ManagedProcess) -> list[int]:
-    for _ in range(100):
-        kids = descendants(proc.pid)
-        if kids:
-            return kids
-        time.sleep(0.05)
-    raise AssertionError("child did not start")
+    return wait_until(lambda: descendants(proc.pid), timeout=5, interval=0.05, what="the child")  # type: ignore[return-value]
 
 
 def test_stop_also_stops_children_in_other_sessions() -> None:
@@ -39,7 +36,7 @@ def test_stop_also_stops_children_in_other_sessions() -> None:
     kids = _wait_for_child(proc)
     proc.stop(timeout=5)
     assert not proc.running()
-    assert not any(_alive(pid) for pid in kids)
+    assert not any(alive(pid) for pid in kids)
 
 
 def test_process_set_stops_everything_on_error() -> None:
@@ -47,7 +44,7 @@ def test_process_set_stops_everything_on_error() -> None:
         proc = procs.start("spawner", [sys.executable, "-c", SPAWNER])
         kids = _wait_for_child(proc)
         raise RuntimeError("boom")
-    assert not any(_alive(pid) for pid in [proc.pid, *kids])
+    assert not any(alive(pid) for pid in [proc.pid, *kids])
 
 
 def test_port_helpers() -> None:
@@ -67,3 +64,22 @@ def test_parse_address_rejects_bad_addresses(bad: str) -> None:
 
 def test_parse_address() -> None:
     assert parse_address("coordinator.example:9092") == ("coordinator.example", 9092)
+
+
+def test_wait_until_returns_the_first_truthy_value_and_names_what_timed_out() -> None:
+    calls = iter([0, [], [7]])
+    assert wait_until(lambda: next(calls), timeout=5, interval=0.01, what="x") == [7]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="after 0.2 s waiting for the moon"):
+        wait_until(lambda: False, timeout=0.2, interval=0.05, what="the moon")
+    assert 0.2 <= time.monotonic() - started < 2
+
+
+def test_crash_kills_the_whole_tree_and_alive_ignores_zombies() -> None:
+    proc = ManagedProcess("spawner", [sys.executable, "-c", SPAWNER])
+    kids = _wait_for_child(proc)
+    killed = crash(proc.pid)
+    assert set(killed) == {proc.pid, *kids}
+    assert not alive(proc.pid)  # a zombie until reaped: dead for our purposes
+    assert proc.popen.wait(timeout=5) == -9
+    assert not any(alive(pid) for pid in kids)

@@ -151,7 +151,7 @@ def test_the_run_config_keys_go_together_and_are_checked(values: dict[str, str])
 
 def test_fl_sim_checks_the_scenarios_init_weights_before_anything_runs(tmp_path: Path) -> None:
     from simulations import scenario
-    from simulations.sim import run_overrides
+    from simulations.run import run_overrides
 
     good = tmp_path / "w.safetensors"
     save_file(_state(), str(good))
@@ -169,7 +169,7 @@ def test_fl_sim_refuses_init_weights_secagg_could_not_mask(tmp_path: Path) -> No
     from safetensors.torch import save_file
 
     from common.models import build_model
-    from simulations.sim import checked_init_weights
+    from simulations.run import checked_init_weights
 
     state = {k: v.clone().contiguous() for k, v in build_model("fedrad-cnn", seed=0).state_dict().items()}
     next(iter(state.values())).view(-1)[0] = 8.3

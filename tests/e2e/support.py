@@ -7,13 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from common.processes import LOOPBACK, ManagedProcess, can_connect, wait_until
+from simulations.federation import Federation
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,14 +66,21 @@ def fl_server(app: Path | None = None) -> tuple[list[str], dict[str, Any]]:
     return [sys.executable, "-c", "from server.cli import main; main()"], {"cwd": app}
 
 
-def wait_for_server(port: int, server: object, timeout: float = 60) -> None:
-    """Until the SuperLink accepts connections (fl-client refuses an unreachable coordinator)."""
-    from common.processes import can_connect
+def federation(root: Path, sites: Sequence[str], data: Path | Mapping[str, Path], *, app: Path | None = None,
+               **kwargs: Any) -> Federation:
+    """:class:`simulations.federation.Federation` whose fl-server runs from ``app`` (a :func:`copy_app`) if given."""
+    cmd, where = fl_server(app)
+    return Federation(root, sites, data, server_cmd=cmd if app else None, server_cwd=where.get("cwd"), **kwargs)
 
-    deadline = time.monotonic() + timeout
-    while not can_connect("127.0.0.1", port, timeout=1):
-        assert server.running() and time.monotonic() < deadline, server.tail(40)  # type: ignore[attr-defined]
-        time.sleep(0.5)
+
+def wait_for_server(port: int, server: ManagedProcess, timeout: float = 60) -> None:
+    """Until the SuperLink accepts connections (fl-client refuses an unreachable coordinator)."""
+
+    def listening() -> bool:
+        assert server.running(), server.tail(40)
+        return can_connect(LOOPBACK, port, timeout=1)
+
+    wait_until(listening, timeout=timeout, what=f"the SuperLink on port {port}")
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

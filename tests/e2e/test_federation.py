@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.processes import ProcessSet, _alive, descendants, free_port
-from tests.e2e.support import BIN, one_line_error, run_cli, wait_for_server
+from common.processes import alive, free_port
+from tests.e2e.support import BIN, federation, one_line_error, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -78,47 +78,25 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
     # and its budget allows 1 round; the coordinator asks for 2. A calibrates σ to its budget.
     site_dirs = {"A": tiny_sites / "A", "B": _mixed_site(tiny_sites / "B", tmp_path / "B")}
     budget_b = _budget_for_rounds(site_dirs["B"], tmp_path / "probe", sigma=1.0, rounds=1, batch_size=8)
-    port = free_port()
-    workdir = tmp_path / "server"
-    for site in ("A", "B"):
-        enrolled = run_cli(str(BIN / "fl-server"), "enroll", "--site", site, "--workdir", str(workdir),
-                           "--server-address", f"127.0.0.1:{port}")
-        assert enrolled.returncode == 0, enrolled.stderr
-    all_pids: list[int] = []
-    with ProcessSet() as procs:
-        server = procs.start(
-            "fl-server",
-            [str(BIN / "fl-server"), "--rounds", "2", "--min-sites", "2", "--port", str(port),
-             "--workdir", str(workdir), "--image-size", "32", "--local-epochs", "1",
-             "--run-config", "batch-size=8"],
-            log_path=tmp_path / "server.log",
-        )
-        wait_for_server(port, server)
-        for site, extra in (("A", ["--max-epsilon", "6"]), ("B", ["--max-epsilon", repr(budget_b), "--noise-multiplier", "1.0"])):
-            procs.start(
-                f"fl-client {site}",
-                [str(BIN / "fl-client"), "--kit", str(workdir / "kits" / site), "--data", str(site_dirs[site]),
-                 "--workdir", str(tmp_path / f"site-{site}"), "--threads", "1", *extra],
-                log_path=tmp_path / f"site-{site}.log",
-            )
-        deadline = time.monotonic() + 480
-        while server.running() and time.monotonic() < deadline:
-            all_pids = sorted({*all_pids, *(p for proc in procs.processes for p in [proc.pid, *descendants(proc.pid)])})
-            time.sleep(1)
-        assert not server.running(), "run did not finish in time:\n" + server.tail(40)
-        assert server.popen.returncode == 0, server.tail(40)
+    client_args = {"A": ["--max-epsilon", "6"], "B": ["--max-epsilon", repr(budget_b), "--noise-multiplier", "1.0"]}
+    with federation(tmp_path / "fed", ["A", "B"], site_dirs, client_args=client_args,
+                    server_args=["--rounds", "2", "--image-size", "32", "--local-epochs", "1",
+                                 "--run-config", "batch-size=8"]) as fed:
+        fed.start().wait(timeout=480)
+        fed.check_exit()
 
     # Every process the test started, and every child they started, is gone.
     time.sleep(0.5)
-    assert all_pids and not [p for p in all_pids if _alive(p)]
+    assert fed.pids and not [p for p in fed.pids if alive(p)]
 
+    workdir, site_dir = fed.server_dir, fed.site_dir
     (run_dir,) = (workdir / "runs").iterdir()
     report = json.loads((run_dir / "report.json").read_text())
     from client.data.dataset import load_site_data
     from common.config import PreprocessConfig
     from common.ledger import Ledger
 
-    mixed = load_site_data(data_dir=site_dirs["B"], work_dir=tmp_path / "site-B", config=PreprocessConfig(image_size=32))
+    mixed = load_site_data(data_dir=site_dirs["B"], work_dir=site_dir("B"), config=PreprocessConfig(image_size=32))
     assert mixed.report["files"]["rejected"] == 7 and mixed.report["cache"]["decoded"] == 0
     assert report["status"] == "completed"
     assert report["transport"].startswith("tls") and "SecAgg+" in report["transport"]
@@ -136,7 +114,7 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
     # Each site's own budget holds in its ledger, and the coordinator reports what the sites spent.
     expected_rows = {"A": 2, "B": 1}
     for site, budget in (("A", 6.0), ("B", budget_b)):
-        rows = Ledger(tmp_path / f"site-{site}" / "privacy").rows()
+        rows = Ledger(site_dir(site) / "privacy").rows()
         assert len(rows) == expected_rows[site] and rows[-1].epsilon <= budget
         assert rows[-1].epsilon == pytest.approx(report["sites"][site]["epsilon"])
         assert report["sites"][site]["privacy_unit"] == "patient"
@@ -145,13 +123,13 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
     assert report["sites"]["B"]["rounds_declined"] == 1
     # The privacy officer's check: each ledger verifies, recomputes and matches what the run saw.
     for site in ("A", "B"):
-        privacy = tmp_path / f"site-{site}" / "privacy"
+        privacy = site_dir(site) / "privacy"
         audit = run_cli(str(BIN / "fl-audit"), "--ledger", str(privacy), "--public-key", str(privacy / "site-key.pub"),
                          "--run", str(run_dir), "--json", timeout=300)
         assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
         assert json.loads(audit.stdout)["verified"] is True
     # Nothing that identifies a patient reaches the coordinator.
-    text = (run_dir / "report.json").read_text() + (tmp_path / "server.log").read_text()
+    text = (run_dir / "report.json").read_text() + (fed.logs / "fl-server.log").read_text()
     assert "SYN-" not in text and "PatientID" not in text
 
 
@@ -211,29 +189,13 @@ def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp
     rows = [rows[0]] + [[key, ("none", "small", "large")[i % 3]] for i, (key, _) in enumerate(rows[1:])]
     with (site_dir / "labels.csv").open("w", newline="") as f:
         csv.writer(f).writerows(rows)
-    port = free_port()
-    with ProcessSet() as procs:
-        server = procs.start(
-            "fl-server",
-            [str(BIN / "fl-server"), "--rounds", "1", "--min-sites", "1", "--port", str(port),
-             "--workdir", str(tmp_path / "server"), "--image-size", "32", "--local-epochs", "1",
-             "--insecure", "--run-config", 'batch-size=8 classes="none,small,large" secagg=false'],
-            log_path=tmp_path / "server.log",
-        )
-        wait_for_server(port, server)
-        client = procs.start(
-            "fl-client A",
-            [str(BIN / "fl-client"), "--site", "A", "--data", str(site_dir), "--server", f"127.0.0.1:{port}", "--insecure",
-             "--workdir", str(tmp_path / "site-A"), "--threads", "1", "-c", 'image-size=32 classes="none,small,large"'],
-            log_path=tmp_path / "site-A.log",
-        )
-        deadline = time.monotonic() + 300
-        while server.running() and client.running() and time.monotonic() < deadline:
-            time.sleep(1)
-        assert client.running() or not server.running(), client.tail(20)
-        assert not server.running(), "run did not finish in time:\n" + server.tail(40)
-        assert server.popen.returncode == 0, server.tail(40)
-    (run_dir,) = (tmp_path / "server" / "runs").iterdir()
+    with federation(tmp_path / "fed", ["A"], {"A": site_dir}, secure=False,
+                    server_args=["--rounds", "1", "--image-size", "32", "--local-epochs", "1",
+                                 "--run-config", 'batch-size=8 classes="none,small,large" secagg=false'],
+                    client_args=["-c", 'image-size=32 classes="none,small,large"']) as fed:
+        fed.start().wait(timeout=300)
+        fed.check_exit()
+    (run_dir,) = (fed.server_dir / "runs").iterdir()
     report = json.loads((run_dir / "report.json").read_text())
     assert report["transport"].startswith("insecure") and "no secure aggregation" in report["transport"]
     pooled = report["rounds"][0]["evaluate"]["pooled"]

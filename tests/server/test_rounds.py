@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import records
+from common.adapters.flower import serverapp_identity
 from common.config import RunConfig
 from common.metrics import sufficient_statistics
 from common.models import build_model
@@ -42,11 +42,10 @@ StateDict = OrderedDict[str, torch.Tensor]
 
 
 @pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+def _serverapp_identity() -> Iterator[None]:
     """Flower stamps instruction messages with the running task's identity (set by the ServerApp runtime)."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with serverapp_identity(run_id=1, task_id=1):
+        yield
 
 
 # -- fake sites and grid ------------------------------------------------------------------------

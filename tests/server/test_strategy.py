@@ -2,16 +2,24 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from common.adapters.flower import serverapp_identity
 from common.metrics import pooled_metrics, sufficient_statistics
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.report import RunReport, load_report
-from server.strategy import FedradFedAvg, RoundBook, aggregate_evaluate_metrics, aggregate_train_metrics, site_name
+from server.strategy import (
+    FedradFedAvg,
+    RoundBook,
+    aggregate_evaluate_metrics,
+    aggregate_train_metrics,
+    site_name,
+)
 
 
 def _eval_reply(name: str, probs: list[float], targets: list[int]) -> RecordDict:
@@ -70,13 +78,11 @@ def test_report_is_valid_json_after_every_round(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def _serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+def _serverapp_identity() -> Iterator[None]:
     """Flower stamps messages with the running task's identity (set by the ServerApp runtime)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    
+    with serverapp_identity(run_id=1, task_id=1):
+        yield
 
 
 def _replies(sites: dict[int, RecordDict]) -> list[Message]:

@@ -8,7 +8,10 @@ import pytest
 
 from common.errors import ConfigError
 from simulations import scenario as sc
-from simulations.sim import checked_run_config, project_run_defaults, run_overrides, site_rows
+from simulations.arms import PUBLIC_SITES, ArmResult, Draw, public_scenario
+from simulations.run import checked_run_config, project_run_defaults, run_overrides
+from simulations.sites import site_rows
+from simulations.table import ratios, render_table
 
 
 def test_every_bundled_scenario_loads_and_gives_a_valid_run_config(tmp_path: Path) -> None:
@@ -100,8 +103,6 @@ def test_scenario_files_and_names(tmp_path: Path) -> None:
 
 
 def test_compare_table_ratios_and_many_sites() -> None:
-    from simulations.compare import ArmResult, render_table
-
     pooled = ArmResult("pooled", "pooled", {"auroc": 0.9, "sensitivity": 0.8, "specificity": 0.5},
                        {"A": {"auroc": 0.8}, "B": {"auroc": 1.0}}, 1.0)
     fed = ArmResult("fedavg", "FedAvg", {"auroc": 0.81, "sensitivity": 0.0, "specificity": float("nan")},
@@ -116,8 +117,6 @@ def test_compare_table_ratios_and_many_sites() -> None:
 
 
 def test_a_dp_arm_of_several_draws_reports_median_worst_and_best() -> None:
-    from simulations.compare import ArmResult, Draw, ratios, render_table
-
     pooled = ArmResult("pooled", "pooled", {"auroc": 0.9, "sensitivity": 0.8, "specificity": 0.5}, {}, 1.0)
     finals = [0.88, 0.45, 0.90, 0.86]
     draws = tuple(
@@ -137,8 +136,6 @@ def test_a_dp_arm_of_several_draws_reports_median_worst_and_best() -> None:
 
 
 def test_the_public_dataset_shares_no_site_seed_or_data_with_the_scenario() -> None:
-    from simulations.compare import PUBLIC_SITES, public_scenario
-
     demo = sc.load("demo")
     public = public_scenario(demo)
     assert public.sites.site_names() == list(PUBLIC_SITES) and not set(PUBLIC_SITES) & set(demo.sites.site_names())

@@ -1,0 +1,225 @@
+"""A real federation on loopback: ``fl-server`` and one ``fl-client`` per site, as a consortium runs it.
+
+The one harness behind ``make demo``, the benchmarks and the end-to-end tests.
+It enrolls the sites (unless insecure), starts the coordinator on a free
+loopback port, waits until it listens, starts the sites, waits for the run, and
+stops exactly the processes it started and their children (never by name).
+Layout under ``root``: ``server/`` (the coordinator's workdir), ``site-<X>/``
+(each site's workdir), ``logs/`` (``fl-server.log``, ``site-<X>.log``) and
+``flwr-home/`` (the ``FLWR_HOME`` of every child, so nothing touches ``~/.flwr``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from common.errors import FederationError
+from common.flower import flower_bin
+from common.processes import (
+    LOOPBACK,
+    ManagedProcess,
+    ProcessSet,
+    can_connect,
+    crash,
+    free_port,
+    wait_until,
+)
+from common.runfolder import RunFolder
+
+__all__ = ["Federation"]
+
+
+class Federation:
+    """fl-server and its sites on loopback; a context manager that stops every process it started.
+
+    Parameters
+    ----------
+    root
+        Work folder of the whole federation (see the module docstring).
+    sites
+        Site names.
+    data
+        A folder with one sub-folder per site, or each site's data folder.
+    server_args
+        Further ``fl-server`` options (``--rounds``, ``--run-config`` ...).
+    client_args
+        Further ``fl-client`` options, for every site or per site.
+    secure
+        Enroll every site and join with its kit (TLS, SecAgg+); else ``--insecure``.
+    threads
+        ``fl-client --threads``.
+    server_cmd, server_cwd
+        How to start fl-server (default: the installed one), e.g. from a copy of the app.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        sites: Sequence[str],
+        data: Path | Mapping[str, Path],
+        *,
+        server_args: Sequence[str] = (),
+        client_args: Sequence[str] | Mapping[str, Sequence[str]] = (),
+        secure: bool = True,
+        threads: int = 1,
+        server_cmd: Sequence[str] | None = None,
+        server_cwd: Path | None = None,
+    ) -> None:
+        self.root = root.resolve()
+        self.sites = list(sites)
+        self.data = {s: data[s] for s in self.sites} if isinstance(data, Mapping) else {s: data / s for s in self.sites}
+        self.server_args, self.client_args = list(server_args), client_args
+        self.secure, self.threads = secure, threads
+        self.server_cmd = list(server_cmd) if server_cmd else [flower_bin("fl-server")]
+        self.server_cwd = server_cwd
+        self.port = free_port()
+        self.procs = ProcessSet()
+        self.server: ManagedProcess | None = None
+        self.clients: dict[str, ManagedProcess] = {}
+        self.pids: set[int] = set()  # every PID seen: what was started and its children
+        self.env = {**os.environ, "FLWR_HOME": str(self.root / "flwr-home")}
+
+    @property
+    def server_dir(self) -> Path:
+        return self.root / "server"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def site_dir(self, site: str) -> Path:
+        return self.root / f"site-{site}"
+
+    def kit(self, site: str) -> Path:
+        return self.server_dir / "kits" / site
+
+    def __enter__(self) -> Self:
+        self.procs.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.remember()
+        self.procs.__exit__(exc_type, exc, tb)
+
+    def enroll(self, site: str) -> Path:
+        """``fl-server enroll --site SITE``: the site's key pair and kit; the kit folder."""
+        proc = subprocess.run(
+            [*self.server_cmd, "enroll", "--site", site, "--workdir", str(self.server_dir),
+             "--server-address", f"{LOOPBACK}:{self.port}"],
+            capture_output=True, text=True, check=False, cwd=self.server_cwd, env=self.env,
+        )
+        if proc.returncode != 0:
+            raise FederationError(f"fl-server enroll --site {site} failed: {proc.stderr.strip()[-500:]}")
+        return self.kit(site)
+
+    def start_server(self, *, resume: Path | None = None, timeout: float = 120.0) -> ManagedProcess:
+        """Start fl-server (or ``fl-server --resume RUN_DIR``) and wait until it accepts connections."""
+        insecure = [] if self.secure else ["--insecure"]
+        if resume is None:
+            args = ["--port", str(self.port), "--workdir", str(self.server_dir),
+                    "--min-sites", str(len(self.sites)), *insecure, *self.server_args]
+            log = self.logs / "fl-server.log"
+        else:
+            args = [*insecure, "--resume", str(resume), "--port", str(self.port)]
+            log = self.logs / "fl-server-resumed.log"
+        server = self.procs.start("fl-server", [*self.server_cmd, *args], log_path=log, cwd=self.server_cwd,
+                                  env=self.env)
+        self.server = server
+        accepted = [0]  # two connections in a row: one lucky connect is not a listening SuperLink
+
+        def listening() -> bool:
+            if not server.running():
+                raise FederationError(f"fl-server exited with code {server.popen.returncode} before listening; "
+                                      f"its log ends with:\n{server.tail(25)}")
+            accepted[0] = accepted[0] + 1 if can_connect(LOOPBACK, self.port, timeout=0.5) else 0
+            return accepted[0] >= 2
+
+        wait_until(listening, timeout=timeout, interval=0.3, what=f"fl-server to listen on {LOOPBACK}:{self.port}")
+        self.remember()
+        return server
+
+    def join(self, site: str) -> ManagedProcess:
+        """Start the site's fl-client (with its kit, or ``--insecure --site``)."""
+        if self.secure:
+            how = ["--kit", str(self.kit(site))]
+        else:
+            how = ["--insecure", "--site", site, "--server", f"{LOOPBACK}:{self.port}"]
+        extra = self.client_args.get(site, ()) if isinstance(self.client_args, Mapping) else self.client_args
+        client = self.procs.start(
+            f"fl-client {site}",
+            [flower_bin("fl-client"), *how, "--data", str(self.data[site]), "--workdir", str(self.site_dir(site)),
+             "--threads", str(self.threads), *extra],
+            log_path=self.logs / f"site-{site}.log", env=self.env,
+        )
+        self.clients[site] = client
+        return client
+
+    def start(self) -> Federation:
+        """Enroll (when secure and not yet done), start fl-server, then every site."""
+        for site in self.sites:
+            if self.secure and not self.kit(site).is_dir():
+                self.enroll(site)
+        self.start_server()
+        for site in self.sites:
+            self.join(site)
+        return self
+
+    def remember(self) -> None:
+        """Add every live PID of the federation to :attr:`pids`."""
+        self.pids |= self.procs.pids()
+
+    def wait(self, *, timeout: float, until: Callable[[], bool] | None = None, what: str = "the end of the run",
+             on_poll: Callable[[], object] | None = None, interval: float = 0.5) -> None:
+        """Until ``until()`` holds or, without ``until``, fl-server exits; a site that dies fails the wait."""
+        server = self.server
+        assert server is not None, "start the server first"
+
+        def done() -> bool:
+            self.remember()
+            if on_poll is not None:
+                on_poll()
+            if until is not None and until():
+                return True
+            if not server.running():
+                if until is None:
+                    return True
+                raise FederationError(f"fl-server exited with code {server.popen.returncode} before {what}; "
+                                      f"its log ends with:\n{server.tail(25)}")
+            for site, client in self.clients.items():
+                if not client.running():
+                    raise FederationError(f"fl-client {site} exited with code {client.popen.returncode} before "
+                                          f"{what}; its log ends with:\n{client.tail(25)}")
+            return False
+
+        try:
+            wait_until(done, timeout=timeout, interval=interval, what=what)
+        except TimeoutError as exc:
+            raise FederationError(f"{exc}; fl-server's log ends with:\n{server.tail(25)}") from exc
+
+    def check_exit(self) -> None:
+        """Raise unless fl-server exited with code 0."""
+        assert self.server is not None
+        code = self.server.popen.poll()
+        if code != 0:
+            raise FederationError(f"fl-server exited with code {code}; its log ends with:\n{self.server.tail(25)}")
+
+    def crash_server(self) -> list[int]:
+        """SIGKILL the coordinator's whole process tree, frozen first: a crash, nothing cleaned up."""
+        assert self.server is not None
+        self.remember()
+        killed = crash(self.server.pid)
+        self.server.popen.wait(timeout=10)
+        wait_until(lambda: not can_connect(LOOPBACK, self.port, timeout=0.5), timeout=30, interval=0.2,
+                   what=f"the killed coordinator's port {self.port} to close")
+        return killed
+
+    def run_folder(self) -> RunFolder | None:
+        """The coordinator's run folder (the latest), or None before it exists."""
+        found = RunFolder.in_workdir(self.server_dir)
+        return found[-1] if found else None

@@ -1,0 +1,243 @@
+"""One simulated run: the run config fl-sim sets; data, caches and site table; the Flower App run with a live display.
+
+What :func:`simulate` leaves is described in :mod:`simulations.sim`; ``fl-sim compare``
+(:mod:`simulations.compare`) runs it once per federated arm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Self
+
+from common.config import RunConfig
+from common.errors import ConfigError, FederationError
+from common.files import write_atomic
+from common.runfolder import RunFolder
+from simulations.runtime import SimulationMetrics, new_run_id, project_dir, run_app
+from simulations.scenario import RESERVED_RUN_KEYS, Scenario
+from simulations.sites import prepare_data, site_rows, warm_caches
+
+SIM_TRANSPORT = "simulation (Flower Simulation Runtime, Ray, one process)"
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """One finished simulated run."""
+
+    run_id: int
+    run_dir: Path
+    report: dict[str, Any]
+    seconds: float
+    messages: int
+    clientapp_seconds: float
+
+
+def project_run_defaults() -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` defaults of the project."""
+    import tomllib
+
+    with (project_dir() / "pyproject.toml").open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def run_overrides(sc: Scenario, *, workdir: Path, runs_dir: Path, table: Path) -> dict[str, Any]:
+    """The scenario's ``[run]`` values plus what fl-sim sets itself; unknown keys are errors."""
+    defaults = project_run_defaults()
+    unknown = sorted(set(sc.run) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"Expected [run] keys of the project's run config, but got {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(k for k in defaults if k not in RESERVED_RUN_KEYS))})"
+        )
+    overrides = dict(sc.run)
+    overrides.setdefault("min-sites", min(sc.sites.count, max(2, int(defaults.get("min-sites", 2)))))
+    overrides.update(
+        {"workdir": str(workdir), "runs-dir": str(runs_dir), "sim-sites": str(table), "transport": SIM_TRANSPORT}
+    )
+    if overrides.get("init-weights"):
+        overrides.update(checked_init_weights(overrides))
+    return overrides
+
+
+def checked_init_weights(overrides: dict[str, Any]) -> dict[str, str]:
+    """The scenario's ``run.init-weights`` file (``fl-sim run --init-weights FILE``), checked against the run's model.
+
+    A relative path is taken from the current folder. A scenario may pin the file's
+    hash with ``run.init-weights-sha256``; otherwise it is computed here.
+
+    Returns
+    -------
+    dict
+        ``init-weights`` (the absolute path) and ``init-weights-sha256``, for the run config.
+    """
+    from common.weights import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, init_weights_config
+
+    path, pinned = overrides[INIT_WEIGHTS_KEY], overrides.get(INIT_WEIGHTS_SHA256_KEY) or None
+    if not isinstance(path, str) or (pinned is not None and not isinstance(pinned, str)):
+        raise ConfigError(
+            f"Expected `run.init-weights` to be a file path (and `run.init-weights-sha256` a hex string), "
+            f"but got {path!r}"
+        )
+    from common.weights import load_init_weights, model_for_run
+    from server.secure import check_model_fits
+
+    rest = {k: v for k, v in overrides.items() if k not in (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY)}
+    run = checked_run_config(rest)
+    entries = init_weights_config(Path(path), run=run, expected_sha256=pinned)
+    if run.secagg.enabled:  # as fl-server does: refuse a range the sites would refuse to mask, before anything runs
+        weights, _ = load_init_weights(Path(entries[INIT_WEIGHTS_KEY]), model=model_for_run(run),
+                                       expected_sha256=entries[INIT_WEIGHTS_SHA256_KEY])
+        check_model_fits(weights, run.secagg)
+    return entries
+
+
+def checked_run_config(overrides: dict[str, Any]) -> RunConfig:
+    """The run's config: the project's defaults with ``overrides``, validated as the ServerApp does."""
+    return RunConfig.from_flower({**project_run_defaults(), **overrides})
+
+
+class _Progress:
+    """A live rich display of rounds and site messages, fed from report.json and the runtime's counters."""
+
+    def __init__(self, *, run_dir: Path, rounds: int, sites: int, metrics: SimulationMetrics, enabled: bool) -> None:
+        self.folder, self.rounds, self.sites, self.metrics = RunFolder(run_dir), rounds, sites, metrics
+        self.enabled = enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._loop, name="fl-sim-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return self.folder.read_report()
+        except (OSError, ValueError):
+            return {}
+
+    def _loop(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            transient=False,
+        ) as bar:
+            rounds = bar.add_task("rounds", total=self.rounds)
+            messages = bar.add_task(f"site messages ({self.sites} sites)", total=None)
+            while not self._stop.wait(0.5):
+                report = self._read()
+                done = [r for r in report.get("rounds", []) if "evaluate" in r or "train" in r]
+                last = next((r for r in reversed(report.get("rounds", [])) if "evaluate" in r), None)
+                auroc = (last or {}).get("evaluate", {}).get("pooled", {}).get("auroc")
+                spent = [s.get("epsilon") for s in report.get("sites", {}).values() if s.get("epsilon") is not None]
+                text = "rounds"
+                if auroc is not None:
+                    text += f"  AUROC {auroc:.3f}"
+                if spent:
+                    text += f"  ε ≤ {max(spent):.2f}"
+                bar.update(rounds, completed=len(done), description=text)
+                with self.metrics.lock:
+                    n, secs = self.metrics.messages, self.metrics.clientapp_seconds
+                bar.update(messages, completed=n, description=f"site messages ({self.sites} sites, {secs:.0f} s compute)")
+            report = self._read()
+            bar.update(rounds, completed=len([r for r in report.get("rounds", []) if "train" in r]))
+
+
+@contextlib.contextmanager
+def _flower_logs(log_file: Path, verbose: bool) -> Iterator[None]:
+    """Flower's console shows warnings only; everything (ours included) goes to ``log_file`` for the run."""
+    from flwr.common.logger import update_console_handler
+
+    if not verbose:
+        update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(handler)
+    flwr_logger.propagate = False
+    try:
+        yield
+    finally:
+        flwr_logger.removeHandler(handler)
+        for name in ("server", "common", "client"):  # use_flower_log_handlers copied it onto ours
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+
+def simulate(sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool = True, verbose: bool = False,
+             echo: Any = None) -> SimResult:
+    """Run one scenario end to end; returns the run's report (``runs_dir/<run-id>/report.json``)."""
+    say = echo or (lambda _text: None)
+    workdir, runs_dir = workdir.resolve(), runs_dir.resolve()
+    run_id = new_run_id()
+    table = workdir / "tables" / f"{run_id}.json"
+    overrides = run_overrides(sc, workdir=workdir, runs_dir=runs_dir, table=table)
+    run = checked_run_config(overrides)
+    t0 = time.monotonic()
+    data_dirs = prepare_data(sc.sites, workdir, classes=run.classes)
+    sites_dir = workdir / "sites" / sc.sites.data_key()
+    warm_caches(data_dirs, sites_dir, run)
+    say(f"{len(data_dirs)} sites ready ({time.monotonic() - t0:.1f} s: data and preprocessing caches)")
+    if len(data_dirs) < run.min_sites:
+        raise ConfigError(f"Expected at least min-sites={run.min_sites} sites, but the scenario has {len(data_dirs)}")
+    rows = site_rows(sc, data_dirs, sites_dir=sites_dir, ledgers_dir=workdir / "ledgers" / str(run_id))
+    write_atomic(table, json.dumps(rows, indent=1))
+    run_dir = runs_dir / str(run_id)
+    metrics = SimulationMetrics()
+    budgets = ", ".join(sorted({f"{r['max-epsilon']:g}" for r in rows}))
+    say(
+        f"run {run_id}: {len(rows)} sites, {run.num_server_rounds} rounds, "
+        f"DP {f'on (max ε {budgets})' if sc.privacy.dp else 'OFF'}, "
+        f"SecAgg+ {'on' if run.secagg.enabled else 'off'}, {sc.simulation.concurrency} sites at a time"
+    )
+    t1 = time.monotonic()
+    with _flower_logs(workdir / "logs" / f"{run_id}.log", verbose), _Progress(
+        run_dir=run_dir, rounds=run.num_server_rounds, sites=len(rows), metrics=metrics, enabled=progress
+    ):
+        try:
+            run_app(
+                run_id=run_id, num_sites=len(rows), run_config=overrides, concurrency=sc.simulation.concurrency,
+                threads_per_site=sc.simulation.threads_per_site, metrics=metrics, verbose=verbose,
+            )
+        except RuntimeError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, Exception) and not isinstance(cause, RuntimeError):
+                raise cause from None
+            raise FederationError(f"the simulation stopped: {exc} (log: {workdir / 'logs' / f'{run_id}.log'})") from exc
+    seconds = time.monotonic() - t1
+    try:
+        report = RunFolder(run_dir).read_report()
+    except (OSError, ValueError) as exc:
+        raise FederationError(f"the simulation left no report in {run_dir} ({exc})") from exc
+    return SimResult(
+        run_id=run_id, run_dir=run_dir, report=report, seconds=seconds,
+        messages=metrics.messages, clientapp_seconds=metrics.clientapp_seconds,
+    )
+
+
+def with_privacy(sc: Scenario, *, dp: bool, epsilon: float | None = None) -> Scenario:
+    """The same scenario with DP switched on/off (and one ε for every site)."""
+    privacy = replace(sc.privacy, dp=dp, epsilon=(epsilon,) if epsilon is not None else sc.privacy.epsilon)
+    return replace(sc, privacy=privacy)

@@ -1,0 +1,106 @@
+"""The virtual sites of a scenario: their data (generated or partitioned once), preprocessing caches and node configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.files import write_atomic
+from simulations.scenario import Scenario, SitesSpec
+
+DATA_MARKER = ".fedrad-sim-data.json"
+
+
+def _synthesize(spec: SitesSpec, out: Path) -> None:
+    from simulations.synth import SiteSpec, synthesize_sites
+
+    names, images = spec.site_names(), spec.images_per_site()
+    prevalence: list[float | None] = [None] * spec.count
+    if spec.alpha:
+        from simulations.partition import dirichlet_prevalences
+
+        prevalence = [*dirichlet_prevalences(spec.count, alpha=spec.alpha, seed=spec.seed)]
+    elif spec.prevalence:
+        prevalence = [*spec.prevalence] * spec.count if len(spec.prevalence) == 1 else [*spec.prevalence]
+    scanners: list[str | None] = [None] * spec.count
+    if spec.scanners:
+        scanners = [*spec.scanners] * spec.count if len(spec.scanners) == 1 else [*spec.scanners]
+    specs = [
+        SiteSpec(name=n, images=i, prevalence=p, scanner=s)
+        for n, i, p, s in zip(names, images, prevalence, scanners, strict=True)
+    ]
+    synthesize_sites(out, specs, seed=spec.seed, size=spec.image_size, workers=os.cpu_count() or 1)
+
+
+def _partition(spec: SitesSpec, out: Path, classes: tuple[str, ...]) -> None:
+    from simulations.partition import partition_folder
+
+    partition_folder(
+        Path(spec.folder).expanduser().resolve(), out, sites=spec.count, alpha=spec.alpha or None,
+        sizes=list(spec.sizes) or None, seed=spec.seed, classes=classes,
+    )
+
+
+def prepare_data(spec: SitesSpec, workdir: Path, *, classes: tuple[str, ...] = ("0", "1")) -> dict[str, Path]:
+    """Each virtual site's data folder; generated (or partitioned) once per data spec, then reused.
+
+    The folder appears complete or not at all: it is built under a temporary
+    name and renamed when done.
+    """
+    root = workdir / "data" / spec.data_key()
+    if not (root / DATA_MARKER).is_file():
+        tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            if spec.source == "synth":
+                _synthesize(spec, tmp)
+            else:
+                _partition(spec, tmp / "sites", classes)
+                for child in (tmp / "sites").iterdir():
+                    child.rename(tmp / child.name)
+                (tmp / "sites").rmdir()
+            sites = sorted(p.name for p in tmp.iterdir() if p.is_dir())
+            write_atomic(tmp / DATA_MARKER, json.dumps({"sites": sites, "spec": spec.__dict__}, default=str))
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    sites = json.loads((root / DATA_MARKER).read_text())["sites"]
+    return {name: root / name for name in sites}
+
+
+def warm_caches(data_dirs: dict[str, Path], sites_dir: Path, run: RunConfig) -> None:
+    """Build every site's preprocessing cache now (what each site would do on its first message)."""
+    from client.data.dataset import load_site_data
+
+    for name, data_dir in data_dirs.items():
+        load_site_data(
+            data_dir=data_dir, work_dir=sites_dir / name, config=run.preprocess, classes=run.classes,
+            val_fraction=run.val_fraction, seed=run.seed, workers=1,
+        )
+
+
+def site_rows(sc: Scenario, data_dirs: dict[str, Path], *, sites_dir: Path, ledgers_dir: Path) -> list[dict[str, Any]]:
+    """One node config per virtual site (what ``fl-client`` would pass a real SuperNode)."""
+    epsilons = sc.epsilons() if len(data_dirs) == sc.sites.count else [sc.privacy.epsilon[0]] * len(data_dirs)
+    return [
+        {
+            "site": name,
+            "data-dir": str(path),
+            "work-dir": str(sites_dir / name),
+            "ledger-dir": str(ledgers_dir / name),
+            "max-epsilon": float(eps),
+            "delta": float(sc.privacy.delta),
+            "privacy-unit": sc.privacy.unit,
+            "dp": sc.privacy.dp,
+            "secure-mode": sc.privacy.secure_mode,
+            "threads": sc.simulation.threads_per_site,
+            "device": "auto",
+        }
+        for (name, path), eps in zip(data_dirs.items(), epsilons, strict=True)
+    ]
