@@ -12,7 +12,7 @@ from common.errors import FederationError
 from common.models import build_model
 from common.processes import free_port
 from common.weights import file_sha256
-from server import cli
+from server import cli, coordinator, superlink
 
 
 class _NotStarted(FederationError):
@@ -23,7 +23,7 @@ class _NotStarted(FederationError):
 def no_superlink(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Every run config fl-server checked; starting the SuperLink stops the command instead."""
     checked: list[list[str]] = []
-    real = cli._check_run_config
+    real = coordinator.check_run_config
 
     def spy(config_args: list[str]) -> Any:
         checked.append(list(config_args))
@@ -32,8 +32,8 @@ def no_superlink(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     def refuse(*_args: Any, **_kwargs: Any) -> None:
         raise _NotStarted("validation passed; no SuperLink in unit tests")
 
-    monkeypatch.setattr(cli, "_check_run_config", spy)
-    monkeypatch.setattr(cli, "start_superlink", refuse)
+    monkeypatch.setattr(coordinator, "check_run_config", spy)
+    monkeypatch.setattr(superlink, "start_superlink", refuse)
     return checked
 
 
@@ -80,3 +80,22 @@ def test_init_weights_without_their_hash_or_with_resume_are_refused(
     assert code == 2 and "init-weights-sha256" in err and "--init-weights FILE" in err
     code, err = serve(capsys, tmp_path, "--init-weights", tmp_path / "w.pt", "--resume", tmp_path / "runs" / "1")
     assert code == 2 and "`--resume`" in err
+
+
+def test_write_connection_points_flwr_at_the_loopback_superlink(tmp_path: Path) -> None:
+    import tomllib
+
+    superlink.write_connection(tmp_path / "plain", 9093)
+    superlink.write_connection(tmp_path / "tls", 9094, ca_cert=tmp_path / "ca.crt")
+    plain = tomllib.loads((tmp_path / "plain" / "config.toml").read_text())
+    assert plain == {"superlink": {"default": "fedrad", "fedrad": {"address": "127.0.0.1:9093", "insecure": True}}}
+    tls = tomllib.loads((tmp_path / "tls" / "config.toml").read_text())["superlink"]["fedrad"]
+    assert tls == {"address": "127.0.0.1:9094", "root-certificates": str(tmp_path / "ca.crt")}
+
+
+def test_run_config_values_reach_flower_unchanged() -> None:
+    from flwr.common.config import parse_config_args
+
+    values = {"transport": "insecure (plain HTTP on 127.0.0.1:1)", "window": "brän", "lr": 1e-05, "rounds": 3,
+              "secagg": False, "path": "C:\\w.pt"}
+    assert parse_config_args([" ".join(f"{k}={coordinator.toml_value(v)}" for k, v in values.items())]) == values

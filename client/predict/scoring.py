@@ -1,0 +1,172 @@
+"""Scoring a folder of DICOM files for ``fl-predict``: the training ingest and cache, then the model."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from client.predict.model import TrainedModel, load_model
+from common.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger("fl-predict")
+OK, REJECTED = "ok", "rejected"
+
+
+def predict_probs(
+    model: nn.Module, *, images: np.ndarray, device: torch.device, num_classes: int, batch_size: int = 256
+) -> np.ndarray:
+    """Class probabilities ``(n, num_classes)`` of ``model`` in eval mode, as evaluation computes them.
+
+    Binary models have one logit: ``P(class 1) = sigmoid(logit)``; otherwise softmax over the logits.
+    """
+    import torch
+
+    model = model.to(device).eval()
+    out = np.zeros((len(images), num_classes), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))  # a copy: the cache is read-only
+            logits = model(x.to(device)).float().cpu()
+            if num_classes == 2:
+                p = torch.sigmoid(logits.squeeze(1))
+                probs = torch.stack([1 - p, p], dim=1)
+            else:
+                probs = torch.softmax(logits, dim=1)
+            out[start : start + len(x)] = probs.numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One file under ``--data``: its frames' probabilities, or why it was rejected."""
+
+    file: str  # relative to --data, ``/``-separated
+    status: str  # "ok" or "rejected"
+    reason: str = ""
+    sop_instance_uid: str = ""
+    probs: np.ndarray | None = None  # (frames, classes) when ok
+
+
+@dataclass(frozen=True)
+class Predictions:
+    files: list[FileResult]
+    classes: tuple[str, ...]
+
+    @property
+    def images(self) -> int:
+        return sum(len(f.probs) for f in self.files if f.probs is not None)
+
+    def rejections(self) -> Counter[str]:
+        return Counter(f.reason for f in self.files if f.status == REJECTED)
+
+
+def score_folder(
+    *,
+    trained: TrainedModel,
+    data_dir: Path,
+    work_dir: Path,
+    device: str = "auto",
+    batch_size: int = 256,
+    workers: int = 0,
+) -> tuple[Predictions, dict[str, Any]]:
+    """Ingest ``data_dir`` through the site cache (in ``work_dir``) and score every accepted image.
+
+    Returns the predictions and the cache index (for :func:`labelled_auroc`).
+
+    Raises
+    ------
+    DataError
+        When the data folder is missing or holds no file, or the cache cannot be written.
+    """
+    from client.data.cache import cache_dir, read_index, update_cache
+
+    if not data_dir.is_dir():
+        raise DataError(f"Data folder {data_dir} does not exist or is not a folder")
+    data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
+    if work_dir == data_dir:
+        raise ConfigError(f"Expected the work folder to differ from the data folder {data_dir}; pick another --work-dir")
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ConfigError(f"Expected the work folder {work_dir} to be a folder, but it is a file")
+    earlier = read_index(cache_dir(work_dir, trained.run.preprocess))
+    if earlier is not None and earlier.get("data_dir") != str(data_dir):
+        # One cache per data folder: scoring another folder here would replace it (e.g. fl-client's).
+        raise ConfigError(
+            f"The work folder {work_dir} holds the cache of another data folder ({earlier.get('data_dir')}); "
+            "use one --work-dir per data folder, never fl-client's work folder"
+        )
+    try:
+        update = update_cache(data_dir=data_dir, work_dir=work_dir, config=trained.run.preprocess, workers=workers)
+    except OSError as exc:
+        raise DataError(f"Cannot write the cache under {work_dir} ({exc.strerror or type(exc).__name__})") from None
+    index, store = update.index, update.store
+    if not index["paths"]:
+        raise DataError(f"No file in {data_dir} (labels.csv aside); point --data at the folder of DICOM files")
+    classes = trained.run.classes
+    probs = np.zeros((0, len(classes)), dtype=np.float32)
+    if store.shape[0]:
+        from client.training import resolve_device
+
+        model = load_model(trained)
+        probs = predict_probs(
+            model, images=store, device=resolve_device(device), num_classes=len(classes), batch_size=batch_size
+        )
+    files: list[FileResult] = []
+    for i, rel in enumerate(index["paths"]):
+        if index["status"][i] == OK:
+            start, count = index["rows"][i]
+            files.append(FileResult(rel, OK, sop_instance_uid=index["sop"][i], probs=probs[start : start + count]))
+        else:
+            files.append(FileResult(rel, REJECTED, reason=index["reasons"][rel]))
+    return Predictions(files=files, classes=classes), index
+
+
+def labelled_auroc(data_dir: Path, predictions: Predictions, index: dict[str, Any]) -> tuple[float, int] | None:
+    """AUROC of the scores against ``data_dir/labels.csv`` when it labels images of every class.
+
+    Returns ``(auroc, labelled images)``, or ``None`` (no labels.csv, or too few classes).
+    Binary: ``BinaryAUROC`` of P(class 1); multi-class: macro one-vs-rest ``MulticlassAUROC``.
+    """
+    from client.data.labels import LABELS_FILE, read_labels
+
+    if not (data_dir / LABELS_FILE).is_file():
+        return None
+    classes = predictions.classes
+    try:
+        labels = read_labels(data_dir, classes=classes)
+    except DataError as exc:
+        log.warning("%s not used for AUROC: %s", LABELS_FILE, exc)
+        return None
+    keys = {"SOPInstanceUID": index["sop"], "StudyInstanceUID": index["study"],
+            "SeriesInstanceUID": index["series"], "path": index["paths"]}[labels.key]
+    by_path = {rel: i for i, rel in enumerate(index["paths"])}
+    targets: list[int] = []
+    scores: list[np.ndarray] = []
+    for result in predictions.files:
+        if result.probs is None:
+            continue
+        label = labels.by_key.get(keys[by_path[result.file]])
+        if label is not None:
+            targets += [label] * len(result.probs)
+            scores.append(result.probs)
+    if not targets or len(set(targets)) < len(classes):
+        return None
+    import torch
+    from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
+
+    y = torch.tensor(targets)
+    p = torch.from_numpy(np.concatenate(scores))
+    if len(classes) == 2:
+        value = BinaryAUROC()(p[:, 1], y)
+    else:
+        value = MulticlassAUROC(num_classes=len(classes), average="macro")(p, y)
+    return float(value), len(targets)
+

@@ -1,0 +1,260 @@
+"""The steps of ``fl-server serve`` (launching, not in the federation): checks first, then run, then report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import WINDOW_PRESETS, RunConfig
+from common.errors import ConfigError, FederationError
+from common.processes import LOOPBACK, ProcessSet, free_port, port_is_free
+from common.runfolder import RunFolder
+from server import superlink
+
+log = logging.getLogger("fl-server")
+INSECURE_BANNER = (
+    "WARNING: --insecure: plain HTTP. The SuperLink listens on 127.0.0.1 only, without TLS "
+    "or site enrollment: for demos and tests on one machine."
+)
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How the sites reach the SuperLink: TLS via the Fleet-API proxy with enrolled keys, or plain loopback HTTP."""
+
+    description: str  # the run config's ``transport``, for the report
+    bind: str  # the address the proxy listens on
+    tls: tuple[Path, Path, Path] | None = None  # (CA, server certificate, server key)
+    enrolled: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal, as ``flwr run --run-config 'key=VALUE'`` reads it."""
+    import tomli_w
+
+    return tomli_w.dumps({"v": value})[len("v = "):-1]
+
+
+def init_weights_config(init_weights: Path | None, *, resume: Path | None) -> dict[str, str]:
+    """The run-config entries of ``--init-weights``: its absolute path and SHA-256 (``{}`` without it)."""
+    if init_weights is None:
+        return {}
+    from common.weights import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, file_sha256
+
+    if resume is not None:
+        raise ConfigError(
+            "Expected no `--init-weights` with `--resume`, but got both; a resumed run goes on from its last "
+            "checkpoint (or from the initial weights it started with)"
+        )
+    path = init_weights.expanduser().resolve()
+    return {INIT_WEIGHTS_KEY: str(path), INIT_WEIGHTS_SHA256_KEY: file_sha256(path)}
+
+
+def resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, Any]]:
+    """The workdir and saved run config (with ``resume-run-id``) of the run to resume (one clear error when it cannot be)."""
+    from server.resume import load_state
+
+    state, workdir = load_state(run_dir), RunFolder(run_dir).workdir
+    if workdir is None:
+        raise ConfigError(f"Expected a run folder <workdir>/runs/<run-id>, but got {run_dir}")
+    if state.finished:
+        raise ConfigError(f"Run {state.run_id} already completed its {state.num_rounds} rounds; nothing to resume")
+    was_insecure = str(state.run_config.get("transport", "")).startswith("insecure")
+    if was_insecure != insecure:
+        raise ConfigError(
+            f"Run {state.run_id} was served {'with' if was_insecure else 'without'} --insecure; resume it the same way"
+        )
+    log.info("Resuming run %s after round %d of %d", state.run_id, state.completed_round, state.num_rounds)
+    return workdir, {**state.run_config, "resume-run-id": state.run_id}
+
+
+def check_address(*, window: str, insecure: bool, host: str, port: int) -> str:
+    """Check ``--window``, ``--host`` and ``--port``; returns the address to bind."""
+    if window not in WINDOW_PRESETS:
+        raise ConfigError(f"Expected `--window` to be one of {', '.join(WINDOW_PRESETS)}, but got {window!r}")
+    if insecure and host != LOOPBACK:
+        raise ConfigError(f"`--insecure` binds {LOOPBACK} only, but got --host {host}; drop --insecure to serve TLS")
+    bind = "0.0.0.0" if host in ("0.0.0.0", "*") else host
+    if not port_is_free(port, bind):
+        raise FederationError(f"Port {port} on {bind} is already in use; choose another with --port")
+    return bind
+
+
+def open_workdir(workdir: Path) -> Path:
+    """Create the workdir (absolute); FederationError when another ``fl-server`` serves from it."""
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if superlink.live_superlink(workdir) is not None:
+        raise FederationError(f"An fl-server already runs in {workdir}; one coordinator per workdir")
+    return workdir
+
+
+def choose_transport(
+    workdir: Path, *, insecure: bool, bind: str, port: int, min_sites: int, public_host: list[str]
+) -> Transport:
+    """Plain HTTP on loopback with ``insecure``, else TLS for the enrolled sites (CA and server certificate made once)."""
+    if insecure:
+        log.warning(INSECURE_BANNER)
+        return Transport(f"insecure (plain HTTP on {LOOPBACK}:{port}, no enrollment)", bind)
+    from server.enroll import Consortium
+
+    consortium = Consortium(workdir)
+    enrolled = consortium.sites()
+    if not enrolled:
+        raise ConfigError(
+            f"No site is enrolled in {workdir}; run `fl-server enroll --site A --workdir {workdir}` for "
+            "each hospital and hand it the kit (or use --insecure for a loopback demo)"
+        )
+    if len(enrolled) < min_sites:
+        raise ConfigError(f"Expected at least --min-sites {min_sites} enrolled sites, but {len(enrolled)} are")
+    ca = consortium.ensure_ca()
+    names = [h for h in public_host if h not in ("0.0.0.0", "*")]
+    if bind not in ("0.0.0.0", LOOPBACK) and bind not in names:
+        names.append(bind)
+    cert, key = consortium.ensure_server_cert(names)
+    description = f"tls (Fleet API only, via nginx on {bind}:{port}; {len(enrolled)} enrolled sites)"
+    return Transport(description, bind, (ca, cert, key), enrolled)
+
+
+def run_config_args(
+    options: dict[str, Any], *, init: dict[str, str], workdir: Path, transport: Transport,
+    saved: dict[str, Any] | None, extra: list[str],
+) -> list[str]:
+    """The ``--run-config`` arguments of the run: the options and ``extra``, or a resumed run's saved config.
+
+    A resumed run keeps its own config; only where the coordinator runs may change.
+    """
+    overrides = {**options, "workdir": str(workdir), "transport": transport.description, **init}
+    if saved is not None:
+        overrides = {k: v for k, v in saved.items() if k not in ("site-nodes", "resume-run-id")}
+        overrides.update(workdir=str(workdir), transport=transport.description,
+                         **{"resume-run-id": saved["resume-run-id"]})
+    return [" ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()), *(extra if saved is None else [])]
+
+
+def check_run_config(config_args: list[str]) -> RunConfig:
+    """Validate the run config here, so a bad value is one line now, not a failed run later."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        values = parse_config_args(config_args)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {config_args[1:]!r} ({exc})") from None
+    return RunConfig.from_flower(values)
+
+
+def check_init_weights(run: RunConfig, *, resume: Path | None) -> None:
+    """Check that the run's initial-weights file (if any) fits its model and the SecAgg+ range, before anything starts.
+
+    A resumed run needs the file only while no round has completed (a checkpoint wins).
+    """
+    if not run.init_weights.path:
+        return
+    if resume is not None:
+        from server.resume import load_state
+
+        if load_state(resume.resolve()).checkpoint is not None:
+            return
+    from common.weights import load_init_weights, model_for_run
+
+    weights, _ = load_init_weights(
+        Path(run.init_weights.path), model=model_for_run(run), expected_sha256=run.init_weights.sha256,
+        option="--init-weights" if resume is None else "init-weights",
+    )
+    if run.secagg.enabled:
+        from server.secure import check_model_fits
+
+        check_model_fits(weights, run.secagg)
+
+
+def run_federation(
+    workdir: Path, *, source: Path, transport: Transport, port: int, config_args: list[str], min_sites: int,
+    resumed: bool,
+) -> tuple[str, str, str]:
+    """Start the SuperLink (with TLS: register the sites, start the proxy), run, stop; (status, details, run id)."""
+    internal, ca = (port, None) if transport.tls is None else (free_port(), transport.tls[0])
+    env = superlink.cli_env(workdir)
+    superlink.write_connection(Path(env["FLWR_HOME"]), internal, ca_cert=ca)
+    if not resumed:  # a new run starts from a fresh SuperLink state
+        superlink.forget_superlink(workdir)
+    with ProcessSet() as procs:
+        process = superlink.start_superlink(procs, port=internal, workdir=workdir, tls=transport.tls)
+        try:
+            if resumed:
+                superlink.stop_stale_runs(env)
+            if transport.tls is not None:
+                site_nodes = _open_fleet(procs, workdir, env, transport, transport.tls, port=port, internal=internal)
+                config_args = [*config_args, site_nodes]
+            else:
+                log.info("SuperLink listening on %s:%d (log: %s)", LOOPBACK, port, process.log_path)
+            return superlink.submit_and_follow(
+                procs, process, source=source, config_args=config_args, env=env, min_sites=min_sites
+            )
+        finally:
+            superlink.save_live_state(workdir, None)
+
+
+def _open_fleet(
+    procs: ProcessSet, workdir: Path, env: dict[str, str], transport: Transport, tls: tuple[Path, Path, Path], *,
+    port: int, internal: int,
+) -> str:
+    """Register the enrolled sites, publish the live state and start the Fleet-API proxy; the ``site-nodes`` entry."""
+    from server.proxy import start_fleet_proxy
+
+    ca, cert, key = tls
+    nodes = superlink.register_enrolled(env, workdir, transport.enrolled)
+    superlink.save_live_state(workdir, {"pid": os.getpid(), "port": internal, "nodes": nodes})
+    start_fleet_proxy(procs, listen_host=transport.bind, listen_port=port, upstream_port=internal,
+                      cert=cert, key=key, ca=ca, workdir=workdir)
+    log.info("Fleet API on https://%s:%d (nginx); SuperLink on %s:%d; %d enrolled sites",
+             transport.bind, port, LOOPBACK, internal, len(transport.enrolled))
+    # Lets the report name a site that drops out before it said its name.
+    return "site-nodes=" + toml_value(",".join(f"{n}:{s}" for s, n in sorted(nodes.items())))
+
+
+def report_run(workdir: Path, run_id: str, *, status: str, details: str) -> dict[str, Any]:
+    """Print the run's summary; FederationError saying why and how to resume when it did not complete."""
+    run_dir = RunFolder.of(workdir, run_id).path
+    if status != "finished:completed":
+        try:  # the ServerApp writes why it stopped into the report
+            why = str(RunFolder(run_dir).read_report().get("status", ""))
+        except (OSError, ValueError):
+            why = ""
+        why = why if why.startswith("stopped") else ""
+        raise FederationError(
+            f"run {run_id} ended as {status}: {why or details or 'see ' + str(workdir / 'logs')}"
+            f"; after fixing the cause, continue it with `fl-server --resume {run_dir}`"
+        )
+    return print_summary(run_dir)
+
+
+def print_summary(run_dir: Path) -> dict[str, Any]:
+    """Print the pooled metrics per round and the privacy spent per site; returns the report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    folder = RunFolder(run_dir)
+    report = folder.read_report()
+    console = Console()
+    table = Table(title=f"fedrad run {report['run_id']}: pooled validation metrics")
+    for col in ("round", "AUROC", "sensitivity", "specificity", "F1", "accuracy"):
+        table.add_column(col, justify="right")
+    for r in report["rounds"]:
+        p = r.get("evaluate", {}).get("pooled", {})
+        table.add_row(str(r["round"]), *(f"{p[k]:.3f}" if p.get(k) is not None else "–"
+                                         for k in ("auroc", "sensitivity", "specificity", "f1", "accuracy")))
+    console.print(table)
+    sites = Table(title="privacy spent per site (reported by each site)")
+    for col in ("site", "ε", "δ", "max ε", "rounds trained"):
+        sites.add_column(col, justify="right")
+    for name, s in sorted(report["sites"].items()):
+        sites.add_row(name, *(f"{s[k]:{f}}" if s.get(k) is not None else "–"
+                              for k, f in (("epsilon", ".3f"), ("delta", "g"), ("max_epsilon", "g"))),
+                      str(s.get("rounds_trained", 0)))
+    console.print(sites)
+    console.print(f"report: {folder.report_json}  ({report['wall_seconds']:.0f} s)")
+    return report
+
