@@ -72,7 +72,7 @@ def synthetic_dataset(images: int, size: int) -> TensorDataset:
 
 
 def _train(model: Any, optimizer: Any, criterion: Any, loader: Any, epochs: int, max_steps: int | None = None) -> int:
-    """The training loop of ``client.training.train_dp``; returns the images it processed."""
+    """The training loop of ``client.app.training.train_dp``; returns the images it processed."""
     seen = 0
     for _ in range(epochs):
         for step, (x, y) in enumerate(loader):

@@ -4,9 +4,9 @@ Each *recipe* is a set of run-config overrides (``optimizer=sgd,learning-rate=2`
 on the demo's data and settings (``make demo``: sites A, B, C of 2,000 synthetic
 slices, seed 7, ε = 8 per site). Each *draw* is one federation trained in this
 process with the production pieces — each site's DP plan calibrated to its
-budget (``client.site.plan_privacy``), Opacus DP-SGD with the site's patient
-groups and noise from the OS CSPRNG (``client.training.train_dp``), example-
-weighted FedAvg (``server.validation.aggregate``), each site's validation
+budget (``client.app.site.plan_privacy``), Opacus DP-SGD with the site's patient
+groups and noise from the OS CSPRNG (``client.app.training.train_dp``), example-
+weighted FedAvg (``server.app.validation.aggregate``), each site's validation
 statistics pooled by ``common.metrics.pooled_metrics`` — but without Flower's
 message transport, so ten draws of a dozen recipes fit in minutes on many cores.
 The runtime itself is measured by ``fl-sim compare demo --repeats N``.
@@ -87,7 +87,7 @@ def _run_config(overrides: dict[str, Any], workdir: Path) -> Any:
 
 
 def _sites(run: Any, data: Path, workdir: Path, epsilon: float) -> list[dict[str, Any]]:
-    from client.site import _train_groups, open_data, plan_privacy
+    from client.app.site import _train_groups, open_data, plan_privacy
     from common.config import SiteConfig
 
     out = []
@@ -108,11 +108,11 @@ def one_draw(job: tuple[str, dict[str, Any], int, str, float]) -> dict[str, Any]
     name, overrides, draw, workdir_text, epsilon = job
     import torch
 
-    from client.evaluation import evaluate
-    from client.training import train_dp
+    from client.app.evaluation import evaluate
+    from client.app.training import train_dp
     from common.metrics import pooled_metrics
     from common.models import build_model
-    from server.validation import aggregate
+    from server.app.validation import aggregate
 
     torch.set_num_threads(1)
     workdir = Path(workdir_text)

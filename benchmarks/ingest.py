@@ -73,7 +73,7 @@ def main() -> None:
 
         import torch
 
-        from client.training import patient_groups, train_dp
+        from client.app.training import patient_groups, train_dp
         from common.models import build_model
 
         train = data.train  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ RSS on the CPU), on fixed random 1-channel images and random binary labels:
   ``--batch-size`` images, clipping C = 1, sigma = 1;
 * ``ghost``: image-level DP-SGD with fast gradient clipping (Opacus' ``ghost``
   mode: per-sample gradient norms, then a second backward pass);
-* ``patient``: patient-level DP-SGD with fedrad's own ``client.training.train_dp``
+* ``patient``: patient-level DP-SGD with fedrad's own ``client.app.training.train_dp``
   (Poisson sampling of ``--patients`` patients per step, ``--slices`` slices
   each, per-image gradients averaged per patient before clipping), over four
   expected steps; images/s counts the slices of the sampled patients.
@@ -109,7 +109,7 @@ def one(model_name: str, size: int, mode: str, args: argparse.Namespace) -> dict
     model = build(model_name, size).to(device).train()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if mode == "patient":
-        from client.training import train_dp
+        from client.app.training import train_dp
 
         patients = 4 * args.patients
         rng = np.random.default_rng(0)

@@ -39,15 +39,15 @@ run (server start to server exit; the resumed run's includes the crash and the
 restart).
 
 Why the runs should match bit for bit: with ``--no-secure-mode`` a site seeds
-its DP sampling and noise from the run's seed (``client/training.py``:
+its DP sampling and noise from the run's seed (``client/app/training.py``:
 ``seed * 100003 + round``, noise ``+1``, slices ``+3``, augmentation ``+2``),
-the initial model is built from the run seed (``server/app.py``), the
+the initial model is built from the run seed (``server/app/main.py``), the
 train/validation split from it too, and every site trains on one CPU thread. A
 site asked again for a round it trained and booked, with the same weights,
-sends the update it stored (``client/replay.py``); a site that had not trained
+sends the update it stored (``client/app/replay.py``); a site that had not trained
 it trains it from the same weights with the same seed. The one order-dependent
 step is FedAvg's float64 sum over the updates in reply order, cast back to
-float32 (``server/validation.py::aggregate``): a different reply order can
+float32 (``server/app/validation.py::aggregate``): a different reply order can
 only change a weight where the float64 sums differ across a float32 rounding
 boundary (vanishingly rare).
 
@@ -196,7 +196,7 @@ def compare_states(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]
 
 
 def compare_checkpoints(path_a: Path, path_b: Path) -> dict[str, Any]:
-    from server.checkpoint import load_checkpoint
+    from server.app.checkpoint import load_checkpoint
 
     (a, _), (b, _) = load_checkpoint(path_a), load_checkpoint(path_b)
     return compare_states(a, b)

@@ -49,7 +49,7 @@ RUN_CONFIG_HELP = (
 
 def data_run_config(items: list[str] | None) -> RunConfig:
     """The run config for the data check, from ``-c 'key=value ...'`` (defaults otherwise)."""
-    from flwr.common.config import parse_config_args
+    from common.adapters.flower import parse_config_args
 
     try:
         overrides = parse_config_args(items or [])
@@ -144,7 +144,7 @@ def join(
     if not secure_mode and not check:
         log.warning("SECURE MODE IS OFF (--no-secure-mode): this site's DP noise is reproducible from the run's seed")
     if device == "cuda" and not check:
-        from client.training import resolve_device
+        from client.app.training import resolve_device
 
         resolve_device(device)
 
@@ -289,7 +289,7 @@ def check_coordinator_tls(host: str, port: int, ca_cert: Path) -> None:
 
 def _node_config_values(site: SiteConfig) -> dict[str, Any]:
     """The node config ``site`` renders to, parsed back the way Flower parses it."""
-    from flwr.common.config import parse_config_args
+    from common.adapters.flower import parse_config_args
 
     return parse_config_args([site.to_flower()])
 

@@ -227,7 +227,7 @@ class SecAggConfig:
     and of the shares (Flower rounds them; at least 2 shares are needed to
     reconstruct). Sites send ``num-examples / max-weight × weights``, clipped to
     ±``clipping-range`` and quantized to ``quantization-range`` levels; a site
-    refuses to mask an update that would be clipped (see :mod:`client.secure`).
+    refuses to mask an update that would be clipped (see :mod:`client.app.secure`).
     """
 
     enabled: bool = True
@@ -276,7 +276,7 @@ class SecAggConfig:
 
 
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
-OPTIMIZERS = ("sgd", "adam")  # client/training.py builds them
+OPTIMIZERS = ("sgd", "adam")  # client/app/training.py builds them
 
 
 def _momentum(value: Any) -> float:

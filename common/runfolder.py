@@ -100,5 +100,5 @@ class RunFolder:
         return _read_json(self.report_json)
 
     def read_state(self) -> dict[str, Any]:
-        """The coordinator's state, unchecked (``server.resume.load_state`` checks it)."""
+        """The coordinator's state, unchecked (``server.app.resume.load_state`` checks it)."""
         return _read_json(self.state)

@@ -55,7 +55,7 @@ def init_weights_config(init_weights: Path | None, *, resume: Path | None) -> di
 
 def resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, Any]]:
     """The workdir and saved run config (with ``resume-run-id``) of the run to resume (one clear error when it cannot be)."""
-    from server.resume import load_state
+    from server.app.resume import load_state
 
     state, workdir = load_state(run_dir), RunFolder(run_dir).workdir
     if workdir is None:
@@ -137,7 +137,7 @@ def run_config_args(
 
 def check_run_config(config_args: list[str]) -> RunConfig:
     """Validate the run config here, so a bad value is one line now, not a failed run later."""
-    from flwr.common.config import parse_config_args
+    from common.adapters.flower import parse_config_args
 
     try:
         values = parse_config_args(config_args)
@@ -154,7 +154,7 @@ def check_init_weights(run: RunConfig, *, resume: Path | None) -> None:
     if not run.init_weights.path:
         return
     if resume is not None:
-        from server.resume import load_state
+        from server.app.resume import load_state
 
         if load_state(resume.resolve()).checkpoint is not None:
             return
@@ -165,7 +165,7 @@ def check_init_weights(run: RunConfig, *, resume: Path | None) -> None:
         option="--init-weights" if resume is None else "init-weights",
     )
     if run.secagg.enabled:
-        from server.secure import check_model_fits
+        from server.app.secure import check_model_fits
 
         check_model_fits(weights, run.secagg)
 

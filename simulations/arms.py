@@ -91,7 +91,7 @@ def _train_central(run: RunConfig, parts: list[Any], *, epochs: int, seed: int) 
     """Train one fresh model (the ServerApp's initial weights) on the union of ``parts``' training splits."""
     import torch
 
-    from client.training import patient_groups, train_plain
+    from client.app.training import patient_groups, train_plain
     from common.models import build_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -112,7 +112,7 @@ def _train_central(run: RunConfig, parts: list[Any], *, epochs: int, seed: int) 
 def _statistics(model: Any, data: Any, run: RunConfig) -> dict[str, list[int]]:
     import torch
 
-    from client.evaluation import evaluate
+    from client.app.evaluation import evaluate
 
     outcome = evaluate(
         model, images=data.images(data.validation), labels=data.labels[data.validation],
@@ -131,7 +131,7 @@ def _scored(arm: str, label: str, stats: dict[str, dict[str, list[int]]], run: R
 
 def baseline(arm: str, sc: Scenario, run: RunConfig, workdir: Path) -> ArmResult:
     """The ``pooled`` or ``local`` arm: trained centrally (no DP, no federation), scored on every site."""
-    from client.site import open_data
+    from client.app.site import open_data
 
     t0 = time.monotonic()
     configs = _site_configs(sc, workdir, run)
@@ -214,7 +214,7 @@ def public_pretrain(sc: Scenario, run: RunConfig, workdir: Path, echo: Callable[
     """Pretrain without DP on the public dataset; the weights file and how that model alone scores on the sites."""
     from safetensors.torch import save
 
-    from client.site import open_data
+    from client.app.site import open_data
 
     t0 = time.monotonic()
     public = public_scenario(sc)

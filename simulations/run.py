@@ -86,7 +86,7 @@ def checked_init_weights(overrides: dict[str, Any]) -> dict[str, str]:
             f"but got {path!r}"
         )
     from common.weights import load_init_weights, model_for_run
-    from server.secure import check_model_fits
+    from server.app.secure import check_model_fits
 
     rest = {k: v for k, v in overrides.items() if k not in (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY)}
     run = checked_run_config(rest)
@@ -166,10 +166,10 @@ class _Progress:
 @contextlib.contextmanager
 def _flower_logs(log_file: Path, verbose: bool) -> Iterator[None]:
     """Flower's console shows warnings only; everything (ours included) goes to ``log_file`` for the run."""
-    from flwr.common.logger import update_console_handler
+    from common.adapters.flower import console_warnings_only
 
     if not verbose:
-        update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
+        console_warnings_only()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file)
     handler.setLevel(logging.INFO)

@@ -173,7 +173,7 @@ def predict(
     if threshold is None and trained.threshold is not None:
         threshold, chosen_by = trained.threshold, trained.threshold_rule
     if device == "cuda":
-        from client.training import resolve_device
+        from client.app.training import resolve_device
 
         resolve_device(device)  # fail now, not after decoding
     if not data.is_dir():

@@ -113,7 +113,7 @@ def score_folder(
     classes = trained.run.classes
     probs = np.zeros((0, len(classes)), dtype=np.float32)
     if store.shape[0]:
-        from client.training import resolve_device
+        from client.app.training import resolve_device
 
         model = load_model(trained)
         probs = predict_probs(

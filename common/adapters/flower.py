@@ -10,7 +10,8 @@ message, so import cost matters). What is wrapped, and why:
   ServerApp's task identity;
 - the SuperLink's delivery error codes;
 - the legacy ``fitins.*`` / ``fitres.*`` message format SecAgg+ speaks;
-- the SecAgg+ and default workflows' stage state, round loop and records.
+- the SecAgg+ and default workflows' stage state, round loop and records;
+- the ``flwr`` CLI's run-config parser and its console log handler.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
 __all__ = [
-    "TESTED_VERSION", "SecAggPlusHalt", "clientapp_metrics", "current_round", "fit_reply", "global_arrays",
+    "TESTED_VERSION", "SecAggPlusHalt", "clientapp_metrics", "console_warnings_only", "parse_config_args", "current_round", "fit_reply", "global_arrays",
     "read_fit_instructions", "run_secaggplus_stages", "run_simulation", "run_workflow_rounds", "secaggplus_stage",
     "serverapp_identity", "undelivered",
 ]
@@ -42,6 +43,36 @@ TESTED_VERSION = "1.41.0"
 """The Flower version fedrad was tested with."""
 
 require_version("flwr", TESTED_VERSION, install="flwr[simulation]")
+
+# -- The flwr CLI's config and logging ---------------------------------------------------------------
+
+
+def parse_config_args(items: list[str]) -> dict[str, Any]:
+    """``key=value ...`` strings (or a TOML file's path) parsed as ``flwr run --run-config`` parses them.
+
+    Parameters
+    ----------
+    items
+        What the user passed with ``--run-config`` / ``-c``.
+
+    Returns
+    -------
+    dict[str, Any]
+        Flat keys to TOML values; ``ValueError`` or ``OSError`` when malformed.
+    """
+    from flwr.common.config import parse_config_args as flwr_parse
+
+    return dict(flwr_parse(items))
+
+
+def console_warnings_only() -> None:
+    """Make Flower's console handler show warnings and errors only (fedrad logs the rest to a file)."""
+    import logging
+
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
+
 
 # -- Simulation Runtime --------------------------------------------------------------------------
 

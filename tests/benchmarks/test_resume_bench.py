@@ -28,9 +28,9 @@ from benchmarks.resume import (
     summarize_rows,
 )
 from common.ledger import Entry, Ledger
-from server.checkpoint import checkpoint_path, save_checkpoint
+from server.app.checkpoint import checkpoint_path, save_checkpoint
 
-# What client/site.py logs when it answers a lost round with its stored update, and when it trains one again.
+# What client/app/site.py logs when it answers a lost round with its stored update, and when it trains one again.
 REPLAY_LINE = (
     "WARNING : Site {site}: round {r} of run {run} was already trained and booked (ledger row 3); the coordinator "
     "lost it, so the same update is sent again: no new training, no new privacy cost"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.augment import augment_batch
+from client.app.augment import augment_batch
 from common.config import AugmentConfig, RunConfig
 from common.errors import ConfigError
 
@@ -42,7 +42,7 @@ def test_rotation_shift_and_intensity_stay_in_range_and_are_seeded() -> None:
 def test_augmentation_changes_training_but_not_privacy() -> None:
     import numpy as np
 
-    from client.training import train_dp
+    from client.app.training import train_dp
     from common.models import build_model
 
     images = np.random.default_rng(0).uniform(-1, 1, (64, 1, 32, 32)).astype(np.float32)

@@ -20,7 +20,7 @@ from client.predict import main
 from common.config import RunConfig
 from common.errors import DicomRejected
 from common.models import build_model
-from server.checkpoint import (
+from server.app.checkpoint import (
     annotate_checkpoint,
     checkpoint_path,
     load_checkpoint,
@@ -49,7 +49,7 @@ def _save(run_dir: Path, server_round: int, config: dict[str, object], *, seed: 
 
 
 def _state(checkpoint: str | None, config: dict[str, object]) -> dict[str, object]:
-    """``state.json`` as the coordinator writes it after a completed round (server/resume.py)."""
+    """``state.json`` as the coordinator writes it after a completed round (server/app/resume.py)."""
     return {"run_id": "42", "completed_round": 1 if checkpoint else 0, "num_rounds": 2, "checkpoint": checkpoint,
             "run_config": config, "format": "fedrad-coordinator-1"}
 
@@ -416,7 +416,7 @@ def test_a_trained_model_ranks_held_out_synthetic_files(tmp_path: Path, capsys: 
     """Trained for a few epochs on one synthetic site, scored on another's files (AUROC ≈ 0.75)."""
     from sklearn.metrics import roc_auc_score
 
-    from client.training import train_plain
+    from client.app.training import train_plain
     from simulations.synth import SiteSpec, synthesize_sites
 
     synthesize_sites(tmp_path / "synth", [SiteSpec("A", 600), SiteSpec("B", 200)], seed=5, size=32)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.replay import UPDATES_DIR, UpdateStore, weights_digest
-from client.site import train_round
+from client.app.replay import UPDATES_DIR, UpdateStore, weights_digest
+from client.app.site import train_round
 from common.config import RunConfig, SiteConfig
 from common.ledger import Ledger
 from common.models import build_model
@@ -102,7 +102,7 @@ def test_an_unreadable_stored_update_means_training_again(
     store = UpdateStore(tmp_path)
     path = store.save(run_id="7", server_round=1, started_from="abc", weights=_state(), metrics={}, facts={})
     path.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="client.replay"):
+    with caplog.at_level(logging.WARNING, logger="client.app.replay"):
         assert store.load(run_id="7", server_round=1, started_from="abc") is None
     assert "unreadable" in caplog.text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.secure import check_bounds
+from client.app.secure import check_bounds
 from common.config import SecAggConfig
 from common.errors import UpdateOutOfRange
 

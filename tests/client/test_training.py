@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.site import evaluate_round, plan_privacy, train_round
-from client.training import _mean_per_group, patient_groups, train_dp
+from client.app.site import evaluate_round, plan_privacy, train_round
+from client.app.training import _mean_per_group, patient_groups, train_dp
 from common.config import PreprocessConfig, RunConfig, SiteConfig
 from common.errors import DataError, PrivacyBudgetExceeded
 from common.ledger import Ledger
@@ -245,7 +245,7 @@ def test_train_plain_takes_the_dp_number_of_steps_without_noise() -> None:
     import numpy as np
     import torch
 
-    from client.training import group_members, train_plain
+    from client.app.training import group_members, train_plain
     from common.models import build_model
 
     rng = np.random.default_rng(0)

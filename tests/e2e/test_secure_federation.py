@@ -96,7 +96,7 @@ def _stages(site_workdir: Path) -> Iterator[dict]:
 def test_secagg_over_tls_equals_plaintext_fedavg_and_the_coordinator_sees_only_masked_updates(
     three_sites: Path, tmp_path: Path
 ) -> None:
-    from server.checkpoint import load_checkpoint
+    from server.app.checkpoint import load_checkpoint
 
     port = free_port()
     inspect = tmp_path / "inspect"

@@ -1,4 +1,4 @@
-"""server.learning: is the run learning? Pure functions over report rounds."""
+"""server.app.learning: is the run learning? Pure functions over report rounds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from server.learning import (
+from server.app.learning import (
     BELOW_CHANCE,
     LEARNING,
     NOT_LEARNING,

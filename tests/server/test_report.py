@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from matplotlib.image import imread
 
-import server.report as report_module
+import server.app.report as report_module
 from common.runfolder import PLOT_FILES
-from server import plots
-from server.plots import (
+from server.app import plots
+from server.app.plots import (
     DPI,
     FIGSIZE,
     MAX_SITE_LINES,
@@ -24,7 +24,7 @@ from server.plots import (
     plot_series,
     write_plots,
 )
-from server.report import RunReport, load_report
+from server.app.report import RunReport, load_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAN = float("nan")

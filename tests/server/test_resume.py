@@ -1,4 +1,4 @@
-"""Coordinator state (server.resume), the resumed report (RunReport.load) and the round/resume config."""
+"""Coordinator state (server.app.resume), the resumed report (RunReport.load) and the round/resume config."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from common.config import RoundPolicy, RunConfig
 from common.errors import ConfigError
 from common.runfolder import STATE
-from server.checkpoint import checkpoint_path, save_checkpoint
-from server.report import RunReport, load_report
-from server.resume import (
+from server.app.checkpoint import checkpoint_path, save_checkpoint
+from server.app.report import RunReport, load_report
+from server.app.resume import (
     FORMAT,
     CoordinatorState,
     load_state,

@@ -1,7 +1,7 @@
-"""The plain round loop (server.rounds.PlainRounds) against a fake Flower grid.
+"""The plain round loop (server.app.rounds.PlainRounds) against a fake Flower grid.
 
 The grid answers each message through one fake site per node, with real Flower
-``Message`` replies built the way ``client/app.py`` builds them, so everything
+``Message`` replies built the way ``client/app/handlers.py`` builds them, so everything
 from message construction (TTL, server round) to screening, aggregation,
 checkpoint, report and evaluation runs as in a deployment; only the network is
 faked.
@@ -33,10 +33,10 @@ from common.adapters.flower import serverapp_identity
 from common.config import RunConfig
 from common.metrics import sufficient_statistics
 from common.models import build_model
-from server.checkpoint import load_checkpoint
-from server.report import RunReport, load_report
-from server.rounds import PlainRounds, RunStopped, _expires, wait_for_sites
-from server.strategy import BudgetsSpent, FedradFedAvg, Names
+from server.app.checkpoint import load_checkpoint
+from server.app.report import RunReport, load_report
+from server.app.rounds import PlainRounds, RunStopped, _expires, wait_for_sites
+from server.app.strategy import BudgetsSpent, FedradFedAvg, Names
 
 StateDict = OrderedDict[str, torch.Tensor]
 
@@ -53,7 +53,7 @@ def _serverapp_identity() -> Iterator[None]:
 
 @dataclass
 class Site:
-    """One fake site: answers train and evaluate messages like client/app.py does.
+    """One fake site: answers train and evaluate messages like client/app/handlers.py does.
 
     ``mode`` (or ``modes[round]``) says how it answers a training message: ``ok``, ``silent``
     (no reply before the deadline), ``error`` (a Flower error reply), ``nan`` (an update with
@@ -426,7 +426,7 @@ def test_a_reply_without_metrics_is_rejected_not_fatal(tmp_path: Path) -> None:
 
 
 def test_names_come_from_keys_when_enrolled_and_from_the_first_reply_otherwise() -> None:
-    from server.strategy import Names
+    from server.app.strategy import Names
 
     names = Names({7: "E"})
     claim = RecordDict({records.SITE: ConfigRecord({records.SITE_NAME: "A"})})

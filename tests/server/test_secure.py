@@ -14,9 +14,9 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from common import records
 from common.config import RunConfig, SecAggConfig
 from common.errors import ConfigError, FederationError
-from server.report import RunReport
-from server.secure import SecureFedAvg, check_model_fits, site_nodes
-from server.strategy import BudgetsSpent
+from server.app.report import RunReport
+from server.app.secure import SecureFedAvg, check_model_fits, site_nodes
+from server.app.strategy import BudgetsSpent
 
 KEYS = ["w", "b"]
 

@@ -11,9 +11,9 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from common.adapters.flower import serverapp_identity
 from common.metrics import pooled_metrics, sufficient_statistics
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.report import RunReport, load_report
-from server.strategy import (
+from server.app.checkpoint import load_checkpoint, save_checkpoint
+from server.app.report import RunReport, load_report
+from server.app.strategy import (
     FedradFedAvg,
     RoundBook,
     aggregate_evaluate_metrics,
@@ -110,7 +110,7 @@ def test_chosen_threshold_is_logged_reported_and_stored_with_the_rounds_checkpoi
     _train_round(report, 1)
     a = _eval_reply("A", [0.9, 0.8, 0.35, 0.3, 0.2], [1, 1, 1, 0, 0])
     b = _eval_reply("B", [0.6, 0.42, 0.4, 0.1], [1, 1, 0, 0])
-    with caplog.at_level(logging.INFO, logger="server.strategy"):
+    with caplog.at_level(logging.INFO, logger="server.app.strategy"):
         strategy.aggregate_evaluate(1, _replies({11: a, 12: b}))
     pooled = load_report(tmp_path)["rounds"][0]["evaluate"]["pooled"]
     expected = pooled_metrics([a["metrics"], b["metrics"]], operating_point=0.75)
@@ -133,7 +133,7 @@ def test_a_run_not_learning_warns_once_and_the_report_says_so(tmp_path: Path, ca
     report = RunReport(run_dir=tmp_path, run_id=4, config={"batch-size": 32, "learning-rate": 0.1}, transport="test")
     strategy = FedradFedAvg(report=report)
     flat = _eval_reply("A", [0.5] * 8, [0, 1] * 4)  # AUROC 0.5 on 8 images: within noise
-    with caplog.at_level(logging.INFO, logger="server.strategy"):
+    with caplog.at_level(logging.INFO, logger="server.app.strategy"):
         for r in range(1, 5):
             _train_round(report, r)
             strategy.aggregate_evaluate(r, _replies({11: flat}))
@@ -151,7 +151,7 @@ def test_a_run_not_learning_warns_once_and_the_report_says_so(tmp_path: Path, ca
     assert f"> **Warning:** {warnings[0]}" in head  # near the top, before the tables
 
     learning = _eval_reply("A", [0.9, 0.1] * 4, [1, 0] * 4)  # perfect ranking: above chance
-    with caplog.at_level(logging.INFO, logger="server.strategy"):
+    with caplog.at_level(logging.INFO, logger="server.app.strategy"):
         _train_round(report, 5)
         strategy.aggregate_evaluate(5, _replies({11: learning}))
     assert any("Round 5: pooled AUROC 1.00 is above chance" in rec.getMessage() for rec in caplog.records)

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.models import build_model
-from server.validation import (
+from server.app.validation import (
     AGGREGATIONS,
     Screening,
     aggregate,

@@ -9,7 +9,7 @@ import pytest
 
 from common.audit import audit_ledger
 from common.ledger import Ledger
-from server.plots import PLOT_FILES, plot_series
+from server.app.plots import PLOT_FILES, plot_series
 from tests.e2e.support import BIN, one_line_error, run_cli
 
 pytestmark = pytest.mark.e2e

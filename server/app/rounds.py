@@ -2,7 +2,7 @@
 
 Flower's ``Strategy.start`` runs rounds 1..N with one timeout and averages
 whatever comes back. A consortium needs more, so fedrad runs its own loop over
-the same strategy hooks (:class:`server.strategy.FedradFedAvg` samples the
+the same strategy hooks (:class:`server.app.strategy.FedradFedAvg` samples the
 sites, builds the messages and pools the evaluation):
 
 1. **Join.** A round starts when ``min-sites`` sites are connected; after
@@ -14,7 +14,7 @@ sites, builds the messages and pools the evaluation):
    answer is dropped by the SuperLink, and a site that picks up an expired
    message does not train it (no privacy spent on an update nobody will use).
 3. **Screening.** Every update is checked before aggregation
-   (:func:`server.validation.screen`): names, shapes, dtypes, NaN/Inf, and an
+   (:func:`server.app.validation.screen`): names, shapes, dtypes, NaN/Inf, and an
    update norm far outside the other sites'. A rejected update is logged and
    reported with the site name and the reason.
 4. **Quorum.** The round counts when at least ``min-sites`` sites answered
@@ -22,9 +22,9 @@ sites, builds the messages and pools the evaluation):
    least one trained. Otherwise the round is tried again, up to
    ``round-retries`` times, and then the run stops with the reason.
 5. **Aggregation.** ``fedavg`` (weighted by examples), or ``trimmed-mean`` /
-   ``median`` (:func:`server.validation.aggregate`).
+   ``median`` (:func:`server.app.validation.aggregate`).
 6. **Commit.** The round's checkpoint and report, then ``state.json``
-   (:mod:`server.resume`): ``fl-server --resume`` continues from there.
+   (:mod:`server.app.resume`): ``fl-server --resume`` continues from there.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from common import records
 from common.config import RunConfig
 from common.errors import FederationError
-from server.strategy import FedradFedAvg, Names, RoundBook
+from server.app.strategy import FedradFedAvg, Names, RoundBook
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +128,7 @@ def _unanswered(messages: list[Message], replies: list[Message], names: Names, t
 
 
 class RoundEngine(Protocol):
-    """Runs rounds ``first..num-server-rounds``: :class:`PlainRounds` or :class:`server.secure.SecureRounds`."""
+    """Runs rounds ``first..num-server-rounds``: :class:`PlainRounds` or :class:`server.app.secure.SecureRounds`."""
 
     def run_rounds(self, first: int, weights: StateDict) -> object:
         """Train, aggregate, evaluate and commit each round, starting from the global ``weights``."""
@@ -179,7 +179,7 @@ class PlainRounds:
         raise AssertionError("unreachable")
 
     def train_once(self, server_round: int, weights: StateDict) -> tuple[StateDict, set[int]]:
-        from server.validation import aggregate, screen
+        from server.app.validation import aggregate, screen
 
         config = ConfigRecord({"local-epochs": self.run.local_epochs})
         messages = _expires(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from client.augment import augment_batch
+from client.app.augment import augment_batch
 from common.config import AugmentConfig
 from common.privacy import DPEvent
 

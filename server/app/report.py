@@ -7,11 +7,11 @@ each site's ε — numbers only, never an image, a label or a patient id.
 Binary runs also hold, per round, the decision threshold the coordinator chose
 on the pooled validation statistics (``threshold``, with the sensitivity and
 specificity there, beside those at 0.5) and whether the run is learning
-(``learning``, :mod:`server.learning`); a run flagged as not learning gets a
+(``learning``, :mod:`server.app.learning`); a run flagged as not learning gets a
 top-level ``warnings`` entry and a warning line at the top of ``report.md``.
 
 When the run ends (whatever its status), :meth:`RunReport.finish` also draws
-PNG plots next to the report (:mod:`server.plots`: AUROC, ε and participation
+PNG plots next to the report (:mod:`server.app.plots`: AUROC, ε and participation
 per round) and lists them under ``"plots"``. A plot that cannot be drawn costs
 a warning, never the run.
 """
@@ -30,8 +30,8 @@ from common.errors import ConfigError
 from common.files import json_safe, write_atomic
 from common.metrics import SENSITIVITY_AT_THRESHOLD, SPECIFICITY_AT_THRESHOLD, THRESHOLD, describe_operating_point
 from common.runfolder import RunFolder
-from server.learning import FLAGGED
-from server.plots import PLOT_TITLES, write_plots
+from server.app.learning import FLAGGED
+from server.app.plots import PLOT_TITLES, write_plots
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class RunReport:
         self.save()
 
     def record_learning(self, server_round: int, verdict: dict[str, Any]) -> None:
-        """Book :mod:`server.learning`'s verdict on an evaluated round."""
+        """Book :mod:`server.app.learning`'s verdict on an evaluated round."""
         self.round(server_round)["learning"] = verdict
         self.save()
 

@@ -12,7 +12,7 @@ cannot be told from chance; small validation sets get a wide band.
   e.g. swapped labels): a separate, softer flag;
 - **learning**: the latest round lies above it; **unclear** otherwise.
 
-Pure functions over the report's round entries (:mod:`server.report`): the
+Pure functions over the report's round entries (:mod:`server.app.report`): the
 verdict of a round depends on the rounds up to it only, so a resumed run reaches
 the same verdicts. Binary tasks only (multi-class pooled metrics carry no
 positive/negative counts).

@@ -1,7 +1,7 @@
-"""The fedrad ClientApp: wiring only.
+"""The fedrad ClientApp's message handlers (train, evaluate) and its builder.
 
 Flower starts a fresh process for every message, so this module imports
-nothing heavy: torch and Opacus are imported inside :mod:`client.site` when a
+nothing heavy: torch and Opacus are imported inside :mod:`client.app.site` when a
 message is handled, and the site's data comes from its on-disk cache.
 
 :func:`client_app` builds the app; the project's ``clientapp`` component is
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secure import secure_mod
+from client.app.secure import secure_mod
 from common import records
 from common.config import RunConfig, SiteConfig
 from common.flower import use_flower_log_handlers
@@ -50,10 +50,10 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model with DP-SGD inside the site's budget.
 
     Plain runs send named arrays and get them back; secure-aggregation runs
-    speak Flower's legacy fit format, and :func:`client.secure.secure_mod`
+    speak Flower's legacy fit format, and :func:`client.app.secure.secure_mod`
     masks the reply before it leaves the site.
     """
-    from client.secure import is_legacy_fit
+    from client.app.secure import is_legacy_fit
 
     if _expired(msg):
         site, _ = _configs(context)
@@ -99,7 +99,7 @@ class _Declined(NamedTuple):
 def _train_or_decline(
     site: SiteConfig, run: RunConfig, context: Context, server_round: int, weights: OrderedDict[str, torch.Tensor]
 ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float | int], dict[str, str | int]] | _Declined:
-    from client.site import train_round
+    from client.app.site import train_round
     from common.errors import PrivacyBudgetExceeded
 
     try:
@@ -119,7 +119,7 @@ def _train_or_decline(
 def _train_secure(msg: Message, context: Context) -> Message:
     import numpy as np
 
-    from client.secure import check_bounds, read_fitins
+    from client.app.secure import check_bounds, read_fitins
     from common.adapters.flower import fit_reply
     from common.models import build_model
 
@@ -143,7 +143,7 @@ def _train_secure(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model; reply with summable statistics only."""
-    from client.site import evaluate_round
+    from client.app.site import evaluate_round
 
     site, run = _configs(context)
     weights = _weights(msg)
@@ -153,7 +153,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
-    """The fedrad ClientApp: ``train`` and ``evaluate`` behind :func:`client.secure.secure_mod`.
+    """The fedrad ClientApp: ``train`` and ``evaluate`` behind :func:`client.app.secure.secure_mod`.
 
     Parameters
     ----------
@@ -172,4 +172,3 @@ def client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     return client
 
 
-app = client_app()

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from server.report import RunReport
+    from server.app.report import RunReport
 
 FORMAT = "fedrad-coordinator-1"
 
@@ -109,7 +109,7 @@ def load_weights(run_dir: Path, state: CoordinatorState) -> OrderedDict[str, tor
     """The global weights after the last completed round (None: round 1 never completed)."""
     from collections import OrderedDict
 
-    from server.checkpoint import load_checkpoint
+    from server.app.checkpoint import load_checkpoint
 
     if state.checkpoint is None:
         return None

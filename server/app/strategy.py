@@ -4,13 +4,13 @@
 checkpoints the new global weights and writes the round into the report.
 :class:`FedradFedAvg` reuses Flower's ``FedAvg`` hooks to sample sites and to
 pool the sites' evaluation statistics into pooled metrics; the round loop
-itself is :mod:`server.rounds` (plain) or :mod:`server.secure` (SecAgg+).
+itself is :mod:`server.app.rounds` (plain) or :mod:`server.app.secure` (SecAgg+).
 
 After each evaluation (binary tasks) :class:`FedradFedAvg` also writes the
 threshold it chose on the pooled statistics (run config ``operating-point``)
 into that round's checkpoint metadata — the checkpoint was saved when the round
 closed, before its evaluation, and the threshold belongs to those weights — and
-checks whether the run is learning (:mod:`server.learning`), warning once when
+checks whether the run is learning (:mod:`server.app.learning`), warning once when
 the verdict turns to a flag.
 """
 
@@ -34,15 +34,15 @@ from common.metrics import (
     describe_operating_point,
     pooled_metrics,
 )
-from server.checkpoint import (
+from server.app.checkpoint import (
     annotate_checkpoint,
     checkpoint_metadata,
     checkpoint_path,
     save_checkpoint,
     threshold_metadata,
 )
-from server.learning import FLAGGED, LEARNING, check_round
-from server.report import RunReport
+from server.app.learning import FLAGGED, LEARNING, check_round
+from server.app.report import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,8 @@ class RoundBook:
 class FedradFedAvg(FedAvg):
     """Flower's FedAvg hooks for sampling sites and pooling evaluation; the report.
 
-    Training rounds are run by :class:`server.rounds.PlainRounds` (deadlines, screening,
-    robust aggregation) or :mod:`server.secure` (SecAgg+); both book them with :class:`RoundBook`.
+    Training rounds are run by :class:`server.app.rounds.PlainRounds` (deadlines, screening,
+    robust aggregation) or :mod:`server.app.secure` (SecAgg+); both book them with :class:`RoundBook`.
     """
 
     def __init__(

@@ -26,7 +26,7 @@ from common.runfolder import OPERATING_POINT_KEY, ROUND_KEY, RUN_CONFIG_KEY, RUN
 if TYPE_CHECKING:
     import torch
 
-    from server.report import RunReport
+    from server.app.report import RunReport
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:

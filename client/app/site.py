@@ -1,6 +1,6 @@
 """What a site does for each Flower message, as plain functions.
 
-``client/app.py`` only converts Flower records to and from these calls. Each
+``client/app/handlers.py`` only converts Flower records to and from these calls. Each
 function opens the site's on-disk cache (never decodes DICOM when the cache is
 fresh), enforces the site's own privacy budget and returns numbers only.
 """
@@ -11,7 +11,7 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from client.replay import UpdateStore, weights_digest
+from client.app.replay import UpdateStore, weights_digest
 from common import records
 from common.config import RunConfig, SiteConfig
 from common.errors import DataError, PrivacyBudgetExceeded
@@ -93,7 +93,7 @@ def open_data(site: SiteConfig, run: RunConfig) -> SiteData:
 def _setup_torch(site: SiteConfig) -> torch.device:
     import torch
 
-    from client.training import resolve_device
+    from client.app.training import resolve_device
 
     if site.threads:
         torch.set_num_threads(site.threads)
@@ -102,7 +102,7 @@ def _setup_torch(site: SiteConfig) -> torch.device:
 
 def _train_groups(site: SiteConfig, data: SiteData) -> tuple[np.ndarray | None, int]:
     """Privacy units of the training split: patient index per image (or None for image-level) and their count."""
-    from client.training import patient_groups
+    from client.app.training import patient_groups
 
     if site.privacy_unit == "image":
         return None, len(data.train)
@@ -124,7 +124,7 @@ def train_round(
 
     A round this site already trained and booked in this run, asked for again with
     the same weights (the coordinator resumed after losing it), is answered with the
-    stored update: no new training, no new ledger row (:mod:`client.replay`).
+    stored update: no new training, no new ledger row (:mod:`client.app.replay`).
 
     Returns the new weights, the numbers for the coordinator (training loss and the
     DP facts of this round) and the site's non-numeric facts (privacy unit, ledger key
@@ -138,7 +138,7 @@ def train_round(
     """
     import opacus
 
-    from client.training import train_dp
+    from client.app.training import train_dp
     from common.models import build_model
 
     data = open_data(site, run)
@@ -254,7 +254,7 @@ def _train_without_dp(
     *, site: SiteConfig, run: RunConfig, server_round: int, weights: StateDict, data: SiteData
 ) -> tuple[StateDict, dict[str, float | int], dict[str, str | int]]:
     """fl-sim's non-private baseline: same data, steps and optimiser, no clipping, noise or ledger row."""
-    from client.training import train_plain
+    from client.app.training import train_plain
     from common.models import build_model
 
     log.warning(NO_DP_WARNING, site.site)
@@ -275,7 +275,7 @@ def _train_without_dp(
 
 def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> dict[str, float | int | list[int]]:
     """Evaluate the global weights on the site's validation split; summable statistics only."""
-    from client.evaluation import evaluate
+    from client.app.evaluation import evaluate
     from common.models import build_model
 
     data = open_data(site, run)

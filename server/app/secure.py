@@ -29,8 +29,8 @@ from common import records
 from common.adapters import flower
 from common.config import RunConfig, SecAggConfig
 from common.errors import ConfigError, FederationError
-from server.report import RunReport
-from server.strategy import RoundBook
+from server.app.report import RunReport
+from server.app.strategy import RoundBook
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from flwr.server import LegacyContext
     from flwr.serverapp import Grid
 
-    from server.strategy import FedradFedAvg
+    from server.app.strategy import FedradFedAvg
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def site_nodes(run_config: Mapping[str, Any]) -> dict[int, str]:
 
 
 class SecureRounds:
-    """Rounds under SecAgg+ (a :class:`server.rounds.RoundEngine`); BudgetsSpent / SecAggHalted stop early."""
+    """Rounds under SecAgg+ (a :class:`server.app.rounds.RoundEngine`); BudgetsSpent / SecAggHalted stop early."""
 
     def __init__(self, grid: Grid, context: Context, *, run: RunConfig, strategy: FedradFedAvg,
                  on_round_done: Callable[[int, OrderedDict[str, torch.Tensor]], None]) -> None:

@@ -1,4 +1,4 @@
-"""The fedrad ServerApp: wiring only (config → model → strategy → report)."""
+"""The fedrad ServerApp's main: config → model → strategy → round engine → report."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.flower import use_flower_log_handlers
-from server.report import RunReport
-from server.resume import CoordinatorState, load_state, load_weights, participation, save_state
-from server.rounds import PlainRounds, RoundEngine, RunStopped
-from server.secure import SecureRounds, site_nodes
-from server.strategy import BudgetsSpent, FedradFedAvg, Names
+from server.app.report import RunReport
+from server.app.resume import CoordinatorState, load_state, load_weights, participation, save_state
+from server.app.rounds import PlainRounds, RoundEngine, RunStopped
+from server.app.secure import SecureRounds, site_nodes
+from server.app.strategy import BudgetsSpent, FedradFedAvg, Names
 
 if TYPE_CHECKING:
     import torch
