@@ -3,8 +3,10 @@
 ``fl-client --site A --data DIR --check [--json]`` only checks and caches the
 data and prints the data report (exit 0 when the data is usable, 3 when not).
 Without ``--check`` it does the same, then starts a Flower SuperNode for the
-site. The site's own choices — data folder, privacy budget, device — travel in
-the SuperNode's node config, which the coordinator cannot change.
+site. The data settings (window, image size, ...) are the coordinator's, from the
+site's kit (``-c`` overrides them; without a kit, the run's defaults). The
+site's own choices — data folder, privacy budget, device — travel in the
+SuperNode's node config, which the coordinator cannot change.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from common.config import DEVICES, RunConfig, SiteConfig, positive_float, site_n
 from common.errors import ConfigError, DataError, FederationError
 from common.files import json_safe, write_atomic
 from common.flower import flower_bin, flower_env
+from common.kit import DATA_KEYS, check_data_settings, parse_data_args
 from common.processes import LOOPBACK, ProcessSet, can_connect, free_port, parse_address
 
 if TYPE_CHECKING:
@@ -36,40 +39,51 @@ INSECURE_BANNER = (
 cli = typer.Typer(add_completion=False, help=__doc__)
 
 
-# Run-config keys that decide how a site's data is read; `-c` mirrors the coordinator's.
 CONNECTED_MARKER = "connected.json"  # in the site's workdir while its SuperNode is connected
 REJOIN_WAIT = 180  # s: how long a restarted site waits for the coordinator to notice its previous client is gone
 REJOIN_RETRY = 5  # s between tries (a try costs one short SuperNode start)
-DATA_KEYS = ("image-size", "window", "multiframe", "color", "enhance", "classes", "val-fraction", "seed")
 RUN_CONFIG_HELP = (
-    "The run's data settings, so the check and cache match it, e.g. -c 'image-size=64 window=\"voi\"'. "
-    "Keys: " + ", ".join(DATA_KEYS) + "."
+    "The run's data settings, when they differ from the kit's (the coordinator's), e.g. "
+    "-c 'image-size=64 window=\"voi\"'. Keys: " + ", ".join(DATA_KEYS) + "."
 )
 
 
-def data_run_config(items: list[str] | None) -> RunConfig:
-    """The run config for the data check, from ``-c 'key=value ...'`` (defaults otherwise)."""
-    from common.adapters.flower import parse_config_args
+def data_settings(items: list[str] | None, *, kit: Kit | None = None) -> dict[str, dict[str, Any]]:
+    """The data settings for the check and cache, and where each comes from.
 
-    try:
-        overrides = parse_config_args(items or [])
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {items!r} ({exc})") from None
-    unknown = sorted(set(overrides) - set(DATA_KEYS))
-    if unknown:
-        raise ConfigError(f"Expected `--run-config` keys among {', '.join(DATA_KEYS)}, but got {', '.join(unknown)}")
-    return RunConfig.from_flower(overrides)
+    Parameters
+    ----------
+    items : list[str] or None
+        ``-c 'key=value ...'``: these keys win.
+    kit : Kit or None
+        The site's kit: its ``[data]`` table (the coordinator's settings) comes next.
+
+    Returns
+    -------
+    dict[str, dict[str, Any]]
+        Every key of :data:`DATA_KEYS` → ``{"value": ..., "from": "-c" | "kit" | "default"}``
+        (``default``: the run config's default, for an older kit without data settings or no kit).
+    """
+    given = parse_data_args(items)
+    layers = (("-c", given), ("kit", kit.data if kit is not None and kit.data else {}),
+              ("default", check_data_settings({})))
+    return {key: next({"value": values[key], "from": source} for source, values in layers if key in values)
+            for key in DATA_KEYS}
 
 
-def check_data(site: SiteConfig, run: RunConfig, *, workers: int = 0) -> dict[str, Any]:
-    """Check and cache the site's data; return the data report (no patient identifier in it)."""
+def check_data(site: SiteConfig, settings: dict[str, dict[str, Any]], *, workers: int = 0) -> dict[str, Any]:
+    """Check and cache the site's data with ``settings`` (:func:`data_settings`); return the data report.
+
+    The report holds no patient identifier; its ``settings`` are the data settings used and their sources.
+    """
     from client.data.dataset import load_site_data
 
+    run = RunConfig.from_flower({key: setting["value"] for key, setting in settings.items()})
     data = load_site_data(
         data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess, classes=run.classes,
         val_fraction=run.val_fraction, seed=run.seed, workers=workers, require_usable=False,
     )
-    return {"site": site.site, **data.report}
+    return {"site": site.site, **data.report, "settings": settings}
 
 
 @cli.command()
@@ -148,8 +162,9 @@ def join(
 
         resolve_device(device)
 
-    run = data_run_config(run_config)
-    report = check_data(site_cfg, run, workers=workers)
+    settings = data_settings(run_config, kit=site_kit)
+    log.info("Site %s data settings: %s", site_cfg.site, describe_settings(settings))
+    report = check_data(site_cfg, settings, workers=workers)
     if check:
         if json_output:
             print(json.dumps(json_safe(report), indent=2, allow_nan=False))
@@ -294,6 +309,17 @@ def _node_config_values(site: SiteConfig) -> dict[str, Any]:
     return parse_config_args([site.to_flower()])
 
 
+def describe_settings(settings: dict[str, dict[str, Any]]) -> str:
+    """``settings`` as ``-c`` pairs grouped by source: ``image-size=128 window="voi" (kit); seed=0 (default)``."""
+    names = {"-c": "-c", "kit": "the kit", "default": "defaults"}
+    groups = [
+        " ".join(f"{key}={json.dumps(s['value'])}" for key, s in settings.items() if s["from"] == source)
+        + f" ({names[source]})"
+        for source in names if any(s["from"] == source for s in settings.values())
+    ]
+    return "; ".join(groups)
+
+
 def _fmt(value: Any) -> str:
     """A report value as plain text, escaped for rich (file names and DICOM values may hold [...])."""
     from rich.markup import escape
@@ -331,6 +357,7 @@ def print_report(report: dict[str, Any]) -> None:
         ("train split", report["split"]["train"]),
         ("validation split", report["split"]["validation"]),
         ("cache", f"{report['cache']['decoded']} files decoded now, {report['cache']['reused']} reused"),
+        ("data settings", describe_settings(report["settings"]) if "settings" in report else None),
     ):
         overview.add_row(label, _fmt(value))
     console.print(overview)

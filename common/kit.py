@@ -3,7 +3,8 @@
 A kit is one folder (the coordinator writes it with :mod:`server.enroll.kits`)::
 
     <kit>/
-        kit.toml    format, site, server (HOST:PORT), fingerprint, ca-fingerprint, created
+        kit.toml    format, site, server (HOST:PORT), fingerprint, ca-fingerprint, created,
+                    and a [data] table: the coordinator's data settings (:data:`DATA_KEYS`)
         site.key    the site's ECDSA P-384 private key, OpenSSH format, mode 0600
                     (``flower-supernode --auth-supernode-private-key``)
         site.pub    its OpenSSH public key line (what the coordinator registers)
@@ -13,7 +14,9 @@ This module only reads and checks kits, so the client side needs no server code.
 :func:`load_kit` refuses a kit that would fail later, with one line naming the file
 and what to do: a missing file, a private key others can read, a key of the wrong
 kind, a public key or fingerprint that does not belong to the private key, a CA
-certificate that cannot be parsed or is not the one the kit was issued with.
+certificate that cannot be parsed or is not the one the kit was issued with, a data
+setting the run would refuse. A kit without a ``[data]`` table (written before kits
+carried one) loads with ``data=None``: the site then uses the run config's defaults.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import base64
 import hashlib
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.config import site_name
+from common.config import RunConfig, site_name
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,6 +45,9 @@ KIT_FILES = (KIT_FILE, PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, CA_CERT_FILE)
 FORMAT = "fedrad-kit-1"
 KIT_KEYS = ("format", "site", "server", "fingerprint", "ca-fingerprint", "created")
 KEY_CURVE = "secp384r1"
+DATA_TABLE = "data"
+# Run-config keys that decide how a site reads, caches and splits its data: a kit carries the coordinator's.
+DATA_KEYS = ("image-size", "window", "multiframe", "color", "enhance", "classes", "val-fraction", "seed")
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+)$")
 
@@ -65,6 +72,9 @@ class Kit:
         The public key's fingerprint as ``ssh-keygen -l`` prints it (``SHA256:…``).
     ca_fingerprint : str
         SHA-256 of the CA certificate, as ``openssl x509 -fingerprint -sha256`` prints it.
+    data : dict[str, Any] or None
+        The coordinator's data settings, every key of :data:`DATA_KEYS`; None for a kit
+        written before kits carried them.
     """
 
     site: str
@@ -74,6 +84,7 @@ class Kit:
     public_key: Path
     fingerprint: str
     ca_fingerprint: str = ""
+    data: dict[str, Any] | None = None
 
 
 def ssh_fingerprint(public_key_line: str) -> str:
@@ -146,13 +157,84 @@ def server_address(value: Any, *, name: str = "server") -> str:
     return str(value)
 
 
-def render_kit_toml(values: dict[str, str]) -> str:
+def data_settings_of(run: RunConfig) -> dict[str, Any]:
+    """The values of :data:`DATA_KEYS` in ``run``, as run-config (TOML) values.
+
+    Parameters
+    ----------
+    run : RunConfig
+        A validated run config.
+
+    Returns
+    -------
+    dict[str, Any]
+        One value per key of :data:`DATA_KEYS`, in that order.
+    """
+    pre = run.preprocess
+    return {"image-size": pre.image_size, "window": pre.window, "multiframe": pre.multiframe, "color": pre.color,
+            "enhance": pre.enhance, "classes": ",".join(run.classes), "val-fraction": run.val_fraction,
+            "seed": run.seed}
+
+
+def check_data_settings(values: Mapping[str, Any], *, what: str = "data settings") -> dict[str, Any]:
+    """Validate data settings the way the run does; the run config's defaults fill missing keys.
+
+    Parameters
+    ----------
+    values : Mapping[str, Any]
+        Keys of :data:`DATA_KEYS` to run-config values.
+    what : str
+        How the settings are named in the error message.
+
+    Returns
+    -------
+    dict[str, Any]
+        Every key of :data:`DATA_KEYS` (see :func:`data_settings_of`).
+    """
+    unknown = sorted(set(values) - set(DATA_KEYS))
+    if unknown:
+        raise ConfigError(f"Expected the keys of {what} among {', '.join(DATA_KEYS)}, but got {', '.join(unknown)}")
+    return data_settings_of(RunConfig.from_flower(values))
+
+
+def parse_data_args(items: list[str] | None, *, option: str = "--run-config") -> dict[str, Any]:
+    """The data settings given as ``-c 'key=value ...'`` (Flower's ``--run-config`` syntax), checked.
+
+    Parameters
+    ----------
+    items : list[str] or None
+        What the user passed with ``option``.
+    option : str
+        The option's name, for error messages.
+
+    Returns
+    -------
+    dict[str, Any]
+        Only the keys given, with their values (empty when ``items`` is empty).
+    """
+    from common.adapters.flower import parse_config_args
+
+    try:
+        given = parse_config_args(items or [])
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"Expected `{option}` as key=value pairs, but got {items!r} ({exc})") from None
+    unknown = sorted(set(given) - set(DATA_KEYS))
+    if unknown:
+        raise ConfigError(f"Expected `{option}` keys among {', '.join(DATA_KEYS)}, but got {', '.join(unknown)}")
+    RunConfig.from_flower(given)
+    return given
+
+
+def render_kit_toml(values: dict[str, str], *, data: Mapping[str, Any] | None = None) -> str:
     """The text of a ``kit.toml`` with exactly the keys :data:`KIT_KEYS`, in that order.
 
     Parameters
     ----------
     values : dict[str, str]
         One string per key of :data:`KIT_KEYS`.
+    data : Mapping[str, Any] or None
+        The coordinator's data settings, written (checked, every key of :data:`DATA_KEYS`)
+        as the ``[data]`` table; None writes no table.
 
     Returns
     -------
@@ -164,7 +246,17 @@ def render_kit_toml(values: dict[str, str]) -> str:
     missing = [key for key in KIT_KEYS if key not in values]
     if missing:
         raise ConfigError(f"Cannot write kit.toml without {', '.join(missing)}")
-    return tomli_w.dumps({key: str(values[key]) for key in KIT_KEYS})
+    document: dict[str, Any] = {key: str(values[key]) for key in KIT_KEYS}
+    if data is not None:
+        document[DATA_TABLE] = check_data_settings(data, what="the kit's data settings")
+    return tomli_w.dumps(document)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"Cannot read {path} ({exc}); ask the coordinator for a new kit") from exc
 
 
 def read_kit_toml(path: Path) -> dict[str, str]:
@@ -180,10 +272,7 @@ def read_kit_toml(path: Path) -> dict[str, str]:
     dict[str, str]
         Every key of :data:`KIT_KEYS`, as strings.
     """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"Cannot read {path} ({exc}); ask the coordinator for a new kit") from exc
+    data = _read_toml(path)
     missing = [key for key in KIT_KEYS if not isinstance(data.get(key), str) or not data[key]]
     if missing:
         raise ConfigError(
@@ -192,6 +281,32 @@ def read_kit_toml(path: Path) -> dict[str, str]:
     if data["format"] != FORMAT:
         raise ConfigError(f"Expected {path} to be of format {FORMAT!r}, but got {data['format']!r}")
     return {key: str(data[key]) for key in KIT_KEYS}
+
+
+def read_kit_data(path: Path) -> dict[str, Any] | None:
+    """The coordinator's data settings in a ``kit.toml``'s ``[data]`` table, checked.
+
+    Parameters
+    ----------
+    path : Path
+        The ``kit.toml`` file.
+
+    Returns
+    -------
+    dict[str, Any] or None
+        Every key of :data:`DATA_KEYS`; None when the kit has no ``[data]`` table (an older kit).
+    """
+    table = _read_toml(path).get(DATA_TABLE)
+    if table is None:
+        return None
+    where = f"{path} [{DATA_TABLE}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"Expected {where} to be a table of data settings, but got {table!r}; "
+                          "ask the coordinator for a new kit")
+    try:
+        return check_data_settings(table, what="the table")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}; ask the coordinator for a new kit") from None
 
 
 def check_private_mode(path: Path) -> None:
@@ -298,4 +413,4 @@ def load_kit(kit_dir: Path) -> Kit:
             "ask the coordinator for a new kit"
         )
     return Kit(site=site, server=server, ca_cert=ca_path, private_key=key_path, public_key=pub_path,
-               fingerprint=fingerprint, ca_fingerprint=ca_fingerprint)
+               fingerprint=fingerprint, ca_fingerprint=ca_fingerprint, data=read_kit_data(kit_dir / KIT_FILE))

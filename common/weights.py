@@ -28,13 +28,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.config import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from common.config import RunConfig
+    from common.config import Launch, RunConfig
 
 __all__ = [
     "INIT_WEIGHTS_KEY",
@@ -50,12 +51,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INIT_WEIGHTS_KEY = "init-weights"  # run config: absolute path of the file ("" = seeded random weights)
-INIT_WEIGHTS_SHA256_KEY = "init-weights-sha256"  # run config: its SHA-256 when the launcher checked it
 WRAPPER_PREFIXES = ("module.", "_module.", "model.")
 OPTION = "--init-weights"
 _FIX = "save the run model's state_dict() with safetensors.torch.save_file or torch.save"
-_CHUNK = 1 << 20
 
 
 def _what(option: str) -> str:
@@ -95,22 +93,14 @@ def file_sha256(path: Path, *, option: str = OPTION) -> str:
     """
     if not path.is_file():
         _read_bytes(path, option)  # raises the right message
-    digest = hashlib.sha256()
     try:
         with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+            return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError as exc:
         raise ConfigError(
             f"Expected {_what(option)} to be a readable file, but {path} cannot be read ({exc.strerror or exc}); "
             "check its permissions"
         ) from None
-    return digest.hexdigest()
-
-
-def _looks_like_safetensors(data: bytes) -> bool:
-    """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
-    return len(data) >= 9 and data[8:9] == b"{"
 
 
 def _short(exc: BaseException) -> str:
@@ -128,7 +118,8 @@ def _parse(data: bytes, path: Path, option: str) -> Any:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    if path.suffix == ".safetensors" or _looks_like_safetensors(data):
+    # A safetensors file: an 8-byte little-endian header length, then a JSON object.
+    if path.suffix == ".safetensors" or (len(data) >= 9 and data[8:9] == b"{"):
         try:
             return load_safetensors(data)
         except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -298,7 +289,7 @@ def init_weights_config(
     return {INIT_WEIGHTS_KEY: str(path), INIT_WEIGHTS_SHA256_KEY: digest}
 
 
-def run_init_weights(run: RunConfig, *, model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+def run_init_weights(launch: Launch, *, model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The initial weights a run's config names (``init-weights``), re-checked against their SHA-256.
 
     Raises
@@ -306,10 +297,10 @@ def run_init_weights(run: RunConfig, *, model: nn.Module) -> OrderedDict[str, to
     ConfigError
         When the run names no file, or the file changed, vanished or does not fit ``model``.
     """
-    if not run.init_weights.path:
+    if not launch.init_weights.path:
         raise ConfigError("Expected `init-weights` in the run config, but it is empty")
     weights, digest = load_init_weights(
-        Path(run.init_weights.path), model=model, expected_sha256=run.init_weights.sha256, option=INIT_WEIGHTS_KEY
+        Path(launch.init_weights.path), model=model, expected_sha256=launch.init_weights.sha256, option=INIT_WEIGHTS_KEY
     )
-    log.info("Initial weights: %s (sha256 %s)", run.init_weights.path, digest)
+    log.info("Initial weights: %s (sha256 %s)", launch.init_weights.path, digest)
     return weights

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from common.cli import run_typer, setup_logging
-from common.config import WINDOW_PRESETS
+from common.config import RESUME_RUN_ID_KEY, WINDOW_PRESETS, Launch
 from common.errors import ConfigError
 from common.processes import LOOPBACK
 from server import coordinator as steps
@@ -77,20 +77,28 @@ def serve(
     )
     options = {"num-server-rounds": rounds, "min-sites": min_sites, "local-epochs": local_epochs,
                "image-size": image_size, "window": window}
-    config_args = steps.run_config_args(
-        options, init=init, workdir=workdir, transport=transport, saved=saved, extra=list(run_config or [])
-    )
-    steps.check_init_weights(steps.check_run_config(config_args), resume=resume)
+    ours = Launch(workdir=str(workdir), transport=transport.description, init_weights=init,
+                  resume_run_id=str(saved[RESUME_RUN_ID_KEY]) if saved is not None else "")
+    config_args = steps.run_config_args(options, launch=ours, saved=saved, extra=list(run_config or []))
+    run, launch = steps.check_run_config(config_args)
+    start = steps.check_init_weights(run, launch, resume=resume)
+    config_args = steps.secagg_args(config_args, run=run, start=start, sites=len(transport.enrolled) or None)
     status, details, flower_run_id = steps.run_federation(
         workdir, source=source, transport=transport, port=port, config_args=config_args, min_sites=min_sites,
         resumed=saved is not None,
     )
-    run_id = str(saved["resume-run-id"]) if saved is not None else flower_run_id
+    run_id = launch.resume_run_id or flower_run_id
     steps.report_run(workdir, run_id, status=status, details=details)
     return 0
 
 
 SITE_OPTION = typer.Option(help="The site's name, e.g. A.")
+DATA_OPTION = typer.Option(
+    "--run-config", "-c",
+    help="The run's data settings, written into this kit and every later one so sites check and cache what the "
+    "run uses, e.g. -c 'image-size=128 window=\"voi\"'. Keys: image-size, window, multiframe, color, enhance, "
+    "classes, val-fraction, seed. Default: those given before, else the run config's defaults.",
+)
 
 
 @cli.command()
@@ -98,15 +106,17 @@ def enroll(
     site: Annotated[str, SITE_OPTION],
     server_address: Annotated[str, typer.Option(help="HOST:PORT the site connects to (written into its kit).")] = f"{LOOPBACK}:{DEFAULT_PORT}",
     workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
+    run_config: Annotated[list[str] | None, DATA_OPTION] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
     """Enroll a hospital: its key pair and kit; registered with a running server at once."""
+    from common.kit import parse_data_args
     from server.enroll import Consortium
 
     setup_logging(verbose)
     consortium = Consortium(workdir.resolve())
     consortium.ensure_ca()
-    kit = consortium.enroll(site, server_address=server_address)
+    kit = consortium.enroll(site, server_address=server_address, data=parse_data_args(run_config) or None)
     entry = consortium.sites()[site]
     live = sync_live_superlink(workdir.resolve(), add={site: kit / "site.pub"})
     print(f"enrolled site {site} (key {entry['fingerprint']}); hand {consortium.kit_archive(site)} to the site "
@@ -119,10 +129,11 @@ def rekey(
     site: Annotated[str, SITE_OPTION],
     server_address: Annotated[str | None, typer.Option(help="HOST:PORT the site connects to (default: the one in its current kit).")] = None,
     workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
+    run_config: Annotated[list[str] | None, DATA_OPTION] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
     """Give a site a new key pair and kit; its old key stops working at once."""
-    from common.kit import KIT_FILE, read_kit_toml
+    from common.kit import KIT_FILE, parse_data_args, read_kit_toml
     from server.enroll import Consortium
 
     setup_logging(verbose)
@@ -136,7 +147,7 @@ def rekey(
             raise ConfigError(
                 f"Site {site}'s current kit is gone, so its address is unknown; give --server-address HOST:PORT"
             ) from None
-    rekeyed = consortium.rekey(site, server_address=server_address)
+    rekeyed = consortium.rekey(site, server_address=server_address, data=parse_data_args(run_config) or None)
     live = sync_live_superlink(workdir, drop=(site,), add={site: rekeyed.kit / "site.pub"})
     print(f"re-keyed site {site}: old key {rekeyed.old_fingerprint} revoked"
           f"{' (unregistered from the running server)' if live else ''}; hand {consortium.kit_archive(site)} to the site")

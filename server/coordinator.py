@@ -6,13 +6,27 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.config import WINDOW_PRESETS, RunConfig
+from common.config import (
+    RESUME_RUN_ID_KEY,
+    SITE_NODES_KEY,
+    WINDOW_PRESETS,
+    InitWeightsConfig,
+    Launch,
+    RunConfig,
+    refuse_launch_keys,
+)
 from common.errors import ConfigError, FederationError
 from common.processes import LOOPBACK, ProcessSet, free_port, port_is_free
 from common.runfolder import RunFolder
 from server import superlink
+
+if TYPE_CHECKING:
+    from collections import OrderedDict
+    from collections.abc import Mapping
+
+    import torch
 
 log = logging.getLogger("fl-server")
 INSECURE_BANNER = (
@@ -38,11 +52,16 @@ def toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": value})[len("v = "):-1]
 
 
-def init_weights_config(init_weights: Path | None, *, resume: Path | None) -> dict[str, str]:
-    """The run-config entries of ``--init-weights``: its absolute path and SHA-256 (``{}`` without it)."""
+def config_arg(entries: Mapping[str, Any]) -> str:
+    """One ``--run-config`` argument setting ``entries`` (``key=VALUE ...``)."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in entries.items())
+
+
+def init_weights_config(init_weights: Path | None, *, resume: Path | None) -> InitWeightsConfig:
+    """``--init-weights``: the file's absolute path and SHA-256 (empty without it)."""
     if init_weights is None:
-        return {}
-    from common.weights import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, file_sha256
+        return InitWeightsConfig()
+    from common.weights import file_sha256
 
     if resume is not None:
         raise ConfigError(
@@ -50,7 +69,7 @@ def init_weights_config(init_weights: Path | None, *, resume: Path | None) -> di
             "checkpoint (or from the initial weights it started with)"
         )
     path = init_weights.expanduser().resolve()
-    return {INIT_WEIGHTS_KEY: str(path), INIT_WEIGHTS_SHA256_KEY: file_sha256(path)}
+    return InitWeightsConfig(path=str(path), sha256=file_sha256(path))
 
 
 def resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, Any]]:
@@ -62,13 +81,13 @@ def resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, Any
         raise ConfigError(f"Expected a run folder <workdir>/runs/<run-id>, but got {run_dir}")
     if state.finished:
         raise ConfigError(f"Run {state.run_id} already completed its {state.num_rounds} rounds; nothing to resume")
-    was_insecure = str(state.run_config.get("transport", "")).startswith("insecure")
+    was_insecure = Launch.from_flower(state.run_config).transport.startswith("insecure")
     if was_insecure != insecure:
         raise ConfigError(
             f"Run {state.run_id} was served {'with' if was_insecure else 'without'} --insecure; resume it the same way"
         )
     log.info("Resuming run %s after round %d of %d", state.run_id, state.completed_round, state.num_rounds)
-    return workdir, {**state.run_config, "resume-run-id": state.run_id}
+    return workdir, {**state.run_config, RESUME_RUN_ID_KEY: state.run_id}
 
 
 def check_address(*, window: str, insecure: bool, host: str, port: int) -> str:
@@ -120,54 +139,94 @@ def choose_transport(
 
 
 def run_config_args(
-    options: dict[str, Any], *, init: dict[str, str], workdir: Path, transport: Transport,
-    saved: dict[str, Any] | None, extra: list[str],
+    options: dict[str, Any], *, launch: Launch, saved: dict[str, Any] | None, extra: list[str]
 ) -> list[str]:
-    """The ``--run-config`` arguments of the run: the options and ``extra``, or a resumed run's saved config.
+    """The ``--run-config`` arguments: the options, ``launch`` and ``extra``, or a resumed run's saved config.
 
-    A resumed run keeps its own config; only where the coordinator runs may change.
+    A resumed run keeps its own config; only where the coordinator runs may change. A key of
+    ``extra`` that fedrad sets (:data:`common.config.LAUNCH_KEYS`) is refused, naming its option.
     """
-    overrides = {**options, "workdir": str(workdir), "transport": transport.description, **init}
+    from common.adapters.flower import parse_config_args
+
+    try:
+        given = parse_config_args(extra)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {extra!r} ({exc})") from None
+    refuse_launch_keys(given, option="--run-config")
+    overrides = {**options, **launch.to_flower()}
     if saved is not None:
-        overrides = {k: v for k, v in saved.items() if k not in ("site-nodes", "resume-run-id")}
-        overrides.update(workdir=str(workdir), transport=transport.description,
-                         **{"resume-run-id": saved["resume-run-id"]})
-    return [" ".join(f"{k}={toml_value(v)}" for k, v in overrides.items()), *(extra if saved is None else [])]
+        overrides = {k: v for k, v in saved.items() if k not in (SITE_NODES_KEY, RESUME_RUN_ID_KEY)}
+        overrides.update(launch.to_flower())
+    return [config_arg(overrides), *(extra if saved is None else [])]
 
 
-def check_run_config(config_args: list[str]) -> RunConfig:
-    """Validate the run config here, so a bad value is one line now, not a failed run later."""
+def check_run_config(config_args: list[str]) -> tuple[RunConfig, Launch]:
+    """Validate the run config here, so a bad value is one line now, not a failed run later.
+
+    Returns
+    -------
+    tuple
+        The user's choices, and what fedrad sets (a resumed run's saved ``init-weights`` included).
+    """
     from common.adapters.flower import parse_config_args
 
     try:
         values = parse_config_args(config_args)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {config_args[1:]!r} ({exc})") from None
-    return RunConfig.from_flower(values)
+    return RunConfig.from_flower(values), Launch.from_flower(values)
 
 
-def check_init_weights(run: RunConfig, *, resume: Path | None) -> None:
-    """Check that the run's initial-weights file (if any) fits its model and the SecAgg+ range, before anything starts.
+def check_init_weights(
+    run: RunConfig, launch: Launch, *, resume: Path | None
+) -> OrderedDict[str, torch.Tensor] | None:
+    """The run's initial-weights file (if any), checked against its model before anything starts.
 
     A resumed run needs the file only while no round has completed (a checkpoint wins).
+    ``None``: the run starts from its seeded weights or from a checkpoint.
     """
-    if not run.init_weights.path:
-        return
+    init = launch.init_weights
+    if not init.path:
+        return None
     if resume is not None:
         from server.app.resume import load_state
 
         if load_state(resume.resolve()).checkpoint is not None:
-            return
+            return None
     from common.weights import load_init_weights, model_for_run
 
     weights, _ = load_init_weights(
-        Path(run.init_weights.path), model=model_for_run(run), expected_sha256=run.init_weights.sha256,
+        Path(init.path), model=model_for_run(run), expected_sha256=init.sha256,
         option="--init-weights" if resume is None else "init-weights",
     )
-    if run.secagg.enabled:
+    return weights
+
+
+def secagg_args(
+    config_args: list[str], *, run: RunConfig, start: OrderedDict[str, torch.Tensor] | None, sites: int | None
+) -> list[str]:
+    """``config_args`` with the SecAgg+ encoding sized from the initial weights (:func:`common.config.sized_secagg`).
+
+    ``start`` is the initial-weights file's content (``None``: the seeded model); its weights
+    must fit the range, which an explicit ``secagg-clipping-range`` may not give them.
+    """
+    if not run.secagg.enabled:
+        return config_args
+    from common.adapters.flower import parse_config_args
+    from common.config import SecAggConfig, largest_magnitude, sized_secagg
+    from common.weights import model_for_run
+
+    values = parse_config_args(config_args)
+    encoding = sized_secagg(
+        values, sites=sites,
+        largest_weight=lambda: largest_magnitude((start or model_for_run(run).state_dict()).values()),
+    )
+    if start is not None:
         from server.app.secure import check_model_fits
 
-        check_model_fits(weights, run.secagg)
+        check_model_fits(start, SecAggConfig.from_flower({**values, **encoding}))
+    log.info("SecAgg+ encoding: %s", config_arg(encoding))
+    return [*config_args, config_arg(encoding)]
 
 
 def run_federation(
@@ -212,7 +271,7 @@ def _open_fleet(
     log.info("Fleet API on https://%s:%d (nginx); SuperLink on %s:%d; %d enrolled sites",
              transport.bind, port, LOOPBACK, internal, len(transport.enrolled))
     # Lets the report name a site that drops out before it said its name.
-    return "site-nodes=" + toml_value(",".join(f"{n}:{s}" for s, n in sorted(nodes.items())))
+    return config_arg(Launch(site_nodes={n: s for s, n in nodes.items()}).to_flower())
 
 
 def report_run(workdir: Path, run_id: str, *, status: str, details: str) -> dict[str, Any]:

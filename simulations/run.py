@@ -14,15 +14,31 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-from common.config import RunConfig
+from common.config import (
+    INIT_WEIGHTS_KEY,
+    INIT_WEIGHTS_SHA256_KEY,
+    LAUNCH_KEYS,
+    Launch,
+    RunConfig,
+    SecAggConfig,
+    largest_magnitude,
+    sized_secagg,
+)
 from common.errors import ConfigError, FederationError
 from common.files import write_atomic
 from common.runfolder import RunFolder
 from simulations.runtime import SimulationMetrics, new_run_id, project_dir, run_app
-from simulations.scenario import RESERVED_RUN_KEYS, Scenario
+from simulations.scenario import SCENARIO_LAUNCH_KEYS, Scenario
 from simulations.sites import prepare_data, site_rows, warm_caches
+
+if TYPE_CHECKING:
+    from collections import OrderedDict
+
+    import torch
+
+    StateDict = OrderedDict[str, torch.Tensor]
 
 SIM_TRANSPORT = "simulation (Flower Simulation Runtime, Ray, one process)"
 
@@ -48,25 +64,31 @@ def project_run_defaults() -> dict[str, Any]:
 
 
 def run_overrides(sc: Scenario, *, workdir: Path, runs_dir: Path, table: Path) -> dict[str, Any]:
-    """The scenario's ``[run]`` values plus what fl-sim sets itself; unknown keys are errors."""
+    """The scenario's ``[run]`` values plus what fl-sim sets itself; unknown keys, and keys fedrad sets, are errors.
+
+    fl-sim sets where the run's files go, its site table and transport, and (with SecAgg+)
+    the encoding sized from the initial weights (:func:`common.config.sized_secagg`).
+    """
     defaults = project_run_defaults()
     unknown = sorted(set(sc.run) - set(defaults))
     if unknown:
+        known = (k for k in defaults if k not in LAUNCH_KEYS or k in SCENARIO_LAUNCH_KEYS)
         raise ConfigError(
             f"Expected [run] keys of the project's run config, but got {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(k for k in defaults if k not in RESERVED_RUN_KEYS))})"
+            f"(known: {', '.join(sorted(known))})"
         )
     overrides = dict(sc.run)
     overrides.setdefault("min-sites", min(sc.sites.count, max(2, int(defaults.get("min-sites", 2)))))
-    overrides.update(
-        {"workdir": str(workdir), "runs-dir": str(runs_dir), "sim-sites": str(table), "transport": SIM_TRANSPORT}
-    )
-    if overrides.get("init-weights"):
-        overrides.update(checked_init_weights(overrides))
+    launch = Launch(workdir=str(workdir), runs_dir=str(runs_dir), sim_sites=str(table), transport=SIM_TRANSPORT)
+    overrides.update(launch.to_flower())
+    if overrides.get(INIT_WEIGHTS_KEY):
+        overrides.update(checked_init_weights(overrides, sites=sc.sites.count))
+    else:
+        overrides.update(_secagg_encoding(overrides, start=None, sites=sc.sites.count))
     return overrides
 
 
-def checked_init_weights(overrides: dict[str, Any]) -> dict[str, str]:
+def checked_init_weights(overrides: dict[str, Any], *, sites: int | None = None) -> dict[str, Any]:
     """The scenario's ``run.init-weights`` file (``fl-sim run --init-weights FILE``), checked against the run's model.
 
     A relative path is taken from the current folder. A scenario may pin the file's
@@ -75,9 +97,10 @@ def checked_init_weights(overrides: dict[str, Any]) -> dict[str, str]:
     Returns
     -------
     dict
-        ``init-weights`` (the absolute path) and ``init-weights-sha256``, for the run config.
+        ``init-weights`` (the absolute path) and ``init-weights-sha256``, for the run config; with
+        SecAgg+ on, also its encoding sized from these weights (an explicit one must fit them).
     """
-    from common.weights import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, init_weights_config
+    from common.weights import init_weights_config, load_init_weights, model_for_run
 
     path, pinned = overrides[INIT_WEIGHTS_KEY], overrides.get(INIT_WEIGHTS_SHA256_KEY) or None
     if not isinstance(path, str) or (pinned is not None and not isinstance(pinned, str)):
@@ -85,17 +108,34 @@ def checked_init_weights(overrides: dict[str, Any]) -> dict[str, str]:
             f"Expected `run.init-weights` to be a file path (and `run.init-weights-sha256` a hex string), "
             f"but got {path!r}"
         )
-    from common.weights import load_init_weights, model_for_run
-    from server.app.secure import check_model_fits
-
-    rest = {k: v for k, v in overrides.items() if k not in (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY)}
+    rest = {k: v for k, v in overrides.items() if k not in SCENARIO_LAUNCH_KEYS}
     run = checked_run_config(rest)
     entries = init_weights_config(Path(path), run=run, expected_sha256=pinned)
-    if run.secagg.enabled:  # as fl-server does: refuse a range the sites would refuse to mask, before anything runs
-        weights, _ = load_init_weights(Path(entries[INIT_WEIGHTS_KEY]), model=model_for_run(run),
-                                       expected_sha256=entries[INIT_WEIGHTS_SHA256_KEY])
-        check_model_fits(weights, run.secagg)
-    return entries
+    if not run.secagg.enabled:
+        return entries
+    weights, _ = load_init_weights(Path(entries[INIT_WEIGHTS_KEY]), model=model_for_run(run),
+                                   expected_sha256=entries[INIT_WEIGHTS_SHA256_KEY])
+    return {**entries, **_secagg_encoding(rest, start=weights, sites=sites)}
+
+
+def _secagg_encoding(overrides: dict[str, Any], *, start: StateDict | None, sites: int | None) -> dict[str, Any]:
+    """The run's SecAgg+ encoding, sized from ``start`` (``None``: the seeded model); ``{}`` without SecAgg+.
+
+    As fl-server does, an explicit range the initial weights do not fit is refused before anything runs.
+    """
+    run = checked_run_config(overrides)
+    if not run.secagg.enabled:
+        return {}
+    from common.weights import model_for_run
+    from server.app.secure import check_model_fits
+
+    encoding = sized_secagg(
+        overrides, sites=sites,
+        largest_weight=lambda: largest_magnitude((start or model_for_run(run).state_dict()).values()),
+    )
+    if start is not None:
+        check_model_fits(start, SecAggConfig.from_flower({**overrides, **encoding}))
+    return encoding
 
 
 def checked_run_config(overrides: dict[str, Any]) -> RunConfig:

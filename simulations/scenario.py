@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
-from common.config import SITE_NAME_RE
+from common.config import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, refuse_launch_keys, site_name
 from common.errors import ConfigError
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -25,7 +25,9 @@ DEFAULT_SCENARIO = "default"
 SECTIONS = ("sites", "privacy", "run", "simulation")
 SOURCES = ("synth", "folder")
 # Run-config keys fl-sim sets itself; a scenario cannot.
-RESERVED_RUN_KEYS = ("workdir", "runs-dir", "sim-sites", "transport", "site-nodes")
+# fl-sim takes the initial weights from the scenario: `fl-sim run --init-weights FILE` sets `run.init-weights`.
+SCENARIO_LAUNCH_KEYS = (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY)
+_Spec = TypeVar("_Spec")
 
 
 @dataclass(frozen=True)
@@ -158,22 +160,7 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Scen
     return build(data, default_name=path.stem)
 
 
-def _list(section: str, key: str, value: Any, kind: type) -> tuple[Any, ...]:
-    values = value if isinstance(value, list) else [value]
-    out = []
-    for v in values:
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
-            raise ConfigError(f"Expected `{section}.{key}` to hold {kind.__name__} values, but got {value!r}")
-        out.append(v)
-    return tuple(out)
-
-
-def _take(section: str, table: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    if key not in table:
-        return default
-    value = table.pop(key)
+def _value(section: str, key: str, value: Any, kind: type) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -181,38 +168,39 @@ def _take(section: str, table: dict[str, Any], key: str, kind: type, default: An
     return value
 
 
-def _no_leftovers(section: str, table: dict[str, Any]) -> None:
+def _list(section: str, key: str, value: Any, kind: type) -> tuple[Any, ...]:
+    try:
+        return tuple(_value(section, key, v, kind) for v in (value if isinstance(value, list) else [value]))
+    except ConfigError:
+        raise ConfigError(f"Expected `{section}.{key}` to hold {kind.__name__} values, but got {value!r}") from None
+
+
+def _section(cls: type[_Spec], data: dict[str, Any], section: str) -> _Spec:
+    """``[section]`` as ``cls``: each field from its key (``_`` → ``-``), of the field's type; defaults elsewhere."""
+    table, values = dict(data.get(section, {})), {}
+    for name, hint in get_type_hints(cls).items():
+        key = name.replace("_", "-")
+        if key in table:
+            many = get_origin(hint) is tuple
+            read = _list if many else _value
+            values[name] = read(section, key, table.pop(key), get_args(hint)[0] if many else hint)
     if table:
         raise ConfigError(f"Expected known keys in [{section}], but got {', '.join(sorted(table))}")
+    return cls(**values)
 
 
 def build(data: dict[str, Any], *, default_name: str = "scenario") -> Scenario:
     """Validate parsed TOML into a :class:`Scenario`."""
-    s = dict(data.get("sites", {}))
-    d = SitesSpec()
-    names = _list("sites", "names", s.pop("names"), str) if "names" in s else ()
-    count = _take("sites", s, "count", int, len(names) or d.count)
-    if names and len(names) != count:
-        raise ConfigError(f"Expected {count} names in `sites.names`, but got {len(names)}")
+    sites = _section(SitesSpec, data, "sites")
+    names = sites.names
+    if names and "count" not in data.get("sites", {}):
+        sites = replace(sites, count=len(names))
+    if names and len(names) != sites.count:
+        raise ConfigError(f"Expected {sites.count} names in `sites.names`, but got {len(names)}")
     for n in names:
-        if not SITE_NAME_RE.match(n):
-            raise ConfigError(f"Expected site names of letters, digits, '_' or '-', but got {n!r}")
+        site_name(n)
     if len(set(names)) != len(names):
         raise ConfigError("Expected distinct names in `sites.names`")
-    sites = SitesSpec(
-        count=count,
-        names=names,
-        source=_take("sites", s, "source", str, d.source),
-        images=_list("sites", "images", s.pop("images"), int) if "images" in s else d.images,
-        prevalence=_list("sites", "prevalence", s.pop("prevalence"), float) if "prevalence" in s else (),
-        scanners=_list("sites", "scanners", s.pop("scanners"), str) if "scanners" in s else (),
-        alpha=_take("sites", s, "alpha", float, d.alpha),
-        image_size=_take("sites", s, "image-size", int, d.image_size),
-        folder=_take("sites", s, "folder", str, d.folder),
-        sizes=_list("sites", "sizes", s.pop("sizes"), float) if "sizes" in s else (),
-        seed=_take("sites", s, "seed", int, d.seed),
-    )
-    _no_leftovers("sites", s)
     if sites.count < 1:
         raise ConfigError(f"Expected `sites.count` to be at least 1, but got {sites.count}")
     if sites.source not in SOURCES:
@@ -230,32 +218,16 @@ def build(data: dict[str, Any], *, default_name: str = "scenario") -> Scenario:
     if sites.alpha and sites.prevalence:
         raise ConfigError("Expected either `sites.alpha` (Dirichlet label skew) or `sites.prevalence`, not both")
 
-    p = dict(data.get("privacy", {}))
-    dp_default = PrivacySpec()
-    privacy = PrivacySpec(
-        dp=_take("privacy", p, "dp", bool, dp_default.dp),
-        epsilon=_list("privacy", "epsilon", p.pop("epsilon"), float) if "epsilon" in p else dp_default.epsilon,
-        delta=_take("privacy", p, "delta", float, dp_default.delta),
-        unit=_take("privacy", p, "unit", str, dp_default.unit),
-        secure_mode=_take("privacy", p, "secure-mode", bool, dp_default.secure_mode),
-    )
-    _no_leftovers("privacy", p)
+    privacy = _section(PrivacySpec, data, "privacy")
     if len(privacy.epsilon) not in (1, sites.count) or any(e <= 0 for e in privacy.epsilon):
         raise ConfigError(
             f"Expected `privacy.epsilon` to be one positive value or {sites.count}, but got {list(privacy.epsilon)}"
         )
 
     run = dict(data.get("run", {}))
-    for key in RESERVED_RUN_KEYS:
-        if key in run:
-            raise ConfigError(f"Expected no `run.{key}` in a scenario: fl-sim sets it itself")
+    refuse_launch_keys(run, option="a scenario's [run] (--set run.KEY=...)", allowed=SCENARIO_LAUNCH_KEYS)
 
-    m = dict(data.get("simulation", {}))
-    simulation = SimulationSpec(
-        concurrency=_take("simulation", m, "concurrency", int, SimulationSpec.concurrency),
-        threads_per_site=_take("simulation", m, "threads-per-site", int, SimulationSpec.threads_per_site),
-    )
-    _no_leftovers("simulation", m)
+    simulation = _section(SimulationSpec, data, "simulation")
     if simulation.concurrency < 1 or simulation.threads_per_site < 1:
         raise ConfigError("Expected `simulation.concurrency` and `simulation.threads-per-site` to be at least 1")
     return Scenario(

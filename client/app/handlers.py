@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from client.app.secure import secure_mod
 from common import records
-from common.config import RunConfig, SiteConfig
+from common.config import Launch, RunConfig, SiteConfig
 from common.flower import use_flower_log_handlers
 
 if TYPE_CHECKING:
@@ -102,9 +102,10 @@ def _train_or_decline(
     from client.app.site import train_round
     from common.errors import PrivacyBudgetExceeded
 
+    run_id = Launch.from_flower(context.run_config).run_id(context.run_id)
     try:
         new_weights, metrics, facts = train_round(
-            site=site, run=run, run_id=run.run_id(context.run_id), server_round=server_round, weights=weights
+            site=site, run=run, run_id=run_id, server_round=server_round, weights=weights
         )
         return new_weights, metrics, facts
     except PrivacyBudgetExceeded as exc:

@@ -5,19 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from common.errors import ConfigError
+from common.config import RESUME_RUN_ID_KEY, Launch, RunConfig
 from common.flower import use_flower_log_handlers
 from server.app.report import RunReport
 from server.app.resume import CoordinatorState, load_state, load_weights, participation, save_state
 from server.app.rounds import PlainRounds, RoundEngine, RunStopped
-from server.app.secure import SecureRounds, site_nodes
+from server.app.secure import SecureRounds
 from server.app.strategy import BudgetsSpent, FedradFedAvg, Names
 
 if TYPE_CHECKING:
@@ -40,19 +38,16 @@ def main(grid: Grid, context: Context) -> None:
     from common.models import build_model
 
     use_flower_log_handlers("server", "common")
-    run = RunConfig.from_flower(context.run_config)
-    if not run.workdir:
-        raise ConfigError("Expected `workdir` in the run config (set by fl-server), but it is empty")
-    runs_dir = str(context.run_config.get("runs-dir", "") or "")
-    run_id = run.run_id(context.run_id)
-    run_dir = (Path(runs_dir) if runs_dir else Path(run.workdir) / "runs") / run_id
-    transport = str(context.run_config.get("transport", "")) or "unknown"
+    run, launch = RunConfig.from_flower(context.run_config), Launch.from_flower(context.run_config)
+    folder = launch.run_folder(context.run_id)
+    run_dir, run_id = folder.path, launch.run_id(context.run_id)
+    transport = launch.transport or "unknown"
     aggregation = "SecAgg+" if run.secagg.enabled else f"plain {run.rounds.aggregation} (no secure aggregation)"
-    config = {k: v for k, v in context.run_config.items() if k != "resume-run-id"}
+    config = {k: v for k, v in context.run_config.items() if k != RESUME_RUN_ID_KEY}
     model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
     weights = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     saved: OrderedDict[str, torch.Tensor] | None = None
-    if run.resume_run_id:
+    if launch.resume_run_id:
         state = load_state(run_dir)
         report = RunReport.load(run_dir, keep_rounds=state.completed_round)
         report.status = "running"
@@ -69,20 +64,20 @@ def main(grid: Grid, context: Context) -> None:
             run_id=int(run_id),
             config=config,
             transport=f"{transport}; {aggregation}",
-            kind="simulation" if context.run_config.get("sim-sites") else "deployment",
+            kind="simulation" if launch.sim_sites else "deployment",
         )
         first = 1
         segments = [{"flower-run-id": context.run_id, "first-round": 1, "started": time.time()}]
-    if saved is None and run.init_weights.path:  # --init-weights, checked by the launcher; a checkpoint wins
+    if saved is None and launch.init_weights.path:  # --init-weights, checked by the launcher; a checkpoint wins
         from common.weights import run_init_weights
 
-        weights = run_init_weights(run, model=model)
+        weights = run_init_weights(launch, model=model)
     if not transport.startswith(("tls", "simulation")):
         log.warning(INSECURE_WARNING)
     if not run.secagg.enabled and report.kind != "simulation":
         log.warning(PLAIN_AGGREGATION_WARNING)
     report.save()
-    names = Names(site_nodes(context.run_config))
+    names = Names(launch.site_nodes)
     strategy = FedradFedAvg(
         report=report,
         names=names,
@@ -127,4 +122,4 @@ def main(grid: Grid, context: Context) -> None:
         report.finish("failed")
         raise
     report.finish("completed")
-    log.info("Run report: %s", run_dir / "report.json")
+    log.info("Run report: %s", folder.report_json)

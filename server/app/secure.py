@@ -18,33 +18,32 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from common import records
 from common.adapters import flower
-from common.config import RunConfig, SecAggConfig
+from common.config import Launch, RunConfig, SecAggConfig
 from common.errors import ConfigError, FederationError
 from server.app.report import RunReport
-from server.app.strategy import RoundBook
+from server.app.strategy import SITE_FACTS, RoundBook
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from flwr.app import ArrayRecord, Context, Message
-    from flwr.server import LegacyContext
     from flwr.serverapp import Grid
 
     from server.app.strategy import FedradFedAvg
 
 log = logging.getLogger(__name__)
 
-SITE_KEYS = (records.SITE_NAME, records.DECLINED, records.PRIVACY_UNIT, records.LEDGER_KEY,
-             records.LEDGER_ROW, records.LEDGER_HASH)
+SITE_KEYS = (records.SITE_NAME, records.DECLINED, *SITE_FACTS)
 
 
 class SecAggHalted(FederationError):
@@ -189,13 +188,6 @@ class FedradSecAggPlus(SecAggPlusWorkflow):
             )
 
 
-def legacy_context(context: Context, *, strategy: SecureFedAvg, num_rounds: int) -> LegacyContext:
-    from flwr.server import ServerConfig
-    from flwr.server.compat import LegacyContext
-
-    return LegacyContext(context, config=ServerConfig(num_rounds=num_rounds), strategy=strategy)
-
-
 def evaluate_workflow(evaluator: FedradFedAvg, keys: list[str]) -> Callable[[Grid, LegacyContext], None]:
     """Federated evaluation of the current global weights, in plain messages (statistics only)."""
 
@@ -213,16 +205,6 @@ def evaluate_workflow(evaluator: FedradFedAvg, keys: list[str]) -> Callable[[Gri
         evaluator.aggregate_evaluate(server_round, replies)
 
     return evaluate
-
-
-def site_nodes(run_config: Mapping[str, Any]) -> dict[int, str]:
-    """Node id → site name from the ``site-nodes`` run config fl-server sets ("id:name,...")."""
-    names = {}
-    for item in str(run_config.get("site-nodes", "")).split(","):
-        node, _, name = item.partition(":")
-        if node.strip().isdigit() and name.strip():
-            names[int(node)] = name.strip()
-    return names
 
 
 class SecureRounds:
@@ -249,10 +231,10 @@ class SecureRounds:
             on_fit_config_fn=lambda r: {records.SERVER_ROUND: r, "local-epochs": run.local_epochs},
             initial_parameters=ndarrays_to_parameters([t.numpy() for t in weights.values()]),
         )
-        legacy = legacy_context(self.context, strategy=strategy, num_rounds=run.num_server_rounds)
+        legacy = LegacyContext(self.context, config=ServerConfig(num_rounds=run.num_server_rounds), strategy=strategy)
         flower.run_workflow_rounds(
             self.grid, legacy, first_round=first,
             on_round_done=lambda r: self.on_round_done(r, strategy.to_state(flower.global_arrays(legacy))),
-            fit=FedradSecAggPlus(run.secagg, site_nodes(self.context.run_config)),
+            fit=FedradSecAggPlus(run.secagg, Launch.from_flower(self.context.run_config).site_nodes),
             evaluate=evaluate_workflow(self.evaluator, keys),
         )

@@ -7,6 +7,7 @@ Everything lives under the coordinator's work dir::
     <workdir>/pki/server.key     the coordinator's TLS key, mode 0600
     <workdir>/pki/server.crt     its certificate, signed by the CA (2 years, serverAuth)
     <workdir>/pki/sites.json     registry: site → public_key, fingerprint, enrolled, kit
+    <workdir>/pki/data.toml      the consortium's data settings, once given (``enroll``/``rekey`` with ``data``)
     <workdir>/kits/<site>/       the site's kit (see :mod:`common.kit`)
     <workdir>/kits/<site>.tar.gz the same kit as one file to hand over (mode 0600)
 
@@ -16,6 +17,11 @@ are serialised by an ``flock`` on ``pki/.lock``. The registry is the source of
 truth and is written last: kit folder, then archive, then registry entry, so a
 crash in between leaves at worst a kit whose key is not registered, which the
 next ``enroll``/``rekey`` replaces.
+
+Every kit carries the consortium's data settings (:data:`common.kit.DATA_KEYS`: how a
+site reads, caches and splits its data), so a site checks and caches what the run
+uses without being told. They are the run config's defaults until an ``enroll`` or
+``rekey`` gives others, which are recorded and go into every later kit.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,7 @@ from typing import Any
 from common.config import site_name
 from common.errors import ConfigError
 from common.files import write_atomic
+from common.kit import check_data_settings
 from common.kit import server_address as check_address
 from server.enroll.ca import CertificateAuthority, cert_pem, san_entries
 from server.enroll.kits import kit_archive, remove_kit, write_kit
@@ -42,6 +50,7 @@ logger = logging.getLogger(__package__)  # "server.enroll", as the log has alway
 PKI_DIR = "pki"
 KITS_DIR = "kits"
 REGISTRY = "sites.json"
+DATA_FILE = "data.toml"
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class Consortium:
         self.pki_dir = self.workdir / PKI_DIR
         self.kits_dir = self.workdir / KITS_DIR
         self.registry_path = self.pki_dir / REGISTRY
+        self.data_path = self.pki_dir / DATA_FILE
         self.ca = CertificateAuthority(self.pki_dir)
 
     @contextmanager
@@ -166,7 +176,7 @@ class Consortium:
         """The archive of ``site``'s kit, ``<workdir>/kits/<site>.tar.gz``."""
         return kit_archive(self.kits_dir, site_name(site))
 
-    def enroll(self, site: str, *, server_address: str) -> Path:
+    def enroll(self, site: str, *, server_address: str, data: Mapping[str, Any] | None = None) -> Path:
         """Enroll a new site: a fresh key pair, its kit and archive, a registry entry.
 
         Parameters
@@ -175,6 +185,9 @@ class Consortium:
             The site's name (letters, digits, ``_``, ``-``).
         server_address : str
             The coordinator's address as the site reaches it, ``HOST:PORT``.
+        data : Mapping[str, Any] or None
+            Data settings (keys of :data:`common.kit.DATA_KEYS`) that change the consortium's
+            (see :meth:`data_settings`); None keeps them. The kit carries the result.
 
         Returns
         -------
@@ -184,7 +197,7 @@ class Consortium:
         Raises
         ------
         ConfigError
-            A bad name or address, or the site is already enrolled.
+            A bad name, address or data setting, or the site is already enrolled.
         """
         site = site_name(site)
         address = check_address(server_address, name="server-address")
@@ -195,12 +208,15 @@ class Consortium:
                     f"Site {site!r} is already enrolled (key {sites[site].get('fingerprint', '?')}); "
                     f"to give it a new key use `fl-server rekey --site {site}`"
                 )
-            kit, sites[site] = self._write_kit(site, address)
+            settings = self._settings(data, others=sorted(sites))
+            kit, sites[site] = self._write_kit(site, address, settings)
             self._save_sites(sites)
+            if data is not None:
+                self._save_settings(settings)
         logger.info("Enrolled site %s (key %s); kit %s", site, sites[site]["fingerprint"], kit)
         return kit
 
-    def rekey(self, site: str, *, server_address: str) -> Rekeyed:
+    def rekey(self, site: str, *, server_address: str, data: Mapping[str, Any] | None = None) -> Rekeyed:
         """Give an enrolled site a new key pair and a new kit, replacing the old ones.
 
         Parameters
@@ -209,6 +225,8 @@ class Consortium:
             An enrolled site.
         server_address : str
             The coordinator's address as the site reaches it, ``HOST:PORT``.
+        data : Mapping[str, Any] or None
+            Data settings that change the consortium's, as for :meth:`enroll`.
 
         Returns
         -------
@@ -219,7 +237,7 @@ class Consortium:
         Raises
         ------
         ConfigError
-            A bad name or address, or the site is not enrolled.
+            A bad name, address or data setting, or the site is not enrolled.
         """
         site = site_name(site)
         address = check_address(server_address, name="server-address")
@@ -228,8 +246,11 @@ class Consortium:
             if site not in sites:
                 raise ConfigError(f"Site {site!r} is not enrolled; use `fl-server enroll --site {site}`")
             old = sites[site]
-            kit, sites[site] = self._write_kit(site, address)
+            settings = self._settings(data, others=sorted(set(sites) - {site}))
+            kit, sites[site] = self._write_kit(site, address, settings)
             self._save_sites(sites)
+            if data is not None:
+                self._save_settings(settings)
         logger.info("Re-keyed site %s: key %s replaces %s", site, sites[site]["fingerprint"], old.get("fingerprint"))
         return Rekeyed(kit=kit, old_public_key=old.get("public_key", ""),
                        old_fingerprint=old.get("fingerprint", ""))
@@ -263,7 +284,51 @@ class Consortium:
         logger.info("Removed site %s (key %s)", site, entry.get("fingerprint"))
         return entry.get("public_key", "")
 
-    def _write_kit(self, site: str, address: str) -> tuple[Path, dict[str, str]]:
+    def data_settings(self) -> dict[str, Any]:
+        """The consortium's data settings, which every new kit carries.
+
+        Returns
+        -------
+        dict[str, Any]
+            Every key of :data:`common.kit.DATA_KEYS`: as last given to :meth:`enroll` or
+            :meth:`rekey`, else the run config's defaults.
+        """
+        if not self.data_path.exists():
+            return check_data_settings({})
+        fix = "restore it from backup, or delete it and give the data settings again"
+        try:
+            values = tomllib.loads(self.data_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"Cannot read the data settings {self.data_path} ({exc}); {fix}") from exc
+        try:
+            return check_data_settings(values, what="the file")
+        except ConfigError as exc:
+            raise ConfigError(f"{self.data_path}: {exc}; {fix}") from None
+
+    def _settings(self, data: Mapping[str, Any] | None, *, others: list[str]) -> dict[str, Any]:
+        """The data settings for a new kit: ``data`` over the consortium's; warns when that changes
+        what the kits of ``others`` (enrolled sites) say. Call with the lock held."""
+        current = self.data_settings()
+        if data is None:
+            return current
+        settings = check_data_settings({**current, **data})
+        changed = {key: value for key, value in settings.items() if current[key] != value}
+        if changed and others:
+            pairs = " ".join(f"{key}={json.dumps(value)}" for key, value in changed.items())
+            logger.warning(
+                "The consortium's data settings change (%s); the kits of %s carry the old ones: those sites "
+                "check and cache their data with -c '%s', or get new kits (fl-server rekey)",
+                pairs, ", ".join(others), pairs,
+            )
+        return settings
+
+    def _save_settings(self, settings: dict[str, Any]) -> None:
+        """Record ``settings`` as the consortium's data settings (lock held)."""
+        import tomli_w
+
+        write_atomic(self.data_path, tomli_w.dumps(settings), mode=0o644)
+
+    def _write_kit(self, site: str, address: str, settings: dict[str, Any]) -> tuple[Path, dict[str, str]]:
         """``site``'s new kit under the current CA, and its registry entry; call with the lock held."""
         _, ca_cert = self.ca.load_or_create()
-        return write_kit(self.kits_dir, site, address=address, ca_pem=cert_pem(ca_cert))
+        return write_kit(self.kits_dir, site, address=address, ca_pem=cert_pem(ca_cert), data=settings)

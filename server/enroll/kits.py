@@ -12,7 +12,9 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from common.files import replace_dir, write_atomic
 from common.kit import (
@@ -34,7 +36,9 @@ def kit_archive(kits_dir: Path, site: str) -> Path:
     return kits_dir / f"{site}.tar.gz"
 
 
-def write_kit(kits_dir: Path, site: str, *, address: str, ca_pem: bytes) -> tuple[Path, dict[str, str]]:
+def write_kit(
+    kits_dir: Path, site: str, *, address: str, ca_pem: bytes, data: Mapping[str, Any]
+) -> tuple[Path, dict[str, str]]:
     """Write ``site``'s kit with a new key, and its archive, in place of any old ones (lock held).
 
     Parameters
@@ -47,6 +51,8 @@ def write_kit(kits_dir: Path, site: str, *, address: str, ca_pem: bytes) -> tupl
         A checked coordinator address, ``HOST:PORT``.
     ca_pem : bytes
         The consortium CA certificate.
+    data : Mapping[str, Any]
+        The consortium's data settings (:data:`common.kit.DATA_KEYS`), the kit's ``[data]`` table.
 
     Returns
     -------
@@ -64,7 +70,7 @@ def write_kit(kits_dir: Path, site: str, *, address: str, ca_pem: bytes) -> tupl
     fingerprint = ssh_fingerprint(public_line)
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     toml = render_kit_toml({"format": FORMAT, "site": site, "server": address, "fingerprint": fingerprint,
-                            "ca-fingerprint": cert_fingerprint(ca_pem), "created": created})
+                            "ca-fingerprint": cert_fingerprint(ca_pem), "created": created}, data=data)
     contents: dict[str, tuple[bytes, int]] = {
         KIT_FILE: (toml.encode(), 0o644),
         PRIVATE_KEY_FILE: (private, 0o600),

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from common.errors import ConfigError
 from common.kit import (
     CA_CERT_FILE,
+    DATA_KEYS,
     FORMAT,
     KIT_FILE,
     KIT_FILES,
@@ -27,7 +28,9 @@ from common.kit import (
     PUBLIC_KEY_FILE,
     Kit,
     cert_fingerprint,
+    check_data_settings,
     load_kit,
+    parse_data_args,
     read_kit_toml,
     render_kit_toml,
     server_address,
@@ -59,8 +62,10 @@ def _ca_pem() -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def make_kit(kit_dir: Path, *, site: str = "A", server: str = "coord.example.org:9092") -> Path:
-    """A valid kit written with cryptography directly (independently of server.enroll)."""
+def make_kit(
+    kit_dir: Path, *, site: str = "A", server: str = "coord.example.org:9092", data: dict[str, object] | None = None
+) -> Path:
+    """A valid kit written with cryptography directly (independently of server.enroll); ``data``: its [data]."""
     kit_dir.mkdir(parents=True)
     key = ec.generate_private_key(ec.SECP384R1())
     public = _openssh_public(key) + " test"
@@ -72,7 +77,7 @@ def make_kit(kit_dir: Path, *, site: str = "A", server: str = "coord.example.org
     (kit_dir / KIT_FILE).write_text(render_kit_toml({
         "format": FORMAT, "site": site, "server": server, "fingerprint": ssh_fingerprint(public),
         "ca-fingerprint": cert_fingerprint(ca), "created": "2026-01-01T00:00:00+00:00",
-    }))
+    }, data=data))
     return kit_dir
 
 
@@ -265,3 +270,69 @@ def test_kit_toml_round_trips_any_string() -> None:
     assert tomllib.loads(render_kit_toml(values)) == values
     with pytest.raises(ConfigError, match="without site"):
         render_kit_toml({k: v for k, v in values.items() if k != "site"})
+
+
+# -- the coordinator's data settings ([data]) ------------------------------------------
+
+DEFAULTS = {"image-size": 64, "window": "brain", "multiframe": "slices", "color": "reject", "enhance": "none",
+            "classes": "0,1", "val-fraction": 0.25, "seed": 0}
+
+
+def test_defaults_are_the_pyproject_run_config_defaults() -> None:
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    app = pyproject["tool"]["flwr"]["app"]["config"]
+    assert check_data_settings({}) == DEFAULTS == {key: app[key] for key in DATA_KEYS}
+
+
+def test_a_kit_with_data_settings_loads_them(tmp_path: Path) -> None:
+    kit = load_kit(make_kit(tmp_path / "kit", data={"window": "voi", "image-size": 128, "classes": "a,b,c"}))
+    assert kit.data == DEFAULTS | {"window": "voi", "image-size": 128, "classes": "a,b,c"}
+    table = tomllib.loads((tmp_path / "kit" / KIT_FILE).read_text())["data"]
+    assert list(table) == list(DATA_KEYS) and table["image-size"] == 128
+
+
+def test_a_kit_without_data_settings_still_loads(kit_dir: Path) -> None:
+    assert "[data]" not in (kit_dir / KIT_FILE).read_text()
+    assert load_kit(kit_dir).data is None
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('window = "liver"', r"\[data\]: Expected `window` to be one of brain, .*, but got 'liver'; ask the"),
+        ('image-size = "64"', r"\[data\]: Expected `image-size` to be an integer, but got '64'"),
+        ("val-fraction = 1.5", r"\[data\]: Expected `val-fraction` to be a number in \(0, 1\], but got 1.5"),
+        ('classes = "only"', r"\[data\]: Expected `classes` to be at least two distinct"),
+        ("batch-size = 8", r"\[data\]: Expected the keys of the table among image-size, .*, but got batch-size"),
+    ],
+)
+def test_a_bad_data_setting_is_one_line_naming_the_kit(kit_dir: Path, table: str, message: str) -> None:
+    with (kit_dir / KIT_FILE).open("a") as f:
+        f.write(f"\n[data]\n{table}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_kit(kit_dir)
+    assert str(kit_dir / KIT_FILE) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_data_entry_that_is_not_a_table_is_refused(kit_dir: Path) -> None:
+    with (kit_dir / KIT_FILE).open("a") as f:
+        f.write('data = "voi"\n')
+    with pytest.raises(ConfigError, match=r"Expected .*kit.toml \[data\] to be a table of data settings"):
+        load_kit(kit_dir)
+
+
+def test_render_refuses_bad_data_settings() -> None:
+    values = dict.fromkeys(KIT_KEYS, "x")
+    with pytest.raises(ConfigError, match="Expected `window` to be one of"):
+        render_kit_toml(values, data={"window": "liver"})
+
+
+def test_parse_data_args_keeps_only_what_was_given() -> None:
+    assert parse_data_args(['window="voi" image-size=32', "seed=3"]) == {"window": "voi", "image-size": 32, "seed": 3}
+    assert parse_data_args(None) == {}
+    with pytest.raises(ConfigError, match=r"Expected `--run-config` keys among image-size, .*, but got batch-size"):
+        parse_data_args(["batch-size=8"])
+    with pytest.raises(ConfigError, match="Expected `image-size` to be an integer in \\[16, 1024\\], but got 8"):
+        parse_data_args(["image-size=8"])
+    with pytest.raises(ConfigError, match="Expected `-c` as key=value pairs, but got .*No such file"):
+        parse_data_args([str(Path("/nonexistent/data.toml"))], option="-c")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.config import RunConfig
+from common.config import Launch, RunConfig
 from common.errors import ConfigError
 from common.models import build_model
 from common.weights import (
@@ -126,13 +126,13 @@ def test_the_run_config_carries_the_checked_file_and_the_serverapp_reloads_it(tm
     save_file(state, str(path))
     entries = init_weights_config(tmp_path / "." / "w.safetensors", run=RUN)
     assert entries == {"init-weights": str(path), "init-weights-sha256": file_sha256(path)}
-    run = RunConfig.from_flower(entries)
-    assert run.init_weights.path == str(path)
-    weights = run_init_weights(run, model=model_for_run(run))
+    launch = Launch.from_flower(entries)
+    assert launch.init_weights.path == str(path)
+    weights = run_init_weights(launch, model=model_for_run(RUN))
     assert all(torch.equal(weights[k], state[k]) for k in state)
     save_file(_state(seed=12), str(path))  # changed after the launcher checked it
     with pytest.raises(ConfigError, match="unchanged since it was checked"):
-        run_init_weights(run, model=model_for_run(run))
+        run_init_weights(launch, model=model_for_run(RUN))
 
 
 @pytest.mark.parametrize(
@@ -146,7 +146,7 @@ def test_the_run_config_carries_the_checked_file_and_the_serverapp_reloads_it(tm
 )
 def test_the_run_config_keys_go_together_and_are_checked(values: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="init-weights"):
-        RunConfig.from_flower(values)
+        Launch.from_flower(values)
 
 
 def test_fl_sim_checks_the_scenarios_init_weights_before_anything_runs(tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_fl_sim_refuses_init_weights_secagg_could_not_mask(tmp_path: Path) -> No
     path = tmp_path / "big.safetensors"
     save_file(state, str(path))
     with pytest.raises(ConfigError, match=r"secagg-clipping-range.*\(8\.3\)"):
-        checked_init_weights({"init-weights": str(path), "secagg": True})
+        checked_init_weights({"init-weights": str(path), "secagg": True, "secagg-clipping-range": 8.0})
     entries = checked_init_weights({"init-weights": str(path), "secagg": True, "secagg-clipping-range": 32.0})
     assert entries["init-weights"] == str(path.resolve())
     assert checked_init_weights({"init-weights": str(path), "secagg": False})["init-weights-sha256"]

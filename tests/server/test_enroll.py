@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import stat
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
-from common.kit import KIT_FILES, PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, load_kit, ssh_fingerprint
+from common.kit import KIT_FILES, PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, check_data_settings, load_kit, ssh_fingerprint
 from server.enroll import Consortium, Rekeyed
 
 ADDRESS = "coord.example.org:9092"
@@ -299,6 +300,65 @@ def test_remove_deletes_kit_and_registry_entry(consortium: Consortium) -> None:
         consortium.remove("A")
     consortium.enroll("A", server_address=ADDRESS)  # and it can be enrolled afresh
     assert set(consortium.sites()) == {"A", "B"}
+
+
+# -- the consortium's data settings, carried by every kit -------------------------------
+
+
+def test_a_kit_carries_the_run_config_defaults_unless_told(consortium: Consortium) -> None:
+    kit = load_kit(consortium.enroll("A", server_address=ADDRESS))
+    assert kit.data == check_data_settings({}) == consortium.data_settings()
+    assert kit.data["image-size"] == 64 and kit.data["window"] == "brain"
+    assert not (consortium.workdir / "pki" / "data.toml").exists()
+
+
+def test_data_settings_given_at_enrollment_go_into_every_later_kit(consortium: Consortium) -> None:
+    voi = {"window": "voi", "image-size": 128}
+    kit_a = consortium.enroll("A", server_address=ADDRESS, data=voi)
+    expected = check_data_settings(voi)
+    assert load_kit(kit_a).data == expected == consortium.data_settings()
+    assert Consortium(consortium.workdir).data_settings() == expected  # recorded, not remembered
+    assert load_kit(consortium.enroll("B", server_address=ADDRESS)).data == expected
+    assert load_kit(consortium.rekey("A", server_address=ADDRESS).kit).data == expected
+
+
+def test_changed_data_settings_apply_over_the_old_and_name_the_stale_kits(
+    consortium: Consortium, caplog: pytest.LogCaptureFixture
+) -> None:
+    consortium.enroll("A", server_address=ADDRESS, data={"window": "voi"})
+    consortium.enroll("B", server_address=ADDRESS)
+    with caplog.at_level(logging.WARNING, logger="server.enroll"):
+        kit_c = consortium.enroll("C", server_address=ADDRESS, data={"image-size": 32})
+    assert load_kit(kit_c).data == check_data_settings({"window": "voi", "image-size": 32})
+    assert "the kits of A, B carry the old ones" in caplog.text and "-c 'image-size=32'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server.enroll"):
+        consortium.rekey("C", server_address=ADDRESS, data={"image-size": 32})  # no change: no warning
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"window": "liver"}, "Expected `window` to be one of"),
+    ({"batch-size": 8}, "Expected the keys of data settings among image-size, .*, but got batch-size"),
+])
+def test_bad_data_settings_are_refused_before_anything_is_written(
+    consortium: Consortium, data: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        consortium.enroll("A", server_address=ADDRESS, data=data)
+    assert consortium.sites() == {} and not (consortium.workdir / "kits" / "A").exists()
+    assert not (consortium.workdir / "pki" / "data.toml").exists()
+
+
+def test_corrupt_data_settings_are_reported(consortium: Consortium) -> None:
+    consortium.enroll("A", server_address=ADDRESS, data={"window": "voi"})
+    data_file = consortium.workdir / "pki" / "data.toml"
+    data_file.write_text('window = "liver"\n')
+    with pytest.raises(ConfigError, match=r"data.toml: Expected `window` to be one of .*; restore it from backup"):
+        consortium.enroll("B", server_address=ADDRESS)
+    data_file.write_text("window = \n")
+    with pytest.raises(ConfigError, match="Cannot read the data settings .*data.toml"):
+        consortium.data_settings()
 
 
 # -- crashes --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from common.config import RoundPolicy, RunConfig
+from common.config import Launch, RoundPolicy, RunConfig
 from common.errors import ConfigError
 from common.runfolder import STATE
 from server.app.checkpoint import checkpoint_path, save_checkpoint
@@ -226,11 +226,11 @@ def test_robust_aggregation_needs_secagg_off(aggregation: str) -> None:
 
 @pytest.mark.parametrize("value", ["abc", "-3", "1.5", "1e3", " 4", True, 1.5, None])
 def test_resume_run_id_must_be_digits(value: Any) -> None:
-    _one_line_config_error(lambda: RunConfig.from_flower({"resume-run-id": value}), "resume-run-id")
+    _one_line_config_error(lambda: Launch.from_flower({"resume-run-id": value}), "resume-run-id")
 
 
 def test_run_id_is_the_resumed_runs_id_else_flowers() -> None:
-    assert RunConfig.from_flower({}).run_id(7) == "7"
-    assert RunConfig.from_flower({"resume-run-id": ""}).run_id(7) == "7"
-    assert RunConfig.from_flower({"resume-run-id": "1234"}).run_id(7) == "1234"
-    assert RunConfig.from_flower({"resume-run-id": 1234}).run_id(7) == "1234"
+    assert Launch.from_flower({}).run_id(7) == "7"
+    assert Launch.from_flower({"resume-run-id": ""}).run_id(7) == "7"
+    assert Launch.from_flower({"resume-run-id": "1234"}).run_id(7) == "1234"
+    assert Launch.from_flower({"resume-run-id": 1234}).run_id(7) == "1234"

@@ -15,7 +15,7 @@ from common import records
 from common.config import RunConfig, SecAggConfig
 from common.errors import ConfigError, FederationError
 from server.app.report import RunReport
-from server.app.secure import SecureFedAvg, check_model_fits, site_nodes
+from server.app.secure import SecureFedAvg, check_model_fits
 from server.app.strategy import BudgetsSpent
 
 KEYS = ["w", "b"]
@@ -73,11 +73,6 @@ def test_a_clipping_range_without_headroom_for_the_model_is_refused() -> None:
     check_model_fits(state, SecAggConfig(clipping_range=8.0))
     with pytest.raises(ConfigError, match="secagg-clipping-range"):
         check_model_fits(state, SecAggConfig(clipping_range=5.0))
-
-
-def test_site_nodes_names_the_enrolled_nodes() -> None:
-    assert site_nodes({"site-nodes": "12:A, 34:B,bad,:C"}) == {12: "A", 34: "B"}
-    assert site_nodes({}) == {}
 
 
 def test_secagg_config_validates_and_its_tolerance_scales_with_max_weight() -> None:

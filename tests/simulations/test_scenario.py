@@ -64,7 +64,7 @@ def test_site_rows_are_node_configs(tmp_path: Path) -> None:
         (["privacy.epsilon=-1"], "privacy.epsilon"),
         (["privacy.dp=maybe"], "privacy.dp"),
         (["simulation.concurrency=0"], "concurrency"),
-        (["run.workdir=/x"], "fl-sim sets it itself"),
+        (["run.workdir=/x"], "is set by fedrad"),
         (["nonsense"], "--set section.key=value"),
         (["model.x=1"], "section to be one of"),
         (["sites.names=['A', 'A', 'B']"], "distinct"),
