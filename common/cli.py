@@ -39,7 +39,7 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None, *, prog_name:
         result = command.main(args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         error_line("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
@@ -48,9 +48,6 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None, *, prog_name:
     except FedradError as exc:
         error_line(str(exc))
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
         if os.environ.get("FEDRAD_DEBUG"):
             raise

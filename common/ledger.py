@@ -124,6 +124,10 @@ class Plan:
     planned_rounds: int
 
 
+_PLAN_QUERY = (
+    "SELECT noise_multiplier, sample_rate, steps_per_round, planned_rounds FROM plans "
+    "WHERE run_id = ? AND fingerprint = ?"
+)
 _ROW_FIELDS = [f.name for f in fields(Row)]
 _HASHED = [name for name in _ROW_FIELDS if name not in ("hash", "signature")]
 
@@ -217,10 +221,6 @@ class Ledger:
             self.dir.mkdir(parents=True, exist_ok=True)
         self._private_key = None
 
-    @classmethod
-    def for_site(cls, work_dir: Path) -> Ledger:
-        return cls(Path(work_dir) / "privacy")
-
     @contextmanager
     def _connect(self, *, write: bool) -> Iterator[sqlite3.Connection]:
         uri = f"file:{self.path}?mode={'rwc' if write else 'ro'}"
@@ -239,16 +239,14 @@ class Ledger:
             yield conn
             if write:
                 conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             if write and conn.in_transaction:
                 conn.execute("ROLLBACK")
-            raise DataError(
-                f"The privacy ledger {self.path} is unreadable or corrupt ({exc}); restore it from backup — "
-                "training without it would under-count ε"
-            ) from exc
-        except BaseException:
-            if write and conn.in_transaction:
-                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise DataError(
+                    f"The privacy ledger {self.path} is unreadable or corrupt ({exc}); restore it from backup — "
+                    "training without it would under-count ε"
+                ) from exc
             raise
         finally:
             conn.close()
@@ -262,10 +260,7 @@ class Ledger:
         if self._private_key is not None:
             return self._private_key
         key_path = self.dir / PRIVATE_KEY_FILE
-        if key_path.exists():
-            key = _load_private_key(key_path)
-        else:
-            key = self._create_key(key_path)
+        key = _load_private_key(key_path) if key_path.exists() else self._create_key(key_path)
         public = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -292,23 +287,21 @@ class Ledger:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         tmp = key_path.with_name(f".{key_path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write_new(path: Path) -> None:  # exclusively: fails when the name exists
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(pem)
                 f.flush()
                 os.fsync(f.fileno())
+
+        try:
+            write_new(tmp)
             try:
                 os.link(tmp, key_path)
             except FileExistsError:
                 return _load_private_key(key_path)  # another process created the key first: use that one
             except OSError:
-                # No hard links on this file system: create the key file in place (exclusively).
-                fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(pem)
-                    f.flush()
-                    os.fsync(f.fileno())
+                write_new(key_path)  # no hard links on this file system: create the key file in place
         finally:
             tmp.unlink(missing_ok=True)
         return key
@@ -372,11 +365,7 @@ class Ledger:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if "plans" not in tables:
                 return None
-            found = conn.execute(
-                "SELECT noise_multiplier, sample_rate, steps_per_round, planned_rounds FROM plans "
-                "WHERE run_id = ? AND fingerprint = ?",
-                (run_id, fingerprint),
-            ).fetchone()
+            found = conn.execute(_PLAN_QUERY, (run_id, fingerprint)).fetchone()
         return None if found is None else Plan(float(found[0]), float(found[1]), int(found[2]), int(found[3]))
 
     # -- writing ----------------------------------------------------------------
@@ -391,11 +380,7 @@ class Ledger:
                 (run_id, fingerprint, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round,
                  plan.planned_rounds, time.time()),
             )
-            found = conn.execute(
-                "SELECT noise_multiplier, sample_rate, steps_per_round, planned_rounds FROM plans "
-                "WHERE run_id = ? AND fingerprint = ?",
-                (run_id, fingerprint),
-            ).fetchone()
+            found = conn.execute(_PLAN_QUERY, (run_id, fingerprint)).fetchone()
         return Plan(float(found[0]), float(found[1]), int(found[2]), int(found[3]))
 
     def _init_meta(self, conn: sqlite3.Connection) -> None:

@@ -33,6 +33,7 @@ from common.config import YOUDEN
 
 if TYPE_CHECKING:
     import torch
+    from torchmetrics import Metric
 
 AUROC_THRESHOLDS = 201
 """Thresholds of the binned AUROC state (0, 0.005, ..., 1)."""
@@ -64,19 +65,23 @@ def sufficient_statistics(*, probs: torch.Tensor, targets: torch.Tensor, num_cla
         (binary) or those four rows of K per-class counts. Counts only, no
         per-image value.
     """
-    from torchmetrics.classification import BinaryAUROC, BinaryStatScores
+    auroc: Metric
+    stats: Metric
+    if num_classes == 2:
+        from torchmetrics.classification import BinaryAUROC, BinaryStatScores
 
-    if num_classes != 2:
-        return _multiclass_statistics(probs=probs, targets=targets, num_classes=num_classes)
+        auroc, stats = BinaryAUROC(thresholds=AUROC_THRESHOLDS), BinaryStatScores(threshold=DECISION_THRESHOLD)
+    else:
+        from torchmetrics.classification import MulticlassAUROC, MulticlassStatScores
 
-    auroc = BinaryAUROC(thresholds=AUROC_THRESHOLDS)
-    stats = BinaryStatScores(threshold=DECISION_THRESHOLD)
+        auroc = MulticlassAUROC(num_classes=num_classes, thresholds=AUROC_THRESHOLDS)
+        stats = MulticlassStatScores(num_classes=num_classes, average=None)
     if len(probs):
         auroc.update(probs, targets.long())
         stats.update(probs, targets.long())
     return {
         records.AUROC_CONFMAT: [int(v) for v in auroc.confmat.flatten().tolist()],
-        records.STAT_SCORES: [int(getattr(stats, k).item()) for k in ("tp", "fp", "tn", "fn")],
+        records.STAT_SCORES: [int(v) for k in ("tp", "fp", "tn", "fn") for v in getattr(stats, k).flatten().tolist()],
     }
 
 
@@ -138,25 +143,24 @@ def choose_threshold(confmat: Any, *, method: str | float = YOUDEN) -> Operating
     )
 
 
-def _multiclass_statistics(*, probs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, list[int]]:
-    from torchmetrics.classification import MulticlassAUROC, MulticlassStatScores
-
-    auroc = MulticlassAUROC(num_classes=num_classes, thresholds=AUROC_THRESHOLDS)
-    stats = MulticlassStatScores(num_classes=num_classes, average=None)
-    if len(probs):
-        auroc.update(probs, targets.long())
-        stats.update(probs, targets.long())
-    return {
-        records.AUROC_CONFMAT: [int(v) for v in auroc.confmat.flatten().tolist()],
-        records.STAT_SCORES: [int(v) for k in ("tp", "fp", "tn", "fn") for v in getattr(stats, k).tolist()],
-    }
-
-
 def _as_counts(value: Any, length: int, key: str) -> list[int]:
     values = list(value) if isinstance(value, Sequence) else []
     if len(values) != length or any(int(v) != v or v < 0 for v in values):
         raise ValueError(f"Expected `{key}` to be {length} non-negative counts, got {len(values)}")
     return [int(v) for v in values]
+
+
+def _summed(site_stats: Iterable[Mapping[str, Any]], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sites' AUROC confusion matrices and (tp, fp, tn, fn) counts, checked and added up."""
+    import torch
+
+    per_class = () if num_classes == 2 else (num_classes,)  # binary states have no class axis
+    confmat = torch.zeros(AUROC_THRESHOLDS, *per_class, 2, 2, dtype=torch.long)
+    counts = torch.zeros(4, *per_class, dtype=torch.long)
+    for stats in site_stats:
+        for total, key in ((confmat, records.AUROC_CONFMAT), (counts, records.STAT_SCORES)):
+            total += torch.tensor(_as_counts(stats[key], total.numel(), key)).reshape(total.shape)
+    return confmat, counts
 
 
 def pooled_metrics(
@@ -187,7 +191,6 @@ def pooled_metrics(
     """
     if num_classes != 2:
         return _pooled_multiclass(site_stats, num_classes)
-    import torch
     from torchmetrics.classification import (
         BinaryAccuracy,
         BinaryAUROC,
@@ -197,7 +200,6 @@ def pooled_metrics(
         BinarySpecificity,
     )
 
-    n_confmat = AUROC_THRESHOLDS * 4
     auroc = BinaryAUROC(thresholds=AUROC_THRESHOLDS)
     threshold_metrics = {
         "sensitivity": BinaryRecall(threshold=DECISION_THRESHOLD),
@@ -206,13 +208,7 @@ def pooled_metrics(
         "f1": BinaryF1Score(threshold=DECISION_THRESHOLD),
         "accuracy": BinaryAccuracy(threshold=DECISION_THRESHOLD),
     }
-    confmat = torch.zeros(AUROC_THRESHOLDS, 2, 2, dtype=torch.long)
-    counts = torch.zeros(4, dtype=torch.long)
-    for stats in site_stats:
-        confmat += torch.tensor(
-            _as_counts(stats[records.AUROC_CONFMAT], n_confmat, records.AUROC_CONFMAT)
-        ).reshape(AUROC_THRESHOLDS, 2, 2)
-        counts += torch.tensor(_as_counts(stats[records.STAT_SCORES], 4, records.STAT_SCORES))
+    confmat, counts = _summed(site_stats, 2)
     auroc.merge_state({"confmat": confmat})
     tp, fp, tn, fn = (counts[i] for i in range(4))
     for metric in threshold_metrics.values():
@@ -235,7 +231,6 @@ def pooled_metrics(
 
 
 def _pooled_multiclass(site_stats: Iterable[Mapping[str, Any]], num_classes: int) -> dict[str, float]:
-    import torch
     from torchmetrics.classification import (
         MulticlassAccuracy,
         MulticlassAUROC,
@@ -246,14 +241,7 @@ def _pooled_multiclass(site_stats: Iterable[Mapping[str, Any]], num_classes: int
     )
 
     k = num_classes
-    n_confmat = AUROC_THRESHOLDS * k * 4
-    confmat = torch.zeros(AUROC_THRESHOLDS, k, 2, 2, dtype=torch.long)
-    counts = torch.zeros(4, k, dtype=torch.long)
-    for stats in site_stats:
-        confmat += torch.tensor(
-            _as_counts(stats[records.AUROC_CONFMAT], n_confmat, records.AUROC_CONFMAT)
-        ).reshape(AUROC_THRESHOLDS, k, 2, 2)
-        counts += torch.tensor(_as_counts(stats[records.STAT_SCORES], 4 * k, records.STAT_SCORES)).reshape(4, k)
+    confmat, counts = _summed(site_stats, k)
     auroc = MulticlassAUROC(num_classes=k, thresholds=AUROC_THRESHOLDS, average="macro")
     auroc.merge_state({"confmat": confmat})
     per_class = {"tp": counts[0], "fp": counts[1], "tn": counts[2], "fn": counts[3]}

@@ -20,9 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-ACCOUNTANTS = ("rdp", "prv")
-"""Accountants reported side by side; decisions use the minimum."""
-
 PRV_EPS_ERROR = 0.01
 """Width of PRV's ε error interval; ``get_epsilon`` returns its upper end."""
 

@@ -53,4 +53,3 @@ SERVER_ROUND = "server-round"
 
 # Flower's legacy (compat) keys: the SecAgg+ workflow speaks FitIns/FitRes.
 FITINS_PARAMETERS = "fitins.parameters"
-FITINS_CONFIG = "fitins.config"

@@ -54,16 +54,14 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No live display; 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")]
 
 
-def _scenario(name: str, sets: list[str] | None, sites: int | None, rounds: int | None, secagg: bool | None,
-              extra: Sequence[str] = ()) -> Scenario:
-    overrides = list(sets or [])
-    if sites is not None:
-        overrides.append(f"sites.count={sites}")
-    if rounds is not None:
-        overrides.append(f"run.num-server-rounds={rounds}")
-    if secagg is not None:
-        overrides.append(f"run.secagg={'true' if secagg else 'false'}")
-    return scenarios.load(name, [*overrides, *extra])
+def _scenario(name: str, sets: list[str] | None, options: dict[str, Any]) -> Scenario:
+    """The scenario with the ``--set`` overrides, then those of the options given (``section.key`` → value)."""
+    def toml(value: Any) -> str:
+        if isinstance(value, Path):
+            return json.dumps(str(value.expanduser().resolve()), ensure_ascii=False)
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return scenarios.load(name, [*(sets or []), *(f"{k}={toml(v)}" for k, v in options.items() if v is not None)])
 
 
 def _summary(result: SimResult) -> list[str]:
@@ -108,14 +106,8 @@ def run_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run one simulated federation and write runs/<run-id>/ (report.json, report.md, plots)."""
-    extra = []
-    if epsilon is not None:
-        extra.append(f"privacy.epsilon={epsilon}")
-    if dp is not None:
-        extra.append(f"privacy.dp={'true' if dp else 'false'}")
-    if init_weights is not None:
-        extra.append(f"run.init-weights={json.dumps(str(init_weights.expanduser().resolve()), ensure_ascii=False)}")
-    sc = _scenario(scenario, set_, sites, rounds, secagg, extra)
+    sc = _scenario(scenario, set_, {"sites.count": sites, "run.num-server-rounds": rounds, "run.secagg": secagg,
+                                    "privacy.epsilon": epsilon, "privacy.dp": dp, "run.init-weights": init_weights})
     result = simulate(sc, workdir=workdir, runs_dir=out, progress=not quiet, verbose=verbose, echo=typer.echo)
     for line in _summary(result):
         typer.echo(line)
@@ -149,7 +141,7 @@ def compare_cmd(
     from simulations.arms import ARMS
     from simulations.compare import compare
 
-    sc = _scenario(scenario, set_, sites, rounds, secagg)
+    sc = _scenario(scenario, set_, {"sites.count": sites, "run.num-server-rounds": rounds, "run.secagg": secagg})
     chosen = [a.strip() for a in arms.split(",") if a.strip()]
     bad = [a for a in chosen if a not in ARMS]
     if bad or not chosen:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from client.app.replay import UpdateStore, weights_digest
 from common import records
@@ -100,6 +100,28 @@ def _setup_torch(site: SiteConfig) -> torch.device:
     return resolve_device(site.device)
 
 
+def _model(run: RunConfig, weights: StateDict) -> torch.nn.Module:
+    """The run's model, holding ``weights``."""
+    from common.models import build_model
+
+    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
+    model.load_state_dict(weights)
+    return model
+
+
+def _training_args(
+    site: SiteConfig, run: RunConfig, data: SiteData, groups: np.ndarray | None, server_round: int
+) -> dict[str, Any]:
+    """What DP and plain training take alike: the training split and its privacy units, the run's recipe, a seed."""
+    return {
+        "images": data.images(data.train), "labels": data.labels[data.train], "groups": groups,
+        "slices_per_patient": run.slices_per_patient, "augment": run.augment, "num_classes": len(run.classes),
+        "epochs": run.local_epochs, "batch_size": run.batch_size, "learning_rate": run.learning_rate,
+        "optimizer": run.optimizer, "momentum": run.momentum, "max_grad_norm": run.max_grad_norm,
+        "device": _setup_torch(site), "seed": run.seed * 100_003 + server_round,
+    }
+
+
 def _train_groups(site: SiteConfig, data: SiteData) -> tuple[np.ndarray | None, int]:
     """Privacy units of the training split: patient index per image (or None for image-level) and their count."""
     from client.app.training import patient_groups
@@ -139,7 +161,6 @@ def train_round(
     import opacus
 
     from client.app.training import train_dp
-    from common.models import build_model
 
     data = open_data(site, run)
     if not site.dp:
@@ -182,27 +203,10 @@ def train_round(
             f"in {len(earlier)} earlier rounds)",
             spent=spent,
         )
-    device = _setup_torch(site)
-    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
-    model.load_state_dict(weights)
+    model = _model(run, weights)
     outcome = train_dp(
-        model,
-        images=data.images(data.train),
-        labels=data.labels[data.train],
-        groups=groups,
-        slices_per_patient=run.slices_per_patient,
-        augment=run.augment,
-        num_classes=len(run.classes),
-        epochs=run.local_epochs,
-        batch_size=run.batch_size,
-        learning_rate=run.learning_rate,
-        optimizer=run.optimizer,
-        momentum=run.momentum,
-        max_grad_norm=run.max_grad_norm,
-        noise_multiplier=plan.noise_multiplier,
-        device=device,
+        model, **_training_args(site, run, data, groups, server_round), noise_multiplier=plan.noise_multiplier,
         secure_mode=site.secure_mode,
-        seed=run.seed * 100_003 + server_round,
     )
     event = outcome.event
     cumulative = projected if event == planned else epsilons(events=[*earlier, event], delta=site.delta)
@@ -255,20 +259,10 @@ def _train_without_dp(
 ) -> tuple[StateDict, dict[str, float | int], dict[str, str | int]]:
     """fl-sim's non-private baseline: same data, steps and optimiser, no clipping, noise or ledger row."""
     from client.app.training import train_plain
-    from common.models import build_model
 
     log.warning(NO_DP_WARNING, site.site)
-    device = _setup_torch(site)
-    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
-    model.load_state_dict(weights)
-    groups, _ = _train_groups(site, data)
-    outcome = train_plain(
-        model, images=data.images(data.train), labels=data.labels[data.train], groups=groups,
-        slices_per_patient=run.slices_per_patient, augment=run.augment, num_classes=len(run.classes),
-        epochs=run.local_epochs, batch_size=run.batch_size, learning_rate=run.learning_rate, device=device,
-        optimizer=run.optimizer, momentum=run.momentum, max_grad_norm=run.max_grad_norm,
-        seed=run.seed * 100_003 + server_round,
-    )
+    model = _model(run, weights)
+    outcome = train_plain(model, **_training_args(site, run, data, _train_groups(site, data)[0], server_round))
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
     return state, {records.NUM_EXAMPLES: outcome.num_examples}, {records.PRIVACY_UNIT: "none (no DP)"}
 
@@ -276,15 +270,12 @@ def _train_without_dp(
 def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> dict[str, float | int | list[int]]:
     """Evaluate the global weights on the site's validation split; summable statistics only."""
     from client.app.evaluation import evaluate
-    from common.models import build_model
 
     data = open_data(site, run)
     device = _setup_torch(site)
-    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
-    model.load_state_dict(weights)
     outcome = evaluate(
-        model, images=data.images(data.validation), labels=data.labels[data.validation], device=device,
-        num_classes=len(run.classes),
+        _model(run, weights), images=data.images(data.validation), labels=data.labels[data.validation],
+        device=device, num_classes=len(run.classes),
     )
     return {
         records.NUM_EXAMPLES: outcome.num_examples,

@@ -22,10 +22,12 @@ package is used when installed (it has no build for current torch).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -112,12 +114,6 @@ def group_members(groups: np.ndarray | None, n: int) -> list[np.ndarray]:
     return [order[bounds[g] : bounds[g + 1]] for g in range(num_groups)]
 
 
-def _torchcsprng_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torchcsprng") is not None
-
-
 def _mean_per_group(model: nn.Module, segments: torch.Tensor, num_groups: int) -> None:
     """Replace each trainable parameter's per-image gradients by their mean per group (patient)."""
     import torch
@@ -130,6 +126,42 @@ def _mean_per_group(model: nn.Module, segments: torch.Tensor, num_groups: int) -
         summed = torch.zeros((num_groups, *grad_sample.shape[1:]), dtype=grad_sample.dtype, device=grad_sample.device)
         summed.index_add_(0, segments, grad_sample)
         p.grad_sample = summed / counts.view(-1, *([1] * (grad_sample.dim() - 1))).to(summed.dtype)
+
+
+class _Batches:
+    """The training split as tensors, and one step's forward and backward on a batch of patients (DP or not)."""
+
+    def __init__(self, *, images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, device: torch.device,
+                 seed: int, slices_per_patient: int, augment: AugmentConfig | None, num_classes: int) -> None:
+        import torch
+
+        self.members = group_members(groups, int(labels.shape[0]))
+        self.images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.labels = torch.from_numpy(labels.astype(np.float32 if num_classes == 2 else np.int64))
+        self.binary = num_classes == 2
+        self.criterion = torch.nn.BCEWithLogitsLoss() if self.binary else torch.nn.CrossEntropyLoss()
+        self.augment = augment or AugmentConfig()
+        self.generator = torch.Generator().manual_seed(seed + 2)
+        self.device, self.slices_per_patient = device, slices_per_patient
+        self.total_loss, self.total_seen = 0.0, 0
+
+    def pick(self, sampled: Iterable[Any], rng: np.random.Generator) -> list[np.ndarray]:
+        """The images of each sampled patient: all of them, or ``slices_per_patient`` drawn at random."""
+        k, members = self.slices_per_patient, (self.members[int(g)] for g in sampled)
+        return [m if len(m) <= k else rng.choice(m, k, replace=False) for m in members]
+
+    def backward(self, model: nn.Module, picked: list[np.ndarray]) -> None:
+        """Augment the picked images, compute their loss and its gradients; the loss adds to ``total_loss``."""
+        import torch
+
+        rows = torch.from_numpy(np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64))
+        x, y = self.images[rows].to(self.device), self.labels[rows].to(self.device)
+        logits = model(augment_batch(x, self.augment, self.generator))
+        loss = self.criterion(logits.squeeze(1) if self.binary else logits, y)
+        loss.backward()
+        if len(y):
+            self.total_loss += float(loss.detach()) * len(y)
+            self.total_seen += len(y)
 
 
 def train_dp(
@@ -195,12 +227,7 @@ def train_dp(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    n = int(labels.shape[0])
-    members = group_members(groups, n)
-    num_groups = len(members)
-    one_per_group = all(len(m) == 1 for m in members)
-
-    csprng = secure_mode and _torchcsprng_available()
+    csprng = secure_mode and importlib.util.find_spec("torchcsprng") is not None
     if secure_mode:
         sampling_seed, noise_seed, slice_seed = (secrets.randbits(63) for _ in range(3))
     else:
@@ -209,10 +236,11 @@ def train_dp(
     if not csprng:
         torch.manual_seed(sampling_seed)  # Opacus' Poisson sampler draws from the global generator
 
-    images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    labels_t = torch.from_numpy(labels.astype(np.float32 if num_classes == 2 else np.int64))
+    batches = _Batches(images=images, labels=labels, groups=groups, device=device, seed=seed,
+                       slices_per_patient=slices_per_patient, augment=augment, num_classes=num_classes)
+    one_per_group = all(len(m) == 1 for m in batches.members)
     # Opacus turns this into Poisson sampling of patients at rate 1 / len(loader) = poisson_sample_rate().
-    loader = DataLoader(TensorDataset(torch.arange(num_groups)), batch_size=batch_size)
+    loader = DataLoader(TensorDataset(torch.arange(len(batches.members))), batch_size=batch_size)
     model = model.to(device).train()
     engine = PrivacyEngine(accountant="rdp", secure_mode=csprng)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
@@ -227,38 +255,23 @@ def train_dp(
     )
     if secure_mode:
         dp_optimizer.secure_mode = True  # Opacus' floating-point-safe Gaussian sampling
-    binary = num_classes == 2
-    criterion = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.CrossEntropyLoss()
-    augment = augment or AugmentConfig()
-    augment_generator = torch.Generator().manual_seed(seed + 2)
     slice_rng = np.random.default_rng(slice_seed)
-    total_loss, total_seen = 0.0, 0
     for _ in range(epochs):
         for (sampled,) in dp_loader:
             # Poisson sampling can draw no patient: Opacus still takes (and accounts) a noise-only step.
-            picked = [
-                m if len(m) <= slices_per_patient else slice_rng.choice(m, slices_per_patient, replace=False)
-                for m in (members[int(g)] for g in sampled)
-            ]
-            rows = torch.from_numpy(np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64))
-            segments = torch.repeat_interleave(torch.arange(len(picked)), torch.tensor([len(m) for m in picked], dtype=torch.long))
-            x, y = images_t[rows].to(device), labels_t[rows].to(device)
-            x = augment_batch(x, augment, augment_generator)
+            picked = batches.pick(sampled, slice_rng)
             dp_optimizer.zero_grad()
-            logits = dp_model(x)
-            loss = criterion(logits.squeeze(1) if binary else logits, y)
-            loss.backward()
+            batches.backward(dp_model, picked)
             if not one_per_group:
+                counts = torch.tensor([len(m) for m in picked], dtype=torch.long)
+                segments = torch.repeat_interleave(torch.arange(len(picked)), counts)
                 _mean_per_group(dp_model, segments.to(device), len(picked))
             dp_optimizer.step()
-            if len(y):
-                total_loss += float(loss.detach()) * len(y)
-                total_seen += len(y)
     # The accountant's own record of what was spent: (sigma, q, steps) exactly as Opacus ran it.
     ((sigma, sample_rate, steps),) = engine.accountant.history
     return TrainOutcome(
-        loss=total_loss / max(total_seen, 1),
-        num_examples=n,
+        loss=batches.total_loss / max(batches.total_seen, 1),
+        num_examples=int(labels.shape[0]),
         event=DPEvent(noise_multiplier=float(sigma), sample_rate=float(sample_rate), steps=int(steps)),
     )
 
@@ -303,38 +316,21 @@ def train_plain(
     """
     import torch
 
-    n = int(labels.shape[0])
-    members = group_members(groups, n)
-    num_groups = len(members)
+    batches = _Batches(images=images, labels=labels, groups=groups, device=device, seed=seed,
+                       slices_per_patient=slices_per_patient, augment=augment, num_classes=num_classes)
+    num_groups = len(batches.members)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    labels_t = torch.from_numpy(labels.astype(np.float32 if num_classes == 2 else np.int64))
     model = model.to(device).train()
     plain_optimizer = make_optimizer(model, optimizer, learning_rate=learning_rate, momentum=momentum)
-    binary = num_classes == 2
-    criterion = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.CrossEntropyLoss()
-    augment = augment or AugmentConfig()
-    augment_generator = torch.Generator().manual_seed(seed + 2)
-    total_loss, total_seen, steps = 0.0, 0, 0
+    steps = 0
     for _ in range(epochs):
         permutation = rng.permutation(num_groups)
         for start in range(0, num_groups, batch_size):
-            picked = [
-                m if len(m) <= slices_per_patient else rng.choice(m, slices_per_patient, replace=False)
-                for m in (members[int(g)] for g in permutation[start : start + batch_size])
-            ]
-            rows = torch.from_numpy(np.concatenate(picked))
-            x, y = images_t[rows].to(device), labels_t[rows].to(device)
-            x = augment_batch(x, augment, augment_generator)
             plain_optimizer.zero_grad()
-            logits = model(x)
-            loss = criterion(logits.squeeze(1) if binary else logits, y)
-            loss.backward()
+            batches.backward(model, batches.pick(permutation[start : start + batch_size], rng))
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             plain_optimizer.step()
             steps += 1
-            total_loss += float(loss.detach()) * len(y)
-            total_seen += len(y)
-    return PlainOutcome(loss=total_loss / max(total_seen, 1), num_examples=n, steps=steps)
+    return PlainOutcome(batches.total_loss / max(batches.total_seen, 1), int(labels.shape[0]), steps)

@@ -64,11 +64,6 @@ STATS_FIELDS = ("mean", "min", "max", "in_window")
 # ---------------------------------------------------------------- file scan
 
 
-def _state(path: Path | str) -> list[int]:
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | None]:
     """Every file under ``data_dir`` (but ``labels.csv`` and the work dir) → its state.
 
@@ -344,7 +339,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
         try:
             # Decoded frames stream to disk as they arrive, so memory stays bounded
             # whatever the archive size; they are assembled below.
-            new_rows: dict[str, tuple[int, int]] = {}
+            new_rows: dict[str, int] = {}  # a decoded file's first row in new-frames.raw
             shape: tuple[int, ...] | None = tuple(old_store.shape[1:]) if old_store is not None else None
             with open(tmp / "new-frames.raw", "wb") as raw:
                 written = 0
@@ -358,7 +353,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
                         assert frames is not None
                         shape = tuple(frames.shape[1:])
                         raw.write(np.ascontiguousarray(frames, dtype=np.float32).tobytes())
-                        new_rows[rel] = (written, frames.shape[0])
+                        new_rows[rel] = written
                         entry["frames"] = int(frames.shape[0])
                         written += frames.shape[0]
                         decoded += 1
@@ -373,14 +368,9 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
                 if entry["status"] != "ok":
                     continue
                 count = entry["frames"]
-                if rel in new_rows:
-                    assert new_store is not None
-                    start = new_rows[rel][0]
-                    store[row : row + count] = new_store[start : start + count]
-                else:
-                    assert old_store is not None
-                    start = entry["rows"][0]
-                    store[row : row + count] = old_store[start : start + count]
+                source, start = (new_store, new_rows[rel]) if rel in new_rows else (old_store, entry["rows"][0])
+                assert source is not None
+                store[row : row + count] = source[start : start + count]
                 entries[rel] = {**entry, "rows": [row, count]}
                 row += count
             store.flush()

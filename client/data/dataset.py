@@ -16,14 +16,14 @@ import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from client.data.cache import INFO_FIELDS, STATS_FIELDS, read_details, update_cache
-from client.data.labels import LABELS_FILE, Labels, read_labels
+from client.data.cache import INFO_FIELDS, STATS_FIELDS, CacheUpdate, read_details, update_cache
+from client.data.labels import KEY_COLUMNS, LABELS_FILE, Labels, read_labels
 from common.config import PreprocessConfig
 from common.errors import ConfigError, DataError
 
@@ -77,16 +77,6 @@ def patient_split(patients: tuple[str, ...] | list[str], *, val_fraction: float,
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def _key_of(labels: Labels, rel: str, info: dict[str, Any]) -> str:
-    if labels.key == "path":
-        return rel
-    return {
-        "SOPInstanceUID": info["sop_instance_uid"],
-        "StudyInstanceUID": info["study_instance_uid"],
-        "SeriesInstanceUID": info["series_instance_uid"],
-    }[labels.key]
-
-
 def _lines(values: list[int]) -> list[int]:
     return sorted(values)[:MAX_LISTED]
 
@@ -125,7 +115,7 @@ def load_site_data(
         raise DataError(f"Cannot write the cache under {work_dir} ({exc.strerror or type(exc).__name__})") from None
     store, index = update.store, update.index  # opened under the cache lock: they match
     paths, status, sha, index_rows = index["paths"], index["status"], index["sha256"], index["rows"]
-    key_column = {"SOPInstanceUID": index["sop"], "StudyInstanceUID": index["study"], "SeriesInstanceUID": index["series"], "path": paths}[labels.key]
+    key_column = index[KEY_COLUMNS[labels.key]]
 
     rejected: dict[str, str] = dict(index["reasons"])
     # Duplicates (one SOPInstanceUID, several files) keep one file: the first
@@ -181,18 +171,6 @@ def load_site_data(
     if require_usable and problems:
         raise DataError(f"No usable training data in {data_dir}: {problems[0]}")
 
-    def report() -> dict[str, Any]:
-        details = read_details(update.folder, index)
-        infos = [dict(zip(INFO_FIELDS, details[paths[i]]["info"], strict=True)) for i, _ in accepted]
-        stats = [dict(zip(STATS_FIELDS, details[paths[i]]["stats"], strict=True)) for i, _ in accepted]
-        warned = sum(1 for i, _ in accepted if details[paths[i]]["warnings"])
-        return _report(
-            seen=len(paths), infos=infos, stats=stats, warned=warned, rejected=rejected, problems=problems,
-            labels=labels, matched_keys=matched_keys, unlabelled=unlabelled, duplicates=duplicates,
-            image_labels=image_labels, patients=patients, train_idx=train_idx, val_idx=val_idx, config=config,
-            update=update,
-        )
-
     return SiteData(
         store=store,
         rows=rows,
@@ -203,7 +181,11 @@ def load_site_data(
         validation=val_idx,
         fingerprint=fingerprint.hexdigest(),
         usable=not problems,
-        make_report=report,
+        make_report=partial(
+            _report, update=update, accepted_files=[paths[i] for i, _ in accepted], rejected=rejected,
+            problems=problems, labels=labels, matched_keys=matched_keys, unlabelled=unlabelled, duplicates=duplicates,
+            image_labels=image_labels, patients=patients, train_idx=train_idx, val_idx=val_idx, config=config,
+        ),
     )
 
 
@@ -234,10 +216,8 @@ def _class_counts(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int
 
 def _report(
     *,
-    seen: int,
-    infos: list[dict[str, Any]],
-    stats: list[dict[str, Any]],
-    warned: int,
+    update: CacheUpdate,
+    accepted_files: list[str],
     rejected: dict[str, str],
     problems: list[str],
     labels: Labels,
@@ -249,8 +229,13 @@ def _report(
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     config: PreprocessConfig,
-    update: Any,
 ) -> dict[str, Any]:
+    """The data report, from the cache's details of the ``accepted_files`` (paths relative to the data folder)."""
+    details = read_details(update.folder, update.index)
+    infos = [dict(zip(INFO_FIELDS, details[rel]["info"], strict=True)) for rel in accepted_files]
+    stats = [dict(zip(STATS_FIELDS, details[rel]["stats"], strict=True)) for rel in accepted_files]
+    warned = sum(1 for rel in accepted_files if details[rel]["warnings"])
+    seen = len(update.index["paths"])
     by_reason: dict[str, list[str]] = {}
     for rel, reason in sorted(rejected.items()):
         by_reason.setdefault(reason, []).append(rel)

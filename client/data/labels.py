@@ -21,7 +21,8 @@ from pathlib import Path
 from common.errors import DataError
 
 LABELS_FILE = "labels.csv"
-KEY_COLUMNS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "path")
+# A key column → the column of the cache index (client.data.cache) it is matched against.
+KEY_COLUMNS = {"SOPInstanceUID": "sop", "StudyInstanceUID": "study", "SeriesInstanceUID": "series", "path": "paths"}
 
 
 @dataclass(frozen=True)

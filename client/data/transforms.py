@@ -75,14 +75,6 @@ def _resample_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]
     return index, weight
 
 
-def _resample_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """The same filter as a dense ``(out_size, in_size)`` matrix (for tests and reference)."""
-    index, weight = _resample_taps(in_size, out_size)
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    np.add.at(matrix, (np.repeat(np.arange(out_size), index.shape[1]), index.ravel()), weight.ravel())
-    return matrix
-
-
 def _resample_rows(image: np.ndarray, out_rows: int) -> np.ndarray:
     # Gather + weighted sum instead of a matrix product: no BLAS threads, which
     # would oversubscribe the cores when several decoding processes run.

@@ -135,7 +135,7 @@ def labelled_auroc(data_dir: Path, predictions: Predictions, index: dict[str, An
     Returns ``(auroc, labelled images)``, or ``None`` (no labels.csv, or too few classes).
     Binary: ``BinaryAUROC`` of P(class 1); multi-class: macro one-vs-rest ``MulticlassAUROC``.
     """
-    from client.data.labels import LABELS_FILE, read_labels
+    from client.data.labels import KEY_COLUMNS, LABELS_FILE, read_labels
 
     if not (data_dir / LABELS_FILE).is_file():
         return None
@@ -145,8 +145,7 @@ def labelled_auroc(data_dir: Path, predictions: Predictions, index: dict[str, An
     except DataError as exc:
         log.warning("%s not used for AUROC: %s", LABELS_FILE, exc)
         return None
-    keys = {"SOPInstanceUID": index["sop"], "StudyInstanceUID": index["study"],
-            "SeriesInstanceUID": index["series"], "path": index["paths"]}[labels.key]
+    keys = index[KEY_COLUMNS[labels.key]]
     by_path = {rel: i for i, rel in enumerate(index["paths"])}
     targets: list[int] = []
     scores: list[np.ndarray] = []

@@ -136,7 +136,8 @@ def assess(history: Sequence[RoundAuroc], *, window: int = WINDOW, z: float = Z)
                    low=min(aurocs), high=max(aurocs), band=max(bands))
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number; ``None`` for JSON null, NaN, Inf, bools and the rest."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return float(value)
@@ -149,7 +150,7 @@ def history(rounds: Mapping[int, Mapping[str, Any]], *, upto: int | None = None)
         if upto is not None and r > upto:
             break
         pooled = rounds[r].get("evaluate", {}).get("pooled", {})
-        auroc, pos, neg = (_number(pooled.get(k)) for k in ("auroc", "positives", "negatives"))
+        auroc, pos, neg = (finite_number(pooled.get(k)) for k in ("auroc", "positives", "negatives"))
         if auroc is not None and pos and neg:
             out.append(RoundAuroc(round=r, auroc=auroc, positives=int(pos), negatives=int(neg)))
     return out
@@ -160,7 +161,7 @@ def _noisiest(rounds: Mapping[int, Mapping[str, Any]], upto: int) -> tuple[str, 
     for r in sorted((r for r in rounds if r <= upto), reverse=True):
         sites = rounds[r].get("train", {}).get("sites") or {}
         if sites:
-            noisy = [(n, m) for n, m in sites.items() if (_number(m.get("noise-multiplier")) or 0) > 0]
+            noisy = [(n, m) for n, m in sites.items() if (finite_number(m.get("noise-multiplier")) or 0) > 0]
             return max(noisy, key=lambda item: (item[1]["noise-multiplier"], item[0])) if noisy else None
     return None
 
@@ -171,7 +172,8 @@ def _dp_causes(site: tuple[str, Mapping[str, Any]] | None, config: Mapping[str, 
     if site is None:
         return [f"a learning rate too high or too low for this model (learning-rate={lr}; no site adds DP noise)"]
     name, m = site
-    sigma, rate, batch = float(m["noise-multiplier"]), _number(m.get("sample-rate")), _number(config.get("batch-size"))
+    sigma = float(m["noise-multiplier"])
+    rate, batch = finite_number(m.get("sample-rate")), finite_number(config.get("batch-size"))
     facts = [f"noise multiplier σ={sigma:.2f}"]
     if rate:
         facts.append(f"sample rate {rate:.3g}" + (f", about {round(batch / rate)} patients" if batch else ""))
@@ -188,7 +190,7 @@ def _inverted_sites(rounds: Mapping[int, Mapping[str, Any]], upto: int, z: float
     sites = rounds.get(upto, {}).get("evaluate", {}).get("sites") or {}
     out = []
     for name, m in sorted(sites.items()):
-        auroc, pos, neg = (_number((m or {}).get(k)) for k in ("auroc", "positives", "negatives"))
+        auroc, pos, neg = (finite_number((m or {}).get(k)) for k in ("auroc", "positives", "negatives"))
         if auroc is not None and pos and neg and auroc < 0.5 - z * null_se(int(pos), int(neg)):
             out.append(f"{name} ({auroc:.2f})")
     return out

@@ -18,12 +18,13 @@ from __future__ import annotations
 import io
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.files import write_atomic
 from common.runfolder import AUROC_PLOT, EPSILON_PLOT, PARTICIPATION_PLOT, PLOT_FILES, RunFolder
+from server.app.learning import finite_number
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -48,14 +49,6 @@ Point = list[Any]  # [round, value or None]
 # ------------------------------------------------------------------ numbers
 
 
-def _number(value: Any) -> float | None:
-    """A finite float, or None for JSON null / NaN / anything that is not a number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _spread(series: Mapping[str, list[Point]], rounds: Iterable[int]) -> dict[str, list[Any]]:
     """Min, median and max across sites per round (None where no site has a value)."""
     by_round: dict[int, list[float]] = {r: [] for r in rounds}
@@ -74,19 +67,22 @@ def _spread(series: Mapping[str, list[Point]], rounds: Iterable[int]) -> dict[st
     return out
 
 
+def _entries(report: Mapping[str, Any], key: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """(round, its ``key`` entry: ``train`` or ``evaluate``) of each round that has one, in report order."""
+    for entry in report.get("rounds", []):
+        if isinstance(entry.get(key), Mapping):
+            yield int(entry["round"]), entry[key]
+
+
 def _auroc_series(report: Mapping[str, Any]) -> dict[str, Any]:
     pooled: list[Point] = []
     sites: dict[str, list[Point]] = {}
     rounds: list[int] = []
-    for entry in report.get("rounds", []):
-        evaluate = entry.get("evaluate")
-        if not isinstance(evaluate, Mapping):
-            continue
-        r = int(entry["round"])
+    for r, evaluate in _entries(report, "evaluate"):
         rounds.append(r)
-        pooled.append([r, _number((evaluate.get("pooled") or {}).get("auroc"))])
+        pooled.append([r, finite_number((evaluate.get("pooled") or {}).get("auroc"))])
         for name, metrics in sorted((evaluate.get("sites") or {}).items()):
-            sites.setdefault(str(name), []).append([r, _number((metrics or {}).get("auroc"))])
+            sites.setdefault(str(name), []).append([r, finite_number((metrics or {}).get("auroc"))])
     out: dict[str, Any] = {"rounds": rounds, "pooled": pooled, "sites": sites}
     if len(sites) > MAX_SITE_LINES:
         out["spread"] = _spread(sites, rounds)
@@ -97,18 +93,14 @@ def _epsilon_series(report: Mapping[str, Any]) -> dict[str, Any]:
     sites: dict[str, list[Point]] = {}
     max_epsilon: dict[str, float] = {}
     rounds: list[int] = []
-    for entry in report.get("rounds", []):
-        train = entry.get("train")
-        if not isinstance(train, Mapping):
-            continue
-        r = int(entry["round"])
+    for r, train in _entries(report, "train"):
         rounds.append(r)
         for name, metrics in sorted((train.get("sites") or {}).items()):
-            epsilon = _number((metrics or {}).get("epsilon"))
+            epsilon = finite_number((metrics or {}).get("epsilon"))
             if epsilon is None:
                 continue  # trained without DP (or reported no ε): not on this plot
             sites.setdefault(str(name), []).append([r, epsilon])
-            limit = _number(metrics.get("max-epsilon"))
+            limit = finite_number(metrics.get("max-epsilon"))
             if limit is not None:
                 max_epsilon[str(name)] = limit  # the latest one reported
     out: dict[str, Any] = {
@@ -139,11 +131,8 @@ def _max_lines(max_epsilon: Mapping[str, float], *, many: bool) -> list[dict[str
 
 def _participation_series(report: Mapping[str, Any]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {"rounds": [], "trained": [], "declined": [], "failed": []}
-    for entry in report.get("rounds", []):
-        train = entry.get("train")
-        if not isinstance(train, Mapping):
-            continue
-        out["rounds"].append(int(entry["round"]))
+    for r, train in _entries(report, "train"):
+        out["rounds"].append(r)
         for key, field in (("trained", "sites"), ("declined", "declined"), ("failed", "failed")):
             out[key].append(len(train.get(field) or {}))
     return out

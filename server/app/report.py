@@ -35,6 +35,10 @@ from server.app.plots import PLOT_TITLES, write_plots
 
 log = logging.getLogger(__name__)
 
+#: What ``sites`` holds of each site's latest round (its metric key; ``-`` becomes ``_`` in the report).
+_SITE_KEYS = ("epsilon", "epsilon-rdp", "epsilon-prv", "run-epsilon", "delta", "max-epsilon", "privacy-unit",
+              "ledger-key")
+
 
 @dataclass
 class RunReport:
@@ -117,17 +121,8 @@ class RunReport:
                      rejected: dict[str, dict[str, Any]]) -> None:
         for name, metrics in [*site_metrics.items(), *rejected.items()]:
             site = self.sites.setdefault(name, {})
-            site.update(
-                epsilon=metrics.get("epsilon"),
-                epsilon_rdp=metrics.get("epsilon-rdp"),
-                epsilon_prv=metrics.get("epsilon-prv"),
-                run_epsilon=metrics.get("run-epsilon"),
-                delta=metrics.get("delta"),
-                max_epsilon=metrics.get("max-epsilon"),
-                privacy_unit=metrics.get("privacy-unit"),
-                ledger_key=metrics.get("ledger-key"),
-                rounds_trained=site.get("rounds_trained", 0) + (name in site_metrics),
-            )
+            site.update({k.replace("-", "_"): metrics.get(k) for k in _SITE_KEYS},
+                        rounds_trained=site.get("rounds_trained", 0) + (name in site_metrics))
             if name in rejected:
                 site["rounds_rejected"] = site.get("rounds_rejected", 0) + 1
         for name in declined:
@@ -185,11 +180,8 @@ class RunReport:
         )
 
     def final_metrics(self) -> dict[str, Any]:
-        evaluated = [r for r in sorted(self.rounds) if "evaluate" in self.rounds[r]]
-        if not evaluated:
-            return {}
-        last = evaluated[-1]
-        return {"round": last, **self.rounds[last]["evaluate"]["pooled"]}
+        last = max((r for r in self.rounds if "evaluate" in self.rounds[r]), default=None)
+        return {} if last is None else {"round": last, **self.rounds[last]["evaluate"]["pooled"]}
 
     def learning(self) -> dict[str, Any]:
         """The latest verdict on whether the run is learning (``{}`` before the first)."""
@@ -217,16 +209,12 @@ def learning_warnings(rounds: dict[int, dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:{spec}}"
     return str(value)
-
-
-def _fmt_small(value: Any) -> str:
-    return "–" if value is None else f"{value:g}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -278,7 +266,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, s in sorted(report["sites"].items()):
         lines.append(
             f"| {name} | {s.get('privacy_unit') or '–'} | {_fmt(s.get('epsilon'))} | {_fmt(s.get('epsilon_rdp'))} | "
-            f"{_fmt(s.get('epsilon_prv'))} | {_fmt(s.get('run_epsilon'))} | {_fmt_small(s.get('delta'))} | "
+            f"{_fmt(s.get('epsilon_prv'))} | {_fmt(s.get('run_epsilon'))} | {_fmt(s.get('delta'), 'g')} | "
             f"{_fmt(s.get('max_epsilon'))} | {s.get('rounds_trained', 0)} | {s.get('rounds_declined', 0)} |"
         )
     if report.get("plots"):

@@ -81,11 +81,8 @@ def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, server_round: 
 
 def _expires(messages: Iterable[Message], ttl: float) -> list[Message]:
     """The messages with a TTL of the round deadline: after it the SuperLink drops them and their replies."""
-    out = []
-    for m in messages:
-        out.append(Message(content=m.content, dst_node_id=m.metadata.dst_node_id,
-                           message_type=m.metadata.message_type, ttl=ttl, group_id=m.metadata.group_id))
-    return out
+    return [Message(content=m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type,
+                    ttl=ttl, group_id=m.metadata.group_id) for m in messages]
 
 
 def _count_ok(value: object) -> bool:
@@ -115,16 +112,6 @@ def _failure(reply: Message, timeout: float) -> str:
     if why == "node unavailable":
         return "connection lost: the site stopped sending heartbeats (Node Unavailable)"
     return reply.error.reason
-
-
-def _unanswered(messages: list[Message], replies: list[Message], names: Names, timeout: float) -> dict[str, str]:
-    sent_to = _destinations(messages)
-    answered = {_origin(m, sent_to) for m in replies}
-    return {
-        names.of(m.metadata.dst_node_id): f"no answer within the {timeout:g} s deadline (round-timeout)"
-        for m in messages
-        if m.metadata.dst_node_id not in answered
-    }
 
 
 class RoundEngine(Protocol):
@@ -259,9 +246,12 @@ class PlainRounds:
         if not messages:
             return
         replies = list(self.grid.send_and_receive(messages, timeout=self.policy.timeout))
-        for name, reason in _unanswered(messages, replies, self.names, self.policy.timeout).items():
-            log.warning("Round %d: %s did not evaluate: %s", server_round, name, reason)
         sent_to = _destinations(messages)
+        answered = {_origin(m, sent_to) for m in replies}
+        for name in dict.fromkeys(self.names.of(m.metadata.dst_node_id) for m in messages
+                                  if m.metadata.dst_node_id not in answered):  # one line per name, in message order
+            log.warning("Round %d: %s did not evaluate: no answer within the %g s deadline (round-timeout)",
+                        server_round, name, self.policy.timeout)
         for msg in replies:
             if msg.has_error():
                 log.warning("Round %d: %s failed to evaluate: %s", server_round,

@@ -36,7 +36,6 @@ from common.config import AGGREGATIONS
 StateDict = Mapping[str, torch.Tensor]
 
 
-NORM_FACTOR_DEFAULT = 10.0  # a site may move the model 10x as far as the median of the others
 _TRIM_EPS = 1e-9  # so that e.g. 0.29 * 100 trims 29, not 28, despite float rounding
 
 
@@ -244,10 +243,6 @@ def screen(
     return Screening(passed, rejected)
 
 
-def _trim_count(trim_fraction: float, n: int) -> int:
-    return math.floor(trim_fraction * n + _TRIM_EPS)
-
-
 def aggregate(
     updates: Sequence[tuple[Mapping[str, torch.Tensor], int]],
     *,
@@ -329,7 +324,7 @@ def aggregate(
         if total <= 0:
             raise ValueError("no examples in any update: cannot weight the average")
         weights = [c / total for c in counts]
-    k = _trim_count(trim_fraction, n) if method == "trimmed-mean" else 0
+    k = math.floor(trim_fraction * n + _TRIM_EPS) if method == "trimmed-mean" else 0
     if n - 2 * k < 1:  # cannot happen for trim_fraction < 0.5; kept as a guard
         raise ValueError(f"trimming {k} of {n} values at each end leaves nothing to average")
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from client.data import transforms
 from client.data.transforms import (
-    _resample_matrix,
     denoise,
     equalize,
     fit_square,
@@ -17,6 +16,14 @@ from client.data.transforms import (
     normalise,
     window_preset,
 )
+
+
+def _resample_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The resize filter (``transforms._resample_taps``) as a dense ``(out_size, in_size)`` matrix."""
+    index, weight = transforms._resample_taps(in_size, out_size)
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    np.add.at(matrix, (np.repeat(np.arange(out_size), index.shape[1]), index.ravel()), weight.ravel())
+    return matrix
 
 
 def _torch_resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
