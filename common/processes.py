@@ -1,4 +1,4 @@
-"""Starting, waiting for and stopping the processes we own (psutil for process trees).
+"""Starting, waiting for, measuring and stopping the processes we own (psutil for process trees).
 
 fedrad starts Flower's SuperLink and SuperNodes as child processes; those
 start ``flower-superexec`` children of their own, which outlive a killed
@@ -8,12 +8,14 @@ parent. We therefore keep every PID we start, collect its descendants
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -26,8 +28,8 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 __all__ = [
-    "LOOPBACK", "ManagedProcess", "ProcessSet", "alive", "can_connect", "crash", "descendants", "free_port",
-    "parse_address", "port_is_free", "stop_pids", "wait_until",
+    "LOOPBACK", "ManagedProcess", "ProcessSet", "Usage", "alive", "can_connect", "crash", "descendants", "free_port",
+    "parse_address", "port_is_free", "stop_pids", "tree_usage", "wait_until",
 ]
 
 
@@ -106,6 +108,64 @@ def alive(pid: int) -> bool:
 
 
 _alive = alive  # the name older callers import
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One process's resident memory (bytes) and CPU seconds, read by :func:`tree_usage`."""
+
+    pid: int
+    name: str
+    started: float
+    """psutil's ``create_time``: ``(pid, started)`` names a process even after its PID is reused."""
+    rss: int
+    """Resident pages, shared ones included (a page mapped by n processes counts in each)."""
+    pss: int | None
+    """Proportional set size: each shared page split between the processes mapping it; None unless read."""
+    uss: int | None
+    """Unique set size: the pages only this process maps; None unless read."""
+    cpu_s: float
+    """User + system CPU seconds of the process itself (not of its children)."""
+
+
+def tree_usage(root: int, *, full: bool = False) -> list[Usage]:
+    """The memory and CPU of ``root`` and of every live descendant.
+
+    Parameters
+    ----------
+    root
+        The PID whose process tree is read.
+    full
+        Also read PSS and USS (psutil's ``memory_full_info``: on Linux it walks the
+        process's page tables, ~10 ms for a process that imported torch).
+
+    Returns
+    -------
+    list[Usage]
+        ``root`` first (when alive); a process that ends while it is read is left out,
+        and so are PSS/USS where the system does not give them.
+    """
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return []
+    out: list[Usage] = []
+    for proc in procs:
+        pss: int | None = None
+        uss: int | None = None
+        try:
+            with proc.oneshot():
+                mem, cpu = proc.memory_info(), proc.cpu_times()
+                if full:
+                    with contextlib.suppress(psutil.AccessDenied):
+                        extra = proc.memory_full_info()
+                        pss, uss = getattr(extra, "pss", None), getattr(extra, "uss", None)
+                out.append(Usage(pid=proc.pid, name=proc.name(), started=proc.create_time(), rss=int(mem.rss),
+                                 pss=pss, uss=uss, cpu_s=float(cpu.user + cpu.system)))
+        except psutil.Error:
+            continue
+    return out
 
 
 def _processes(pids: Sequence[int]) -> list[psutil.Process]:
