@@ -1,15 +1,13 @@
 """Which DP training recipe learns on every draw? Final pooled AUROC over repeated noise draws.
 
-Each *recipe* is a set of run-config overrides (``optimizer=sgd,learning-rate=2``)
-on the demo's data and settings (``make demo``: sites A, B, C of 2,000 synthetic
-slices, seed 7, ε = 8 per site). Each *draw* is one federation trained in this
-process with the production pieces — each site's DP plan calibrated to its
-budget (``client.app.site.plan_privacy``), Opacus DP-SGD with the site's patient
-groups and noise from the OS CSPRNG (``client.app.training.train_dp``), example-
-weighted FedAvg (``server.app.validation.aggregate``), each site's validation
-statistics pooled by ``common.metrics.pooled_metrics`` — but without Flower's
-message transport, so ten draws of a dozen recipes fit in minutes on many cores.
-The runtime itself is measured by ``fl-sim compare demo --repeats N``.
+Each *recipe* is a set of run-config overrides (``optimizer=sgd,learning-rate=2``) on the demo's data and
+settings (``make demo``: sites A, B, C of 4,000 synthetic slices, seed 7, ε = 8 per site). Each *draw* is one
+federation trained in this process with the production pieces — each site's DP plan calibrated to its budget
+(``client.app.site.plan_privacy``), Opacus DP-SGD with the site's patient groups and noise from the OS CSPRNG
+(``client.app.training.train_dp``), example-weighted FedAvg (``server.app.validation.aggregate``), each site's
+validation statistics pooled by ``common.metrics.pooled_metrics`` — but without Flower's message transport, so
+ten draws of a dozen recipes fit in minutes on many cores. The runtime itself is measured by
+``fl-sim compare demo --repeats N``.
 
 Usage::
 
@@ -24,44 +22,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
+import tomllib
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import cores
 from simulations import scenario as scenarios
 
 DEMO = scenarios.load("demo")  # make demo's data and settings (simulations/scenarios/demo.toml)
 DEMO_SITES = tuple(DEMO.sites.site_names())
 DEMO_IMAGES = DEMO.sites.images_per_site()[0]
-DEFAULT_RECIPES = (
-    "adam-0.03-b64:optimizer=adam,learning-rate=0.03,batch-size=64",  # the recipe before issue 15
-    "sgd-1-b128:optimizer=sgd,learning-rate=1.0,batch-size=128",  # the default since
-)
-
-
-def _value(text: str) -> Any:
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+DEFAULT_RECIPES = ("adam-0.03-b64:optimizer=adam,learning-rate=0.03,batch-size=64",  # the recipe before issue 15
+                   "sgd-1-b128:optimizer=sgd,learning-rate=1.0,batch-size=128")  # the default since
 
 
 def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value,key=value"`` → (name, run-config overrides); values are TOML."""
+    """``"name:key=value,key=value"`` → (name, run-config overrides); values are TOML, else strings."""
     name, _, body = text.partition(":")
     overrides: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in body.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: Expected KEY=VALUE in recipe {text!r}, but got {item!r}")
-        overrides[key.strip()] = _value(value.strip())
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = value.strip()
     return name.strip(), overrides
 
 
@@ -76,18 +67,15 @@ def prepare(workdir: Path, *, images: int = DEMO_IMAGES) -> Path:
     return data
 
 
-def _run_config(overrides: dict[str, Any], workdir: Path) -> Any:
-    import tomllib
-
+def _run_config(overrides: dict[str, Any]) -> Any:
     from common.config import RunConfig
 
-    with (Path(__file__).resolve().parents[1] / "pyproject.toml").open("rb") as handle:
-        defaults = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
-    return RunConfig.from_flower({**defaults, **DEMO.run, **overrides, "workdir": str(workdir)})
+    defaults = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text("utf-8"))
+    return RunConfig.from_flower({**defaults["tool"]["flwr"]["app"]["config"], **DEMO.run, **overrides})
 
 
 def _sites(run: Any, data: Path, workdir: Path, epsilon: float) -> list[dict[str, Any]]:
-    from client.app.site import _train_groups, open_data, plan_privacy
+    from client.app.site import open_data, plan_privacy, train_groups
     from common.config import SiteConfig
 
     out = []
@@ -95,7 +83,7 @@ def _sites(run: Any, data: Path, workdir: Path, epsilon: float) -> list[dict[str
         site = SiteConfig.from_flower({"site": name, "data-dir": str(data / name),
                                        "work-dir": str(workdir / f"site-{name}"), "max-epsilon": epsilon})
         d = open_data(site, run)
-        groups, units = _train_groups(site, d)
+        groups, units = train_groups(site, d)
         out.append({
             "site": site, "groups": groups, "plan": plan_privacy(site=site, run=run, num_units=units),
             "train": (d.images(d.train), d.labels[d.train]), "val": (d.images(d.validation), d.labels[d.validation]),
@@ -115,40 +103,34 @@ def one_draw(job: tuple[str, dict[str, Any], int, str, float]) -> dict[str, Any]
     from server.app.validation import aggregate
 
     torch.set_num_threads(1)
-    workdir = Path(workdir_text)
-    run = _run_config(overrides, workdir)
+    run, workdir, cpu = _run_config(overrides), Path(workdir_text), torch.device("cpu")
     sites = _sites(run, workdir / "data", workdir, epsilon)
-    cpu = torch.device("cpu")
 
-    def fresh() -> Any:
-        return build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
+    def fresh(seed: int | None = None) -> Any:
+        return build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=seed)
 
-    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
+    model = fresh(run.seed)
     if overrides.get("zero-head"):  # study only: the classifier layer starts at zero (the model at chance)
-        import torch.nn as nn
-
-        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-        with torch.no_grad():
-            head.weight.zero_()
-            head.bias.zero_()
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        for p in (head.weight, head.bias):
+            torch.nn.init.zeros_(p)
     weights = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
-    rounds = []
-    t0 = time.monotonic()
+    rounds, t0 = [], time.monotonic()
     for server_round in range(1, run.num_server_rounds + 1):
         updates = []
         for s in sites:
             local = fresh()
             local.load_state_dict(weights)
-            images, labels = s["train"]
             outcome = train_dp(
-                local, images=images, labels=labels, groups=s["groups"], slices_per_patient=run.slices_per_patient,
+                local, images=s["train"][0], labels=s["train"][1], groups=s["groups"],
+                slices_per_patient=run.slices_per_patient,
                 augment=run.augment, num_classes=len(run.classes), epochs=run.local_epochs,
                 batch_size=run.batch_size, learning_rate=run.learning_rate, max_grad_norm=run.max_grad_norm,
                 noise_multiplier=s["plan"].noise_multiplier, device=cpu, secure_mode=True,
                 optimizer=run.optimizer, momentum=run.momentum, seed=run.seed * 100_003 + server_round,
             )
             updates.append((OrderedDict((k, v.detach()) for k, v in local.state_dict().items()), outcome.num_examples))
-        weights = OrderedDict((k, v) for k, v in aggregate(updates, method="fedavg").items())
+        weights = OrderedDict(aggregate(updates, method="fedavg"))
         scored = fresh()
         scored.load_state_dict(weights)
         stats = [evaluate(scored, images=s["val"][0], labels=s["val"][1], device=cpu).statistics for s in sites]
@@ -173,6 +155,7 @@ def summarise(draws: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of :func:`summarise`'s rows."""
     lines = ["| recipe | draws | median | worst | best | draws < 0.80 | median per round | σ | s/draw |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for r in rows:
@@ -186,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", action="append", help="NAME:KEY=VALUE,... (run-config overrides); repeatable")
     parser.add_argument("--draws", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=cores())
     parser.add_argument("--epsilon", type=float, default=DEMO.epsilons()[0], help="each site's budget")
     parser.add_argument("--images", type=int, default=DEMO_IMAGES, help="slices per site")
     parser.add_argument("--workdir", type=Path, default=Path(".fedrad-recipes"))
@@ -196,22 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     data = prepare(workdir, images=args.images)
     for _name, overrides in recipes:  # build each preprocessing cache once, before the workers read it
-        _sites(_run_config(overrides, workdir), data, workdir, args.epsilon)
+        _sites(_run_config(overrides), data, workdir, args.epsilon)
     jobs = [(name, o, d, str(workdir), args.epsilon) for d in range(args.draws) for name, o in recipes]
-    draws = []
-    t0 = time.monotonic()
+    draws, t0 = [], time.monotonic()
     with ProcessPoolExecutor(max(1, args.workers)) as pool:
         for result in pool.map(one_draw, jobs):
             draws.append(result)
-            final = result["rounds"][-1]["auroc"]
             curve = " ".join(f"{r['auroc']:.2f}" for r in result["rounds"])
-            print(f"{result['recipe']} draw {result['draw']}: final AUROC {final:.3f} ({curve}; {result['seconds']:.0f} s)",
-                  flush=True)
+            print(f"{result['recipe']} draw {result['draw']}: final AUROC {result['rounds'][-1]['auroc']:.3f} "
+                  f"({curve}; {result['seconds']:.0f} s)", flush=True)
             if args.json:  # after every draw: a run cut short still leaves what it measured
                 args.json.write_text(json.dumps({"epsilon": args.epsilon, "summary": summarise(draws), "draws": draws}))
-    rows = summarise(draws)
-    print(f"\n{len(draws)} draws in {time.monotonic() - t0:.0f} s on {args.workers} workers; ε = {args.epsilon:g} per site\n")
-    print(render(rows))
+    print(f"\n{len(draws)} draws in {time.monotonic() - t0:.0f} s on {args.workers} workers; "
+          f"ε = {args.epsilon:g} per site\n")
+    print(render(summarise(draws)))
     return 0
 
 

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -237,7 +237,7 @@ class TreeSampler(threading.Thread):
         if full or rising or now - self._full_at >= max(self.interval, wait):
             t0, usage = time.thread_time(), tree_usage(self.root, full=True)
             self._cost, self._full_at = time.thread_time() - t0, now
-            self._full_rss, self.full_samples = memory_mb(usage)["rss_mb"], self.full_samples + 1
+            self._full_rss, self.full_samples = memory_mb(usage)["rss_mb"] or 0.0, self.full_samples + 1
         mem, threads = memory_mb(usage), psutil.Process(self.root).threads()
         # Ray retitles a worker as it runs ("ray::ClientAppActor.terminate"): the method is dropped
         names = {u.pid: "driver" if u.pid == self.root else re.sub(r"^(ray::[^.]+)\..*", r"\1", u.name) for u in usage}
@@ -321,3 +321,20 @@ def workdir(path: Path | None, *, prefix: str, keep: bool) -> Iterator[Path]:
             shutil.rmtree(work, ignore_errors=True)
         else:
             say(f"work folder kept: {work}")
+
+
+MetricsHook = Callable[[Callable[[float], None]], Any]
+
+
+def timestamped(hook: MetricsHook, log: list[tuple[float, float]]) -> Any:
+    """``hook`` (a per-message metrics factory: ``common.adapters.flower.clientapp_metrics``) that also appends
+    ``(when, seconds)`` of every ClientApp message to ``log``."""
+
+    def wrapped(on_runtime: Callable[[float], None]) -> Any:
+        def both(seconds: float) -> None:
+            on_runtime(seconds)
+            log.append((time.time(), seconds))
+
+        return hook(both)
+
+    return wrapped

@@ -25,10 +25,15 @@ the DP training throughput.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from benchmarks.harness import cores
+
+if TYPE_CHECKING:
+    from client.data.dataset import SiteData
 
 
 def main() -> None:
@@ -48,7 +53,7 @@ def main() -> None:
         synthesize(root / "data", sites=["A"], images_per_site=args.images, seed=0, size=args.size)
         data_dir = root / "data" / "A"
 
-        def load(work: Path, workers: int) -> object:
+        def load(work: Path, workers: int) -> SiteData:
             return load_site_data(
                 data_dir=data_dir, work_dir=work, config=run.preprocess, classes=run.classes,
                 val_fraction=run.val_fraction, seed=run.seed, workers=workers,
@@ -57,7 +62,7 @@ def main() -> None:
         start = time.perf_counter()
         data = load(root / "work", args.workers)
         cold_s = time.perf_counter() - start
-        n = len(data)  # type: ignore[arg-type]
+        n = len(data)
         start = time.perf_counter()
         load(root / "work-1", 1)
         cold_one_s = time.perf_counter() - start
@@ -67,7 +72,7 @@ def main() -> None:
             start = time.perf_counter()
             warm = load(root / "work", args.workers)
             opened = time.perf_counter()
-            warm.images()  # type: ignore[attr-defined]
+            warm.images()
             done = time.perf_counter()
             warm_s, read_s = min(warm_s, done - start), min(read_s, done - opened)
 
@@ -76,9 +81,9 @@ def main() -> None:
         from client.app.training import patient_groups, train_dp
         from common.models import build_model
 
-        train = data.train  # type: ignore[attr-defined]
-        images, labels = data.images(train), data.labels[train]  # type: ignore[attr-defined]
-        groups = patient_groups([data.patients[i] for i in train])  # type: ignore[attr-defined]
+        train = data.train
+        images, labels = data.images(train), data.labels[train]
+        groups = patient_groups([data.patients[i] for i in train])
         model = build_model(run.model, image_size=run.preprocess.image_size)
         start = time.perf_counter()
         train_dp(  # what a site runs each round: patient-level DP, secure mode
@@ -92,9 +97,8 @@ def main() -> None:
         dp_rate = run.local_epochs * len(train) / dp_s
 
     cold, cold_one, warm_rate, read_rate = n / cold_s, n / cold_one_s, n / warm_s, n / read_s
-    cores = os.cpu_count()
     print(f"fedrad ingest benchmark: {n} synthetic CT files {args.size}x{args.size} → {run.preprocess.image_size} px, "
-          f"{cores} cores, torch threads {torch.get_num_threads()}")
+          f"{cores()} cores, torch threads {torch.get_num_threads()}")
     print(f"{'measure':<44}{'images/s':>12}{'× DP training':>16}{'target':>10}")
     print(f"{'DP training (fedrad-cnn, Opacus, 1 round)':<44}{dp_rate:>12.0f}{1.0:>16.2f}{'':>10}")
     print(f"{'cold decode, all cores':<44}{cold:>12.0f}{cold / dp_rate:>16.2f}{'≥ 10':>10}")

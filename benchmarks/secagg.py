@@ -85,7 +85,9 @@ def figures(mode: str, names: list[str], report: dict[str, Any], fed: Any, keys:
             up[keys[m["key"]], at] += int(m["length"])
             down[keys[m["key"]], at] += int(m["sent"])
     upload = [up[s, r] for s in names for r in windows]
-    site_cpu, server_cpu, others = [], [], []  # type: ignore[var-annotated]
+    site_cpu: list[float] = []
+    server_cpu: list[float] = []
+    others: list[float] = []
     for a, b in windows.values():
         used = cpu.used(a, b)
         site_cpu += [v for n, v in used.items() if n in names]

@@ -24,7 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import (
-    TreeSampler, breakdown, cores, fmt, machine_cpu, markdown, parse_counts, positive, run_quietly, say, top, workdir,
+    TreeSampler,
+    breakdown,
+    cores,
+    fmt,
+    machine_cpu,
+    markdown,
+    parse_counts,
+    positive,
+    run_quietly,
+    say,
+    timestamped,
+    top,
+    workdir,
 )
 
 SCENARIO, ROOT = "scale", Path(__file__).resolve().parent.parent
@@ -32,14 +44,14 @@ SCENARIO, ROOT = "scale", Path(__file__).resolve().parent.parent
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """Prepare ``--one`` N sites' data, run one round, and measure (inside the ``--one N`` subprocess)."""
-    n, work, done = args.one, args.workdir.resolve(), []  # done: (when, ClientApp s) of every message
+    n, work, done = args.one, args.workdir.resolve(), list[tuple[float, float]]()  # done: (when, s) per message
     sampler = TreeSampler(interval=args.interval, phase="import")
     sampler.start()
     from common.adapters import flower
-    from simulations import run as sim, scenario, sites
+    from simulations import run as sim
+    from simulations import scenario, sites
 
-    counting = flower.clientapp_metrics  # the runtime's per-message hook: also timestamp each message
-    flower.clientapp_metrics = lambda on: counting(lambda s: (on(s), done.append((time.time(), s))))
+    flower.clientapp_metrics = timestamped(flower.clientapp_metrics, done)  # the runtime's per-message hook
     sc = scenario.load(SCENARIO, [f"sites.count={n}", "privacy.dp=true", f"privacy.unit={args.unit}",
                                   f"run.secagg={args.secagg}".lower(), f"simulation.concurrency={args.concurrency}"])
     run = sim.checked_run_config(sim.run_overrides(sc, workdir=work, runs_dir=work / "runs", table=work / "unused"))

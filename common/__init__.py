@@ -3,3 +3,5 @@
 Model registry, typed configuration, record keys, federatable metrics,
 privacy accounting, process handling and the error hierarchy.
 """
+
+__all__: list[str] = []

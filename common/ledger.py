@@ -31,9 +31,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from common.errors import DataError
 from common.privacy import DPEvent
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 LEDGER_FILE = "ledger.sqlite"
 PRIVATE_KEY_FILE = "site-key.pem"
@@ -138,17 +142,17 @@ _FLOAT_FIELDS = ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "m
 _TEXT_FIELDS = ("site", "run_id", "fingerprint", "privacy_unit", "opacus", "prev_hash")
 
 
-def _normalized(values: dict[str, object]) -> dict[str, object]:
+def _normalized(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with every field of the type its column stores, so the hash of what is
     written equals the hash of what is read back (SQLite stores an ``int`` given for a
     REAL column as ``1.0``, a ``3.0`` given for an INTEGER column as ``3``)."""
     out = dict(values)
     for name in _INT_FIELDS:
-        value = out[name]
+        value: Any = out[name]
         if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-                or value != int(value)):
+                or value != math.floor(value)):
             raise DataError(f"Expected an integer ledger field {name}, but got {value!r}")
-        out[name] = int(value)
+        out[name] = math.floor(value)
     for name in _FLOAT_FIELDS:
         value = out[name]
         if value is None and name == "epsilon_prv":
@@ -195,7 +199,7 @@ def load_public_key(pem: bytes):  # type: ignore[no-untyped-def]
     return key
 
 
-def _load_private_key(key_path: Path):  # type: ignore[no-untyped-def]
+def _load_private_key(key_path: Path) -> Ed25519PrivateKey:
     """The site's Ed25519 signing key from ``key_path``, or a one-line error."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -219,7 +223,7 @@ class Ledger:
             raise DataError(f"No privacy ledger at {self.path}; pass the site's work dir or its ledger.sqlite")
         if create:
             self.dir.mkdir(parents=True, exist_ok=True)
-        self._private_key = None
+        self._private_key: Ed25519PrivateKey | None = None
 
     @contextmanager
     def _connect(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -253,7 +257,7 @@ class Ledger:
 
     # -- keys -----------------------------------------------------------------
 
-    def _key(self):  # type: ignore[no-untyped-def]
+    def _key(self) -> Ed25519PrivateKey:
         """The site's Ed25519 signing key, created (0600) on first use."""
         from cryptography.hazmat.primitives import serialization
 
@@ -272,7 +276,7 @@ class Ledger:
         self._private_key = key
         return key
 
-    def _create_key(self, key_path: Path):  # type: ignore[no-untyped-def]
+    def _create_key(self, key_path: Path) -> Ed25519PrivateKey:
         """A fresh key written to ``key_path`` (0600), or the one another process wrote first.
 
         The key is written whole to a private temporary file and then hard-linked into

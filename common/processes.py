@@ -100,7 +100,7 @@ def descendants(pid: int) -> list[int]:
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie is dead for our purposes)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:

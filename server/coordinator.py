@@ -271,7 +271,7 @@ def _open_fleet(
     log.info("Fleet API on https://%s:%d (nginx); SuperLink on %s:%d; %d enrolled sites",
              transport.bind, port, LOOPBACK, internal, len(transport.enrolled))
     # Lets the report name a site that drops out before it said its name.
-    return config_arg(Launch(site_nodes={n: s for s, n in nodes.items()}).to_flower())
+    return config_arg(Launch(site_nodes={int(n): s for s, n in nodes.items()}).to_flower())
 
 
 def report_run(workdir: Path, run_id: str, *, status: str, details: str) -> dict[str, Any]:

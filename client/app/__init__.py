@@ -3,10 +3,25 @@
 Flower loads ``client.app:app`` (``pyproject.toml``) in a fresh process for each
 message; everything under ``client/app/`` runs there. The launchers
 (``client/cli.py``, ``client/predict/``) live beside this package.
+
+``app`` and ``client_app`` are built on first access, so a launcher or benchmark
+that imports ``client.app.training`` does not import Flower.
 """
 
-from client.app.handlers import client_app
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["app", "client_app"]
 
-app = client_app()
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from client.app import handlers
+
+    if name == "client_app":
+        return handlers.client_app
+    built = handlers.client_app()
+    globals()["app"] = built  # built once per process
+    return built

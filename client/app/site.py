@@ -122,8 +122,21 @@ def _training_args(
     }
 
 
-def _train_groups(site: SiteConfig, data: SiteData) -> tuple[np.ndarray | None, int]:
-    """Privacy units of the training split: patient index per image (or None for image-level) and their count."""
+def train_groups(site: SiteConfig, data: SiteData) -> tuple[np.ndarray | None, int]:
+    """Privacy units of the training split.
+
+    Parameters
+    ----------
+    site
+        The site's config (its ``privacy-unit``).
+    data
+        The site's data for this run.
+
+    Returns
+    -------
+    tuple[np.ndarray | None, int]
+        The patient index of each training image (None when the unit is the image) and the number of units.
+    """
     from client.app.training import patient_groups
 
     if site.privacy_unit == "image":
@@ -186,7 +199,7 @@ def train_round(
             site.site, server_round, run_id, booked[-1].seq,
         )
     earlier = [row.event for row in on_dataset]
-    groups, num_units = _train_groups(site, data)
+    groups, num_units = train_groups(site, data)
     plan = ledger.plan(run_id=str(run_id), fingerprint=data.fingerprint)
     if plan is None:
         plan = ledger.save_plan(
@@ -262,7 +275,7 @@ def _train_without_dp(
 
     log.warning(NO_DP_WARNING, site.site)
     model = _model(run, weights)
-    outcome = train_plain(model, **_training_args(site, run, data, _train_groups(site, data)[0], server_round))
+    outcome = train_plain(model, **_training_args(site, run, data, train_groups(site, data)[0], server_round))
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
     return state, {records.NUM_EXAMPLES: outcome.num_examples}, {records.PRIVACY_UNIT: "none (no DP)"}
 

@@ -15,7 +15,13 @@ from common.config.launch import (
     refuse_launch_keys,
 )
 from common.config.preprocess import (
-    COLOR, ENHANCE, MULTIFRAME, WINDOW_PRESETS, WINDOWS, AugmentConfig, PreprocessConfig,
+    COLOR,
+    ENHANCE,
+    MULTIFRAME,
+    WINDOW_PRESETS,
+    WINDOWS,
+    AugmentConfig,
+    PreprocessConfig,
 )
 from common.config.run import (
     AGGREGATIONS,

@@ -18,7 +18,6 @@ from common.config.values import get
 from common.errors import ConfigError
 from common.runfolder import RunFolder
 
-
 WORKDIR_KEY = "workdir"  # the coordinator's folder (fl-server --workdir; fl-sim --workdir)
 RUNS_DIR_KEY = "runs-dir"  # where run folders go; "" = <workdir>/runs (fl-sim --out)
 TRANSPORT_KEY = "transport"  # "tls (...)", "insecure (...)" or "simulation (...)", for the report

@@ -9,7 +9,6 @@ from typing import Any
 from common.config.values import choice, get
 from common.errors import ConfigError
 
-
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     # name: (center, width) in Hounsfield units
     "brain": (40.0, 80.0),

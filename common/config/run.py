@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.config.preprocess import AugmentConfig, PreprocessConfig
 from common.config.secagg import SecAggConfig
 from common.config.values import (
-    choice, fraction, get, non_negative_float, non_negative_int, positive_float, positive_int,
+    choice,
+    fraction,
+    get,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
 )
 from common.errors import ConfigError
-
 
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 OPTIMIZERS = ("sgd", "adam")  # client/app/training.py builds them
@@ -122,13 +127,13 @@ class RunConfig:
     max_grad_norm: float = 1.0
     slices_per_patient: int = 16  # images of a sampled patient used per DP step (memory bound)
     model: str = "fedrad-cnn"
-    preprocess: PreprocessConfig = PreprocessConfig()
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     classes: tuple[str, ...] = ("0", "1")
     operating_point: str | float = YOUDEN  # binary: how each round's decision threshold is chosen
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     val_fraction: float = 0.25
     seed: int = 0
-    secagg: SecAggConfig = SecAggConfig()
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     rounds: RoundPolicy = RoundPolicy()
 
     @classmethod

@@ -15,7 +15,6 @@ from common.config.launch import Launch
 from common.config.values import choice, get, non_negative_float, non_negative_int, positive_float, site_name
 from common.errors import ConfigError
 
-
 DEVICES = ("auto", "cpu", "cuda")
 PRIVACY_UNITS = ("patient", "image")  # what one DP "record" is: all of a patient's images, or one image
 PARTITION_ID_KEY = "partition-id"  # node config key Flower's simulation runtime sets

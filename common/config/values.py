@@ -9,14 +9,13 @@ from typing import Any
 
 from common.errors import ConfigError
 
-
 # The one site-name rule (node config, enrollment, kits, fl-sim's scenarios); ``\Z``: no trailing newline.
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
 def get(source: Mapping[str, Any], key: str, default: Any) -> Any:
     """``source[key]``, or ``default`` when the key is missing."""
-    return source[key] if key in source else default
+    return source.get(key, default)
 
 
 def _number(value: Any) -> float:

@@ -20,7 +20,7 @@ import math
 import statistics
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from common.files import write_atomic
 from common.runfolder import AUROC_PLOT, EPSILON_PLOT, PARTICIPATION_PLOT, PLOT_FILES, RunFolder
@@ -172,8 +172,9 @@ def _nan(values: Iterable[Any]) -> list[float]:
 def _colors(names: list[str]) -> dict[str, Any]:
     """Twelve distinct colours (tab20's dark shades, then two light ones), cycled beyond."""
     from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
 
-    tab20 = colormaps["tab20"].colors
+    tab20: Any = cast(ListedColormap, colormaps["tab20"]).colors
     palette = [tab20[i] for i in (*range(0, 20, 2), 1, 3)]
     return {name: palette[i % len(palette)] for i, name in enumerate(sorted(names))}
 
@@ -216,8 +217,8 @@ def _legend(ax: Axes) -> None:
     if not ax.get_legend_handles_labels()[0]:
         return
     legend = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    fig = ax.get_figure()
-    width = legend.get_window_extent(fig.canvas.get_renderer()).width / (fig.get_figwidth() * fig.dpi)
+    fig = cast("Figure", ax.get_figure())
+    width = legend.get_window_extent().width / (fig.get_figwidth() * fig.dpi)
     fig.subplots_adjust(right=max(0.5, 0.98 - width - 0.02))
 
 

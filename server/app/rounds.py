@@ -90,12 +90,12 @@ def _count_ok(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def _destinations(messages: list[Message]) -> dict[str, int]:
+def destinations(messages: list[Message]) -> dict[str, int]:
     """Message id → the node it was sent to (ids are set when the grid pushes the messages)."""
     return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
 
 
-def _origin(reply: Message, sent_to: dict[str, int]) -> int:
+def origin(reply: Message, sent_to: dict[str, int]) -> int:
     """The node a reply is about: the SuperLink itself answers for an unreachable node
     ("Node Unavailable"), so go by the message it replies to."""
     return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -177,13 +177,13 @@ class PlainRounds:
         log.info("Round %d: %d of %d sites answered in %.0f s", server_round, len(replies), len(messages),
                  time.monotonic() - started)
         book = RoundBook(server_round)
-        sent_to = _destinations(messages)
-        missed = {m.metadata.dst_node_id for m in messages} - {_origin(m, sent_to) for m in replies}
-        missed |= {_origin(m, sent_to) for m in replies if m.has_error()}  # not asked to evaluate either
+        sent_to = destinations(messages)
+        missed = {m.metadata.dst_node_id for m in messages} - {origin(m, sent_to) for m in replies}
+        missed |= {origin(m, sent_to) for m in replies if m.has_error()}  # not asked to evaluate either
         updates: dict[str, tuple[StateDict, int]] = {}
         answered: dict[str, int] = {}  # name -> the node that answered under it this round
         for msg in replies:
-            node = _origin(msg, sent_to)
+            node = origin(msg, sent_to)
             name = self.names.of(node, None if msg.has_error() else msg.content)
             if answered.get(name, node) != node:  # two live nodes claim one (unauthenticated) name: keep both
                 name = f"{name}@node-{node}"
@@ -204,7 +204,7 @@ class PlainRounds:
                 book.reject(name, f"unreadable weights ({type(exc).__name__})")
                 continue
             updates[name] = (update, int(metrics[records.NUM_EXAMPLES]))
-        for node in sorted(missed - {_origin(m, sent_to) for m in replies}):
+        for node in sorted(missed - {origin(m, sent_to) for m in replies}):
             name = self.names.of(node)
             if name in answered:  # the site restarted: its old node is silent, its new one answered
                 log.info("Round %d: site %s answered from node %d; its earlier node %d is gone", server_round,
@@ -246,8 +246,8 @@ class PlainRounds:
         if not messages:
             return
         replies = list(self.grid.send_and_receive(messages, timeout=self.policy.timeout))
-        sent_to = _destinations(messages)
-        answered = {_origin(m, sent_to) for m in replies}
+        sent_to = destinations(messages)
+        answered = {origin(m, sent_to) for m in replies}
         for name in dict.fromkeys(self.names.of(m.metadata.dst_node_id) for m in messages
                                   if m.metadata.dst_node_id not in answered):  # one line per name, in message order
             log.warning("Round %d: %s did not evaluate: no answer within the %g s deadline (round-timeout)",
@@ -255,5 +255,5 @@ class PlainRounds:
         for msg in replies:
             if msg.has_error():
                 log.warning("Round %d: %s failed to evaluate: %s", server_round,
-                            self.names.of(_origin(msg, sent_to)), msg.error.reason)
+                            self.names.of(origin(msg, sent_to)), msg.error.reason)
         self.strategy.aggregate_evaluate(server_round, replies)

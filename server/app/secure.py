@@ -31,6 +31,7 @@ from common.adapters import flower
 from common.config import Launch, RunConfig, SecAggConfig
 from common.errors import ConfigError, FederationError
 from server.app.report import RunReport
+from server.app.rounds import destinations, origin
 from server.app.strategy import SITE_FACTS, RoundBook
 
 if TYPE_CHECKING:
@@ -128,13 +129,14 @@ class _TrackingGrid:
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = {m.metadata.src_node_id for m in replies}
+        sent_to = destinations(messages)  # the SuperLink answers for an unreachable node: go by what a reply answers
+        answered = {origin(m, sent_to) for m in replies}
         stage = ("setup", "share keys", "collect masked vectors", "unmask")[min(self.stage, 3)]
         for m in messages:
             if m.metadata.dst_node_id not in answered:
                 self.dropped[self.name(m.metadata.dst_node_id)] = f"no answer within {timeout:g} s at SecAgg+ stage '{stage}'"
         for m in replies:
-            node = m.metadata.src_node_id
+            node = origin(m, sent_to)
             if m.has_error():
                 self.dropped[self.name(node)] = f"failed at SecAgg+ stage '{stage}': {m.error.reason}"
             elif self.stage == 2:

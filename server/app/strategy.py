@@ -240,7 +240,7 @@ class FedradFedAvg(FedAvg):
         }
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            pooled = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+            pooled = {k: float(v) for k, v in metrics.items()}
             self.report.record_evaluate(server_round, pooled=pooled, per_site=per_site)
             self._log_pooled(server_round, pooled)
             if self.num_classes == 2:

@@ -90,8 +90,8 @@ def write_kit(
     staging = Path(tempfile.mkdtemp(dir=kits_dir, prefix=f".{site}.", suffix=".tmp"))  # 0700
     archive_tmp: Path | None = None
     try:
-        for name, (data, mode) in contents.items():
-            write_atomic(staging / name, data, mode=mode)
+        for name, (payload, mode) in contents.items():
+            write_atomic(staging / name, payload, mode=mode)
         archive_tmp = _write_archive(kit_archive(kits_dir, site), site, staging)
         replace_dir(staging, kit)
         os.replace(archive_tmp, kit_archive(kits_dir, site))

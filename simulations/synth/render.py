@@ -71,9 +71,9 @@ def _render_hu(
     brain = brain + (np.cos(v).T @ (amp * np.cos(u)) - np.sin(v).T @ (amp * np.sin(u)))
 
     # Lateral ventricles: two ellipses diverging anteriorly, largest at vent_z.
-    v = max(0.0, 1.0 - ((z - patient.vent_z_mm) / 22.0) ** 2)
-    if v > 0.05:
-        scale = math.sqrt(v)
+    vent_size = max(0.0, 1.0 - ((z - patient.vent_z_mm) / 22.0) ** 2)
+    if vent_size > 0.05:
+        scale = math.sqrt(vent_size)
         w, length = patient.vent_width_mm * scale, patient.vent_length_mm * scale
         vent = np.zeros_like(brain)
         for side in (-1.0, 1.0):
@@ -90,11 +90,11 @@ def _render_hu(
     falx = np.exp(-0.5 * (xr / 0.8) ** 2) * _soft(np.abs(yr + 4.0) - gap, 2.0)
     brain = brain + 12.0 * falx
 
-    for cx, cy, cz, radius, hu in patient.calcifications:
+    for cx, cy, cz, radius, calc_hu in patient.calcifications:
         if abs(z - cz) < radius:
             r_cut = math.sqrt(radius**2 - (z - cz) ** 2)
             blob = _soft(r_cut - np.hypot(xr - cx, yr - cy), edge)
-            brain = brain * (1.0 - blob) + hu * blob
+            brain = brain * (1.0 - blob) + calc_hu * blob
 
     label = 0
     lesion = patient.lesion

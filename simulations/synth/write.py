@@ -30,9 +30,9 @@ from simulations.synth.profiles import _stable_int, site_profile
 from simulations.synth.render import _render_hu
 from simulations.synth.series import _ds_number, _series_dataset, _set_slice
 from simulations.synth.spec import (
+    _OPTIONS,
     LABELS_FILENAME,
     LABELS_HEADER,
-    _OPTIONS,
     SiteSpec,
     SynthConfigError,
     _check_site_dir,

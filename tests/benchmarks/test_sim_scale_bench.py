@@ -136,7 +136,8 @@ def test_the_sampler_keeps_peaks_per_phase_and_sees_a_child_come_and_go() -> Non
     assert not sampler.is_alive()
     peaks = sampler.peaks
     assert list(peaks) == ["before", "child", "after"]
-    assert peaks["child"]["processes"] >= 2 and peaks["before"]["processes"] == 1
+    # this process may already have children (a multiprocessing resource tracker from earlier tests)
+    assert peaks["child"]["processes"] >= peaks["before"]["processes"] + 1 >= 2
     assert peaks["child"]["rss_mb"] >= peaks["before"]["rss_mb"] + 0.9 * TOUCH_MB
     for peak in peaks.values():
         assert (peak["uss_mb"] is not None, peak["pss_mb"] is not None) == (SMAPS, SMAPS)
@@ -145,10 +146,10 @@ def test_the_sampler_keeps_peaks_per_phase_and_sees_a_child_come_and_go() -> Non
     if SMAPS:
         assert peaks["child"]["uss_mb"] >= peaks["before"]["uss_mb"] + 0.9 * TOUCH_MB
         at_peak = sampler.peak_by_process["child"]  # by name, the method dropped from the worker's
-        assert set(at_peak) == {"driver", "ray::Hold"} and at_peak["ray::Hold"]["uss_mb"] >= 0.9 * TOUCH_MB
+        assert {"driver", "ray::Hold"} <= set(at_peak) and at_peak["ray::Hold"]["uss_mb"] >= 0.9 * TOUCH_MB
     assert sampler.full_samples >= 3 and sampler.samples > sampler.full_samples  # phase changes, stop; RSS-only ones
     by_process, by_thread = sampler.cpu_since()
-    assert set(by_process) == {"driver", "ray::Hold"} and {"MainThread", "tree-sampler"} <= set(by_thread)
+    assert {"driver", "ray::Hold"} <= set(by_process) and {"MainThread", "tree-sampler"} <= set(by_thread)
     later, _ = sampler.cpu_since(mark)
     assert all(later[k] <= by_process[k] for k in by_process if k in later)  # since the mark: no more than in all
 
@@ -239,7 +240,7 @@ def test_tables_show_every_size_failures_and_memory_scaling() -> None:
     assert row10[3] == "50.0" and row10[6] == "0.20" and row10[8] == "50 %"
     assert row10[9:] == ["1,500", "1,100", "1,000", "500", "100.0"]  # RSS, PSS, USS, per concurrent site, per site
     assert _cells(main[4])[0] == "1000" and "FAILED: timed out after 10 s" in main[4]
-    times = [line for line in rest if line.startswith("| 10 |") or line.startswith("| 100 |")]
+    times = [line for line in rest if line.startswith(("| 10 |", "| 100 |"))]
     assert len(times) == 2 and not any(line.startswith("| 1000 |") for line in rest)  # the failure has no figures
     assert "ray::ClientAppActor 40.0, driver 9.0" in times[0] and "add_messages_to_queue 5.0" in times[0]
     assert "MainThread" not in times[0]  # below 0.05 s: left out

@@ -86,3 +86,28 @@ def test_secagg_config_validates_and_its_tolerance_scales_with_max_weight() -> N
     with pytest.raises(ConfigError, match="min-sites"):
         RunConfig.from_flower({"min-sites": 1})
     assert RunConfig.from_flower({"min-sites": 1, "secagg": False}).min_sites == 1
+
+
+def test_a_reply_the_superlink_sends_for_an_unreachable_site_names_that_site() -> None:
+    """The SuperLink answers for a node that stopped sending heartbeats: go by the message a reply answers."""
+    from flwr.app import Error, Message, RecordDict
+
+    from common.adapters.flower import serverapp_identity
+    from server.app.secure import _TrackingGrid
+
+    def to(node: int, message_id: str) -> Message:
+        msg = Message(RecordDict(), dst_node_id=node, message_type="train")
+        msg.metadata.__dict__["_message_id"] = message_id  # set by the grid when it pushes a message
+        return msg
+
+    class Grid:
+        def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+            ok = Message(RecordDict(), reply_to=messages[0])
+            lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=messages[1])
+            lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own id, not node 3's
+            return [ok, lost]
+
+    grid = _TrackingGrid(Grid(), {2: "B", 3: "C"}, server_round=1)  # type: ignore[arg-type]
+    with serverapp_identity(run_id=1, task_id=1):
+        grid.send_and_receive([to(2, "m2"), to(3, "m3")], timeout=5)
+    assert grid.dropped == {"C": "failed at SecAgg+ stage 'setup': Node Unavailable"}

@@ -60,7 +60,7 @@ def read_light(content: bytes) -> tuple[Header, np.ndarray, dict[str, Any]] | No
         if syntax not in (_IMPLICIT_LE, _EXPLICIT_LE):
             return None
         raw: dict[int, Any] = {}
-        for element in data_element_generator(fp, syntax == _IMPLICIT_LE, True, specific_tags=_LIGHT_TAGS):  # type: ignore[arg-type]
+        for element in data_element_generator(fp, syntax == _IMPLICIT_LE, True, specific_tags=_LIGHT_TAGS):
             raw[int(element.tag)] = element.value
         if _FULL_ONLY & raw.keys() or _s(raw.get(_T["SpecificCharacterSet"])) not in _LATIN1_CHARSETS:
             return None
