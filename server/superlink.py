@@ -214,7 +214,15 @@ def stop_stale_runs(env: dict[str, str]) -> None:
     """Stop the runs a crashed coordinator left unfinished in the SuperLink's database, so no site trains them."""
     for run in flwr_cli(["ls", CONNECTION], env).get("runs", []):
         if not str(run.get("status", "")).startswith("finished"):
-            flwr_cli(["stop", str(run["run-id"]), CONNECTION], env)
+            try:
+                flwr_cli(["stop", str(run["run-id"]), CONNECTION], env)
+            except FederationError as exc:
+                # Flower marks a run whose ServerApp stopped heartbeating as finished lazily, so it may
+                # finish between `flwr ls` and `flwr stop`: finished is what we want.
+                if "already finished" not in str(exc):
+                    raise
+                log.info("Run %s, left unfinished by the previous coordinator, has finished", run["run-id"])
+                continue
             log.info("Stopped run %s, left unfinished by the previous coordinator", run["run-id"])
 
 

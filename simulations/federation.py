@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from common.errors import FederationError
 from common.flower import flower_bin
@@ -223,3 +224,55 @@ class Federation:
         """The coordinator's run folder (the latest), or None before it exists."""
         found = RunFolder.in_workdir(self.server_dir)
         return found[-1] if found else None
+
+    def completed_round(self) -> int:
+        """The last round the coordinator committed (its state file); 0 before the first or while unreadable."""
+        folder = self.run_folder()
+        try:
+            return int(folder.read_state()["completed_round"]) if folder else 0
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being replaced
+            return 0
+
+    def booked(self, site: str) -> set[int]:
+        """The rounds of the current run the site's ledger books so far (read while the site runs)."""
+        from common.ledger import LEDGER_FILE, Ledger
+
+        folder, privacy = self.run_folder(), self.site_dir(site) / "privacy"
+        if folder is None or not (privacy / LEDGER_FILE).is_file():
+            return set()
+        try:
+            rows = Ledger(privacy, create=False).rows()
+        except Exception:  # noqa: BLE001 - being created: read it again at the next poll
+            return set()
+        return {int(row.server_round) for row in rows if str(row.run_id) == folder.path.name}
+
+    def crash_after(self, server_round: int, *, timeout: float,
+                    on_poll: Callable[[], object] | None = None) -> list[int]:
+        """Crash the coordinator at the worst moment for round ``server_round + 1``; the PIDs killed.
+
+        Waits until the coordinator has committed ``server_round`` and a site has trained and booked
+        the next round, which the coordinator then loses, and runs :meth:`crash_server`.
+        """
+        lost = server_round + 1
+        self.wait(timeout=timeout, on_poll=on_poll, what=f"round {server_round} to be committed and a site to book "
+                  f"round {lost}", until=lambda: self.completed_round() >= server_round
+                  and any(lost in self.booked(site) for site in self.sites))
+        return self.crash_server()
+
+    def crash_and_resume(self, server_round: int, *, timeout: float,
+                         on_poll: Callable[[], object] | None = None) -> dict[str, Any]:
+        """:meth:`crash_after` round ``server_round``, then ``fl-server --resume`` of the run on the same port.
+
+        Returns
+        -------
+        dict
+            ``killed`` (the PIDs), ``completed_round`` and ``booked`` (site -> rounds its ledger books) at the
+            crash, ``crashed_at`` (``time.monotonic()``) and ``down_s`` (until the new coordinator listened).
+        """
+        killed = self.crash_after(server_round, timeout=timeout, on_poll=on_poll)
+        crashed_at, folder = time.monotonic(), self.run_folder()
+        assert folder is not None, "a crash after a committed round leaves a run folder"
+        out = {"killed": killed, "completed_round": self.completed_round(), "crashed_at": crashed_at,
+               "booked": {site: sorted(self.booked(site)) for site in self.sites}}
+        self.start_server(resume=folder.path)
+        return {**out, "down_s": time.monotonic() - crashed_at}

@@ -1,7 +1,7 @@
 """Test-only Flower App components: fedrad's ClientApp and ServerApp with what a test installs.
 
 No deployment loads this module: the project's components are ``client.app:app``
-and ``server.app:app``. :func:`tests.e2e.support.test_app` copies the project,
+and ``server.app:app``. :func:`tests.e2e.support.copy_app` copies the project,
 points the copy's components here (``tests.e2e.apps:client`` and
 ``tests.e2e.apps:server``) and writes the test's plan next to this module
 (:data:`PLAN_FILE`). Flower bundles both into the run's FAB, so the plan
@@ -18,6 +18,9 @@ The plan (JSON) may hold:
   plaintext update it is about to mask (``plain-<site>-round<r>.npz``: the arrays
   and ``num_examples``) and the coordinator keeps every masked vector it receives
   (``masked-<site>-round<r>.npz``), so a test can compare the two.
+- ``"sites"``: how many sites must be connected before fedrad's ServerApp starts, so
+  that round 1 goes to every site however slowly each one starts (``min-sites`` would
+  let round 1 start with the first two).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 
 PLAN_FILE = "e2e-plan.json"
 FAULTS = ("nan", "slow")
+JOIN_TIMEOUT = 300.0  # s: how long the ServerApp waits for the plan's ``"sites"``
 log = logging.getLogger("flwr")  # what a ClientApp process writes to the SuperNode's log
 
 
@@ -137,8 +141,12 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    """fedrad's ServerApp, on a grid that keeps the masked vectors when the plan asks for it."""
+    """fedrad's ServerApp, once the plan's sites are connected, on a grid that keeps masked vectors if asked to."""
+    from common.processes import wait_until
     from server.app import app as production
 
+    sites = int(plan().get("sites", 0))
+    wait_until(lambda: len(grid.get_node_ids()) >= sites, timeout=JOIN_TIMEOUT, interval=1.0,
+               what=f"{sites} sites to connect")
     folder = plan().get("inspect")
     production(MaskedVectorTap(grid, Path(folder)) if folder else grid, context)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""What the end-to-end tests share: starting, waiting for and checking real processes."""
+"""What the end-to-end tests share: the federation harness (with the test app), CLIs, process checks."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import tomli_w
 
-from common.processes import LOOPBACK, ManagedProcess, can_connect, wait_until
+from common.processes import ManagedProcess, alive, crash, wait_until
 from simulations.federation import Federation
 
 BIN = Path(sys.executable).parent
@@ -23,12 +24,13 @@ APP_PACKAGES = ("client", "common", "server", "simulations")
 TEST_APP_FILES = ("tests/__init__.py", "tests/e2e/__init__.py", "tests/e2e/apps.py")
 
 
-def copy_app(dest: Path, *, faults: Mapping[str, str] | None = None, inspect: Path | None = None) -> Path:
+def copy_app(dest: Path, *, faults: Mapping[str, str] | None = None, inspect: Path | None = None,
+             sites: int = 0) -> Path:
     """A copy of the project whose Flower App is ``tests/e2e/apps.py``'s, with the test's plan bundled.
 
     fl-server submits the project it runs from, so a test that needs the test app
-    starts fl-server from the copy (:func:`fl_server`). ``faults`` and ``inspect``
-    are the plan described in :mod:`tests.e2e.apps`.
+    starts fl-server from the copy (``federation(..., app=copy)``). ``faults``,
+    ``inspect`` and ``sites`` are the plan described in :mod:`tests.e2e.apps`.
     """
     from tests.e2e.apps import PLAN_FILE, parse_fault
 
@@ -39,6 +41,8 @@ def copy_app(dest: Path, *, faults: Mapping[str, str] | None = None, inspect: Pa
         plan["faults"] = dict(faults)
     if inspect is not None:
         plan["inspect"] = str(inspect.resolve())
+    if sites:
+        plan["sites"] = sites
     dest.mkdir(parents=True)
     for package in APP_PACKAGES:
         shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -55,32 +59,54 @@ def copy_app(dest: Path, *, faults: Mapping[str, str] | None = None, inspect: Pa
     return dest
 
 
-def fl_server(app: Path | None = None) -> tuple[list[str], dict[str, Any]]:
-    """How to start fl-server: its command and ``ProcessSet.start`` keywords.
-
-    From the installed project, or from a copy made by :func:`copy_app` (its
-    packages come first on ``sys.path``, so fl-server submits the copy).
-    """
-    if app is None:
-        return [str(BIN / "fl-server")], {}
-    return [sys.executable, "-c", "from server.cli import main; main()"], {"cwd": app}
-
-
 def federation(root: Path, sites: Sequence[str], data: Path | Mapping[str, Path], *, app: Path | None = None,
                **kwargs: Any) -> Federation:
-    """:class:`simulations.federation.Federation` whose fl-server runs from ``app`` (a :func:`copy_app`) if given."""
-    cmd, where = fl_server(app)
-    return Federation(root, sites, data, server_cmd=cmd if app else None, server_cwd=where.get("cwd"), **kwargs)
+    """:class:`simulations.federation.Federation`, whose fl-server runs from ``app`` (a :func:`copy_app`) if given.
+
+    fl-server submits the project it runs from: started in the copy (its packages first on
+    ``sys.path``), it submits the test app.
+    """
+    if app is None:
+        return Federation(root, sites, data, **kwargs)
+    return Federation(root, sites, data, server_cmd=[sys.executable, "-c", "from server.cli import main; main()"],
+                      server_cwd=app, **kwargs)
 
 
-def wait_for_server(port: int, server: ManagedProcess, timeout: float = 60) -> None:
-    """Until the SuperLink accepts connections (fl-client refuses an unreachable coordinator)."""
+def crash_site(fed: Federation, site: str) -> list[int]:
+    """SIGKILL the site's fl-client and everything it started (frozen first), as if its machine died.
 
-    def listening() -> bool:
-        assert server.running(), server.tail(40)
-        return can_connect(LOOPBACK, port, timeout=1)
+    The site leaves ``fed.clients`` (so :meth:`Federation.wait` does not count it as a failure) until
+    it joins again; its PIDs stay in ``fed.pids``.
+    """
+    client = fed.clients.pop(site)
+    fed.remember()
+    killed = crash(client.pid)
+    client.popen.wait(timeout=10)
+    return killed
 
-    wait_until(listening, timeout=timeout, what=f"the SuperLink on port {port}")
+
+def runs_clientapp(proc: ManagedProcess) -> bool:
+    """Whether a ``flwr-clientapp`` process (Flower starts one per message) runs under ``proc``."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return False
+    for child in children:
+        try:
+            if any(part.endswith("flwr-clientapp") for part in child.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def assert_all_stopped(fed: Federation) -> None:
+    """Every process the federation started, and every child they started, is gone (within 0.5 s)."""
+    assert fed.pids, "the federation never saw a process"
+    try:
+        wait_until(lambda: not any(alive(p) for p in fed.pids), timeout=0.5, interval=0.05, what="every process to end")
+    except TimeoutError:
+        raise AssertionError(f"still running: {sorted(p for p in fed.pids if alive(p))}") from None
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

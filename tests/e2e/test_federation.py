@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from common.processes import alive, free_port
-from tests.e2e.support import BIN, federation, one_line_error, run_cli
+from common.processes import free_port
+from common.runfolder import RunFolder
+from tests.e2e.support import BIN, assert_all_stopped, federation, one_line_error, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -86,12 +86,11 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
         fed.check_exit()
 
     # Every process the test started, and every child they started, is gone.
-    time.sleep(0.5)
-    assert fed.pids and not [p for p in fed.pids if alive(p)]
+    assert_all_stopped(fed)
 
-    workdir, site_dir = fed.server_dir, fed.site_dir
-    (run_dir,) = (workdir / "runs").iterdir()
-    report = json.loads((run_dir / "report.json").read_text())
+    site_dir = fed.site_dir
+    (folder,) = RunFolder.in_workdir(fed.server_dir)
+    run_dir, report = folder.path, folder.read_report()
     from client.data.dataset import load_site_data
     from common.config import PreprocessConfig
     from common.ledger import Ledger
@@ -129,7 +128,7 @@ def test_sites_train_with_dp_and_a_spent_site_declines_while_others_go_on(tiny_s
         assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
         assert json.loads(audit.stdout)["verified"] is True
     # Nothing that identifies a patient reaches the coordinator.
-    text = (run_dir / "report.json").read_text() + (fed.logs / "fl-server.log").read_text()
+    text = folder.report_json.read_text() + (fed.logs / "fl-server.log").read_text()
     assert "SYN-" not in text and "PatientID" not in text
 
 
@@ -195,8 +194,8 @@ def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp
                     client_args=["-c", 'image-size=32 classes="none,small,large"']) as fed:
         fed.start().wait(timeout=300)
         fed.check_exit()
-    (run_dir,) = (fed.server_dir / "runs").iterdir()
-    report = json.loads((run_dir / "report.json").read_text())
+    (folder,) = RunFolder.in_workdir(fed.server_dir)
+    report = folder.read_report()
     assert report["transport"].startswith("insecure") and "no secure aggregation" in report["transport"]
     pooled = report["rounds"][0]["evaluate"]["pooled"]
     assert report["status"] == "completed" and pooled["examples"] > 0

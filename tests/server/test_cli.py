@@ -184,3 +184,25 @@ def test_enroll_and_rekey_write_the_given_data_settings_into_the_kit(
     assert data is not None and data["image-size"] == 48 and data["window"] == "voi"  # earlier settings kept
     code, err = run("enroll", "--site", "B", "-c", "batch-size=3")
     assert code != 0 and len(err.strip().splitlines()) == 1 and "batch-size" in err
+
+
+def test_a_stale_run_that_finishes_before_it_is_stopped_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def flwr_cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+        calls.append(args)
+        if args[0] == "ls":
+            return {"runs": [{"run-id": 7, "status": "running"}, {"run-id": 8, "status": "running"},
+                             {"run-id": 9, "status": "finished:completed"}]}
+        if args[1] == "7":  # Flower noticed its ServerApp had stopped heartbeating between `ls` and `stop`
+            raise FederationError("`flwr stop` failed: [code: 18] Run is already finished")
+        return {}
+
+    monkeypatch.setattr(superlink, "flwr_cli", flwr_cli)
+    superlink.stop_stale_runs({})
+    assert [c[:2] for c in calls[1:]] == [["stop", "7"], ["stop", "8"]]
+    monkeypatch.setattr(superlink, "flwr_cli", lambda args, env: (
+        {"runs": [{"run-id": 7, "status": "running"}]} if args[0] == "ls" else (_ for _ in ()).throw(
+            FederationError("`flwr stop` failed: connection refused"))))
+    with pytest.raises(FederationError, match="connection refused"):
+        superlink.stop_stale_runs({})
