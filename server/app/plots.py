@@ -232,17 +232,23 @@ def _draw_spread(ax: Axes, spread: Mapping[str, list[Any]], *, color: Any) -> No
     ax.plot(spread["rounds"], _nan(spread["median"]), color=color, linewidth=1.5, marker=".", label="median site")
 
 
+def _draw_sites(ax: Axes, series: Mapping[str, Any], colors: Mapping[str, Any], *, spread_color: str,
+                **style: Any) -> None:
+    """One line per site, or above :data:`MAX_SITE_LINES` sites their min–max band and median."""
+    if "spread" in series:
+        _draw_spread(ax, series["spread"], color=spread_color)
+        return
+    for name, points in sorted(series["sites"].items()):
+        ax.plot([p[0] for p in points], _nan(p[1] for p in points), color=colors[name], marker="o", markersize=3,
+                label=name, **style)
+
+
 def _draw_auroc(series: Mapping[str, Any], colors: Mapping[str, Any], title: str) -> Figure:
     fig, ax = _new_figure(f"AUROC per round — {title}")
     if not series["rounds"]:
         _empty(ax, "no evaluated round")
         return fig
-    if "spread" in series:
-        _draw_spread(ax, series["spread"], color="tab:blue")
-    else:
-        for name, points in sorted(series["sites"].items()):
-            ax.plot([p[0] for p in points], _nan(p[1] for p in points), color=colors[name], linewidth=1.0,
-                    marker="o", markersize=3, alpha=0.85, label=name)
+    _draw_sites(ax, series, colors, spread_color="tab:blue", linewidth=1.0, alpha=0.85)
     pooled = series["pooled"]
     ax.plot([p[0] for p in pooled], _nan(p[1] for p in pooled), color="black", linewidth=2.8, marker="o",
             markersize=5, label="pooled", zorder=5)
@@ -259,12 +265,7 @@ def _draw_epsilon(series: Mapping[str, Any], colors: Mapping[str, Any], title: s
     if not series["sites"]:
         _empty(ax, NO_DP_TEXT)
         return fig
-    if "spread" in series:
-        _draw_spread(ax, series["spread"], color="tab:purple")
-    else:
-        for name, points in sorted(series["sites"].items()):
-            ax.plot([p[0] for p in points], _nan(p[1] for p in points), color=colors[name], linewidth=1.2,
-                    marker="o", markersize=3, label=name)
+    _draw_sites(ax, series, colors, spread_color="tab:purple", linewidth=1.2)
     for line in series["max_lines"]:
         color = colors[line["site"]] if line["site"] is not None else "tab:red"
         ax.axhline(line["value"], color=color, linestyle="--", linewidth=1.2, label=line["label"])
