@@ -75,6 +75,29 @@ def check_data(site: SiteConfig, settings: dict[str, dict[str, Any]], *, workers
     """Check and cache the site's data with ``settings`` (:func:`data_settings`); return the data report.
 
     The report holds no patient identifier; its ``settings`` are the data settings used and their sources.
+
+    Parameters
+    ----------
+    site : SiteConfig
+        The site: its data folder (read) and work folder (where the cache is written).
+    settings : dict[str, dict[str, Any]]
+        The data settings and their sources, as :func:`data_settings` returns them; the values build the
+        run config the data is checked with.
+    workers : int
+        Processes decoding DICOM (0 = one per CPU core).
+
+    Returns
+    -------
+    dict[str, Any]
+        The data report of :func:`client.data.dataset.load_site_data`, with ``site`` and ``settings``
+        added; its ``usable`` says whether the site can train (data that cannot is reported, not refused).
+
+    Raises
+    ------
+    ConfigError
+        When a setting is invalid, or the work folder is the data folder or a file.
+    DataError
+        When the data folder or its ``labels.csv`` cannot be used, or the cache cannot be written.
     """
     from client.data.dataset import load_site_data
 
@@ -282,7 +305,23 @@ def _site_kit(kit: Path | None, *, site: str | None, insecure: bool) -> Kit | No
 
 
 def check_coordinator_tls(host: str, port: int, ca_cert: Path) -> None:
-    """Refuse a coordinator whose TLS certificate the kit's consortium CA did not sign."""
+    """Refuse a coordinator whose TLS certificate the kit's consortium CA did not sign.
+
+    Parameters
+    ----------
+    host : str
+        The coordinator's host name or address; its certificate must be issued for this name.
+    port : int
+        The coordinator's port (its SuperLink's, serving TLS).
+    ca_cert : Path
+        The consortium CA certificate from the site's kit.
+
+    Raises
+    ------
+    FederationError
+        When the certificate fails verification against ``ca_cert``, or no TLS connection can be made
+        within 10 s (coordinator unreachable, or serving plain HTTP).
+    """
     import socket
     import ssl
 
@@ -380,6 +419,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the ``fl-client`` command line on ``argv`` (default: ``sys.argv[1:]``)."""
     run_typer(cli, argv if argv is not None else sys.argv[1:], prog_name="fl-client")
 
 

@@ -22,6 +22,7 @@ def error_line(message: str) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Log one timestamped line per record to stderr, at DEBUG when ``verbose``, else at INFO."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -33,6 +34,22 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None, *, prog_name:
     """Run a typer app; turn every failure into one line on stderr and a non-zero exit.
 
     Set ``FEDRAD_DEBUG=1`` to get tracebacks of unexpected errors.
+
+    Parameters
+    ----------
+    app
+        The command's typer app.
+    argv
+        The arguments after the program name; None reads them from ``sys.argv``.
+    prog_name
+        The command's name (``"fl-client"``), shown in usage lines and in the hint after a usage error.
+
+    Raises
+    ------
+    SystemExit
+        Always: with the command's return value (0 when it returns None), a :class:`FedradError`'s
+        ``exit_code``, 2 for a usage error, 130 when interrupted, 1 for any other exception (which
+        propagates instead when ``FEDRAD_DEBUG`` is set).
     """
     command = typer.main.get_command(app)
     try:

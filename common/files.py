@@ -18,6 +18,16 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> N
 
     ``mode`` sets the file's permissions before any byte is written (the
     temporary file starts as 0600, so a private key is never readable by others).
+    On any failure the temporary file is removed and ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : Path
+        The file to write; its folder is created when missing, an existing file is replaced.
+    data : bytes | str
+        The whole content; a str is encoded as UTF-8.
+    mode : int | None
+        Permission bits of the file (``0o600`` for a private key); None leaves it 0600, whatever the umask.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

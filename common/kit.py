@@ -321,7 +321,27 @@ def check_private_mode(path: Path) -> None:
 def load_certificate(
     path: Path, *, what: str = "certificate", fix: str = "restore it from backup"
 ) -> x509.Certificate:
-    """The PEM certificate at ``path``, else ConfigError "Cannot parse the <what> <path> (<why>); <fix>"."""
+    """The PEM certificate at ``path``, else ConfigError "Cannot parse the <what> <path> (<why>); <fix>".
+
+    Parameters
+    ----------
+    path : Path
+        The certificate file.
+    what : str
+        How the error message names the file (``"CA certificate"``).
+    fix : str
+        What the error message tells the user to do.
+
+    Returns
+    -------
+    x509.Certificate
+        The first certificate in the file; its validity dates and signature are not checked.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read or holds no PEM certificate.
+    """
     from cryptography import x509
 
     try:

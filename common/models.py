@@ -132,6 +132,20 @@ def fedrad_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int =
     gradients are cheap, so DP training runs at hundreds of images/s on one
     CPU core. The first 8 conv channels start as the identity on the bank (the
     head starts from the fixed blob/edge responses); the other 8 are random.
+
+    Parameters
+    ----------
+    in_channels
+        Image channels; unused: the filter bank averages them.
+    image_size
+        Side of the square input image in pixels; unused: global max pooling takes any size.
+    num_outputs
+        Logits: 1 for a binary task, else one per class (:func:`num_outputs`).
+
+    Returns
+    -------
+    nn.Module
+        The freshly initialised model: ``(N, C, H, W)`` images in, ``(N, num_outputs)`` logits out.
     """
     import torch
     from torch import nn
@@ -161,6 +175,20 @@ def plain_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 
 
     Kept for comparison: it needs several non-private epochs to find small
     lesions and learns little under DP-SGD at ε ≤ 8 on a few hundred images.
+
+    Parameters
+    ----------
+    in_channels
+        Image channels (1 for CT/greyscale).
+    image_size
+        Side of the square input image in pixels; unused: global average pooling takes any size of 8 or more.
+    num_outputs
+        Logits: 1 for a binary task, else one per class (:func:`num_outputs`).
+
+    Returns
+    -------
+    nn.Module
+        The randomly initialised model: ``(N, in_channels, H, W)`` images in, ``(N, num_outputs)`` logits out.
     """
     from torch import nn
 

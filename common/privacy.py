@@ -166,10 +166,30 @@ def calibrate_noise(
     while PRV stays within budget. Both stages are the bracket search of
     :func:`_smallest_sigma`.
 
+    Parameters
+    ----------
+    target_epsilon
+        The ε(δ) the whole composition, ``earlier`` included, must stay within (a site's ``max-epsilon``).
+    delta
+        Target δ.
+    sample_rate
+        Poisson sampling rate q of the new steps (:func:`poisson_sample_rate`).
+    steps
+        DP-SGD steps still to take at σ (all of a run's planned rounds together).
+    earlier
+        DP events already spent on the same data, at any σ; empty for data never trained on.
+    tolerance
+        The search stops once ε is within this of ``target_epsilon`` (or σ is known to within 0.5 %).
+
+    Returns
+    -------
+    float
+        σ, whose composed ε never exceeds ``target_epsilon``.
+
     Raises
     ------
     ValueError
-        When ``earlier`` alone already spends ``target_epsilon``.
+        When ``earlier`` alone already spends ``target_epsilon``, or no σ up to 10⁴ fits.
     """
     return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), tuple(earlier), float(tolerance))
 

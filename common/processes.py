@@ -38,6 +38,22 @@ def wait_until(
 ) -> object:
     """Call ``predicate`` every ``interval`` s until it returns something truthy, and return that.
 
+    Parameters
+    ----------
+    predicate
+        Called without arguments; a truthy result ends the wait, an exception it raises propagates.
+    timeout
+        Seconds to keep trying (monotonic clock); ``predicate`` is called at least once.
+    interval
+        Seconds to sleep between calls.
+    what
+        What is awaited, for the error message (``"fl-server to listen on 127.0.0.1:9092"``).
+
+    Returns
+    -------
+    object
+        The first truthy result of ``predicate``.
+
     Raises
     ------
     TimeoutError
@@ -73,7 +89,23 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
 
 
 def can_connect(host: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether a TCP connection to ``host:port`` succeeds."""
+    """Whether a TCP connection to ``host:port`` succeeds.
+
+    Parameters
+    ----------
+    host
+        Host name or IP address.
+    port
+        TCP port.
+    timeout
+        Seconds the connection attempt may take.
+
+    Returns
+    -------
+    bool
+        True when something accepted the connection (closed again at once); False on refusal, timeout or
+        any other socket error.
+    """
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -278,9 +310,11 @@ class ManagedProcess:
 
     @property
     def pid(self) -> int:
+        """The child's process id."""
         return self.popen.pid
 
     def running(self) -> bool:
+        """Whether the child has not exited yet (polling it reaps an exited child)."""
         return self.popen.poll() is None
 
     def tree(self) -> list[int]:
@@ -319,6 +353,13 @@ class ProcessSet:
         self._old_handlers: dict[int, object] = {}
 
     def start(self, name: str, cmd: Sequence[str], **kwargs: object) -> ManagedProcess:
+        """Start a :class:`ManagedProcess` (``kwargs``: its ``env``, ``log_path``, ``cwd``) and add it to the set.
+
+        Raises
+        ------
+        FederationError
+            When the command cannot be started.
+        """
         proc = ManagedProcess(name, cmd, **kwargs)  # type: ignore[arg-type]
         self.processes.append(proc)
         return proc
@@ -328,6 +369,7 @@ class ProcessSet:
         return {pid for proc in self.processes for pid in proc.tree()}
 
     def stop_all(self) -> None:
+        """Stop every process of the set with its descendants, the last started first, and empty the set."""
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()

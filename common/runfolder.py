@@ -66,18 +66,22 @@ class RunFolder:
 
     @property
     def report_json(self) -> Path:
+        """The run report for programs (``report.json``), rewritten after every round."""
         return self.path / REPORT_JSON
 
     @property
     def report_md(self) -> Path:
+        """The human-readable run report (``report.md``), rewritten after every round."""
         return self.path / REPORT_MD
 
     @property
     def state(self) -> Path:
+        """The coordinator's state (``state.json``), written after each completed round: what resume starts from."""
         return self.path / STATE
 
     @property
     def checkpoints(self) -> Path:
+        """The folder of the global weights of every round (``round-NNNN.safetensors``)."""
         return self.path / CHECKPOINTS
 
     def checkpoint(self, server_round: int) -> Path:

@@ -183,6 +183,23 @@ def check_state_dict(
 ) -> OrderedDict[str, torch.Tensor]:
     """``state`` checked against ``expected`` (a model's state dict), in its order and dtypes.
 
+    Parameters
+    ----------
+    state
+        The tensors read from the file, by name; one wrapper prefix shared by every name
+        (:data:`WRAPPER_PREFIXES`) is removed first when no name matches as is.
+    expected
+        The run model's ``state_dict()``: the names, shapes and dtypes required.
+    path
+        The file ``state`` was read from, named in the error messages.
+    option
+        The option that named the file, for the error messages.
+
+    Returns
+    -------
+    OrderedDict
+        Copies of the tensors, in ``expected``'s order, cast to its dtypes, contiguous and on the CPU.
+
     Raises
     ------
     ConfigError
@@ -279,10 +296,26 @@ def init_weights_config(
 ) -> dict[str, str]:
     """Check a weights file against ``run``'s model; the run-config entries that name it.
 
+    Parameters
+    ----------
+    path
+        A safetensors file or a ``torch.save``'d state dict; ``~`` is expanded and the path made absolute.
+    run
+        The checked run config; its model, image size, classes and seed build the model the file must fit.
+    expected_sha256
+        If given, the file's SHA-256 must be this (hex), e.g. the one a scenario pins; None accepts any file.
+    option
+        The option that named the file, for the error messages.
+
     Returns
     -------
     dict
         ``{"init-weights": "<absolute path>", "init-weights-sha256": "<hex>"}``.
+
+    Raises
+    ------
+    ConfigError
+        One line saying what is wrong with the file and what to do.
     """
     path = Path(path).expanduser().resolve()
     _, digest = load_init_weights(path, model=model_for_run(run), expected_sha256=expected_sha256, option=option)

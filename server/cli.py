@@ -194,6 +194,7 @@ COMMANDS = ("serve", "enroll", "rekey", "remove", "sites")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``fl-server`` on ``argv`` (default: the command line); no subcommand means ``serve``."""
     args = list(argv if argv is not None else sys.argv[1:])
     if not args or (args[0] not in COMMANDS and args[0] not in ("--help", "-h")):
         args.insert(0, "serve")  # `fl-server --rounds 5` is `fl-server serve --rounds 5`

@@ -91,7 +91,31 @@ def resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, Any
 
 
 def check_address(*, window: str, insecure: bool, host: str, port: int) -> str:
-    """Check ``--window``, ``--host`` and ``--port``; returns the address to bind."""
+    """Check ``--window``, ``--host`` and ``--port``; returns the address to bind.
+
+    Parameters
+    ----------
+    window
+        ``--window``: the name of a window preset (:data:`common.config.WINDOW_PRESETS`).
+    insecure
+        ``--insecure``: then ``host`` must be 127.0.0.1.
+    host
+        ``--host``: the address the Fleet-API proxy binds; ``0.0.0.0`` or ``*`` for every interface.
+    port
+        ``--port``: the port the sites connect to; it must be free on the bind address.
+
+    Returns
+    -------
+    str
+        ``host``, with ``*`` spelled ``0.0.0.0``.
+
+    Raises
+    ------
+    ConfigError
+        When the window preset is unknown, or ``insecure`` is asked on another host than loopback.
+    FederationError
+        When ``port`` is already in use on the bind address.
+    """
     if window not in WINDOW_PRESETS:
         raise ConfigError(f"Expected `--window` to be one of {', '.join(WINDOW_PRESETS)}, but got {window!r}")
     if insecure and host != LOOPBACK:
@@ -114,7 +138,36 @@ def open_workdir(workdir: Path) -> Path:
 def choose_transport(
     workdir: Path, *, insecure: bool, bind: str, port: int, min_sites: int, public_host: list[str]
 ) -> Transport:
-    """Plain HTTP on loopback with ``insecure``, else TLS for the enrolled sites (CA and server certificate made once)."""
+    """Plain HTTP on loopback with ``insecure``, else TLS for the enrolled sites (CA and server certificate made once).
+
+    Parameters
+    ----------
+    workdir
+        The coordinator's workdir (absolute): its consortium registry and PKI.
+    insecure
+        ``--insecure``: no TLS and no enrollment; nothing in ``workdir`` is read.
+    bind
+        The address the proxy binds (:func:`check_address`); a specific address other than loopback also
+        goes into the server certificate.
+    port
+        The port the sites connect to, for the transport's description.
+    min_sites
+        ``--min-sites``: at least this many sites must be enrolled.
+    public_host
+        ``--public-host``: names or IPs the sites use for the coordinator, written into the server
+        certificate (``0.0.0.0`` and ``*`` are left out).
+
+    Returns
+    -------
+    Transport
+        The description for the report, the bind address, and with TLS the (CA, certificate, key) files
+        and the enrolled sites.
+
+    Raises
+    ------
+    ConfigError
+        When TLS is asked and no site, or fewer than ``min_sites`` sites, are enrolled.
+    """
     if insecure:
         log.warning(INSECURE_BANNER)
         return Transport(f"insecure (plain HTTP on {LOOPBACK}:{port}, no enrollment)", bind)
@@ -145,6 +198,28 @@ def run_config_args(
 
     A resumed run keeps its own config; only where the coordinator runs may change. A key of
     ``extra`` that fedrad sets (:data:`common.config.LAUNCH_KEYS`) is refused, naming its option.
+
+    Parameters
+    ----------
+    options
+        The command's round options as run-config keys (``num-server-rounds``, ``min-sites``, ...);
+        ignored for a resumed run.
+    launch
+        What fedrad sets (workdir, transport, initial weights, resumed run id); applied over the rest.
+    saved
+        The resumed run's saved run config (:func:`resume_config`); ``None`` for a new run.
+    extra
+        ``--run-config`` values (``key=value ...``); checked, but dropped for a resumed run.
+
+    Returns
+    -------
+    list of str
+        The arguments for ``flwr run --run-config``: the combined one first, then ``extra`` (new runs).
+
+    Raises
+    ------
+    ConfigError
+        When ``extra`` is not ``key=value`` pairs, or sets a key that fedrad sets.
     """
     from common.adapters.flower import parse_config_args
 
@@ -184,6 +259,27 @@ def check_init_weights(
 
     A resumed run needs the file only while no round has completed (a checkpoint wins).
     ``None``: the run starts from its seeded weights or from a checkpoint.
+
+    Parameters
+    ----------
+    run
+        The checked run config (:func:`check_run_config`): it builds the model the file must fit.
+    launch
+        What fedrad sets: the ``init-weights`` file's path and the SHA-256 taken when the command started.
+    resume
+        The run folder being resumed; ``None`` for a new run.
+
+    Returns
+    -------
+    OrderedDict or None
+        The weights, in the model's state-dict order, on the CPU; ``None`` without an ``init-weights``
+        file, or when a resumed run goes on from a checkpoint.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read, has changed since it was hashed, or does not fit the model; or the
+        resumed run folder's ``state.json`` cannot be read.
     """
     init = launch.init_weights
     if not init.path:
@@ -209,6 +305,28 @@ def secagg_args(
 
     ``start`` is the initial-weights file's content (``None``: the seeded model); its weights
     must fit the range, which an explicit ``secagg-clipping-range`` may not give them.
+
+    Parameters
+    ----------
+    config_args
+        The ``--run-config`` arguments so far (:func:`run_config_args`).
+    run
+        The checked run config; without SecAgg+ ``config_args`` is returned unchanged.
+    start
+        The initial weights (:func:`check_init_weights`); ``None``: the seeded model is built to measure.
+    sites
+        How many sites may take part in a round (the enrolled ones); ``None`` when unknown
+        (``--insecure``: 256 assumed).
+
+    Returns
+    -------
+    list of str
+        ``config_args`` plus one argument setting ``secagg-clipping-range`` and ``secagg-quantization-range``.
+
+    Raises
+    ------
+    ConfigError
+        When an explicit encoding value is invalid, or ``start`` has a weight above half the clipping range.
     """
     if not run.secagg.enabled:
         return config_args
@@ -233,7 +351,39 @@ def run_federation(
     workdir: Path, *, source: Path, transport: Transport, port: int, config_args: list[str], min_sites: int,
     resumed: bool,
 ) -> tuple[str, str, str]:
-    """Start the SuperLink (with TLS: register the sites, start the proxy), run, stop; (status, details, run id)."""
+    """Start the SuperLink (with TLS: register the sites, start the proxy), run, stop; (status, details, run id).
+
+    Parameters
+    ----------
+    workdir
+        The coordinator's workdir: the SuperLink's database, ``flwr-home``, ``logs`` and ``superlink.json``.
+    source
+        The Flower App folder to submit (:func:`server.superlink.app_dir`).
+    transport
+        :func:`choose_transport`'s choice; with TLS the SuperLink listens on a free loopback port behind
+        the proxy on ``port``, without it on ``port`` itself.
+    port
+        The port the sites connect to.
+    config_args
+        The ``--run-config`` arguments (:func:`secagg_args`); with TLS the enrolled sites' node ids are
+        added.
+    min_sites
+        Sites the run waits for, for the log.
+    resumed
+        True keeps the SuperLink's database (the sites' registrations) and stops runs a crashed coordinator
+        left; False starts from a fresh database.
+
+    Returns
+    -------
+    tuple of str
+        Flower's final status of the run (``finished:completed`` when it completed), its status details,
+        and the Flower run id.
+
+    Raises
+    ------
+    FederationError
+        When the SuperLink, the proxy or a ``flwr`` command fails, or the SuperLink stops during the run.
+    """
     internal, ca = (port, None) if transport.tls is None else (free_port(), transport.tls[0])
     env = superlink.cli_env(workdir)
     superlink.write_connection(Path(env["FLWR_HOME"]), internal, ca_cert=ca)
@@ -275,7 +425,30 @@ def _open_fleet(
 
 
 def report_run(workdir: Path, run_id: str, *, status: str, details: str) -> dict[str, Any]:
-    """Print the run's summary; FederationError saying why and how to resume when it did not complete."""
+    """Print the run's summary; FederationError saying why and how to resume when it did not complete.
+
+    Parameters
+    ----------
+    workdir
+        The coordinator's workdir, whose ``runs/<run_id>`` holds the report.
+    run_id
+        The fedrad run id (a resumed run keeps its original one).
+    status
+        Flower's final status of the run (:func:`run_federation`).
+    details
+        Flower's status details: the reason given when the report says none.
+
+    Returns
+    -------
+    dict
+        The run's report (``report.json``).
+
+    Raises
+    ------
+    FederationError
+        When ``status`` is not ``finished:completed``: the report's ``stopped ...`` status, else
+        ``details``, else where the logs are, and the ``fl-server --resume`` command.
+    """
     run_dir = RunFolder.of(workdir, run_id).path
     if status != "finished:completed":
         try:  # the ServerApp writes why it stopped into the report

@@ -43,7 +43,14 @@ def cli_env(workdir: Path) -> dict[str, str]:
 def write_connection(flwr_home: Path, port: int, *, ca_cert: Path | None = None) -> None:
     """Write the `flwr` CLI's connection to our SuperLink's Control API (loopback) into its own FLWR_HOME.
 
-    ``ca_cert`` is the CA of the SuperLink's certificate; ``None`` for plain HTTP (``insecure = true``).
+    Parameters
+    ----------
+    flwr_home
+        The CLI's ``FLWR_HOME`` (:func:`cli_env`); created if missing, its ``config.toml`` overwritten.
+    port
+        The SuperLink's port on 127.0.0.1.
+    ca_cert
+        The CA of the SuperLink's certificate; ``None`` for plain HTTP (``insecure = true``).
     """
     import tomli_w
 
@@ -54,7 +61,28 @@ def write_connection(flwr_home: Path, port: int, *, ca_cert: Path | None = None)
 
 
 def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict[str, Any]:
-    """Run ``flwr ... --format json`` and return its JSON; errors become FederationError."""
+    """Run ``flwr ... --format json`` and return its JSON; errors become FederationError.
+
+    Parameters
+    ----------
+    args
+        The ``flwr`` subcommand and its arguments, e.g. ``["ls", CONNECTION]`` (``--format json`` is added).
+    env
+        The CLI's environment (:func:`cli_env`).
+    timeout
+        Seconds to wait for the command.
+
+    Returns
+    -------
+    dict
+        The command's JSON output (``"success": true``).
+
+    Raises
+    ------
+    FederationError
+        When ``flwr`` is not installed, does not answer within ``timeout``, exits with an error or reports
+        no success; with ``flwr``'s error message.
+    """
     try:
         proc = subprocess.run(
             [flower_bin("flwr"), *args, "--format", "json"],
@@ -79,6 +107,28 @@ def start_superlink(
     Its state (registered nodes, runs, messages) is a SQLite database in the workdir, so a
     SuperLink restarted by ``fl-server --resume`` still knows the sites' SuperNodes: they
     reconnect on their own and go on with the resumed run.
+
+    Parameters
+    ----------
+    procs
+        The process set that owns the SuperLink (stops it on exit).
+    port
+        The port on 127.0.0.1.
+    workdir
+        The coordinator's workdir: the SuperLink's ``FLWR_HOME`` (``flwr-home/superlink``), its database
+        (``state/superlink.sqlite``) and log (``logs/superlink.log``).
+    tls
+        (CA, server certificate, server key) files; ``None``: plain HTTP, any SuperNode may connect.
+
+    Returns
+    -------
+    ManagedProcess
+        The SuperLink, once it accepts connections.
+
+    Raises
+    ------
+    FederationError
+        When the SuperLink exits at start or does not listen within 60 s.
     """
     env = flower_env(workdir / "flwr-home" / "superlink")
     security = ["--insecure"]
@@ -149,7 +199,28 @@ def unregister_node(env: dict[str, str], node_id: str) -> None:
 
 
 def sync_live_superlink(workdir: Path, *, add: dict[str, Path] | None = None, drop: tuple[str, ...] = ()) -> bool:
-    """Tell this workdir's running SuperLink about new (site → public key) and removed sites; False when none runs."""
+    """Tell this workdir's running SuperLink about new (site → public key) and removed sites; False when none runs.
+
+    Parameters
+    ----------
+    workdir
+        The coordinator's workdir, whose ``superlink.json`` names the running SuperLink.
+    add
+        Site name → its public key file, to register; ``None``: none.
+    drop
+        Sites whose node is unregistered (their key refused from then on); done before ``add``, so a
+        re-keyed site is in both.
+
+    Returns
+    -------
+    bool
+        True when a running SuperLink was updated; False when none runs (nothing is done).
+
+    Raises
+    ------
+    FederationError
+        When the SuperLink refuses a registration or an unregistration.
+    """
     state = live_superlink(workdir)
     if state is None:
         return False
@@ -181,6 +252,26 @@ def register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, di
 
     Registrations the SuperLink's database kept from before a crash are reused; those of
     sites removed or re-keyed meanwhile are dropped.
+
+    Parameters
+    ----------
+    env
+        The CLI's environment (:func:`cli_env`).
+    workdir
+        The coordinator's workdir: keys are written to ``pki/registered/<site>.pub``, registrations kept in
+        ``state/nodes.json``.
+    enrolled
+        The enrolled sites (:meth:`server.enroll.Consortium.sites`): name → ``public_key``, ``fingerprint``...
+
+    Returns
+    -------
+    dict
+        Site name → its node id.
+
+    Raises
+    ------
+    FederationError
+        When a key cannot be registered (an old registration that cannot be dropped costs a warning).
     """
     keys = workdir / "pki" / "registered"
     keys.mkdir(parents=True, exist_ok=True)
@@ -230,7 +321,36 @@ def submit_and_follow(
     procs: ProcessSet, superlink: ManagedProcess, *, source: Path, config_args: list[str], env: dict[str, str],
     min_sites: int,
 ) -> tuple[str, str, str]:
-    """Submit the run with ``flwr run``, stream its log and wait until it finishes; (status, details, run id)."""
+    """Submit the run with ``flwr run``, stream its log and wait until it finishes; (status, details, run id).
+
+    The status is polled every 5 s, with no time limit.
+
+    Parameters
+    ----------
+    procs
+        The process set that owns the ``flwr log --stream`` process.
+    superlink
+        The running SuperLink, checked at every poll.
+    source
+        The Flower App folder to submit.
+    config_args
+        Each one ``--run-config`` argument of ``flwr run``.
+    env
+        The CLI's environment (:func:`cli_env`).
+    min_sites
+        Sites the run waits for, for the log.
+
+    Returns
+    -------
+    tuple of str
+        Flower's final status (``finished:completed``, ``finished:failed``...), its status details, and
+        the Flower run id.
+
+    Raises
+    ------
+    FederationError
+        When submitting or polling the run fails, or the SuperLink stops before the run finishes.
+    """
     run_args = ["run", str(source), CONNECTION]
     for c in config_args:
         run_args += ["--run-config", c]

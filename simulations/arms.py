@@ -130,7 +130,27 @@ def _scored(arm: str, label: str, stats: dict[str, dict[str, list[int]]], run: R
 
 
 def baseline(arm: str, sc: Scenario, run: RunConfig, workdir: Path) -> ArmResult:
-    """The ``pooled`` or ``local`` arm: trained centrally (no DP, no federation), scored on every site."""
+    """The ``pooled`` or ``local`` arm: trained centrally (no DP, no federation), scored on every site.
+
+    Parameters
+    ----------
+    arm
+        ``pooled`` (one model on every site's training split) or ``local`` (one model per site, on its
+        own split, scored on that site only).
+    sc
+        The scenario; its sites' data is generated (or partitioned) once under ``workdir``.
+    run
+        The checked run config; the model trains ``num-server-rounds × local-epochs`` epochs, as much as a
+        federated arm.
+    workdir
+        fl-sim's work folder (data, caches, the baselines' ledgers).
+
+    Returns
+    -------
+    ArmResult
+        Pooled metrics (from the summed statistics of every site's validation split), per-site metrics
+        and the seconds taken.
+    """
     from client.app.site import open_data
 
     t0 = time.monotonic()
@@ -167,7 +187,36 @@ def _one_run(arm: str, sc: Scenario, *, workdir: Path, runs_dir: Path, progress:
 
 def federated(arm: str, sc: Scenario, *, epsilon: float | None, repeats: int, workdir: Path, runs_dir: Path,
               progress: bool, verbose: bool, echo: Callable[[str], None]) -> ArmResult:
-    """A federated arm: one fl-sim run, or ``repeats`` independent noise draws of a DP arm."""
+    """A federated arm: one fl-sim run, or ``repeats`` independent noise draws of a DP arm.
+
+    Parameters
+    ----------
+    arm
+        ``fedavg`` (no DP), or ``fedavg-dp`` or ``public-pretrain`` (with DP: :data:`DP_ARMS`).
+    sc
+        The scenario; for ``public-pretrain`` its ``run.init-weights`` already names the pretrained weights.
+    epsilon
+        Every site's ε for a DP arm; None keeps the scenario's own budgets.
+    repeats
+        Independent noise draws of a DP arm; an arm without DP runs once (it is deterministic).
+    workdir, runs_dir
+        fl-sim's work folder, and where each run leaves its ``<run-id>/``.
+    progress, verbose
+        Show the live progress display; show Flower's whole console log (else warnings only).
+    echo
+        Called with each line of progress text.
+
+    Returns
+    -------
+    ArmResult
+        The draw with the median final pooled AUROC, with every draw (DP arms) or the pooled AUROC per
+        round (FedAvg), the seconds of all draws and the ε (DP arms).
+
+    Raises
+    ------
+    FederationError
+        When a run does not complete.
+    """
     dp = arm in DP_ARMS
     runs = repeats if dp else 1  # without DP the run is deterministic: one run is the whole distribution
     scenario = with_privacy(sc, dp=dp, epsilon=epsilon)
@@ -211,7 +260,25 @@ def public_scenario(sc: Scenario) -> Scenario:
 
 
 def public_pretrain(sc: Scenario, run: RunConfig, workdir: Path, echo: Callable[[str], None]) -> tuple[Path, ArmResult]:
-    """Pretrain without DP on the public dataset; the weights file and how that model alone scores on the sites."""
+    """Pretrain without DP on the public dataset; the weights file and how that model alone scores on the sites.
+
+    Parameters
+    ----------
+    sc
+        The scenario; the public dataset is derived from it (:func:`public_scenario`).
+    run
+        The checked run config; the model trains ``num-server-rounds × local-epochs`` epochs, without DP.
+    workdir
+        fl-sim's work folder; the weights go to its ``pretrained/`` folder.
+    echo
+        Called with each line of progress text.
+
+    Returns
+    -------
+    tuple[Path, ArmResult]
+        The safetensors weights file (the DP arm's initial weights), and the public model's own scores on
+        the scenario's sites (arm ``public``, no fine-tuning).
+    """
     from safetensors.torch import save
 
     from client.app.site import open_data

@@ -54,6 +54,37 @@ def compare(sc: Scenario, *, arms: Sequence[str] = ARMS, epsilons: Sequence[floa
     """Run the chosen arms (in the order of :data:`ARMS`) and write the comparison table.
 
     Each DP arm is trained ``repeats`` times with independent noise; the others once.
+
+    Parameters
+    ----------
+    sc
+        The scenario every arm runs on.
+    arms
+        Which of :data:`ARMS` to run, in any order.
+    epsilons
+        Every site's ε for the DP arms, one result per value and DP arm; None keeps the scenario's budgets.
+    repeats
+        Independent noise draws of each DP arm (at least 1).
+    workdir
+        fl-sim's work folder (data, caches, pretrained weights).
+    runs_dir
+        Where each federated run leaves ``<run-id>/`` and the comparison its ``compare-<time>-<pid>/``.
+    progress, verbose
+        Show the live progress display; show Flower's whole console log (else warnings only).
+    echo
+        Called with each line of progress text.
+
+    Returns
+    -------
+    Comparison
+        The comparison folder, every arm's result (the public model alone included) and the markdown table.
+
+    Raises
+    ------
+    ConfigError
+        When ``repeats`` is below 1, or the scenario's run config or the pretrained weights do not check.
+    FederationError
+        When a federated run does not complete.
     """
     if repeats < 1:
         raise ConfigError(f"Expected --repeats to be at least 1, but got {repeats}")

@@ -137,6 +137,7 @@ class _Follow:
 
 
 def main() -> None:
+    """Run ``make demo``'s command line on ``sys.argv[1:]``."""
     run_typer(cli, sys.argv[1:], prog_name="make demo")
 
 

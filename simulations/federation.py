@@ -87,16 +87,20 @@ class Federation:
 
     @property
     def server_dir(self) -> Path:
+        """The coordinator's work folder, ``<root>/server``."""
         return self.root / "server"
 
     @property
     def logs(self) -> Path:
+        """The folder of every process's log, ``<root>/logs``."""
         return self.root / "logs"
 
     def site_dir(self, site: str) -> Path:
+        """The site's work folder, ``<root>/site-<site>``."""
         return self.root / f"site-{site}"
 
     def kit(self, site: str) -> Path:
+        """The site's enrollment kit folder, ``<server_dir>/kits/<site>`` (written by :meth:`enroll`)."""
         return self.server_dir / "kits" / site
 
     def __enter__(self) -> Self:
@@ -177,7 +181,28 @@ class Federation:
 
     def wait(self, *, timeout: float, until: Callable[[], bool] | None = None, what: str = "the end of the run",
              on_poll: Callable[[], object] | None = None, interval: float = 0.5) -> None:
-        """Until ``until()`` holds or, without ``until``, fl-server exits; a site that dies fails the wait."""
+        """Until ``until()`` holds or, without ``until``, fl-server exits; a site that dies fails the wait.
+
+        Parameters
+        ----------
+        timeout
+            Seconds to wait at most.
+        until
+            Condition polled every ``interval``; None waits for fl-server to exit, whatever its code
+            (:meth:`check_exit` checks it).
+        what
+            What is awaited, for the error messages.
+        on_poll
+            Called at every poll before the checks (e.g. to show new log lines).
+        interval
+            Seconds between polls.
+
+        Raises
+        ------
+        FederationError
+            When fl-server exits before ``until()`` holds, a site's fl-client exits, or ``timeout``
+            passes; the message ends with the log's last lines.
+        """
         server = self.server
         assert server is not None, "start the server first"
 
@@ -252,6 +277,25 @@ class Federation:
 
         Waits until the coordinator has committed ``server_round`` and a site has trained and booked
         the next round, which the coordinator then loses, and runs :meth:`crash_server`.
+
+        Parameters
+        ----------
+        server_round
+            The last round the coordinator commits before the crash.
+        timeout
+            Seconds to wait at most for that moment.
+        on_poll
+            Called at every poll (see :meth:`wait`).
+
+        Returns
+        -------
+        list[int]
+            The PIDs killed (the coordinator's process tree).
+
+        Raises
+        ------
+        FederationError
+            When a process exits or ``timeout`` passes before that moment (:meth:`wait`).
         """
         lost = server_round + 1
         self.wait(timeout=timeout, on_poll=on_poll, what=f"round {server_round} to be committed and a site to book "
@@ -263,11 +307,22 @@ class Federation:
                          on_poll: Callable[[], object] | None = None) -> dict[str, Any]:
         """:meth:`crash_after` round ``server_round``, then ``fl-server --resume`` of the run on the same port.
 
+        Parameters
+        ----------
+        server_round, timeout, on_poll
+            As for :meth:`crash_after`.
+
         Returns
         -------
         dict
             ``killed`` (the PIDs), ``completed_round`` and ``booked`` (site -> rounds its ledger books) at the
             crash, ``crashed_at`` (``time.monotonic()``) and ``down_s`` (until the new coordinator listened).
+
+        Raises
+        ------
+        FederationError
+            When the crash moment is not reached (:meth:`wait`), or the resumed fl-server exits before it
+            listens.
         """
         killed = self.crash_after(server_round, timeout=timeout, on_poll=on_poll)
         crashed_at, folder = time.monotonic(), self.run_folder()

@@ -68,6 +68,30 @@ def run_overrides(sc: Scenario, *, workdir: Path, runs_dir: Path, table: Path) -
 
     fl-sim sets where the run's files go, its site table and transport, and (with SecAgg+)
     the encoding sized from the initial weights (:func:`common.config.sized_secagg`).
+
+    Parameters
+    ----------
+    sc
+        The scenario: its ``[run]`` table and its number of sites.
+    workdir
+        fl-sim's work folder, the run's ``workdir``.
+    runs_dir
+        Where the ServerApp writes ``<run-id>/`` (the run's ``runs-dir``).
+    table
+        The JSON site table (one node config per virtual site) the run reads (its ``sim-sites``).
+
+    Returns
+    -------
+    dict[str, Any]
+        Flower run-config overrides: the scenario's ``[run]`` values; ``min-sites`` when ``[run]`` leaves it
+        out (the project's default, at least 2, at most the number of sites); the launch keys; the checked
+        ``init-weights`` and its SHA-256 when given; the SecAgg+ encoding when SecAgg+ is on.
+
+    Raises
+    ------
+    ConfigError
+        When ``[run]`` holds a key the project's run config does not know, a value does not check, or
+        the initial weights do not fit the run's model or SecAgg+ encoding.
     """
     defaults = project_run_defaults()
     unknown = sorted(set(sc.run) - set(defaults))
@@ -228,7 +252,37 @@ def _flower_logs(log_file: Path, verbose: bool) -> Iterator[None]:
 
 def simulate(sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool = True, verbose: bool = False,
              echo: Any = None) -> SimResult:
-    """Run one scenario end to end; returns the run's report (``runs_dir/<run-id>/report.json``)."""
+    """Run one scenario end to end; returns the run's report (``runs_dir/<run-id>/report.json``).
+
+    Parameters
+    ----------
+    sc
+        The scenario to run.
+    workdir
+        fl-sim's work folder: data, caches, site tables, ledgers and the run's log (``logs/<run-id>.log``).
+    runs_dir
+        Where the ServerApp leaves ``<run-id>/`` (report, checkpoints, plots).
+    progress
+        Show a live display of rounds and site messages.
+    verbose
+        Show Flower's whole console output (else warnings only; the log file gets everything).
+    echo
+        Called with each line of progress text (sites ready, the run's settings); None for silence.
+
+    Returns
+    -------
+    SimResult
+        The run's id, folder and ``report.json``, the seconds the run took (data preparation aside), and
+        the ClientApp messages and compute seconds the runtime counted.
+
+    Raises
+    ------
+    ConfigError
+        When the scenario does not check, or has fewer sites than ``min-sites``.
+    FederationError
+        When the simulation stops with an error or leaves no report; an exception behind the runtime's
+        error (other than a RuntimeError) is raised as itself.
+    """
     say = echo or (lambda _text: None)
     workdir, runs_dir = workdir.resolve(), runs_dir.resolve()
     run_id = new_run_id()
@@ -278,6 +332,21 @@ def simulate(sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool = Tr
 
 
 def with_privacy(sc: Scenario, *, dp: bool, epsilon: float | None = None) -> Scenario:
-    """The same scenario with DP switched on/off (and one ε for every site)."""
+    """The same scenario with DP switched on/off (and one ε for every site).
+
+    Parameters
+    ----------
+    sc
+        The scenario; it is not changed.
+    dp
+        Train with DP-SGD, or without (the non-private baseline).
+    epsilon
+        Every site's ``max-epsilon``; None keeps the scenario's per-site budgets.
+
+    Returns
+    -------
+    Scenario
+        A copy of ``sc`` with its ``[privacy]`` changed.
+    """
     privacy = replace(sc.privacy, dp=dp, epsilon=(epsilon,) if epsilon is not None else sc.privacy.epsilon)
     return replace(sc, privacy=privacy)

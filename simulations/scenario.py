@@ -47,6 +47,7 @@ class SitesSpec:
     seed: int = 0
 
     def site_names(self) -> list[str]:
+        """The sites' names: ``names`` when given, else ``site-001``, ``site-002``, ... (``count`` of them)."""
         if self.names:
             return list(self.names)
         if self.source == "folder":
@@ -55,6 +56,7 @@ class SitesSpec:
         return [f"site-{i + 1:0{width}d}" for i in range(self.count)]
 
     def images_per_site(self) -> list[int]:
+        """Images of each site: the single value of ``images`` for every site, else one value per site."""
         return list(self.images) * self.count if len(self.images) == 1 else list(self.images)
 
     def data_key(self) -> str:
@@ -91,6 +93,7 @@ class Scenario:
     simulation: SimulationSpec = SimulationSpec()
 
     def epsilons(self) -> list[float]:
+        """Each site's ``max-epsilon``: the single value of ``privacy.epsilon`` for every site, else one per site."""
         n = self.sites.count
         return list(self.privacy.epsilon) * n if len(self.privacy.epsilon) == 1 else list(self.privacy.epsilon)
 

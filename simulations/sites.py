@@ -50,6 +50,25 @@ def prepare_data(spec: SitesSpec, workdir: Path, *, classes: tuple[str, ...] = (
 
     The folder appears complete or not at all: it is built under a temporary
     name and renamed when done.
+
+    Parameters
+    ----------
+    spec
+        The scenario's ``[sites]``: synthetic hospitals (``source = "synth"``) or a labelled folder to split.
+    workdir
+        fl-sim's work folder; the data goes to ``data/<spec.data_key()>/`` under it.
+    classes
+        The run's class names, which the split folder's ``labels.csv`` must use (synthetic data ignores them).
+
+    Returns
+    -------
+    dict[str, Path]
+        Site name → its data folder.
+
+    Raises
+    ------
+    ConfigError, DataError
+        When the folder cannot be split as asked (:func:`simulations.partition.partition_folder`).
     """
     root = workdir / "data" / spec.data_key()
     if not (root / DATA_MARKER).is_file():
@@ -75,7 +94,22 @@ def prepare_data(spec: SitesSpec, workdir: Path, *, classes: tuple[str, ...] = (
 
 
 def warm_caches(data_dirs: dict[str, Path], sites_dir: Path, run: RunConfig) -> None:
-    """Build every site's preprocessing cache now (what each site would do on its first message)."""
+    """Build every site's preprocessing cache now (what each site would do on its first message).
+
+    Parameters
+    ----------
+    data_dirs
+        Site name → data folder (:func:`prepare_data`); sites are cached one after the other, in-process.
+    sites_dir
+        Parent of the sites' work folders; each site's cache goes under ``sites_dir/<name>``.
+    run
+        The run config: preprocessing, classes, split and seed, as the sites will open their data.
+
+    Raises
+    ------
+    DataError
+        When a site's data is unusable (:func:`client.data.dataset.load_site_data`).
+    """
     from client.data.dataset import load_site_data
 
     for name, data_dir in data_dirs.items():
@@ -86,7 +120,25 @@ def warm_caches(data_dirs: dict[str, Path], sites_dir: Path, run: RunConfig) -> 
 
 
 def site_rows(sc: Scenario, data_dirs: dict[str, Path], *, sites_dir: Path, ledgers_dir: Path) -> list[dict[str, Any]]:
-    """One node config per virtual site (what ``fl-client`` would pass a real SuperNode)."""
+    """One node config per virtual site (what ``fl-client`` would pass a real SuperNode).
+
+    Parameters
+    ----------
+    sc
+        The scenario: its ``[privacy]`` (ε, δ, unit, DP, secure mode) and threads per site.
+    data_dirs
+        Site name → data folder (:func:`prepare_data`). When there are not ``sites.count`` of them, every
+        site gets the scenario's first ε.
+    sites_dir
+        Parent of the sites' work folders (``sites_dir/<name>``).
+    ledgers_dir
+        Parent of the sites' privacy ledgers (``ledgers_dir/<name>``).
+
+    Returns
+    -------
+    list[dict[str, Any]]
+        One node config per site, in ``data_dirs`` order.
+    """
     epsilons = sc.epsilons() if len(data_dirs) == sc.sites.count else [sc.privacy.epsilon[0]] * len(data_dirs)
     return [
         {

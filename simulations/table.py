@@ -109,6 +109,7 @@ def _plot(folder: Path, arms: list[ArmResult]) -> None:
 
 
 def arm_json(a: ArmResult, ref: ArmResult | None) -> dict[str, Any]:
+    """Arm ``a`` as a ``compare.json`` entry: metrics, spread, ratios to ``ref`` (the pooled arm) and draws."""
     r = ratios(a, ref)
     return {
         "arm": a.arm, "label": a.label, "epsilon": a.epsilon, "pooled": a.pooled, "sites": a.sites,
@@ -127,6 +128,19 @@ def arm_json(a: ArmResult, ref: ArmResult | None) -> dict[str, Any]:
 
 def write_comparison(folder: Path, sc: Scenario, run: RunConfig, repeats: int, arms: list[ArmResult]) -> str:
     """Write ``compare.json``, ``compare.md`` and ``compare.png`` into ``folder``.
+
+    Parameters
+    ----------
+    folder
+        The comparison folder (it exists).
+    sc
+        The scenario compared; its name, description and settings head the files.
+    run
+        The checked run config every arm used (epochs, model, recipe and operating point in the setup line).
+    repeats
+        Noise draws per DP arm.
+    arms
+        Every arm's result, in table order; the ``pooled`` arm, when present, is the reference of the ratios.
 
     Returns
     -------

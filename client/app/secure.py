@@ -62,6 +62,16 @@ def read_fitins(content: RecordDict, keys: list[str]) -> tuple[StateDict, dict[s
 def check_bounds(arrays: list[np.ndarray], *, num_examples: int, secagg: SecAggConfig) -> None:
     """Refuse an update the SecAgg+ encoding would clip or overflow.
 
+    Parameters
+    ----------
+    arrays
+        The trained weights the reply will carry, one array per state-dict entry.
+    num_examples
+        Training images behind the update (the reply's ``num-examples``); SecAgg+ scales the weights by
+        ``num_examples / max-weight``.
+    secagg
+        The run's SecAgg+ encoding (``secagg-max-weight``, ``secagg-clipping-range``).
+
     Raises
     ------
     UpdateOutOfRange
@@ -93,6 +103,20 @@ def secure_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     Also measures the CPU time the protocol costs this site (everything the mod
     does except the training it calls) and appends it, per stage, to
     ``<work-dir>/logs/secagg.jsonl`` on the site (numbers only).
+
+    Parameters
+    ----------
+    msg
+        The incoming message; only a train message carrying a SecAgg+ stage goes through the protocol.
+    ctxt
+        The ClientApp's context; the timing log goes under its node config's ``work-dir`` (none without one).
+    call_next
+        The next mod, or the handler: ``(Message, Context) -> Message``.
+
+    Returns
+    -------
+    Message
+        The reply of the protocol's stage (the masked update for the stage that trains), or ``call_next``'s.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)

@@ -43,6 +43,22 @@ def plan_privacy(*, site: SiteConfig, run: RunConfig, num_units: int, earlier: l
     calibrated so that everything already spent on this dataset (``earlier``)
     plus the run's announced rounds ends at or below the site's ``max-epsilon``.
 
+    Parameters
+    ----------
+    site
+        The site's config: ``noise-multiplier`` (0 = calibrate), ``max-epsilon`` and ``delta``.
+    run
+        The coordinator's run config: ``batch-size``, ``local-epochs`` and ``num-server-rounds``.
+    num_units
+        Privacy units (patients, or images with ``privacy-unit = image``) in the training split.
+    earlier
+        The DP events already booked on this dataset (every run, every round); None when nothing is spent.
+
+    Returns
+    -------
+    Plan
+        σ, the Poisson sample rate q, the DP-SGD steps per round and the planned rounds.
+
     Raises
     ------
     PrivacyBudgetExceeded
@@ -161,15 +177,38 @@ def train_round(
     the same weights (the coordinator resumed after losing it), is answered with the
     stored update: no new training, no new ledger row (:mod:`client.app.replay`).
 
-    Returns the new weights, the numbers for the coordinator (training loss and the
-    DP facts of this round) and the site's non-numeric facts (privacy unit, ledger key
-    and the hash of the ledger row this round added).
+    Parameters
+    ----------
+    site
+        The site's config: data and work folders, ledger, budget, ``dp`` switch, device.
+    run
+        The coordinator's run config: model, classes, preprocessing and training recipe.
+    run_id
+        The run's id as the ledger books it (a resumed run keeps the id of the run it continues).
+    server_round
+        The coordinator's round number.
+    weights
+        The global weights to start from.
+
+    Returns
+    -------
+    tuple
+        The new weights (on CPU); the numbers for the coordinator (``num-examples`` and this round's
+        DP facts: cumulative and in-run ε, δ, ``max-epsilon``, σ, q, steps, clipping norm; no training
+        loss, which is outside the DP guarantee); and the site's non-numeric facts (privacy unit, ledger
+        key, and the number and hash of the ledger row this round added). With ``dp = false`` (fl-sim's
+        baseline): ``num-examples`` and the privacy unit only, and no ledger row.
 
     Raises
     ------
     PrivacyBudgetExceeded
         When this round would take the site's cumulative ε on this dataset (every
         run, every round) above its ``max-epsilon``; nothing is trained or recorded.
+    DataError
+        When the site's privacy ledger fails verification, or its data is unusable
+        (:func:`client.data.dataset.load_site_data`).
+    ConfigError
+        When the site asks for ``device = cuda`` and has no GPU.
     """
     import opacus
 
@@ -281,7 +320,30 @@ def _train_without_dp(
 
 
 def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> dict[str, float | int | list[int]]:
-    """Evaluate the global weights on the site's validation split; summable statistics only."""
+    """Evaluate the global weights on the site's validation split; summable statistics only.
+
+    Parameters
+    ----------
+    site
+        The site's config: data and work folders, device, threads.
+    run
+        The coordinator's run config: model, classes, preprocessing and split.
+    weights
+        The global weights to evaluate.
+
+    Returns
+    -------
+    dict[str, float | int | list[int]]
+        ``num-examples`` (validation images), the mean validation loss and the sufficient statistics of
+        :func:`common.metrics.sufficient_statistics`; never a per-image value.
+
+    Raises
+    ------
+    DataError
+        When the site's data is unusable (:func:`client.data.dataset.load_site_data`).
+    ConfigError
+        When the site asks for ``device = cuda`` and has no GPU.
+    """
     from client.app.evaluation import evaluate
 
     data = open_data(site, run)

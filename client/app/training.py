@@ -87,6 +87,27 @@ def make_optimizer(model: nn.Module, name: str, *, learning_rate: float, momentu
     each coordinate by its own running scale, which turns pure-noise coordinates into
     full-size steps (a fresh Adam's first step is ``lr · sign(g)`` on every weight); on
     the demo's data that left one draw in four to ten near chance (docs/simulation.md).
+
+    Parameters
+    ----------
+    model
+        The model whose parameters it steps.
+    name
+        ``sgd`` or ``adam`` (the run config's ``optimizer``).
+    learning_rate
+        Step size.
+    momentum
+        Heavy-ball momentum of ``sgd``; ``adam`` ignores it.
+
+    Returns
+    -------
+    torch.optim.Optimizer
+        A fresh optimiser, with no state from an earlier round.
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is neither ``sgd`` nor ``adam``.
     """
     import torch
 
@@ -312,7 +333,42 @@ def train_plain(
     No per-patient clipping, no noise, no accounting: a model trained this way
     carries no privacy guarantee. With ``max_grad_norm`` the batch gradient's norm
     is capped at it (ordinary gradient clipping), so the step sizes tuned for DP,
-    whose updates are bounded by the clipping norm, do not blow up without it. Sites in a real federation (fl-client) never train this way.
+    whose updates are bounded by the clipping norm, do not blow up without it.
+    Sites in a real federation (fl-client) never train this way.
+
+    Parameters
+    ----------
+    model
+        The model to train (weights already loaded); moved to ``device``.
+    images, labels
+        The training split, ``(n, 1, S, S)`` float32 and ``(n,)`` int.
+    epochs
+        Passes over the patients; each has ``ceil(P / batch_size)`` steps.
+    batch_size
+        Patients per step.
+    learning_rate
+        Optimiser step size.
+    device
+        Where to train.
+    seed
+        Seeds the patient shuffle, the choice of slices, augmentation and torch's global generator.
+    groups
+        Patient index (0…P-1) per image; ``None`` makes every image its own group.
+    slices_per_patient
+        At most this many of a patient's images are drawn per step (bounds memory).
+    augment
+        Training-time augmentation; None for none.
+    num_classes
+        2: one logit and BCE; K > 2: K logits and cross-entropy.
+    optimizer, momentum
+        The local optimiser (:func:`make_optimizer`), fresh every call: ``sgd`` with this momentum, or ``adam``.
+    max_grad_norm
+        Cap on the norm of each step's whole batch gradient (not per patient); None for no cap.
+
+    Returns
+    -------
+    PlainOutcome
+        The mean training loss per image seen, the number of training images and the optimiser steps taken.
     """
     import torch
 

@@ -101,6 +101,7 @@ def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | N
 
 
 def cache_dir(work_dir: Path, config: PreprocessConfig) -> Path:
+    """The cache folder of ``config``: ``<work_dir>/cache/<first 12 hex digits of SHA-256(config.key())>``."""
     return work_dir / "cache" / hashlib.sha256(config.key().encode()).hexdigest()[:12]
 
 
@@ -295,7 +296,23 @@ class CacheUpdate:
 def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, workers: int = 0) -> CacheUpdate:
     """Bring the cache for ``config`` up to date with ``data_dir``, decoding only what changed.
 
-    ``workers`` = decoding processes (0 = one per CPU core).
+    Parameters
+    ----------
+    data_dir : Path
+        The site's data folder, scanned recursively (``labels.csv`` and ``work_dir`` left out).
+    work_dir : Path
+        The site's work folder; the cache is :func:`cache_dir` under it.
+    config : PreprocessConfig
+        The preprocessing; each config has its own cache folder.
+    workers : int
+        Decoding processes (0 = one per CPU core); with one, or fewer than :data:`POOL_MIN_FILES` files
+        to decode, decoding stays in this process.
+
+    Returns
+    -------
+    CacheUpdate
+        The cache folder, its index and its memory-mapped ``images.npy`` (opened under the lock, so they
+        match), with the number of files decoded now and of files whose cached rows were reused.
     """
     data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
     folder = cache_dir(work_dir, config)

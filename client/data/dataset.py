@@ -64,6 +64,20 @@ def patient_split(patients: tuple[str, ...] | list[str], *, val_fraction: float,
     Patients are ordered by a seeded hash of their (already hashed) id and the
     first ``round(n * val_fraction)`` go to validation (at least one, when
     there are at least two patients).
+
+    Parameters
+    ----------
+    patients : tuple[str, ...] or list[str]
+        The hashed patient id of each image.
+    val_fraction : float
+        Share of *patients* (not images) that go to validation.
+    seed : int
+        Seeds the patient order: same patients and seed, same split.
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
+        The image indices (into ``patients``) of the training split, then of the validation split.
     """
     unique = sorted(set(patients))
     order = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}|{p}".encode()).hexdigest())
@@ -94,8 +108,36 @@ def load_site_data(
 ) -> SiteData:
     """Open the site's data from its cache, updating the cache first if files changed.
 
+    Parameters
+    ----------
+    data_dir : Path
+        The site's data folder: DICOM files anywhere under it and ``labels.csv``.
+    work_dir : Path
+        The site's work folder, which holds the cache; must not be ``data_dir``.
+    config : PreprocessConfig
+        The run's preprocessing; it picks the cache folder.
+    classes : tuple[str, ...]
+        The run's class names; a file whose label is not one of them is rejected.
+    val_fraction : float
+        Share of patients in the validation split (:func:`patient_split`).
+    seed : int
+        The run's seed, which seeds the split.
+    workers : int
+        Processes decoding DICOM (0 = one per CPU core).
+    require_usable : bool
+        Raise when nothing is left to train on; ``False`` (``fl-client --check``) returns the data with
+        ``usable`` false and the reason in its report.
+
+    Returns
+    -------
+    SiteData
+        The accepted, labelled images (memory-mapped from the cache), their labels and hashed patients,
+        the split, the dataset's fingerprint and its report (built on first use).
+
     Raises
     ------
+    ConfigError
+        When ``work_dir`` is ``data_dir``, or is a file.
     DataError
         When the data folder or ``labels.csv`` is unusable, or (with
         ``require_usable``) no labelled image is left to train on; the

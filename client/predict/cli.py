@@ -209,5 +209,6 @@ def predict(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the ``fl-predict`` command line on ``argv`` (default: ``sys.argv[1:]``)."""
     run_typer(cli, argv if argv is not None else sys.argv[1:], prog_name="fl-predict")
 

@@ -145,6 +145,20 @@ def coordinator_threshold(
     folder's ``report.json`` (the round's pooled ``threshold``; only when the report is of the
     checkpoint's run). ``None`` when neither has one (multi-class, no evaluation that round,
     a checkpoint from an older version).
+
+    Parameters
+    ----------
+    metadata : dict[str, str]
+        The checkpoint's safetensors metadata.
+    run_dir : Path or None
+        The checkpoint's run folder (:func:`find_checkpoint`); None when it has none.
+    server_round : int or None
+        The round the checkpoint holds; None when unknown (the report is then not consulted).
+
+    Returns
+    -------
+    tuple[float, str] or None
+        The threshold, in (0, 1), and its rule in words (e.g. Youden's J); None as above.
     """
     if THRESHOLD_KEY in metadata:
         value = _threshold(metadata[THRESHOLD_KEY])

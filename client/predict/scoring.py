@@ -27,6 +27,24 @@ def predict_probs(
     """Class probabilities ``(n, num_classes)`` of ``model`` in eval mode, as evaluation computes them.
 
     Binary models have one logit: ``P(class 1) = sigmoid(logit)``; otherwise softmax over the logits.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained model (:func:`client.predict.model.load_model`); moved to ``device``.
+    images : np.ndarray
+        Preprocessed images ``(n, 1, S, S)``, e.g. the memory-mapped cache; read batch by batch, never written.
+    device : torch.device
+        Where the forward passes run.
+    num_classes : int
+        The run's number of classes (2: the model has one logit).
+    batch_size : int
+        Images per forward pass; bounds memory, not the result.
+
+    Returns
+    -------
+    np.ndarray
+        ``(n, num_classes)`` float32; column ``k`` is P(class ``k``).
     """
     import torch
 
@@ -63,9 +81,11 @@ class Predictions:
 
     @property
     def images(self) -> int:
+        """Number of scored images (frames) over every accepted file."""
         return sum(len(f.probs) for f in self.files if f.probs is not None)
 
     def rejections(self) -> Counter[str]:
+        """How many files were rejected for each reason."""
         return Counter(f.reason for f in self.files if f.status == REJECTED)
 
 
@@ -80,10 +100,33 @@ def score_folder(
 ) -> tuple[Predictions, dict[str, Any]]:
     """Ingest ``data_dir`` through the site cache (in ``work_dir``) and score every accepted image.
 
-    Returns the predictions and the cache index (for :func:`labelled_auroc`).
+    Parameters
+    ----------
+    trained : TrainedModel
+        The checkpoint and its run config (:func:`client.predict.model.resolve_model`); the run's
+        preprocessing picks the cache.
+    data_dir : Path
+        The folder of DICOM files to score, recursively (``labels.csv`` aside).
+    work_dir : Path
+        fl-predict's work folder for the cache: one per data folder, never fl-client's.
+    device : str
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    batch_size : int
+        Images per forward pass.
+    workers : int
+        Processes decoding DICOM (0 = one per CPU core).
+
+    Returns
+    -------
+    tuple[Predictions, dict[str, Any]]
+        One result per file under ``data_dir`` (probabilities per frame, or why it was rejected), and the
+        cache index (for :func:`labelled_auroc`).
 
     Raises
     ------
+    ConfigError
+        When ``work_dir`` is ``data_dir``, is a file or holds the cache of another data folder, when
+        ``device`` is ``cuda`` without a GPU, or when the checkpoint's weights cannot be loaded.
     DataError
         When the data folder is missing or holds no file, or the cache cannot be written.
     """
@@ -132,8 +175,22 @@ def score_folder(
 def labelled_auroc(data_dir: Path, predictions: Predictions, index: dict[str, Any]) -> tuple[float, int] | None:
     """AUROC of the scores against ``data_dir/labels.csv`` when it labels images of every class.
 
-    Returns ``(auroc, labelled images)``, or ``None`` (no labels.csv, or too few classes).
     Binary: ``BinaryAUROC`` of P(class 1); multi-class: macro one-vs-rest ``MulticlassAUROC``.
+
+    Parameters
+    ----------
+    data_dir : Path
+        The scored folder; its ``labels.csv``, if any, gives the true classes.
+    predictions : Predictions
+        :func:`score_folder`'s predictions for that folder.
+    index : dict[str, Any]
+        :func:`score_folder`'s cache index: each file's UIDs and path, which ``labels.csv`` is keyed by.
+
+    Returns
+    -------
+    tuple[float, int] or None
+        ``(auroc, labelled images)``; None when there is no ``labels.csv``, it cannot be read (logged),
+        or the labelled images miss a class.
     """
     from client.data.labels import KEY_COLUMNS, LABELS_FILE, read_labels
 

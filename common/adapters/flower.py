@@ -223,7 +223,23 @@ def read_fit_instructions(content: RecordDict) -> tuple[list[np.ndarray], dict[s
 
 
 def fit_reply(arrays: list[np.ndarray], *, num_examples: int, metrics: dict[str, Any]) -> RecordDict:
-    """A legacy fit reply (``fitres.*``), what ``secaggplus_mod`` masks."""
+    """A legacy fit reply (``fitres.*``), what ``secaggplus_mod`` masks.
+
+    Parameters
+    ----------
+    arrays
+        The site's new weights, one array per model tensor (zeros from a site that declines the round).
+    num_examples
+        Examples the site trained on: its update's weight in the aggregate (0 from a site that declines).
+    metrics
+        The reply's fit metrics (the site's name, its training numbers or why it declined); values must be
+        scalars Flower can carry (int, float, str, bytes, bool).
+
+    Returns
+    -------
+    RecordDict
+        The message content: an OK ``FitRes`` as Flower's ``fitres_to_recorddict`` encodes it.
+    """
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 

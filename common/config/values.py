@@ -14,7 +14,22 @@ SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
 def get(source: Mapping[str, Any], key: str, default: Any) -> Any:
-    """``source[key]``, or ``default`` when the key is missing."""
+    """``source[key]``, or ``default`` when the key is missing.
+
+    Parameters
+    ----------
+    source
+        The config to read: a Flower run config or a SuperNode's node config.
+    key
+        The key as the user writes it (``"secagg-shares"``).
+    default
+        What to return when ``source`` lacks ``key``; a key that is present is returned whatever its value.
+
+    Returns
+    -------
+    Any
+        The value, unchecked: the checks below validate it.
+    """
     return source.get(key, default)
 
 
@@ -58,7 +73,27 @@ def non_negative_float(key: str, value: Any) -> float:
 
 
 def fraction(key: str, value: Any, *, allow_zero: bool = False) -> float:
-    """Return ``value`` as a float in (0, 1] (or [0, 1]) or raise :class:`ConfigError`."""
+    """Return ``value`` as a float in (0, 1] (or [0, 1]) or raise :class:`ConfigError`.
+
+    Parameters
+    ----------
+    key
+        The config key, named in the error message.
+    value
+        A number, or a string that parses as one; a bool or NaN is refused.
+    allow_zero
+        Accept 0 too: the interval is [0, 1] instead of (0, 1].
+
+    Returns
+    -------
+    float
+        ``value`` as a float.
+
+    Raises
+    ------
+    ConfigError
+        When ``value`` is not a number in the interval.
+    """
     number = _number(value)
     low_ok = number >= 0 if allow_zero else number > 0
     if not (low_ok and number <= 1):
@@ -68,7 +103,27 @@ def fraction(key: str, value: Any, *, allow_zero: bool = False) -> float:
 
 
 def choice(key: str, value: Any, options: tuple[str, ...] | list[str]) -> str:
-    """Return ``value`` if it is one of ``options`` or raise :class:`ConfigError`."""
+    """Return ``value`` if it is one of ``options`` or raise :class:`ConfigError`.
+
+    Parameters
+    ----------
+    key
+        The config key, named in the error message.
+    value
+        The value to check.
+    options
+        The accepted values; the error message lists them in this order.
+
+    Returns
+    -------
+    str
+        ``value``, unchanged.
+
+    Raises
+    ------
+    ConfigError
+        When ``value`` is not one of ``options``.
+    """
     if value not in options:
         raise ConfigError(f"Expected `{key}` to be one of {', '.join(options)}, but got {value!r}")
     return str(value)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
+    """Where round ``server_round``'s checkpoint goes in ``run_dir`` (``checkpoints/round-NNNN.safetensors``)."""
     return RunFolder(run_dir).checkpoint(server_round)
 
 
@@ -50,7 +51,24 @@ def annotate_checkpoint(path: Path, metadata: Mapping[str, str]) -> Path:
 
 
 def save_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str]) -> Path:
-    """Write the global weights atomically (a crash never leaves a truncated checkpoint)."""
+    """Write the global weights atomically (a crash never leaves a truncated checkpoint).
+
+    Parameters
+    ----------
+    path
+        The checkpoint file (:func:`checkpoint_path`); its folder is created if missing, an existing
+        file is replaced.
+    state
+        The model's state dict; tensors are detached and copied to the CPU (contiguous) before writing.
+    metadata
+        The safetensors header metadata: :func:`checkpoint_metadata`, and for a binary run later also
+        :func:`threshold_metadata`.
+
+    Returns
+    -------
+    Path
+        ``path``, once written.
+    """
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}

@@ -81,6 +81,7 @@ class Verdict:
 
     @property
     def flagged(self) -> bool:
+        """Whether the status is a flag (``not-learning`` or ``below-chance``) that the report warns about."""
         return self.status in FLAGGED
 
     @property
@@ -100,6 +101,7 @@ class Verdict:
         return f"Round {r}: pooled AUROC {self.auroc:.2f} cannot be told from chance yet (0.5 ± {self.band:.2f})."
 
     def to_json(self) -> dict[str, Any]:
+        """The verdict as the report's ``learning`` entry of a round (``causes`` only inside ``message``)."""
         return {"status": self.status, "round": self.round, "rounds": list(self.rounds), "auroc": self.auroc,
                 "low": self.low, "high": self.high, "band": self.band, "message": self.message}
 
@@ -204,6 +206,24 @@ def likely_causes(verdict: Verdict, rounds: Mapping[int, Mapping[str, Any]], con
     trained round (``rounds[r]["train"]["sites"]``), the run config's ``batch-size``,
     ``learning-rate``, ``classes`` and ``window``, the pooled validation counts and the
     sites' own AUROCs.
+
+    Parameters
+    ----------
+    verdict
+        The verdict to explain (:func:`assess`); not flagged: no causes.
+    rounds
+        The report's round entries by round number (:attr:`server.app.report.RunReport.rounds`).
+    config
+        The run config (:attr:`server.app.report.RunReport.config`); missing keys show as ``?`` or
+        their defaults in the text.
+    z
+        Half-width of the chance band in null standard errors, for a site's own AUROC to count as
+        below chance.
+
+    Returns
+    -------
+    tuple of str
+        One sentence per cause, most likely first; empty when ``verdict`` is not flagged.
     """
     if not verdict.flagged:
         return ()
@@ -231,7 +251,25 @@ def check_round(rounds: Mapping[int, Mapping[str, Any]], config: Mapping[str, An
                 window: int = WINDOW, z: float = Z) -> Verdict | None:
     """The verdict on ``server_round`` from the report's rounds up to it, with likely causes when flagged.
 
-    ``None`` when no round up to it has a usable pooled AUROC (multi-class, or a class absent).
+    Parameters
+    ----------
+    rounds
+        The report's round entries by round number (:attr:`server.app.report.RunReport.rounds`); rounds
+        after ``server_round`` are ignored, so a resumed run reaches the same verdict.
+    config
+        The run config, for :func:`likely_causes`.
+    server_round
+        The round just evaluated.
+    window
+        How many of the latest evaluated rounds must all sit within (or below) the band to flag the run.
+    z
+        Half-width of the chance band in null standard errors (:func:`null_se`).
+
+    Returns
+    -------
+    Verdict or None
+        The verdict on ``server_round``; ``None`` when that round has no usable pooled AUROC
+        (multi-class, a class absent, or not evaluated).
     """
     found = assess(history(rounds, upto=server_round), window=window, z=z)
     if found is None or found.round != server_round:

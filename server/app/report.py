@@ -80,6 +80,7 @@ class RunReport:
         return report
 
     def round(self, server_round: int) -> dict[str, Any]:
+        """The entry of round ``server_round`` in :attr:`rounds`, created as ``{"round": server_round}`` if new."""
         return self.rounds.setdefault(server_round, {"round": server_round})
 
     def record_train(
@@ -94,8 +95,33 @@ class RunReport:
         rejected_metrics: dict[str, dict[str, Any]] | None = None,
         aggregation: str | None = None,
     ) -> None:
-        """Book a round: ``site_metrics`` of the aggregated sites; ``rejected_metrics`` the privacy facts
-        of sites whose update was trained but rejected (they spent ε all the same)."""
+        """Book a round's training (its ``train`` entry, replacing any earlier one), update the per-site totals, save.
+
+        Parameters
+        ----------
+        server_round
+            The round trained.
+        site_metrics
+            Site name → example count and privacy facts (ε, δ, σ, ledger row...) of each site whose
+            update went into the aggregate (:attr:`server.app.strategy.RoundBook.site_metrics`); empty when
+            no aggregate was made.
+        declined
+            Site name → the reason the site gave for declining the round (its privacy budget).
+        checkpoint
+            The round's checkpoint, a file inside :attr:`run_dir` (stored relative to it); ``None`` when the
+            round produced no global weights.
+        failed
+            Site name → why the site did not train (no answer by the deadline, connection lost, SecAgg+
+            dropout); ``None``: none failed.
+        rejected
+            Site name → why the coordinator's screening rejected its update; ``None``: none rejected.
+        rejected_metrics
+            The privacy facts of rejected sites that trained (they spent ε all the same, and the audit needs
+            them); ``None``: none.
+        aggregation
+            How the updates were combined (``fedavg``, ``trimmed-mean``, ``median``); ``None`` leaves it out
+            (a round with no aggregate, or the SecAgg+ path, whose sum is always a weighted mean).
+        """
         entry = self.round(server_round)
         entry["train"] = {"sites": site_metrics, "declined": declined, "failed": failed or {},
                           "rejected": rejected or {}, "rejected_sites": rejected_metrics or {}}
@@ -109,7 +135,25 @@ class RunReport:
 
     def record_attempt(self, server_round: int, *, reason: str, failed: dict[str, str], rejected: dict[str, str],
                        declined: dict[str, str], trained: list[str]) -> None:
-        """A try of a round that fell short of ``min-sites`` and was given up (retried or the run stopped)."""
+        """Book a try of a round that fell short of ``min-sites`` and was given up (retried or the run stopped).
+
+        Each try is appended to the round's ``attempts`` list, with the wall-clock time, and the report saved.
+
+        Parameters
+        ----------
+        server_round
+            The round tried.
+        reason
+            Why the try fell short, one line with the counts and each failed or rejected site.
+        failed
+            Site name → why the site did not answer.
+        rejected
+            Site name → why its update was rejected by the coordinator's screening.
+        declined
+            Site name → the reason the site gave for declining (its privacy budget).
+        trained
+            Names of the sites whose update passed screening (stored sorted).
+        """
         entry = self.round(server_round)
         entry.setdefault("attempts", []).append({
             "at": time.time(), "reason": reason, "trained": sorted(trained), "failed": failed,
@@ -130,6 +174,18 @@ class RunReport:
             site["rounds_declined"] = site.get("rounds_declined", 0) + 1
 
     def record_evaluate(self, server_round: int, *, pooled: dict[str, float], per_site: dict[str, dict[str, float]]) -> None:
+        """Book a round's federated evaluation (its ``evaluate`` entry, with the wall-clock time) and save.
+
+        Parameters
+        ----------
+        server_round
+            The round whose global weights were evaluated.
+        pooled
+            Metrics from the sum of every answering site's statistics (:func:`common.metrics.pooled_metrics`,
+            plus ``eval-loss``); binary runs include the chosen ``threshold``. NaN is written as null.
+        per_site
+            Site name → the same metrics from that site's statistics alone.
+        """
         entry = self.round(server_round)
         entry["evaluate"] = {"pooled": pooled, "sites": per_site}
         entry["evaluated_at"] = time.time()
@@ -159,6 +215,7 @@ class RunReport:
         self.save()
 
     def to_json(self) -> dict[str, Any]:
+        """The report as ``report.json`` holds it (strict JSON: NaN and ±inf become null)."""
         return json_safe(
             {
                 "run_id": self.run_id,
@@ -180,6 +237,7 @@ class RunReport:
         )
 
     def final_metrics(self) -> dict[str, Any]:
+        """The pooled metrics of the last evaluated round, with its ``round``; ``{}`` before the first evaluation."""
         last = max((r for r in self.rounds if "evaluate" in self.rounds[r]), default=None)
         return {} if last is None else {"round": last, **self.rounds[last]["evaluate"]["pooled"]}
 
@@ -189,6 +247,7 @@ class RunReport:
         return dict(self.rounds[judged[-1]]["learning"]) if judged else {}
 
     def save(self) -> None:
+        """Rewrite ``report.json`` and ``report.md`` in :attr:`run_dir`, each atomically."""
         data, folder = self.to_json(), RunFolder(self.run_dir)
         write_atomic(folder.report_json, json.dumps(data, indent=2))
         write_atomic(folder.report_md, render_markdown(data))

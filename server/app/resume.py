@@ -59,6 +59,7 @@ class CoordinatorState:
 
     @property
     def finished(self) -> bool:
+        """Whether all ``num_rounds`` rounds have completed, leaving nothing to resume."""
         return self.completed_round >= self.num_rounds
 
 

@@ -61,7 +61,31 @@ class RunStopped(FederationError):
 
 
 def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, server_round: int, poll: float = 1.0) -> list[int]:
-    """The connected nodes once at least ``min_sites`` are; RunStopped after ``timeout`` seconds."""
+    """The connected nodes once at least ``min_sites`` are; RunStopped after ``timeout`` seconds.
+
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid, asked for its connected node ids every ``poll`` seconds.
+    min_sites
+        How many nodes must be connected (run config ``min-sites``).
+    timeout
+        Seconds to wait for them (``join-timeout``).
+    server_round
+        The round about to start, for the log and the error message.
+    poll
+        Seconds between two looks at the grid.
+
+    Returns
+    -------
+    list of int
+        The ids of every connected node, sorted; at least ``min_sites`` of them.
+
+    Raises
+    ------
+    RunStopped
+        When fewer than ``min_sites`` nodes are connected after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     logged = -1
     while True:
@@ -141,6 +165,7 @@ class PlainRounds:
         self.on_round_done = on_round_done
 
     def run_rounds(self, first: int, weights: StateDict) -> StateDict:
+        """Rounds ``first..num-server-rounds`` from the global ``weights``; returns the final global weights."""
         for server_round in range(first, self.run.num_server_rounds + 1):
             log.info("[ROUND %d/%d]", server_round, self.run.num_server_rounds)
             weights, missed = self.train(server_round, weights)
@@ -166,6 +191,22 @@ class PlainRounds:
         raise AssertionError("unreachable")
 
     def train_once(self, server_round: int, weights: StateDict) -> tuple[StateDict, set[int]]:
+        """One try of round ``server_round``'s training from the global ``weights``: send, screen, aggregate, close.
+
+        Returns
+        -------
+        tuple
+            The new global weights (keys in the order of ``weights``), and the nodes that missed the
+            deadline or answered with an error (they are not asked to evaluate).
+
+        Raises
+        ------
+        RoundShort
+            When fewer than ``min-sites`` sites answered usefully (an update that passed screening, or a
+            decline), or no update passed; the try is booked in the report's ``attempts`` first.
+        BudgetsSpent
+            When every site that answered declined the round (and none failed or was rejected).
+        """
         from server.app.validation import aggregate, screen
 
         config = ConfigRecord({"local-epochs": self.run.local_epochs})
@@ -236,8 +277,22 @@ class PlainRounds:
     # -- evaluation --------------------------------------------------------------------------
 
     def evaluate(self, server_round: int, weights: StateDict, *, skip: set[int] = frozenset()) -> None:  # type: ignore[assignment]
-        """Pooled evaluation of the new weights; sites that missed this round's training deadline are
-        not asked (they are most likely still busy, and the round would wait for them twice)."""
+        """Pooled evaluation of the new weights, booked in the report by :meth:`FedradFedAvg.aggregate_evaluate`.
+
+        Sites that missed this round's training deadline are not asked (they are most likely still busy,
+        and the round would wait for them twice). A site that does not answer within ``round-timeout``, or
+        fails, costs a warning; the pooled metrics are of the sites that answered.
+
+        Parameters
+        ----------
+        server_round
+            The round whose training produced ``weights``.
+        weights
+            The new global weights, sent to the sites.
+        skip
+            Node ids not to ask (the second item :meth:`train` returns). When every node is skipped, nothing
+            is booked.
+        """
         messages = _expires(
             [m for m in self.strategy.configure_evaluate(server_round, ArrayRecord(weights), ConfigRecord(), self.grid)
              if m.metadata.dst_node_id not in skip],

@@ -81,6 +81,31 @@ class SecureFedAvg(LegacyFedAvg):
         results: list[tuple[Any, FitRes]],
         failures: list[tuple[Any, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Book the round from the unmasked results, checkpoint the sum and record the round in the report.
+
+        Parameters
+        ----------
+        server_round
+            The round being aggregated.
+        results
+            (client proxy, FitRes) per site that took part: each FitRes holds the same unmasked weighted
+            mean, and that site's own metrics (name, example count, privacy facts, or its decline).
+        failures
+            Not read: the sites that dropped out, and at which SecAgg+ stage, are in :attr:`dropped`.
+
+        Returns
+        -------
+        tuple
+            The new global weights as Flower ``Parameters``, and ``{"examples": N}``, the training
+            examples of the sites that trained.
+
+        Raises
+        ------
+        BudgetsSpent
+            When every site that answered declined the round.
+        FederationError
+            When no site trained for another reason, or the sum's arrays do not match the model's keys.
+        """
         book = RoundBook(server_round)
         for name, reason in self.dropped.items():
             book.fail(name, reason)

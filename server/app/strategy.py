@@ -90,7 +90,27 @@ def aggregate_train_metrics(contents: list[RecordDict], weighted_by_key: str) ->
 def aggregate_evaluate_metrics(
     contents: list[RecordDict], weighted_by_key: str, *, num_classes: int = 2, operating_point: str | float = YOUDEN
 ) -> MetricRecord:
-    """Pooled metrics from the sum of the sites' sufficient statistics (binary: with the chosen threshold)."""
+    """Pooled metrics from the sum of the sites' sufficient statistics (binary: with the chosen threshold).
+
+    Parameters
+    ----------
+    contents
+        The contents of the sites' evaluation replies; each ``metrics`` record holds the site's
+        sufficient statistics (:func:`common.metrics.sufficient_statistics`), ``num-examples`` and
+        ``eval-loss``.
+    weighted_by_key
+        Flower's weighting key; unused, since statistics are counts that simply add up.
+    num_classes
+        K; 2 for the binary task.
+    operating_point
+        Binary: how the decision threshold is chosen (``"youden"`` or a target sensitivity).
+
+    Returns
+    -------
+    MetricRecord
+        :func:`common.metrics.pooled_metrics` of the summed statistics, plus ``eval-loss``: the sites'
+        evaluation losses averaged with their example counts as weights.
+    """
     del weighted_by_key  # statistics are counts: they add up, no weighting needed
     metrics = [c[records.METRICS] for c in contents]
     pooled = pooled_metrics(metrics, num_classes=num_classes, operating_point=operating_point)
@@ -137,6 +157,7 @@ class RoundBook:
         self.rejected_metrics: dict[str, dict[str, Any]] = {}
 
     def fail(self, name: str, reason: str) -> None:
+        """Book site ``name`` as having not trained this round (``reason``: deadline, lost connection...) and log it."""
         self.failed[name] = reason
         log.warning("Round %d: %s did not train: %s", self.server_round, name, reason)
 
@@ -148,7 +169,23 @@ class RoundBook:
         log.warning("Round %d: update of site %s REJECTED: %s", self.server_round, name, reason)
 
     def reply(self, name: str, metrics: Mapping[str, Any], site: Mapping[str, Any]) -> bool:
-        """Book one answer; True when the site trained (its update counts)."""
+        """Book one answer; True when the site trained (its update counts).
+
+        Parameters
+        ----------
+        name
+            The site's name (:meth:`Names.of`).
+        metrics
+            The reply's metrics: ``num-examples`` (required unless the site declined) and the privacy
+            facts (:data:`PRIVACY_KEYS`) that are present.
+        site
+            The reply's site record: a ``declined`` reason, or the ledger facts (:data:`SITE_FACTS`).
+
+        Returns
+        -------
+        bool
+            True when the site trained (booked in :attr:`site_metrics`); False when it declined.
+        """
         if records.DECLINED in site:
             # The site's own budget decision: it sent no update, and the run goes on without it.
             self.declined[name] = str(site[records.DECLINED])
@@ -163,6 +200,15 @@ class RoundBook:
 
     def close(self, report: RunReport, state: Mapping[str, Any] | None, *, aggregation: str | None = None) -> None:
         """Checkpoint ``state`` (the new global weights) and record the round.
+
+        Parameters
+        ----------
+        report
+            The run's report: the round is recorded there, the checkpoint written into its ``run_dir``.
+        state
+            The new global weights; ``None`` when there is no aggregate (nobody trained).
+        aggregation
+            How the updates were combined, booked in the report; ``None`` leaves it out (SecAgg+).
 
         Raises
         ------
@@ -230,6 +276,10 @@ class FedradFedAvg(FedAvg):
         self.operating_point = operating_point
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Pool and book round ``server_round``'s evaluation replies (binary: threshold and learning check too).
+
+        Returns the pooled metrics; ``None`` when no reply was usable (nothing is booked then).
+        """
         replies = list(replies)
         per_site = {
             self.names.of(msg.metadata.src_node_id, msg.content): pooled_metrics(

@@ -137,6 +137,27 @@ def assign(
     files (:func:`_waterfill`), and its patients, in seeded order, are cut
     into consecutive runs of those sizes (a patient goes where the middle of
     its files falls).
+
+    Parameters
+    ----------
+    files : np.ndarray
+        Number of labelled files of each patient, ``(P,)`` int.
+    classes : np.ndarray
+        Class index of each patient, ``(P,)`` int in ``[0, n_classes)``.
+    n_classes : int
+        Number of classes; an absent class still takes its Dirichlet draw, so the others do not shift.
+    fractions : np.ndarray
+        Target share of all files per site (:func:`check_fractions`: positive, summing to 1).
+    alpha : float or None
+        Dirichlet concentration of the label skew; None: every class is shared by ``fractions`` alone.
+    rng : np.random.Generator
+        Source of every random choice; the same generator state gives the same assignment.
+
+    Returns
+    -------
+    np.ndarray
+        Site index (0 to ``len(fractions) - 1``) of each patient, ``(P,)`` int64; every site gets at least
+        one patient when there are at least as many patients as sites.
     """
     n_sites = len(fractions)
     order = rng.permutation(len(files))
