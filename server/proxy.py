@@ -39,11 +39,10 @@ import shutil
 import socket
 import string
 import subprocess
-import time
 from pathlib import Path
 
 from common.errors import FederationError
-from common.processes import LOOPBACK, ManagedProcess, ProcessSet, can_connect
+from common.processes import LOOPBACK, ManagedProcess, ProcessSet, can_connect, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -361,17 +360,24 @@ def start_fleet_proxy(
     )
     wildcard = {"0.0.0.0": LOOPBACK, "::": "::1", "[::]": "::1"}
     probe_host = wildcard.get(listen_host, listen_host.strip("[]"))
-    deadline = time.monotonic() + timeout
-    while not can_connect(probe_host, listen_port, timeout=0.5):
-        if not proxy.running() or time.monotonic() > deadline:
-            why = "exited at start" if not proxy.running() else f"did not listen within {timeout:g} s"
-            proxy.stop()
-            tail = _errors_since(error_log, log_offset) or proxy.tail(3).replace("\n", " | ")
-            raise FederationError(
-                f"The Fleet API proxy (nginx) {why} on {listen_host}:{listen_port}; "
-                f"its error log {error_log} ends with: {tail or '(nothing)'}"
-            )
-        time.sleep(0.1)
+
+    def failed(why: str) -> FederationError:
+        proxy.stop()
+        tail = _errors_since(error_log, log_offset) or proxy.tail(3).replace("\n", " | ")
+        return FederationError(
+            f"The Fleet API proxy (nginx) {why} on {listen_host}:{listen_port}; "
+            f"its error log {error_log} ends with: {tail or '(nothing)'}"
+        )
+
+    def listening() -> bool:
+        if not proxy.running():
+            raise failed("exited at start")
+        return can_connect(probe_host, listen_port, timeout=0.5)
+
+    try:
+        wait_until(listening, timeout=timeout, interval=0.1, what="the Fleet API proxy to listen")
+    except TimeoutError:
+        raise failed(f"did not listen within {timeout:g} s") from None
     log.info(
         "Fleet API proxy listening on https://%s:%s -> SuperLink 127.0.0.1:%s",
         listen_host, listen_port, upstream_port,

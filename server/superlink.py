@@ -16,7 +16,7 @@ from typing import Any
 from common.errors import FederationError
 from common.files import write_atomic
 from common.flower import flower_bin, flower_env
-from common.processes import LOOPBACK, ManagedProcess, ProcessSet, alive, can_connect
+from common.processes import LOOPBACK, ManagedProcess, ProcessSet, alive, can_connect, wait_until
 
 log = logging.getLogger("fl-server")
 CONNECTION = "fedrad"
@@ -147,13 +147,16 @@ def start_superlink(
         env=env,
         log_path=workdir / "logs" / "superlink.log",
     )
-    deadline = time.monotonic() + 60
-    while not can_connect(LOOPBACK, port, timeout=0.5):
+
+    def listening() -> bool:
         if not superlink.running():
             raise FederationError(f"SuperLink exited at start: {superlink.tail(3)}")
-        if time.monotonic() > deadline:
-            raise FederationError("SuperLink did not start listening within 60 s")
-        time.sleep(0.3)
+        return can_connect(LOOPBACK, port, timeout=0.5)
+
+    try:
+        wait_until(listening, timeout=60, interval=0.3, what="the SuperLink to listen")
+    except TimeoutError:
+        raise FederationError("SuperLink did not start listening within 60 s") from None
     return superlink
 
 

@@ -34,13 +34,14 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from common import records
 from common.config import RunConfig
 from common.errors import FederationError
+from common.processes import wait_until
 from server.app.strategy import FedradFedAvg, Names, RoundBook
 
 if TYPE_CHECKING:
@@ -86,21 +87,26 @@ def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, server_round: 
     RunStopped
         When fewer than ``min_sites`` nodes are connected after ``timeout`` seconds.
     """
-    deadline = time.monotonic() + timeout
-    logged = -1
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= min_sites:
-            return nodes
-        if time.monotonic() > deadline:
-            raise RunStopped(
-                f"Round {server_round}: only {len(nodes)} of the {min_sites} sites needed (min-sites) were connected "
-                f"after waiting {timeout:g} s (join-timeout)"
-            )
-        if len(nodes) != logged:
-            log.info("Round %d: waiting for sites: %d connected, %d needed", server_round, len(nodes), min_sites)
-            logged = len(nodes)
-        time.sleep(poll)
+    seen: list[int] = []  # the nodes connected at the last look
+    logged = [-1]  # how many were connected when that was last logged
+
+    def enough() -> tuple[list[int]] | None:
+        seen[:] = sorted(grid.get_node_ids())
+        if len(seen) >= min_sites:
+            return (list(seen),)  # a tuple: truthy even for an empty list
+        if len(seen) != logged[0]:
+            log.info("Round %d: waiting for sites: %d connected, %d needed", server_round, len(seen), min_sites)
+            logged[0] = len(seen)
+        return None
+
+    try:
+        found = cast("tuple[list[int]]", wait_until(enough, timeout=timeout, interval=poll, what="sites to join"))
+    except TimeoutError:
+        raise RunStopped(
+            f"Round {server_round}: only {len(seen)} of the {min_sites} sites needed (min-sites) were connected "
+            f"after waiting {timeout:g} s (join-timeout)"
+        ) from None
+    return found[0]
 
 
 def _expires(messages: Iterable[Message], ttl: float) -> list[Message]:
