@@ -337,3 +337,40 @@ def run_init_weights(launch: Launch, *, model: nn.Module) -> OrderedDict[str, to
     )
     log.info("Initial weights: %s (sha256 %s)", launch.init_weights.path, digest)
     return weights
+
+
+def sized_encoding(
+    run_config: Mapping[str, Any], *, run: RunConfig, start: Mapping[str, torch.Tensor] | None, sites: int | None
+) -> dict[str, Any]:
+    """A run's SecAgg+ encoding sized from its initial weights, checked against them; what fl-server and fl-sim set.
+
+    Parameters
+    ----------
+    run_config
+        The run config so far (explicit ``secagg-*`` values win over sizing).
+    run
+        The same, checked: it builds the seeded model when there is no ``start``.
+    start
+        The initial weights from ``--init-weights``; ``None``: the run's seeded model.
+    sites
+        How many sites may take part in a round; ``None`` when unknown (256 assumed).
+
+    Returns
+    -------
+    dict[str, Any]
+        ``secagg-clipping-range`` and ``secagg-quantization-range`` (:func:`common.config.sized_secagg`).
+
+    Raises
+    ------
+    ConfigError
+        When an explicit value is invalid, or ``start`` has a weight above half the clipping range.
+    """
+    from common.config import SecAggConfig, check_model_fits, largest_magnitude, sized_secagg
+
+    encoding = sized_secagg(
+        run_config, sites=sites,
+        largest_weight=lambda: largest_magnitude((start or model_for_run(run).state_dict()).values()),
+    )
+    if start is not None:
+        check_model_fits(start, SecAggConfig.from_flower({**run_config, **encoding}))
+    return encoding

@@ -331,18 +331,9 @@ def secagg_args(
     if not run.secagg.enabled:
         return config_args
     from common.adapters.flower import parse_config_args
-    from common.config import SecAggConfig, largest_magnitude, sized_secagg
-    from common.weights import model_for_run
+    from common.weights import sized_encoding
 
-    values = parse_config_args(config_args)
-    encoding = sized_secagg(
-        values, sites=sites,
-        largest_weight=lambda: largest_magnitude((start or model_for_run(run).state_dict()).values()),
-    )
-    if start is not None:
-        from server.app.secure import check_model_fits
-
-        check_model_fits(start, SecAggConfig.from_flower({**values, **encoding}))
+    encoding = sized_encoding(parse_config_args(config_args), run=run, start=start, sites=sites)
     log.info("SecAgg+ encoding: %s", config_arg(encoding))
     return [*config_args, config_arg(encoding)]
 

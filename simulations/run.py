@@ -22,9 +22,6 @@ from common.config import (
     LAUNCH_KEYS,
     Launch,
     RunConfig,
-    SecAggConfig,
-    largest_magnitude,
-    sized_secagg,
 )
 from common.errors import ConfigError, FederationError
 from common.files import write_atomic
@@ -150,16 +147,9 @@ def _secagg_encoding(overrides: dict[str, Any], *, start: StateDict | None, site
     run = checked_run_config(overrides)
     if not run.secagg.enabled:
         return {}
-    from common.weights import model_for_run
-    from server.app.secure import check_model_fits
+    from common.weights import sized_encoding
 
-    encoding = sized_secagg(
-        overrides, sites=sites,
-        largest_weight=lambda: largest_magnitude((start or model_for_run(run).state_dict()).values()),
-    )
-    if start is not None:
-        check_model_fits(start, SecAggConfig.from_flower({**overrides, **encoding}))
-    return encoding
+    return sized_encoding(overrides, run=run, start=start, sites=sites)
 
 
 def checked_run_config(overrides: dict[str, Any]) -> RunConfig:

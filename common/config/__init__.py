@@ -32,7 +32,7 @@ from common.config.run import (
     parse_classes,
     parse_operating_point,
 )
-from common.config.secagg import SecAggConfig, largest_magnitude, sized_secagg
+from common.config.secagg import SecAggConfig, check_model_fits, largest_magnitude, sized_secagg
 from common.config.site import DEVICES, PARTITION_ID_KEY, PRIVACY_UNITS, SiteConfig, simulated_node_config
 from common.config.values import SITE_NAME_RE, choice, fraction, positive_float, positive_int, site_name
 
@@ -66,6 +66,7 @@ __all__ = [
     "RunConfig",
     "SecAggConfig",
     "SiteConfig",
+    "check_model_fits",
     "choice",
     "fraction",
     "largest_magnitude",

@@ -97,6 +97,32 @@ def largest_magnitude(weights: Iterable[torch.Tensor]) -> float:
     return max((float(t.abs().max()) for t in weights if t.numel()), default=0.0)
 
 
+def check_model_fits(state: Mapping[str, torch.Tensor], secagg: SecAggConfig) -> None:
+    """Refuse a clipping range that leaves the model's weights less than 2× headroom.
+
+    Sites refuse to mask weights outside ±``secagg-clipping-range``; a range that
+    starts tight would make them drop out after a few rounds of training.
+
+    Parameters
+    ----------
+    state
+        The model's initial weights.
+    secagg
+        The run's SecAgg+ settings (an unsized range counts as 8).
+
+    Raises
+    ------
+    ConfigError
+        When the largest weight is more than half the clipping range.
+    """
+    largest = largest_magnitude(state.values())
+    if largest * 2 > secagg.clipping_range:
+        raise ConfigError(
+            f"Expected `secagg-clipping-range` to be at least twice the model's largest weight "
+            f"({largest:.3g}), but got {secagg.clipping_range:g}"
+        )
+
+
 @dataclass(frozen=True)
 class SecAggConfig:
     """Secure aggregation (Flower's SecAgg+) settings from the run config.

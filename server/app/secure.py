@@ -28,8 +28,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from common import records
 from common.adapters import flower
-from common.config import Launch, RunConfig, SecAggConfig
-from common.errors import ConfigError, FederationError
+from common.config import Launch, RunConfig, SecAggConfig, check_model_fits
+from common.errors import FederationError
 from server.app.report import RunReport
 from server.app.rounds import destinations, origin
 from server.app.strategy import SITE_FACTS, RoundBook
@@ -49,20 +49,6 @@ SITE_KEYS = (records.SITE_NAME, records.DECLINED, *SITE_FACTS)
 
 class SecAggHalted(FederationError):
     """Too few sites were left for SecAgg+ to unmask the round's sum."""
-
-
-def check_model_fits(state: OrderedDict[str, torch.Tensor], secagg: SecAggConfig) -> None:
-    """Refuse a clipping range that leaves the model's weights less than 2× headroom.
-
-    Sites refuse to mask weights outside ±``secagg-clipping-range``; a range that
-    starts tight would make them drop out after a few rounds of training.
-    """
-    largest = max((float(t.abs().max()) for t in state.values() if t.numel()), default=0.0)
-    if largest * 2 > secagg.clipping_range:
-        raise ConfigError(
-            f"Expected `secagg-clipping-range` to be at least twice the model's largest weight "
-            f"({largest:.3g}), but got {secagg.clipping_range:g}"
-        )
 
 
 class SecureFedAvg(LegacyFedAvg):

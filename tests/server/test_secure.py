@@ -12,10 +12,10 @@ import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from common import records
-from common.config import RunConfig, SecAggConfig
+from common.config import RunConfig, SecAggConfig, check_model_fits
 from common.errors import ConfigError, FederationError
 from server.app.report import RunReport
-from server.app.secure import SecureFedAvg, check_model_fits
+from server.app.secure import SecureFedAvg
 from server.app.strategy import BudgetsSpent
 
 KEYS = ["w", "b"]
