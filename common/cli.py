@@ -37,10 +37,8 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None, *, prog_name:
 
     Parameters
     ----------
-    app
-        The command's typer app.
-    argv
-        The arguments after the program name; None reads them from ``sys.argv``.
+    app, argv
+        The command's typer app, and the arguments after the program name (None reads them from ``sys.argv``).
     prog_name
         The command's name (``"fl-client"``), shown in usage lines and in the hint after a usage error.
 

@@ -1,9 +1,8 @@
 """The one error hierarchy of fedrad.
 
-Every error is rooted in a builtin so callers that do not know fedrad can
-still catch it (``except ValueError``). Each message says what went wrong and
-what to do. The CLIs turn any :class:`FedradError` into one line on stderr and
-a non-zero exit code, never a traceback.
+Every error is rooted in a builtin (callers that do not know fedrad can still ``except ValueError``),
+and its message says what went wrong and what to do. The CLIs turn any :class:`FedradError` into one
+line on stderr and its non-zero ``exit_code``, never a traceback.
 """
 
 from __future__ import annotations

@@ -16,8 +16,6 @@ from typing import Any
 def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
 
-    ``mode`` sets the file's permissions before any byte is written (the
-    temporary file starts as 0600, so a private key is never readable by others).
     On any failure the temporary file is removed and ``path`` is left as it was.
 
     Parameters
@@ -27,7 +25,7 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> N
     data : bytes | str
         The whole content; a str is encoded as UTF-8.
     mode : int | None
-        Permission bits of the file (``0o600`` for a private key); None leaves it 0600, whatever the umask.
+        Permission bits, set before any byte is written; None leaves the temporary file's 0600, whatever the umask.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -45,19 +43,8 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int | None = None) -> N
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` made fit for strict JSON: every non-finite float (NaN, ±inf) becomes None, recursively.
-
-    Parameters
-    ----------
-    value : Any
-        A float, or dicts, lists and tuples nesting any values.
-
-    Returns
-    -------
-    Any
-        A copy in which dicts have string keys (``str(key)``), tuples are lists
-        and non-finite floats are None; every other value is returned as is.
-    """
+    """A copy of ``value`` fit for strict JSON: recursively, non-finite floats become None, dict keys ``str(key)``
+    and tuples lists; every other value is returned as is."""
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

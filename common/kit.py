@@ -6,17 +6,11 @@ A kit is one folder (the coordinator writes it with :mod:`server.enroll.kits`)::
         kit.toml    format, site, server (HOST:PORT), fingerprint, ca-fingerprint, created,
                     and a [data] table: the coordinator's data settings (:data:`DATA_KEYS`)
         site.key    the site's ECDSA P-384 private key, OpenSSH format, mode 0600
-                    (``flower-supernode --auth-supernode-private-key``)
         site.pub    its OpenSSH public key line (what the coordinator registers)
         ca.crt      the consortium CA certificate (``--root-certificates``)
 
-This module only reads and checks kits, so the client side needs no server code.
-:func:`load_kit` refuses a kit that would fail later, with one line naming the file
-and what to do: a missing file, a private key others can read, a key of the wrong
-kind, a public key or fingerprint that does not belong to the private key, a CA
-certificate that cannot be parsed or is not the one the kit was issued with, a data
-setting the run would refuse. A kit without a ``[data]`` table (written before kits
-carried one) loads with ``data=None``: the site then uses the run config's defaults.
+This module only reads and checks kits (the client side needs no server code); a kit that
+would fail later is refused with one line naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -54,75 +48,30 @@ _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+)$")
 
 @dataclass(frozen=True)
 class Kit:
-    """A checked enrollment kit.
-
-    Attributes
-    ----------
-    site : str
-        The site's name.
-    server : str
-        The coordinator's address, ``HOST:PORT``.
-    ca_cert : Path
-        The consortium CA certificate (PEM) the site trusts the coordinator by.
-    private_key : Path
-        The site's OpenSSH ECDSA P-384 private key (mode 0600).
-    public_key : Path
-        The matching OpenSSH public key line.
-    fingerprint : str
-        The public key's fingerprint as ``ssh-keygen -l`` prints it (``SHA256:…``).
-    ca_fingerprint : str
-        SHA-256 of the CA certificate, as ``openssl x509 -fingerprint -sha256`` prints it.
-    data : dict[str, Any] or None
-        The coordinator's data settings, every key of :data:`DATA_KEYS`; None for a kit
-        written before kits carried them.
-    """
+    """A checked enrollment kit: the site's name, the coordinator's ``HOST:PORT`` and the kit's files."""
 
     site: str
     server: str
-    ca_cert: Path
-    private_key: Path
-    public_key: Path
-    fingerprint: str
-    ca_fingerprint: str = ""
-    data: dict[str, Any] | None = None
+    ca_cert: Path  # the consortium CA certificate (PEM) the site trusts the coordinator by
+    private_key: Path  # the site's OpenSSH ECDSA P-384 private key (mode 0600)
+    public_key: Path  # the matching OpenSSH public key line
+    fingerprint: str  # the public key's, as ``ssh-keygen -l`` prints it (``SHA256:…``)
+    ca_fingerprint: str = ""  # the CA certificate's, as ``openssl x509 -fingerprint -sha256`` prints it
+    data: dict[str, Any] | None = None  # every key of DATA_KEYS; None for a kit written before kits carried them
 
 
 def ssh_fingerprint(public_key_line: str) -> str:
-    """The fingerprint of an OpenSSH public key line, as ``ssh-keygen -l`` prints it.
-
-    Parameters
-    ----------
-    public_key_line : str
-        ``<type> <base64 blob> [comment]``.
-
-    Returns
-    -------
-    str
-        ``SHA256:`` followed by the unpadded base64 SHA-256 of the key blob.
-    """
+    """``SHA256:<unpadded base64>`` of the key blob of ``<type> <base64 blob> [comment]``, as ``ssh-keygen -l``."""
     parts = public_key_line.split()
-    if len(parts) < 2:
-        raise ConfigError(f"Expected an OpenSSH public key line, but got {public_key_line[:40]!r}")
     try:
         blob = base64.b64decode(parts[1], validate=True)
-    except ValueError as exc:
+    except (IndexError, ValueError) as exc:
         raise ConfigError(f"Expected an OpenSSH public key line, but got {public_key_line[:40]!r}") from exc
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def cert_fingerprint(cert_pem: bytes) -> str:
-    """SHA-256 of a PEM certificate's DER, as ``openssl x509 -noout -fingerprint -sha256`` prints it.
-
-    Parameters
-    ----------
-    cert_pem : bytes
-        The certificate in PEM format.
-
-    Returns
-    -------
-    str
-        ``SHA256:AB:CD:…`` (upper-case hex, colon-separated).
-    """
+    """SHA-256 of a PEM certificate's DER as ``openssl x509 -noout -fingerprint -sha256`` prints it: ``SHA256:AB:…``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -134,84 +83,31 @@ def cert_fingerprint(cert_pem: bytes) -> str:
 
 
 def server_address(value: Any, *, name: str = "server") -> str:
-    """Validate a coordinator address ``HOST:PORT`` (an IPv6 host in brackets).
-
-    Parameters
-    ----------
-    value : Any
-        The address to check.
-    name : str
-        How the value is named in the error message.
-
-    Returns
-    -------
-    str
-        ``value`` unchanged.
-    """
+    """``value`` when it is a coordinator address ``HOST:PORT`` (an IPv6 host in brackets); ``name`` is for errors."""
     host, sep, port = str(value).rpartition(":") if isinstance(value, str) else ("", "", "")
     if (not sep or not host or not _HOST_RE.match(host) or not port.isdigit()
             or not 0 < int(port) < 65536 or (":" in host and not host.startswith("["))):
-        raise ConfigError(
-            f"Expected `{name}` to be an address like coordinator.example.org:9092, but got {value!r}"
-        )
+        raise ConfigError(f"Expected `{name}` to be an address like coordinator.example.org:9092, but got {value!r}")
     return str(value)
 
 
-def data_settings_of(run: RunConfig) -> dict[str, Any]:
-    """The values of :data:`DATA_KEYS` in ``run``, as run-config (TOML) values.
+def check_data_settings(values: Mapping[str, Any], *, what: str = "data settings") -> dict[str, Any]:
+    """Every key of :data:`DATA_KEYS`, in order, from ``values`` checked as the run checks them (defaults fill gaps).
 
-    Parameters
-    ----------
-    run : RunConfig
-        A validated run config.
-
-    Returns
-    -------
-    dict[str, Any]
-        One value per key of :data:`DATA_KEYS`, in that order.
+    ``what`` names the settings in the error message.
     """
+    unknown = sorted(set(values) - set(DATA_KEYS))
+    if unknown:
+        raise ConfigError(f"Expected the keys of {what} among {', '.join(DATA_KEYS)}, but got {', '.join(unknown)}")
+    run = RunConfig.from_flower(values)
     pre = run.preprocess
     return {"image-size": pre.image_size, "window": pre.window, "multiframe": pre.multiframe, "color": pre.color,
             "enhance": pre.enhance, "classes": ",".join(run.classes), "val-fraction": run.val_fraction,
             "seed": run.seed}
 
 
-def check_data_settings(values: Mapping[str, Any], *, what: str = "data settings") -> dict[str, Any]:
-    """Validate data settings the way the run does; the run config's defaults fill missing keys.
-
-    Parameters
-    ----------
-    values : Mapping[str, Any]
-        Keys of :data:`DATA_KEYS` to run-config values.
-    what : str
-        How the settings are named in the error message.
-
-    Returns
-    -------
-    dict[str, Any]
-        Every key of :data:`DATA_KEYS` (see :func:`data_settings_of`).
-    """
-    unknown = sorted(set(values) - set(DATA_KEYS))
-    if unknown:
-        raise ConfigError(f"Expected the keys of {what} among {', '.join(DATA_KEYS)}, but got {', '.join(unknown)}")
-    return data_settings_of(RunConfig.from_flower(values))
-
-
 def parse_data_args(items: list[str] | None, *, option: str = "--run-config") -> dict[str, Any]:
-    """The data settings given as ``-c 'key=value ...'`` (Flower's ``--run-config`` syntax), checked.
-
-    Parameters
-    ----------
-    items : list[str] or None
-        What the user passed with ``option``.
-    option : str
-        The option's name, for error messages.
-
-    Returns
-    -------
-    dict[str, Any]
-        Only the keys given, with their values (empty when ``items`` is empty).
-    """
+    """Only the data settings the user gave with ``option`` as ``-c 'key=value ...'`` (Flower's syntax), checked."""
     from common.adapters.flower import parse_config_args
 
     try:
@@ -226,21 +122,8 @@ def parse_data_args(items: list[str] | None, *, option: str = "--run-config") ->
 
 
 def render_kit_toml(values: dict[str, str], *, data: Mapping[str, Any] | None = None) -> str:
-    """The text of a ``kit.toml`` with exactly the keys :data:`KIT_KEYS`, in that order.
-
-    Parameters
-    ----------
-    values : dict[str, str]
-        One string per key of :data:`KIT_KEYS`.
-    data : Mapping[str, Any] or None
-        The coordinator's data settings, written (checked, every key of :data:`DATA_KEYS`)
-        as the ``[data]`` table; None writes no table.
-
-    Returns
-    -------
-    str
-        TOML text.
-    """
+    """The TOML text of a ``kit.toml``: ``values`` of exactly :data:`KIT_KEYS`, in order, and ``data`` checked
+    as its ``[data]`` table (None: no table)."""
     import tomli_w
 
     missing = [key for key in KIT_KEYS if key not in values]
@@ -260,42 +143,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def read_kit_toml(path: Path) -> dict[str, str]:
-    """The checked fields of a ``kit.toml``.
-
-    Parameters
-    ----------
-    path : Path
-        The ``kit.toml`` file.
-
-    Returns
-    -------
-    dict[str, str]
-        Every key of :data:`KIT_KEYS`, as strings.
-    """
+    """The checked fields of the ``kit.toml`` at ``path``: every key of :data:`KIT_KEYS`, as strings."""
     data = _read_toml(path)
     missing = [key for key in KIT_KEYS if not isinstance(data.get(key), str) or not data[key]]
     if missing:
-        raise ConfigError(
-            f"{path} lacks {', '.join(missing)}; ask the coordinator for a new kit (fl-server rekey)"
-        )
+        raise ConfigError(f"{path} lacks {', '.join(missing)}; ask the coordinator for a new kit (fl-server rekey)")
     if data["format"] != FORMAT:
         raise ConfigError(f"Expected {path} to be of format {FORMAT!r}, but got {data['format']!r}")
     return {key: str(data[key]) for key in KIT_KEYS}
 
 
-def read_kit_data(path: Path) -> dict[str, Any] | None:
-    """The coordinator's data settings in a ``kit.toml``'s ``[data]`` table, checked.
-
-    Parameters
-    ----------
-    path : Path
-        The ``kit.toml`` file.
-
-    Returns
-    -------
-    dict[str, Any] or None
-        Every key of :data:`DATA_KEYS`; None when the kit has no ``[data]`` table (an older kit).
-    """
+def _read_kit_data(path: Path) -> dict[str, Any] | None:
+    """The checked ``[data]`` table of the ``kit.toml`` at ``path``; None when it has none (an older kit)."""
     table = _read_toml(path).get(DATA_TABLE)
     if table is None:
         return None
@@ -313,34 +172,19 @@ def check_private_mode(path: Path) -> None:
     """Raise :class:`ConfigError` when the private key file ``path`` is readable by others than its owner."""
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise ConfigError(
-            f"The private key {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`"
-        )
+        raise ConfigError(f"The private key {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`")
 
 
-def load_certificate(
-    path: Path, *, what: str = "certificate", fix: str = "restore it from backup"
-) -> x509.Certificate:
-    """The PEM certificate at ``path``, else ConfigError "Cannot parse the <what> <path> (<why>); <fix>".
+def load_certificate(path: Path, *, what: str = "certificate", fix: str = "restore it from backup") -> x509.Certificate:
+    """The first PEM certificate at ``path`` (dates and signature unchecked).
 
     Parameters
     ----------
     path : Path
         The certificate file.
-    what : str
-        How the error message names the file (``"CA certificate"``).
-    fix : str
-        What the error message tells the user to do.
-
-    Returns
-    -------
-    x509.Certificate
-        The first certificate in the file; its validity dates and signature are not checked.
-
-    Raises
-    ------
-    ConfigError
-        When the file cannot be read or holds no PEM certificate.
+    what, fix : str
+        How the error message names the file (``"CA certificate"``), and what it tells the user to do:
+        "Cannot parse the <what> <path> (<why>); <fix>".
     """
     from cryptography import x509
 
@@ -369,31 +213,13 @@ def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def load_kit(kit_dir: Path) -> Kit:
-    """Load and check a site's enrollment kit.
-
-    Parameters
-    ----------
-    kit_dir : Path
-        The kit folder (``kit.toml``, ``site.key``, ``site.pub``, ``ca.crt``).
-
-    Returns
-    -------
-    Kit
-        The kit, every file checked.
-
-    Raises
-    ------
-    ConfigError
-        One line naming the file at fault and what to do.
-    """
+    """The kit in ``kit_dir``, every file checked; a :class:`ConfigError` names the file at fault and what to do."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     kit_dir = Path(kit_dir)
     if not kit_dir.is_dir():
-        raise ConfigError(
-            f"No enrollment kit at {kit_dir}; unpack the kit the coordinator made for this site"
-        )
+        raise ConfigError(f"No enrollment kit at {kit_dir}; unpack the kit the coordinator made for this site")
     for name in KIT_FILES:
         if not (kit_dir / name).is_file():
             raise ConfigError(f"The enrollment kit {kit_dir} lacks {name}; ask the coordinator for a new kit")
@@ -410,13 +236,9 @@ def load_kit(kit_dir: Path) -> Kit:
         line = pub_path.read_text(encoding="ascii").strip()
         public_key = serialization.load_ssh_public_key(line.encode())
     except (OSError, ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(
-            f"Expected an OpenSSH public key line in {pub_path}, but could not read it ({exc})"
-        ) from exc
+        raise ConfigError(f"Expected an OpenSSH public key line in {pub_path}, but could not read it ({exc})") from exc
     if public_key != private_key.public_key():
-        raise ConfigError(
-            f"The public key {pub_path} does not belong to {key_path}; ask the coordinator for a new kit"
-        )
+        raise ConfigError(f"The public key {pub_path} does not belong to {key_path}; ask the coordinator for a new kit")
     fingerprint = ssh_fingerprint(line)
     if fingerprint != fields["fingerprint"]:
         raise ConfigError(
@@ -433,4 +255,4 @@ def load_kit(kit_dir: Path) -> Kit:
             "ask the coordinator for a new kit"
         )
     return Kit(site=site, server=server, ca_cert=ca_path, private_key=key_path, public_key=pub_path,
-               fingerprint=fingerprint, ca_fingerprint=ca_fingerprint, data=read_kit_data(kit_dir / KIT_FILE))
+               fingerprint=fingerprint, ca_fingerprint=ca_fingerprint, data=_read_kit_data(kit_dir / KIT_FILE))

@@ -1,21 +1,12 @@
 """Federatable evaluation metrics.
 
-A site never sends per-image scores. It sends torchmetrics *states* that sum
-across sites: the binned confusion matrices behind ``BinaryAUROC`` (one 2x2
-matrix per threshold) and the (tp, fp, tn, fn) counts behind the threshold-0.5
-metrics. For a task with K > 2 classes: ``MulticlassAUROC``'s (T, K, 2, 2)
-one-vs-rest matrices and per-class (tp, fp, tn, fn) of the arg-max
-prediction; pooled metrics are macro averages (accuracy is micro). The server merges the states of all sites with torchmetrics'
-``merge_state`` and lets torchmetrics compute pooled AUROC, sensitivity,
-specificity, precision, F1 and accuracy — exactly what it would compute on the
-pooled predictions (AUROC up to the threshold binning).
-
-**Operating point (binary).** The binned AUROC state holds the confusion matrix
-at each of the 201 thresholds ``k / 200``, so the pooled state gives sensitivity
-and specificity at every one of them. :func:`choose_threshold` picks the
-decision threshold there (the run config's ``operating-point``: Youden's J, or
-a target sensitivity); :func:`pooled_metrics` reports it beside the metrics at
-0.5.
+A site never sends per-image scores, only torchmetrics *states* that sum across sites: the
+binned confusion matrices behind ``BinaryAUROC`` (one 2x2 per threshold; ``MulticlassAUROC``'s
+one-vs-rest (T, K, 2, 2) for K > 2 classes) and the (tp, fp, tn, fn) counts at threshold 0.5
+(per class, of the arg-max, for K > 2: macro averages, micro accuracy). The server merges them
+with ``merge_state``, so torchmetrics computes exactly what it would on the pooled predictions
+(AUROC up to the binning). The binned state also gives sensitivity and specificity at each of
+the 201 thresholds ``k / 200``: :func:`choose_threshold` picks the binary decision threshold there.
 """
 
 from __future__ import annotations
@@ -45,25 +36,20 @@ SPECIFICITY_AT_THRESHOLD = "specificity-at-threshold"
 
 
 def sufficient_statistics(*, probs: torch.Tensor, targets: torch.Tensor, num_classes: int = 2) -> dict[str, list[int]]:
-    """Summable statistics of one site's predictions.
+    """Summable statistics of one site's predictions: counts only, no per-image value.
 
     Parameters
     ----------
-    probs
-        Binary: probabilities of the positive class, shape ``(n,)``.
-        Multi-class: class probabilities, shape ``(n, K)``.
-    targets
-        True class indices, shape ``(n,)``.
+    probs, targets
+        Probabilities of the positive class ``(n,)`` (binary) or of each class ``(n, K)``; true class indices ``(n,)``.
     num_classes
         K; 2 for the binary task.
 
     Returns
     -------
     dict
-        ``auroc-confmat``: flattened ``(T, 2, 2)`` (binary) or ``(T, K, 2, 2)``
-        counts; ``stat-scores``: ``[tp, fp, tn, fn]`` at threshold 0.5
-        (binary) or those four rows of K per-class counts. Counts only, no
-        per-image value.
+        ``auroc-confmat``: flattened ``(T, 2, 2)`` or ``(T, K, 2, 2)`` counts; ``stat-scores``: ``[tp, fp, tn, fn]``
+        at threshold 0.5 (binary) or those four rows of K per-class counts.
     """
     auroc: Metric
     stats: Metric
@@ -105,22 +91,18 @@ def choose_threshold(confmat: Any, *, method: str | float = YOUDEN) -> Operating
     Parameters
     ----------
     confmat
-        ``BinaryAUROC(thresholds=T)``'s state, shape ``(T, 2, 2)``: at threshold
-        ``k / (T - 1)`` the counts ``[[tn, fp], [fn, tp]]``, a score counting as
-        positive when ``score >= threshold`` (torchmetrics' rule).
+        ``BinaryAUROC(thresholds=T)``'s state ``(T, 2, 2)``: at threshold ``k / (T - 1)`` the counts
+        ``[[tn, fp], [fn, tp]]``, a score counting as positive when ``score >= threshold``.
     method
-        ``"youden"``: maximise Youden's J = sensitivity + specificity - 1; among
-        thresholds with the same J (compared exactly, on counts), the one closest
-        to 0.5, then the lower one. A number in (0, 1): the target sensitivity,
-        and the highest threshold whose sensitivity is at least that; when none
-        reaches it, the lowest candidate.
+        ``"youden"``: maximise Youden's J = sensitivity + specificity - 1 (ties, compared exactly on counts: the
+        threshold closest to 0.5, then the lower). A number in (0, 1): the target sensitivity, and the highest
+        threshold reaching it (none does: the lowest candidate).
 
     Returns
     -------
     OperatingPoint or None
-        The threshold (one of ``k / (T - 1)``, strictly between 0 and 1: 0 and 1
-        would call every or no image positive) and the rates at it; ``None``
-        when the statistics hold no positive or no negative example.
+        A threshold ``k / (T - 1)`` strictly between 0 and 1 and the rates at it; ``None`` when the statistics
+        hold no positive or no negative example.
     """
     counts = np.asarray(confmat, dtype=np.int64).reshape(-1, 2, 2)
     last = len(counts) - 1
@@ -138,9 +120,7 @@ def choose_threshold(confmat: Any, *, method: str | float = YOUDEN) -> Operating
             raise ValueError(f"Expected the operating point to be {YOUDEN!r} or a number in (0, 1), but got {method!r}")
         reached = [i for i in candidates if Fraction(int(tp[i]), positives) >= target]
         k = max(reached) if reached else candidates[0]  # sensitivity falls as the threshold rises
-    return OperatingPoint(
-        threshold=k / last, sensitivity=int(tp[k]) / positives, specificity=int(tn[k]) / negatives
-    )
+    return OperatingPoint(threshold=k / last, sensitivity=int(tp[k]) / positives, specificity=int(tn[k]) / negatives)
 
 
 def _as_counts(value: Any, length: int, key: str) -> list[int]:
@@ -175,93 +155,61 @@ def pooled_metrics(
     num_classes
         K; 2 for the binary task.
     operating_point
-        Binary: how :func:`choose_threshold` picks the decision threshold
-        (``"youden"`` or a target sensitivity).
+        Binary: how :func:`choose_threshold` picks the decision threshold (``"youden"`` or a target sensitivity).
 
     Returns
     -------
     dict
-        ``auroc``, ``sensitivity``, ``specificity``, ``precision``, ``f1``,
-        ``accuracy`` (at threshold 0.5), and ``positives``/``negatives``
-        (binary) or ``examples`` (multi-class; the other metrics are macro
-        averages over classes, accuracy is micro). Binary also:
-        ``threshold`` (the chosen one), ``sensitivity-at-threshold`` and
-        ``specificity-at-threshold``. AUROC and the chosen threshold are
-        ``nan`` when a class is absent from the pooled data.
+        ``auroc``, ``sensitivity``, ``specificity``, ``precision``, ``f1``, ``accuracy`` (at 0.5; multi-class:
+        macro averages, micro accuracy), ``positives``/``negatives`` (binary) or ``examples``; binary also
+        ``threshold``, ``sensitivity-at-threshold``, ``specificity-at-threshold``. AUROC and the threshold are
+        ``nan`` when a class is absent.
     """
-    if num_classes != 2:
-        return _pooled_multiclass(site_stats, num_classes)
-    from torchmetrics.classification import (
-        BinaryAccuracy,
-        BinaryAUROC,
-        BinaryF1Score,
-        BinaryPrecision,
-        BinaryRecall,
-        BinarySpecificity,
-    )
+    from torchmetrics import classification as tm
 
-    auroc = BinaryAUROC(thresholds=AUROC_THRESHOLDS)
-    threshold_metrics = {
-        "sensitivity": BinaryRecall(threshold=DECISION_THRESHOLD),
-        "specificity": BinarySpecificity(threshold=DECISION_THRESHOLD),
-        "precision": BinaryPrecision(threshold=DECISION_THRESHOLD),
-        "f1": BinaryF1Score(threshold=DECISION_THRESHOLD),
-        "accuracy": BinaryAccuracy(threshold=DECISION_THRESHOLD),
-    }
-    confmat, counts = _summed(site_stats, 2)
+    k = num_classes
+    confmat, counts = _summed(site_stats, k)
+    state = dict(zip(("tp", "fp", "tn", "fn"), counts, strict=True))
+    result: dict[str, float]
+    if k == 2:
+        auroc = tm.BinaryAUROC(thresholds=AUROC_THRESHOLDS)
+        rates = {
+            "sensitivity": tm.BinaryRecall(threshold=DECISION_THRESHOLD),
+            "specificity": tm.BinarySpecificity(threshold=DECISION_THRESHOLD),
+            "precision": tm.BinaryPrecision(threshold=DECISION_THRESHOLD),
+            "f1": tm.BinaryF1Score(threshold=DECISION_THRESHOLD),
+            "accuracy": tm.BinaryAccuracy(threshold=DECISION_THRESHOLD),
+        }
+        positives, negatives = int(state["tp"] + state["fn"]), int(state["tn"] + state["fp"])
+        result = {"positives": float(positives), "negatives": float(negatives)}
+        examples, auroc_defined = positives + negatives, bool(positives and negatives)
+    else:
+        auroc = tm.MulticlassAUROC(num_classes=k, thresholds=AUROC_THRESHOLDS, average="macro")
+        rates = {
+            "sensitivity": tm.MulticlassRecall(num_classes=k, average="macro"),
+            "specificity": tm.MulticlassSpecificity(num_classes=k, average="macro"),
+            "precision": tm.MulticlassPrecision(num_classes=k, average="macro"),
+            "f1": tm.MulticlassF1Score(num_classes=k, average="macro"),
+            "accuracy": tm.MulticlassAccuracy(num_classes=k, average="micro"),
+        }
+        support = state["tp"] + state["fn"]  # examples of each class
+        examples = int(support.sum())
+        result = {"examples": float(examples)}
+        auroc_defined = bool((support > 0).all())
     auroc.merge_state({"confmat": confmat})
-    tp, fp, tn, fn = (counts[i] for i in range(4))
-    for metric in threshold_metrics.values():
-        metric.merge_state({"tp": tp, "fp": fp, "tn": tn, "fn": fn})
-
-    positives, negatives = int(tp + fn), int(tn + fp)
-    result: dict[str, float] = {"positives": float(positives), "negatives": float(negatives)}
+    for name, metric in rates.items():
+        micro = k != 2 and name == "accuracy"  # multi-class accuracy: the per-class counts summed
+        metric.merge_state({key: value.sum().reshape(1) for key, value in state.items()} if micro else state)
     with warnings.catch_warnings():
         # merge_state() fills the states without counting an update(); torchmetrics
         # then warns that compute() runs "before update". The states are complete.
         warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric .* before")
-        result["auroc"] = float(auroc.compute()) if positives and negatives else float("nan")
-        for name, metric in threshold_metrics.items():
-            result[name] = float(metric.compute()) if positives + negatives else float("nan")
-    point = choose_threshold(confmat.numpy(), method=operating_point)
-    result[THRESHOLD] = point.threshold if point else float("nan")
-    result[SENSITIVITY_AT_THRESHOLD] = point.sensitivity if point else float("nan")
-    result[SPECIFICITY_AT_THRESHOLD] = point.specificity if point else float("nan")
-    return result
-
-
-def _pooled_multiclass(site_stats: Iterable[Mapping[str, Any]], num_classes: int) -> dict[str, float]:
-    from torchmetrics.classification import (
-        MulticlassAccuracy,
-        MulticlassAUROC,
-        MulticlassF1Score,
-        MulticlassPrecision,
-        MulticlassRecall,
-        MulticlassSpecificity,
-    )
-
-    k = num_classes
-    confmat, counts = _summed(site_stats, k)
-    auroc = MulticlassAUROC(num_classes=k, thresholds=AUROC_THRESHOLDS, average="macro")
-    auroc.merge_state({"confmat": confmat})
-    per_class = {"tp": counts[0], "fp": counts[1], "tn": counts[2], "fn": counts[3]}
-    macro = {
-        "sensitivity": MulticlassRecall(num_classes=k, average="macro"),
-        "specificity": MulticlassSpecificity(num_classes=k, average="macro"),
-        "precision": MulticlassPrecision(num_classes=k, average="macro"),
-        "f1": MulticlassF1Score(num_classes=k, average="macro"),
-    }
-    accuracy = MulticlassAccuracy(num_classes=k, average="micro")
-    for metric in macro.values():
-        metric.merge_state(per_class)
-    accuracy.merge_state({name: value.sum().reshape(1) for name, value in per_class.items()})
-    support = counts[0] + counts[3]  # tp + fn: examples of each class
-    examples = int(support.sum())
-    result: dict[str, float] = {"examples": float(examples)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric .* before")
-        result["auroc"] = float(auroc.compute()) if bool((support > 0).all()) else float("nan")
-        for name, metric in macro.items():
+        result["auroc"] = float(auroc.compute()) if auroc_defined else float("nan")
+        for name, metric in rates.items():
             result[name] = float(metric.compute()) if examples else float("nan")
-        result["accuracy"] = float(accuracy.compute()) if examples else float("nan")
+    if k == 2:
+        point = choose_threshold(confmat.numpy(), method=operating_point)
+        result[THRESHOLD] = point.threshold if point else float("nan")
+        result[SENSITIVITY_AT_THRESHOLD] = point.sensitivity if point else float("nan")
+        result[SPECIFICITY_AT_THRESHOLD] = point.specificity if point else float("nan")
     return result

@@ -1,16 +1,12 @@
 """The shared model registry.
 
-Every model here must be Opacus-compatible: no BatchNorm (GroupNorm instead),
-no layers Opacus cannot compute per-sample gradients for. ``ModuleValidator``
-must find nothing to fix; the tests check every registered model.
-
-Add a model with::
+Every model must be Opacus-compatible (no BatchNorm: GroupNorm instead); the tests check that
+``ModuleValidator`` finds nothing to fix in each. Add one with::
 
     @register_model("my-net")
     def my_net(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 1) -> nn.Module: ...
 
-``num_outputs`` is 1 for a binary task (one logit) and the number of classes
-otherwise (one logit per class).
+``num_outputs`` is 1 for a binary task (one logit), else one logit per class.
 """
 
 from __future__ import annotations
@@ -51,14 +47,10 @@ def build_model(
     ----------
     name
         Registered model name (see :data:`MODELS`).
-    in_channels
-        Image channels (1 for CT/greyscale).
-    image_size
-        Side of the square input image in pixels.
-    num_classes
-        Classes of the task (2 = binary, one logit).
-    seed
-        If given, the weights are initialised from this seed.
+    in_channels, image_size
+        Image channels (1 for CT/greyscale), and the side of the square input image in pixels.
+    num_classes, seed
+        Classes of the task (2 = binary, one logit), and if given the seed of the initial weights.
     """
     import torch
 
@@ -84,15 +76,11 @@ def _conv_block(cin: int, cout: int) -> Any:
 
 
 def _filter_bank() -> nn.Module:
-    """A fixed (not trained) bank of 8 filters: smoothing, 3 blob (difference-of-Gaussians)
-    scales and horizontal/vertical edges at 2 scales.
+    """A fixed bank of 8 filters: smoothing, 3 blob (difference-of-Gaussians) scales, x/y edges at 2 scales.
 
-    Fixed front-end features make DP-SGD far more effective on small data: fewer
-    trainable parameters means less total noise, and the filters already expose
-    what a lesion looks like (Tramèr & Boneh, "Differentially Private Learning
-    Needs Better Features", ICLR 2021). They are a non-persistent buffer: built
-    from code at both ends, never trained, clipped, noised, sent or averaged,
-    so no site can alter them for the others.
+    Fixed features make DP-SGD far more effective on small data: fewer trainable parameters, less
+    total noise (Tramèr & Boneh, ICLR 2021). A non-persistent buffer, built from code at both ends and
+    never trained, sent or averaged, so no site can alter them for the others.
     """
     import torch
     import torch.nn.functional as F
@@ -123,29 +111,15 @@ def _filter_bank() -> nn.Module:
 
 
 @register_model("fedrad-cnn")
-def fedrad_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 1) -> nn.Module:
+def _fedrad_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 1) -> nn.Module:
     """Default model: fixed filter bank + a small trainable CNN with a max-pooled head.
 
-    FilterBank(8) → MaxPool2 → Conv3x3(8→16) → ReLU → global max pool → Linear(16→1);
-    1,185 trainable parameters (one more logit per class for multi-class tasks). "Is there a lesion anywhere" is a max over
+    FilterBank(8) → MaxPool2 → Conv3x3(8→16) → ReLU → global max pool → Linear(16→num_outputs);
+    1,185 trainable parameters for one logit. "Is there a lesion anywhere" is a max over
     locations, and so few parameters keep the total DP noise small; per-sample
     gradients are cheap, so DP training runs at hundreds of images/s on one
     CPU core. The first 8 conv channels start as the identity on the bank (the
     head starts from the fixed blob/edge responses); the other 8 are random.
-
-    Parameters
-    ----------
-    in_channels
-        Image channels; unused: the filter bank averages them.
-    image_size
-        Side of the square input image in pixels; unused: global max pooling takes any size.
-    num_outputs
-        Logits: 1 for a binary task, else one per class (:func:`num_outputs`).
-
-    Returns
-    -------
-    nn.Module
-        The freshly initialised model: ``(N, C, H, W)`` images in, ``(N, num_outputs)`` logits out.
     """
     import torch
     from torch import nn
@@ -169,26 +143,12 @@ def fedrad_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int =
 
 
 @register_model("plain-cnn")
-def plain_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 1) -> nn.Module:
+def _plain_cnn(*, in_channels: int = 1, image_size: int = 64, num_outputs: int = 1) -> nn.Module:
     """A conventional small CNN (Conv3x3 + GroupNorm + ReLU + MaxPool ×3, 16/32/64
-    channels, global average pooling, linear head; ~23k parameters).
+    channels, global average pooling for any size of 8 or more, linear head; ~23k parameters).
 
     Kept for comparison: it needs several non-private epochs to find small
     lesions and learns little under DP-SGD at ε ≤ 8 on a few hundred images.
-
-    Parameters
-    ----------
-    in_channels
-        Image channels (1 for CT/greyscale).
-    image_size
-        Side of the square input image in pixels; unused: global average pooling takes any size of 8 or more.
-    num_outputs
-        Logits: 1 for a binary task, else one per class (:func:`num_outputs`).
-
-    Returns
-    -------
-    nn.Module
-        The randomly initialised model: ``(N, in_channels, H, W)`` images in, ``(N, num_outputs)`` logits out.
     """
     from torch import nn
 

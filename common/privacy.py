@@ -1,16 +1,9 @@
 """Differential-privacy accounting shared by sites and auditors.
 
-All ε values come from Opacus accountants; nothing here re-derives a formula.
-Two sound accountants are run side by side on the same history of DP events:
-
-* ``rdp`` — Rényi DP (Mironov 2017; Opacus ``RDPAccountant``), a sound upper
-  bound, usually loose by 5–15 %;
-* ``prv`` — privacy random variables (Gopi et al. 2021; Opacus
-  ``PRVAccountant``), whose ``get_epsilon`` returns the *upper* end of its
-  error interval, so it is sound too and usually tighter.
-
-Budget decisions use the smaller of the two (:func:`sound_epsilon`): both are
-upper bounds on the true ε, so their minimum is one as well.
+All ε values come from Opacus accountants, run side by side on the same DP events: ``rdp``
+(Rényi DP, a sound upper bound, usually loose by 5–15 %) and ``prv`` (privacy random
+variables; ``get_epsilon`` returns the *upper* end of its error interval, so it is sound
+too and usually tighter). Budget decisions use the smaller of the two (:func:`sound_epsilon`).
 """
 
 from __future__ import annotations
@@ -48,14 +41,12 @@ def merge_events(events: Sequence[DPEvent]) -> list[tuple[float, float, int]]:
 
 
 def epsilon_spent(*, events: Sequence[DPEvent], delta: float, accountant: str = "rdp") -> float:
-    """ε(δ) of the composition of ``events`` according to one Opacus accountant.
+    """ε(δ) of the composition of ``events`` (every DP round ever trained on the data) by one Opacus accountant.
 
     Parameters
     ----------
-    events
-        Every DP round ever trained on the data.
-    delta
-        Target δ.
+    events, delta
+        The DP events, and the target δ.
     accountant
         Opacus accountant name (``"rdp"`` or ``"prv"``).
     """
@@ -65,11 +56,9 @@ def epsilon_spent(*, events: Sequence[DPEvent], delta: float, accountant: str = 
     return _accountant_epsilon(tuple(history), float(delta), accountant)
 
 
-# Accounting is a pure function of numbers, and slow (PRV ~1 s, a calibration
-# ~10 s). A ClientApp process under fl-client answers one message and exits, so
-# this memo never outlives a message there; fl-sim's Ray actors serve many
-# virtual sites in one process, and sites with the same data shape ask the same
-# questions. Exceptions are not cached (lru_cache only stores results).
+# Accounting is a pure function of numbers, and slow (PRV ~1 s, a calibration ~10 s). Under fl-client a
+# ClientApp process answers one message, so this memo never outlives it; fl-sim's Ray actors serve many
+# virtual sites with the same data shapes in one process. Exceptions are not cached.
 @lru_cache(maxsize=4096)
 def _accountant_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     from opacus.accountants import create_accountant
@@ -113,14 +102,11 @@ def sound_epsilon(*, events: Sequence[DPEvent], delta: float) -> float:
 
 
 def _smallest_sigma(spend, target: float, low: float, high: float, tolerance: float) -> float:  # type: ignore[no-untyped-def]
-    """The smallest σ in [low, high] found with spend(σ) ≤ target (ε decreases with σ), to within
-    ``tolerance`` in ε or 0.5 % in σ.
+    """The smallest σ in [low, high] found with spend(σ) ≤ target, to within ``tolerance`` in ε or 0.5 % in σ.
 
-    A bracket search: ``high`` always fits the budget and ``low`` never does, so the answer is
-    sound whenever the search stops. Each step tries the point where the line through the
-    bracket's (log σ, log ε) ends meets the target (ε(σ) is smooth and nearly a power law,
-    so this lands close in two or three steps where plain bisection needs eight or more),
-    kept at least 10 % inside the bracket, and bisects when an end's ε is unknown.
+    A bracket search (``high`` always fits, so the answer is sound whenever it stops). Each step tries where
+    the line through the ends' (log σ, log ε) meets the target (ε(σ) is nearly a power law: two or three steps
+    where bisection needs eight), kept 10 % inside the bracket; it bisects when an end's ε is unknown.
     """
     eps_high = spend(high)
     eps_low = math.inf
@@ -149,42 +135,25 @@ def _smallest_sigma(spend, target: float, low: float, high: float, tolerance: fl
 
 
 def calibrate_noise(
-    *,
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    earlier: Sequence[DPEvent] = (),
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, earlier: Sequence[DPEvent] = (),
     tolerance: float = 0.02,
 ) -> float:
-    """Smallest noise multiplier σ (within ``tolerance`` in ε) such that ``earlier`` plus
-    ``steps`` steps at ``sample_rate`` and σ spend at most ``target_epsilon`` by
-    :func:`sound_epsilon` (the tighter of RDP and PRV).
+    """Smallest noise multiplier σ (within ``tolerance`` in ε) such that ``earlier`` plus ``steps`` steps at
+    ``sample_rate`` and σ spend at most ``target_epsilon`` by :func:`sound_epsilon`: never more.
 
-    Two stages, to keep PRV (slow) evaluations few: σ for RDP alone over the whole
-    composition is sound already; it is then lowered, between 0.6× and 1× of itself,
-    while PRV stays within budget. Both stages are the bracket search of
-    :func:`_smallest_sigma`.
+    To keep PRV (slow) evaluations few, σ for RDP alone is found first (sound already), then lowered
+    between 0.6× and 1× of itself while PRV stays within budget.
 
     Parameters
     ----------
-    target_epsilon
+    target_epsilon, delta
         The ε(δ) the whole composition, ``earlier`` included, must stay within (a site's ``max-epsilon``).
-    delta
-        Target δ.
-    sample_rate
-        Poisson sampling rate q of the new steps (:func:`poisson_sample_rate`).
-    steps
-        DP-SGD steps still to take at σ (all of a run's planned rounds together).
+    sample_rate, steps
+        Poisson sampling rate q (:func:`poisson_sample_rate`) and DP-SGD steps still to take at σ (all rounds).
     earlier
         DP events already spent on the same data, at any σ; empty for data never trained on.
     tolerance
         The search stops once ε is within this of ``target_epsilon`` (or σ is known to within 0.5 %).
-
-    Returns
-    -------
-    float
-        σ, whose composed ε never exceeds ``target_epsilon``.
 
     Raises
     ------

@@ -33,31 +33,17 @@ __all__ = [
 ]
 
 
-def wait_until(
-    predicate: Callable[[], object], *, timeout: float, interval: float = 0.5, what: str,
-) -> object:
+def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.5, what: str) -> object:
     """Call ``predicate`` every ``interval`` s until it returns something truthy, and return that.
 
     Parameters
     ----------
     predicate
-        Called without arguments; a truthy result ends the wait, an exception it raises propagates.
-    timeout
-        Seconds to keep trying (monotonic clock); ``predicate`` is called at least once.
-    interval
-        Seconds to sleep between calls.
+        Called without arguments; an exception it raises propagates.
+    timeout, interval
+        Seconds to keep trying (monotonic clock; ``predicate`` is called at least once), and to sleep between calls.
     what
-        What is awaited, for the error message (``"fl-server to listen on 127.0.0.1:9092"``).
-
-    Returns
-    -------
-    object
-        The first truthy result of ``predicate``.
-
-    Raises
-    ------
-    TimeoutError
-        After ``timeout`` s, naming ``what`` was awaited.
+        What is awaited, for the :class:`TimeoutError` (``"fl-server to listen on 127.0.0.1:9092"``).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -89,22 +75,14 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
 
 
 def can_connect(host: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether a TCP connection to ``host:port`` succeeds.
+    """Whether something accepts a TCP connection to ``host:port`` within ``timeout`` s (closed again at once).
 
     Parameters
     ----------
-    host
-        Host name or IP address.
-    port
-        TCP port.
+    host, port
+        Host name or IP address, and TCP port.
     timeout
-        Seconds the connection attempt may take.
-
-    Returns
-    -------
-    bool
-        True when something accepted the connection (closed again at once); False on refusal, timeout or
-        any other socket error.
+        Seconds the connection attempt may take; a refusal, timeout or other socket error gives False.
     """
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -148,34 +126,18 @@ class Usage:
 
     pid: int
     name: str
-    started: float
-    """psutil's ``create_time``: ``(pid, started)`` names a process even after its PID is reused."""
-    rss: int
-    """Resident pages, shared ones included (a page mapped by n processes counts in each)."""
-    pss: int | None
-    """Proportional set size: each shared page split between the processes mapping it; None unless read."""
-    uss: int | None
-    """Unique set size: the pages only this process maps; None unless read."""
-    cpu_s: float
-    """User + system CPU seconds of the process itself (not of its children)."""
+    started: float  # psutil's ``create_time``: ``(pid, started)`` names a process even after its PID is reused
+    rss: int  # resident pages, shared ones included (a page mapped by n processes counts in each)
+    pss: int | None  # proportional set size: each shared page split between its processes; None unless read
+    uss: int | None  # unique set size: the pages only this process maps; None unless read
+    cpu_s: float  # user + system CPU seconds of the process itself (not of its children)
 
 
 def tree_usage(root: int, *, full: bool = False) -> list[Usage]:
-    """The memory and CPU of ``root`` and of every live descendant.
+    """The memory and CPU of ``root`` (first, when alive) and of every live descendant.
 
-    Parameters
-    ----------
-    root
-        The PID whose process tree is read.
-    full
-        Also read PSS and USS (psutil's ``memory_full_info``: on Linux it walks the
-        process's page tables, ~10 ms for a process that imported torch).
-
-    Returns
-    -------
-    list[Usage]
-        ``root`` first (when alive); a process that ends while it is read is left out,
-        and so are PSS/USS where the system does not give them.
+    A process that ends while it is read is left out. ``full`` also reads PSS and USS where the system gives
+    them (psutil's ``memory_full_info`` walks the page tables: ~10 ms for a process that imported torch).
     """
     try:
         top = psutil.Process(root)
@@ -203,10 +165,8 @@ def tree_usage(root: int, *, full: bool = False) -> list[Usage]:
 def _processes(pids: Sequence[int]) -> list[psutil.Process]:
     out = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.Error):
             out.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
     return out
 
 
@@ -215,10 +175,8 @@ def stop_pids(pids: Sequence[int], *, timeout: float = 10.0) -> None:
     procs = _processes(pids)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         for proc in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
-            except psutil.Error:
-                pass
         if _gone(procs, timeout=wait):
             return
     log.warning("Processes %s did not stop", [p.pid for p in procs if alive(p.pid)])
@@ -245,18 +203,14 @@ def crash(pid: int) -> list[int]:
     todo = _processes([pid])
     while todo:
         for proc in todo:
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.suspend()
-            except psutil.Error:
-                pass
         frozen += todo
         seen = {p.pid for p in frozen}
         todo = [p for p in _processes(descendants(pid)) if p.pid not in seen]
     for proc in frozen:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     _gone(frozen, timeout=10)
     return [p.pid for p in frozen]
 
@@ -268,24 +222,15 @@ class ManagedProcess:
     ----------
     name
         Human-readable name for logs and errors (``"SuperLink"``).
-    cmd
-        Command line.
-    env
-        Full environment for the child.
+    cmd, env, cwd
+        Command line, full environment and working folder of the child.
     log_path
         File that receives the child's stdout and stderr; ``None`` inherits ours.
-    cwd
-        Working folder of the child.
     """
 
     def __init__(
-        self,
-        name: str,
-        cmd: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        log_path: Path | None = None,
-        cwd: Path | None = None,
+        self, name: str, cmd: Sequence[str], *,
+        env: Mapping[str, str] | None = None, log_path: Path | None = None, cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.cmd = list(cmd)
@@ -296,12 +241,8 @@ class ManagedProcess:
             self._log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         try:
             self.popen = subprocess.Popen(
-                self.cmd,
-                env=dict(env) if env is not None else None,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log_file,
-                stderr=subprocess.STDOUT if self._log_file else None,
+                self.cmd, env=dict(env) if env is not None else None, cwd=cwd, stdin=subprocess.DEVNULL,
+                stdout=self._log_file, stderr=subprocess.STDOUT if self._log_file else None,
             )
         except OSError as exc:
             self._close_log()
@@ -333,10 +274,8 @@ class ManagedProcess:
         pids = self.tree()
         if pids:
             stop_pids(pids, timeout=timeout)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL already sent
             self.popen.wait(timeout=1)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL already sent
-            pass
         self._close_log()
 
     def _close_log(self) -> None:
@@ -353,13 +292,7 @@ class ProcessSet:
         self._old_handlers: dict[int, object] = {}
 
     def start(self, name: str, cmd: Sequence[str], **kwargs: object) -> ManagedProcess:
-        """Start a :class:`ManagedProcess` (``kwargs``: its ``env``, ``log_path``, ``cwd``) and add it to the set.
-
-        Raises
-        ------
-        FederationError
-            When the command cannot be started.
-        """
+        """Start a :class:`ManagedProcess` (``kwargs``: its ``env``, ``log_path``, ``cwd``) and add it to the set."""
         proc = ManagedProcess(name, cmd, **kwargs)  # type: ignore[arg-type]
         self.processes.append(proc)
         return proc
@@ -383,10 +316,7 @@ class ProcessSet:
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         # Ignore further signals while stopping, so a second Ctrl-C cannot orphan children.
         for sig in self._old_handlers:

@@ -37,6 +37,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+class _Entry:
+    """A file or folder of every run folder, by its name (a read-only attribute of :class:`RunFolder`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, folder: RunFolder, owner: type[RunFolder] | None = None) -> Path:
+        return folder.path / self.name
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The files of one run folder (paths only: nothing is read or created until asked)."""
@@ -64,25 +74,10 @@ class RunFolder:
         """The coordinator workdir; ``None`` when this is not a ``<workdir>/runs/<run-id>`` folder."""
         return self.path.parent.parent if self.path.parent.name == RUNS else None
 
-    @property
-    def report_json(self) -> Path:
-        """The run report for programs (``report.json``), rewritten after every round."""
-        return self.path / REPORT_JSON
-
-    @property
-    def report_md(self) -> Path:
-        """The human-readable run report (``report.md``), rewritten after every round."""
-        return self.path / REPORT_MD
-
-    @property
-    def state(self) -> Path:
-        """The coordinator's state (``state.json``), written after each completed round: what resume starts from."""
-        return self.path / STATE
-
-    @property
-    def checkpoints(self) -> Path:
-        """The folder of the global weights of every round (``round-NNNN.safetensors``)."""
-        return self.path / CHECKPOINTS
+    report_json = _Entry(REPORT_JSON)  # the run report for programs, rewritten after every round
+    report_md = _Entry(REPORT_MD)  # the human-readable run report, rewritten after every round
+    state = _Entry(STATE)  # the coordinator's state after each completed round: what resume starts from
+    checkpoints = _Entry(CHECKPOINTS)  # the folder of the global weights of every round
 
     def checkpoint(self, server_round: int) -> Path:
         """The checkpoint of round ``server_round``, whether or not it was written."""

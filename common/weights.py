@@ -1,21 +1,11 @@
-"""Initial weights from a file: read, hash and check them against a run's model.
+"""Initial weights from a file (``--init-weights FILE``): read, hash and check them against a run's model.
 
-``fl-server --init-weights FILE`` and ``fl-sim run --init-weights FILE`` start a
-run from given weights (e.g. learned on public data) instead of the seeded
-random ones. FILE is a safetensors file or a PyTorch state dict written with
-``torch.save(model.state_dict(), FILE)``; the latter is read with
-``torch.load(..., weights_only=True)``, so a file that pickles anything but
-tensors (a whole model, an optimizer, custom classes) is refused, never run.
-
-The file must hold exactly the run model's ``state_dict()``: the same names and
-shapes, floating-point and finite values (cast to the model's dtype). One
-wrapper prefix shared by every name (``module.`` from DataParallel/DDP,
-``_module.`` from Opacus' GradSampleModule, ``model.``) is removed first.
-
-The launchers check the file before anything starts and pass its absolute path
-and SHA-256 in the run config (``init-weights``, ``init-weights-sha256``); the
-ServerApp loads it again and refuses it if its SHA-256 changed in between, so
-the hash in ``report.json``'s config is that of the weights the run started from.
+FILE is a safetensors file or a ``torch.save``'d state dict, read with ``weights_only=True``:
+a file that pickles anything but tensors is refused, never run. It must hold exactly the
+run model's ``state_dict()`` (names, shapes, finite floating-point values), after removing one
+wrapper prefix shared by every name (``module.``, Opacus' ``_module.``, ``model.``).
+The launchers pass its absolute path and SHA-256 in the run config; the ServerApp refuses
+the file if its SHA-256 changed since, so the hash in ``report.json`` is that of the weights used.
 """
 
 from __future__ import annotations
@@ -38,15 +28,8 @@ if TYPE_CHECKING:
     from common.config import Launch, RunConfig
 
 __all__ = [
-    "INIT_WEIGHTS_KEY",
-    "INIT_WEIGHTS_SHA256_KEY",
-    "WRAPPER_PREFIXES",
-    "check_state_dict",
-    "file_sha256",
-    "init_weights_config",
-    "load_init_weights",
-    "model_for_run",
-    "run_init_weights",
+    "INIT_WEIGHTS_KEY", "INIT_WEIGHTS_SHA256_KEY", "WRAPPER_PREFIXES", "file_sha256", "init_weights_config",
+    "load_init_weights", "model_for_run", "run_init_weights", "sized_encoding",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,47 +43,38 @@ def _what(option: str) -> str:
     return f"`{option}` FILE"
 
 
-def _read_bytes(path: Path, option: str) -> bytes:
+def _check_file(path: Path, option: str) -> None:
     if not path.exists():
         raise ConfigError(f"Expected {_what(option)} to be a file, but {path} does not exist; check the path")
     if not path.is_file():
         raise ConfigError(
             f"Expected {_what(option)} to be a file, but {path} is not a regular file; give the weights file"
         )
+
+
+def _unreadable(path: Path, option: str, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"Expected {_what(option)} to be a readable file, but {path} cannot be read ({exc.strerror or exc}); "
+        "check its permissions"
+    )
+
+
+def _read_bytes(path: Path, option: str) -> bytes:
+    _check_file(path, option)
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ConfigError(
-            f"Expected {_what(option)} to be a readable file, but {path} cannot be read ({exc.strerror or exc}); "
-            "check its permissions"
-        ) from None
+        raise _unreadable(path, option, exc) from None
 
 
 def file_sha256(path: Path, *, option: str = OPTION) -> str:
-    """The SHA-256 of a file's bytes, as lower-case hex.
-
-    Parameters
-    ----------
-    path
-        The file.
-    option
-        The option that named the file, for the error message.
-
-    Raises
-    ------
-    ConfigError
-        When ``path`` is not a readable regular file.
-    """
-    if not path.is_file():
-        _read_bytes(path, option)  # raises the right message
+    """The SHA-256 of a file's bytes as lower-case hex; a :class:`ConfigError` naming ``option`` if unreadable."""
+    _check_file(path, option)
     try:
         with path.open("rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError as exc:
-        raise ConfigError(
-            f"Expected {_what(option)} to be a readable file, but {path} cannot be read ({exc.strerror or exc}); "
-            "check its permissions"
-        ) from None
+        raise _unreadable(path, option, exc) from None
 
 
 def _short(exc: BaseException) -> str:
@@ -178,33 +152,10 @@ def _listed(keys: list[str], shapes: Mapping[str, Any]) -> str:
     return first + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
 
 
-def check_state_dict(
-    state: Mapping[str, torch.Tensor], *, expected: Mapping[str, torch.Tensor], path: Path, option: str = OPTION
+def _check_state_dict(
+    state: Mapping[str, torch.Tensor], *, expected: Mapping[str, torch.Tensor], path: Path, option: str
 ) -> OrderedDict[str, torch.Tensor]:
-    """``state`` checked against ``expected`` (a model's state dict), in its order and dtypes.
-
-    Parameters
-    ----------
-    state
-        The tensors read from the file, by name; one wrapper prefix shared by every name
-        (:data:`WRAPPER_PREFIXES`) is removed first when no name matches as is.
-    expected
-        The run model's ``state_dict()``: the names, shapes and dtypes required.
-    path
-        The file ``state`` was read from, named in the error messages.
-    option
-        The option that named the file, for the error messages.
-
-    Returns
-    -------
-    OrderedDict
-        Copies of the tensors, in ``expected``'s order, cast to its dtypes, contiguous and on the CPU.
-
-    Raises
-    ------
-    ConfigError
-        On missing or unexpected names, a shape mismatch, a non-floating or a non-finite tensor.
-    """
+    """CPU copies of ``state``'s tensors checked against the model's ``expected``, in its order and dtypes."""
     import torch
 
     state = _strip_prefix(dict(state), expected)
@@ -247,30 +198,19 @@ def check_state_dict(
 def load_init_weights(
     path: Path, *, model: nn.Module, expected_sha256: str | None = None, option: str = OPTION
 ) -> tuple[OrderedDict[str, torch.Tensor], str]:
-    """Read a weights file and check it against ``model``.
+    """The weights in a file, checked against ``model``, and the SHA-256 of the very bytes they were read from.
 
-    The bytes are read once: the SHA-256 returned is that of the weights returned.
+    A :class:`ConfigError` says in one line what is wrong with the file and what to do.
 
     Parameters
     ----------
-    path
-        A safetensors file or a ``torch.save``'d state dict.
-    model
-        The run's model (:func:`model_for_run`); its ``state_dict()`` gives the names, shapes and dtypes.
+    path, model
+        A safetensors file or a ``torch.save``'d state dict, and the run's model (:func:`model_for_run`):
+        the names, shapes, dtypes and order of the weights returned.
     expected_sha256
-        If given, the file's SHA-256 must be this (lower-case hex): the file has not changed since it was checked.
+        If given, the file's SHA-256 must be this (hex): the file has not changed since it was checked.
     option
         The option that named the file, for the error messages.
-
-    Returns
-    -------
-    tuple
-        The weights (ordered as ``model.state_dict()``, in its dtypes, on the CPU) and the file's SHA-256.
-
-    Raises
-    ------
-    ConfigError
-        One line saying what is wrong with the file and what to do.
     """
     path = Path(path)
     data = _read_bytes(path, option)
@@ -281,7 +221,7 @@ def load_init_weights(
             f"sha256 is now {digest}; put the original file back, or start a new run with the new one"
         )
     state = _tensors(_parse(data, path, option), path, option)
-    return check_state_dict(state, expected=model.state_dict(), path=path, option=option), digest
+    return _check_state_dict(state, expected=model.state_dict(), path=path, option=option), digest
 
 
 def model_for_run(run: RunConfig) -> nn.Module:
@@ -294,28 +234,16 @@ def model_for_run(run: RunConfig) -> nn.Module:
 def init_weights_config(
     path: Path, *, run: RunConfig, expected_sha256: str | None = None, option: str = OPTION
 ) -> dict[str, str]:
-    """Check a weights file against ``run``'s model; the run-config entries that name it.
+    """Check a weights file against ``run``'s model: ``{"init-weights": <absolute path>, "init-weights-sha256": <hex>}``.
 
     Parameters
     ----------
     path
         A safetensors file or a ``torch.save``'d state dict; ``~`` is expanded and the path made absolute.
     run
-        The checked run config; its model, image size, classes and seed build the model the file must fit.
-    expected_sha256
-        If given, the file's SHA-256 must be this (hex), e.g. the one a scenario pins; None accepts any file.
-    option
-        The option that named the file, for the error messages.
-
-    Returns
-    -------
-    dict
-        ``{"init-weights": "<absolute path>", "init-weights-sha256": "<hex>"}``.
-
-    Raises
-    ------
-    ConfigError
-        One line saying what is wrong with the file and what to do.
+        The checked run config: its model, image size, classes and seed build the model the file must fit.
+    expected_sha256, option
+        As for :func:`load_init_weights` (e.g. the SHA-256 a scenario pins).
     """
     path = Path(path).expanduser().resolve()
     _, digest = load_init_weights(path, model=model_for_run(run), expected_sha256=expected_sha256, option=option)
@@ -323,13 +251,7 @@ def init_weights_config(
 
 
 def run_init_weights(launch: Launch, *, model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """The initial weights a run's config names (``init-weights``), re-checked against their SHA-256.
-
-    Raises
-    ------
-    ConfigError
-        When the run names no file, or the file changed, vanished or does not fit ``model``.
-    """
+    """The initial weights a run's config names (``init-weights``), re-checked against their SHA-256 and ``model``."""
     if not launch.init_weights.path:
         raise ConfigError("Expected `init-weights` in the run config, but it is empty")
     weights, digest = load_init_weights(
@@ -342,28 +264,17 @@ def run_init_weights(launch: Launch, *, model: nn.Module) -> OrderedDict[str, to
 def sized_encoding(
     run_config: Mapping[str, Any], *, run: RunConfig, start: Mapping[str, torch.Tensor] | None, sites: int | None
 ) -> dict[str, Any]:
-    """A run's SecAgg+ encoding sized from its initial weights, checked against them; what fl-server and fl-sim set.
+    """A run's SecAgg+ encoding (:func:`common.config.sized_secagg`) sized from its initial weights and checked
+    against them: what fl-server and fl-sim set.
 
     Parameters
     ----------
-    run_config
-        The run config so far (explicit ``secagg-*`` values win over sizing).
-    run
-        The same, checked: it builds the seeded model when there is no ``start``.
+    run_config, run
+        The run config so far (explicit ``secagg-*`` values win over sizing), and the same checked.
     start
         The initial weights from ``--init-weights``; ``None``: the run's seeded model.
     sites
         How many sites may take part in a round; ``None`` when unknown (256 assumed).
-
-    Returns
-    -------
-    dict[str, Any]
-        ``secagg-clipping-range`` and ``secagg-quantization-range`` (:func:`common.config.sized_secagg`).
-
-    Raises
-    ------
-    ConfigError
-        When an explicit value is invalid, or ``start`` has a weight above half the clipping range.
     """
     from common.config import SecAggConfig, check_model_fits, largest_magnitude, sized_secagg
 

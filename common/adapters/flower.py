@@ -1,17 +1,11 @@
 """Flower's private and internal APIs fedrad uses, behind one version check (Flower 1.41.0).
 
-Importing this module checks the installed Flower and raises
-:class:`common.errors.IncompatibleVersion` on any other version. Flower itself
-is imported only when a function here runs (a ClientApp process starts per
-message, so import cost matters). What is wrapped, and why:
-
-- the Simulation Runtime entry ``flwr-simulation`` uses (the public
-  ``run_simulation`` cannot pass a run config), its ClientApp metrics and the
-  ServerApp's task identity;
-- the SuperLink's delivery error codes;
-- the legacy ``fitins.*`` / ``fitres.*`` message format SecAgg+ speaks;
-- the SecAgg+ and default workflows' stage state, round loop and records;
-- the ``flwr`` CLI's run-config parser and its console log handler.
+Importing this module checks the installed Flower and raises :class:`common.errors.IncompatibleVersion`
+on any other version; Flower itself is imported only when a function here runs (a ClientApp
+process starts per message). Wrapped: the Simulation Runtime entry ``flwr-simulation`` uses (the
+public ``run_simulation`` cannot pass a run config), the SuperLink's delivery error codes, the
+legacy ``fitins.*``/``fitres.*`` format SecAgg+ speaks, the workflows' stage state and round loop,
+and the ``flwr`` CLI's run-config parser and console log handler.
 """
 
 from __future__ import annotations
@@ -34,21 +28,9 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
 __all__ = [
-    "TESTED_VERSION",
-    "SecAggPlusHalt",
-    "clientapp_metrics",
-    "console_warnings_only",
-    "current_round",
-    "fit_reply",
-    "global_arrays",
-    "parse_config_args",
-    "read_fit_instructions",
-    "run_secaggplus_stages",
-    "run_simulation",
-    "run_workflow_rounds",
-    "secaggplus_stage",
-    "serverapp_identity",
-    "undelivered",
+    "TESTED_VERSION", "SecAggPlusHalt", "clientapp_metrics", "console_warnings_only", "current_round", "fit_reply",
+    "global_arrays", "parse_config_args", "read_fit_instructions", "run_secaggplus_stages", "run_simulation",
+    "run_workflow_rounds", "secaggplus_stage", "serverapp_identity", "undelivered",
 ]
 
 TESTED_VERSION = "1.41.0"
@@ -60,18 +42,8 @@ require_version("flwr", TESTED_VERSION, install="flwr[simulation]")
 
 
 def parse_config_args(items: list[str]) -> dict[str, Any]:
-    """``key=value ...`` strings (or a TOML file's path) parsed as ``flwr run --run-config`` parses them.
-
-    Parameters
-    ----------
-    items
-        What the user passed with ``--run-config`` / ``-c``.
-
-    Returns
-    -------
-    dict[str, Any]
-        Flat keys to TOML values; ``ValueError`` or ``OSError`` when malformed.
-    """
+    """What the user passed with ``--run-config`` / ``-c`` (``key=value ...`` strings or a TOML file's path),
+    parsed as ``flwr run --run-config`` parses it: flat keys to TOML values; ``ValueError`` or ``OSError``."""
     from flwr.common.config import parse_config_args as flwr_parse
 
     return dict(flwr_parse(items))
@@ -90,18 +62,8 @@ def console_warnings_only() -> None:
 
 
 def clientapp_metrics(on_runtime: Callable[[float], None]) -> Any:
-    """The Simulation Runtime's ClientApp metrics, also calling ``on_runtime(seconds)`` per message.
-
-    Parameters
-    ----------
-    on_runtime
-        Called from the runtime's threads with each ClientApp message's seconds.
-
-    Returns
-    -------
-    Any
-        A ``VceMetrics`` for :func:`run_simulation`'s ``metrics``.
-    """
+    """The Simulation Runtime's ClientApp metrics (``VceMetrics``, for :func:`run_simulation`), also calling
+    ``on_runtime(seconds)`` from the runtime's threads per ClientApp message."""
     from flwr.server.superlink.fleet.vce.metrics import VceMetrics
 
     class _Counting(VceMetrics):  # type: ignore[misc, unused-ignore]
@@ -114,18 +76,8 @@ def clientapp_metrics(on_runtime: Callable[[float], None]) -> Any:
 
 @contextmanager
 def serverapp_identity(*, run_id: int, task_id: int) -> Iterator[None]:
-    """Act as a ServerApp task of run ``run_id`` (Flower stamps instruction messages with it).
-
-    Parameters
-    ----------
-    run_id, task_id
-        The run and its primary task.
-
-    Yields
-    ------
-    None
-        The previous identity is restored on exit.
-    """
+    """Act as the primary task ``task_id`` of run ``run_id`` (Flower stamps instruction messages with it);
+    the previous identity is restored on exit."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -138,17 +90,8 @@ def serverapp_identity(*, run_id: int, task_id: int) -> Iterator[None]:
 
 
 def run_simulation(
-    *,
-    app_dir: Path,
-    server_app_attr: str,
-    client_app_attr: str,
-    run_id: int,
-    task_id: int,
-    run_config: dict[str, Any],
-    num_supernodes: int,
-    backend_config: dict[str, Any],
-    metrics: Any,
-    verbose: bool,
+    *, app_dir: Path, server_app_attr: str, client_app_attr: str, run_id: int, task_id: int,
+    run_config: dict[str, Any], num_supernodes: int, backend_config: dict[str, Any], metrics: Any, verbose: bool,
 ) -> None:
     """Run the Flower App in ``app_dir`` on the Simulation Runtime, as ``flwr-simulation`` does.
 
@@ -162,14 +105,10 @@ def run_simulation(
         The run's id and its primary task's id.
     run_config
         Overrides of the App's ``[tool.flwr.app.config]`` defaults.
-    num_supernodes
-        Virtual SuperNodes.
-    backend_config
-        Flower's backend config (``client_resources``, ``init_args``).
-    metrics
-        From :func:`clientapp_metrics`.
-    verbose
-        Flower's verbose logging.
+    num_supernodes, backend_config
+        Virtual SuperNodes, and Flower's backend config (``client_resources``, ``init_args``).
+    metrics, verbose
+        From :func:`clientapp_metrics`, and Flower's verbose logging.
     """
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
@@ -199,13 +138,7 @@ def run_simulation(
 
 
 def undelivered(error_code: int) -> str | None:
-    """Why the SuperLink answered for a site: ``"expired"``, ``"node unavailable"``, or None.
-
-    Parameters
-    ----------
-    error_code
-        A reply's ``error.code``.
-    """
+    """Why the SuperLink answered for a site, from a reply's ``error.code``: ``"expired"``, ``"node unavailable"``, or None."""
     from flwr.common.constant import ErrorCode
 
     if error_code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
@@ -223,22 +156,15 @@ def read_fit_instructions(content: RecordDict) -> tuple[list[np.ndarray], dict[s
 
 
 def fit_reply(arrays: list[np.ndarray], *, num_examples: int, metrics: dict[str, Any]) -> RecordDict:
-    """A legacy fit reply (``fitres.*``), what ``secaggplus_mod`` masks.
+    """A legacy fit reply (``fitres.*``, an OK ``FitRes``), what ``secaggplus_mod`` masks.
 
     Parameters
     ----------
-    arrays
-        The site's new weights, one array per model tensor (zeros from a site that declines the round).
-    num_examples
-        Examples the site trained on: its update's weight in the aggregate (0 from a site that declines).
+    arrays, num_examples
+        The site's new weights, one array per model tensor, and the examples it trained on (the update's weight);
+        zeros and 0 from a site that declines the round.
     metrics
-        The reply's fit metrics (the site's name, its training numbers or why it declined); values must be
-        scalars Flower can carry (int, float, str, bytes, bool).
-
-    Returns
-    -------
-    RecordDict
-        The message content: an OK ``FitRes`` as Flower's ``fitres_to_recorddict`` encodes it.
+        The reply's fit metrics (the site's name, its training numbers or why it declined): Flower scalars.
     """
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
@@ -278,13 +204,8 @@ def global_arrays(context: Context) -> list[np.ndarray]:
 
 
 def run_workflow_rounds(
-    grid: Grid,
-    context: LegacyContext,
-    *,
-    first_round: int,
-    fit: Callable[[Grid, LegacyContext], None],
-    evaluate: Callable[[Grid, LegacyContext], None],
-    on_round_done: Callable[[int], None],
+    grid: Grid, context: LegacyContext, *, first_round: int, fit: Callable[[Grid, LegacyContext], None],
+    evaluate: Callable[[Grid, LegacyContext], None], on_round_done: Callable[[int], None],
 ) -> None:
     """Flower's ``DefaultWorkflow`` from round ``first_round`` on, with a hook after each round.
 
@@ -329,32 +250,21 @@ class SecAggPlusHalt:
 
 
 def run_secaggplus_stages(
-    workflow: SecAggPlusWorkflow,
-    grid: Grid,
-    context: LegacyContext,
-    *,
+    workflow: SecAggPlusWorkflow, grid: Grid, context: LegacyContext, *,
     before_unmask: Callable[[list[tuple[Any, FitRes]]], None],
 ) -> SecAggPlusHalt | None:
     """One round of Flower's SecAgg+ protocol (setup, share keys, collect masked vectors, unmask).
 
-    Unlike ``SecAggPlusWorkflow.__call__`` it says why a round stopped, and a site
-    that left before sharing its keys is not "unmasked" later: it holds no one's
-    masks and no one holds its shares (Flower 1.41 would ask the others for shares
-    they never received, and the round would fail).
+    Unlike ``SecAggPlusWorkflow.__call__`` it says why a round stopped (None: the sum was unmasked and
+    aggregated), and a site that left before sharing its keys is not "unmasked" later (Flower 1.41 would
+    ask the others for shares they never received, and the round would fail).
 
     Parameters
     ----------
-    workflow
-        The configured workflow whose stages run.
-    grid, context
-        The grid to send through and the round's ``LegacyContext``.
+    workflow, grid, context
+        The configured workflow whose stages run, the grid to send through and the round's ``LegacyContext``.
     before_unmask
         Called with the sites' (still masked) fit results before the unmask stage.
-
-    Returns
-    -------
-    SecAggPlusHalt or None
-        None when the round's sum was unmasked and aggregated.
     """
     from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 

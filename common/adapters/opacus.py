@@ -31,17 +31,9 @@ _memo_original: Any = None
 def memoized_rdp() -> Iterator[None]:
     """Memoize Opacus' per-step RDP curve ``_compute_rdp(q, σ, α)`` for the duration.
 
-    Both accountants evaluate it (PRV sizes its domain with RDP) for every order α
-    of every (q, σ) of every row's history — the same few (q, σ) over and over —
-    and for short histories it is most of the cost of :func:`common.privacy.epsilons`.
-    It is a pure function of its arguments, so caching it returns the very same
-    floats: every ε is bit-for-bit what it is without the memo. Re-entrant;
-    thread-safe (one cache shared by every thread inside).
-
-    Yields
-    ------
-    None
-        While inside, ``opacus.accountants.analysis.rdp._compute_rdp`` is memoized.
+    Both accountants evaluate it for every order α of the same few (q, σ) over and over; for
+    short histories it is most of the cost of :func:`common.privacy.epsilons`. It is a pure
+    function, so every ε is bit-for-bit what it is without the memo. Re-entrant; thread-safe.
     """
     global _memo_depth, _memo_original
     from opacus.accountants.analysis import rdp as rdp_analysis

@@ -10,21 +10,14 @@ __all__ = ["require_version"]
 
 
 def require_version(distribution: str, tested: str, *, install: str) -> str:
-    """The installed version of ``distribution``, when it is ``tested``.
+    """The installed version of ``distribution``, when it is ``tested``; else :class:`IncompatibleVersion`.
 
     Parameters
     ----------
-    distribution
-        The distribution's name on PyPI (``"flwr"``).
-    tested
-        The version fedrad's use of its private APIs was tested with.
+    distribution, tested
+        The distribution's name on PyPI (``"flwr"``), and the version fedrad's use of its private APIs was tested with.
     install
-        The requirement to install, without the version (``"flwr[simulation]"``).
-
-    Raises
-    ------
-    IncompatibleVersion
-        When another version, or none, is installed; the message says how to install the tested one.
+        The requirement to install, without the version (``"flwr[simulation]"``), for the error message.
     """
     try:
         installed: str | None = version(distribution)

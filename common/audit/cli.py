@@ -1,8 +1,4 @@
-"""``fl-audit``, the privacy officer's command: a site's ledger and a run's report audited, as tables or JSON.
-
-Exit codes: 0 everything verifies; 6 the audit found a problem (each is printed,
-naming the row or the site and round); 3 a file cannot be read; 2 usage errors.
-"""
+"""``fl-audit``, the privacy officer's command: a site's ledger and a run's report audited, as tables or JSON."""
 
 from __future__ import annotations
 

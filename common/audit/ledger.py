@@ -22,9 +22,7 @@ from common.ledger import (
 )
 from common.privacy import DPEvent
 
-SHARED_PATIENTS = (
-    "budgets compose per dataset; if these datasets share patients, those patients' ε is up to the sum"
-)
+SHARED_PATIENTS = "budgets compose per dataset; if these datasets share patients, those patients' ε is up to the sum"
 NOT_PINNED = (
     "no pinned key (--public-key): this proves the ledger is internally consistent only. Anyone who "
     "replaces the ledger and its key files together, and whoever holds the site's private key, could "
@@ -97,19 +95,10 @@ def _read_pem(path: Path) -> bytes:
 
 
 def audit_ledger(path: Path, *, public_key: Path | None = None) -> LedgerAudit:
-    """Verify the ledger at ``path`` and recompute every row's ε; problems are collected, not raised.
+    """Verify the ledger at ``path`` (see :func:`find_ledger`) and recompute every row's ε.
 
-    Parameters
-    ----------
-    path
-        A ledger file, a site's privacy folder or its work folder (see :func:`find_ledger`).
-    public_key
-        The site's public key as the auditor pinned it; without it the ledger's own key is used.
-
-    Raises
-    ------
-    DataError
-        When the ledger or the key cannot be read at all.
+    Problems are collected, not raised; a :class:`DataError` when the ledger or the key cannot be read at all.
+    ``public_key`` is the site's key as the auditor pinned it; without it the ledger's own key is used.
     """
     file = find_ledger(path)
     # snapshot() only reads; an auditor's copy may be named otherwise.

@@ -72,13 +72,10 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def recompute(tasks: Sequence[tuple[Sequence[DPEvent], Any]]) -> list[Epsilons | Exception]:
-    """:func:`common.privacy.epsilons` of every ``(events, δ)`` in ``tasks``, in order.
+    """:func:`common.privacy.epsilons` of every ``(events, δ)`` in ``tasks``, in order, or the exception that stopped it.
 
-    Every task is computed in full by the same function the sites use (nothing is
-    extrapolated from a neighbouring row), on one thread per CPU core (Opacus' PRV
-    numerics run in NumPy/SciPy, which release the GIL), the longest histories
-    first; identical tasks are computed once. A task that cannot be computed gives
-    the exception that stopped it instead of a result.
+    Each is computed in full by the function the sites use, once per distinct task, the longest
+    first, on one thread per CPU core (Opacus' PRV numerics release the GIL).
     """
     keys: list[tuple[Any, ...]] = []
     for events, delta in tasks:

@@ -68,13 +68,7 @@ def _dict(value: Any) -> dict[Any, Any]:
 
 
 def audit_run(path: Path) -> RunAudit:
-    """Recompute every site's run ε from the report's per-round events and check its budget claims.
-
-    Raises
-    ------
-    DataError
-        When ``path`` holds no readable run report.
-    """
+    """Recompute every site's run ε from the report's per-round events and check its budget claims."""
     file, report = load_run_report(path)
     run_id = str(report.get("run_id"))
     problems: list[Problem] = []
@@ -126,12 +120,8 @@ def audit_run(path: Path) -> RunAudit:
 
 
 def _audit_site(
-    run_id: str,
-    name: str,
-    trained: list[tuple[Any, dict[str, Any]]],
-    eps_by_round: list[Epsilons | Exception | None],
-    declined: list[tuple[Any, str]],
-    problems: list[Problem],
+    run_id: str, name: str, trained: list[tuple[Any, dict[str, Any]]], eps_by_round: list[Epsilons | Exception | None],
+    declined: list[tuple[Any, str]], problems: list[Problem],
 ) -> dict[str, Any]:
     """Check one site's reported rounds against their recomputation (adding to ``problems``); its summary."""
     eps: Epsilons | None = None

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config.values import get
 from common.errors import ConfigError
 from common.runfolder import RunFolder
 
@@ -45,17 +44,10 @@ def refuse_launch_keys(keys: Iterable[str], *, option: str, allowed: Iterable[st
 
     Parameters
     ----------
-    keys
-        Run-config keys a user gave.
-    option
-        Where the user gave them, for the message (``--run-config``, ``--set run.KEY``).
+    keys, option
+        Run-config keys a user gave, and where, for the message (``--run-config``, ``--set run.KEY``).
     allowed
         Launch keys this command takes from the user after all (fl-sim: ``init-weights``).
-
-    Raises
-    ------
-    ConfigError
-        ``"`init-weights` is set by fedrad, not with --run-config: use --init-weights FILE"``.
     """
     for key in keys:
         if key in LAUNCH_KEYS and key not in allowed:
@@ -64,11 +56,8 @@ def refuse_launch_keys(keys: Iterable[str], *, option: str, allowed: Iterable[st
 
 @dataclass(frozen=True)
 class InitWeightsConfig:
-    """The file a run starts from instead of seeded random weights (``--init-weights FILE``).
-
-    ``path`` is absolute and ``sha256`` the hash fl-server/fl-sim computed when they
-    checked the file against the run's model (:mod:`common.weights`); the ServerApp
-    refuses the file if its hash changed since. Both empty: seeded random weights.
+    """The file a run starts from (``--init-weights FILE``): its absolute path and the SHA-256 the launcher
+    checked (:mod:`common.weights`); the ServerApp refuses it if that changed. Both empty: seeded random weights.
     """
 
     path: str = ""
@@ -77,7 +66,7 @@ class InitWeightsConfig:
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> InitWeightsConfig:
         """Build and validate from Flower's ``context.run_config`` (keys ``init-weights*``)."""
-        path, sha256 = (get(run_config, k, "") for k in (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY))
+        path, sha256 = (run_config.get(k, "") for k in (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY))
         if not isinstance(path, str) or (path and not Path(path).is_absolute()):
             raise ConfigError(f"Expected `init-weights` to be an absolute path or empty, but got {path!r}")
         if not isinstance(sha256, str) or (sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256)):
@@ -129,12 +118,12 @@ class Launch:
     def from_flower(cls, run_config: Mapping[str, Any]) -> Launch:
         """Build and validate from Flower's ``context.run_config`` (the keys of :data:`LAUNCH_KEYS`)."""
         return cls(
-            workdir=str(get(run_config, WORKDIR_KEY, "")),
-            runs_dir=str(get(run_config, RUNS_DIR_KEY, "") or ""),
-            transport=str(get(run_config, TRANSPORT_KEY, "")),
-            site_nodes=_site_nodes(get(run_config, SITE_NODES_KEY, "")),
-            sim_sites=str(get(run_config, SIM_SITES_KEY, "") or ""),
-            resume_run_id=_run_id(get(run_config, RESUME_RUN_ID_KEY, "")),
+            workdir=str(run_config.get(WORKDIR_KEY, "")),
+            runs_dir=str(run_config.get(RUNS_DIR_KEY, "") or ""),
+            transport=str(run_config.get(TRANSPORT_KEY, "")),
+            site_nodes=_site_nodes(run_config.get(SITE_NODES_KEY, "")),
+            sim_sites=str(run_config.get(SIM_SITES_KEY, "") or ""),
+            resume_run_id=_run_id(run_config.get(RESUME_RUN_ID_KEY, "")),
             init_weights=InitWeightsConfig.from_flower(run_config),
         )
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.config.values import choice, get
+from common.config.values import choice
 from common.errors import ConfigError
 
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -37,9 +37,7 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size > 1024:
-            raise ConfigError(
-                f"Expected `image-size` to be an integer in [16, 1024], but got {self.image_size!r}"
-            )
+            raise ConfigError(f"Expected `image-size` to be an integer in [16, 1024], but got {self.image_size!r}")
         choice("window", self.window, WINDOWS)
         choice("multiframe", self.multiframe, MULTIFRAME)
         choice("color", self.color, COLOR)
@@ -56,15 +54,15 @@ class PreprocessConfig:
     def from_flower(cls, run_config: Mapping[str, Any]) -> PreprocessConfig:
         """Build from the preprocessing keys of a run config (defaults for missing keys)."""
         d = cls()
-        image_size = get(run_config, "image-size", d.image_size)
+        image_size = run_config.get("image-size", d.image_size)
         if isinstance(image_size, bool) or not isinstance(image_size, int):
             raise ConfigError(f"Expected `image-size` to be an integer, but got {image_size!r}")
         return cls(
             image_size=image_size,
-            window=choice("window", get(run_config, "window", d.window), WINDOWS),
-            multiframe=choice("multiframe", get(run_config, "multiframe", d.multiframe), MULTIFRAME),
-            color=choice("color", get(run_config, "color", d.color), COLOR),
-            enhance=choice("enhance", get(run_config, "enhance", d.enhance), ENHANCE),
+            window=choice("window", run_config.get("window", d.window), WINDOWS),
+            multiframe=choice("multiframe", run_config.get("multiframe", d.multiframe), MULTIFRAME),
+            color=choice("color", run_config.get("color", d.color), COLOR),
+            enhance=choice("enhance", run_config.get("enhance", d.enhance), ENHANCE),
         )
 
 
@@ -87,7 +85,7 @@ class AugmentConfig:
         """Build from the ``augment-*`` keys of a run config (defaults for missing keys)."""
 
         def bounded(key: str, default: float, high: float) -> float:
-            value = get(run_config, key, default)
+            value = run_config.get(key, default)
             try:
                 number = float(value)
             except (TypeError, ValueError):

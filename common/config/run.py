@@ -12,15 +12,7 @@ from typing import Any
 
 from common.config.preprocess import AugmentConfig, PreprocessConfig
 from common.config.secagg import SecAggConfig
-from common.config.values import (
-    choice,
-    fraction,
-    get,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
+from common.config.values import choice, fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from common.errors import ConfigError
 
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
@@ -34,9 +26,7 @@ def parse_classes(value: Any) -> tuple[str, ...]:
         raise ConfigError(f"Expected `classes` to be comma-separated class names, but got {value!r}")
     names = tuple(c.strip() for c in value.split(","))
     if len(names) < 2 or any(not c for c in names) or len(set(names)) != len(names):
-        raise ConfigError(
-            f"Expected `classes` to be at least two distinct comma-separated names, but got {value!r}"
-        )
+        raise ConfigError(f"Expected `classes` to be at least two distinct comma-separated names, but got {value!r}")
     return names
 
 
@@ -64,42 +54,34 @@ def parse_operating_point(value: Any) -> str | float:
 class RoundPolicy:
     """How the coordinator runs a round: deadlines, quorum, retries, update screening, aggregation.
 
-    - ``timeout``: seconds the coordinator waits for the sites' answers to one round's
-      training (and again for its evaluation). A message not answered by then expires:
-      the round goes on with the sites that answered, and a late site never trains it.
-    - ``join_timeout``: seconds to wait, at the start of a round, for ``min-sites`` sites to be
-      connected before the round is given up.
-    - ``retries``: a round whose usable answers fall short of ``min-sites`` is tried again this
-      many times (with the sites connected then) before the run stops with the reason.
-    - ``norm_factor``: an update whose distance from the global model is more than this many
-      times the median of the other sites' is rejected (0 turns the check off; plain runs only).
-    - ``aggregation``: ``fedavg`` (weighted by examples), or the robust ``trimmed-mean`` /
-      ``median`` (coordinate-wise, unweighted; plain runs only), with ``trim_fraction``.
+    A message not answered within ``timeout`` expires: the round goes on with the sites that
+    answered, and a late site never trains it. A round whose usable answers fall short of
+    ``min-sites`` is tried again ``retries`` times before the run stops with the reason.
     """
 
-    timeout: float = 600.0
-    join_timeout: float = 600.0
+    timeout: float = 600.0  # seconds to wait for the sites' answers to a round's training (and its evaluation)
+    join_timeout: float = 600.0  # seconds to wait at a round's start for ``min-sites`` connected sites
     retries: int = 1
-    norm_factor: float = 10.0
-    aggregation: str = "fedavg"
+    norm_factor: float = 10.0  # reject an update farther than this × the others' median distance (0: off; plain)
+    aggregation: str = "fedavg"  # weighted by examples; or "trimmed-mean"/"median" (coordinate-wise; plain runs)
     trim_fraction: float = 0.2
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RoundPolicy:
         """Build and validate from the round keys of a run config (defaults for missing keys)."""
         d = cls()
-        norm_factor = non_negative_float("norm-factor", get(run_config, "norm-factor", d.norm_factor))
+        norm_factor = non_negative_float("norm-factor", run_config.get("norm-factor", d.norm_factor))
         if 0 < norm_factor <= 1:
             raise ConfigError(f"Expected `norm-factor` to be 0 (off) or above 1, but got {norm_factor!r}")
-        trim = non_negative_float("trim-fraction", get(run_config, "trim-fraction", d.trim_fraction))
+        trim = non_negative_float("trim-fraction", run_config.get("trim-fraction", d.trim_fraction))
         if trim >= 0.5:
             raise ConfigError(f"Expected `trim-fraction` to be below 0.5, but got {trim!r}")
         return cls(
-            timeout=positive_float("round-timeout", get(run_config, "round-timeout", d.timeout)),
-            join_timeout=positive_float("join-timeout", get(run_config, "join-timeout", d.join_timeout)),
-            retries=non_negative_int("round-retries", get(run_config, "round-retries", d.retries)),
+            timeout=positive_float("round-timeout", run_config.get("round-timeout", d.timeout)),
+            join_timeout=positive_float("join-timeout", run_config.get("join-timeout", d.join_timeout)),
+            retries=non_negative_int("round-retries", run_config.get("round-retries", d.retries)),
             norm_factor=norm_factor,
-            aggregation=choice("aggregation", get(run_config, "aggregation", d.aggregation), AGGREGATIONS),
+            aggregation=choice("aggregation", run_config.get("aggregation", d.aggregation), AGGREGATIONS),
             trim_fraction=trim,
         )
 
@@ -142,10 +124,7 @@ class RunConfig:
         from common.models import MODELS
 
         d = cls()
-
-        def value(key: str, default: Any) -> Any:
-            return get(run_config, key, default)
-
+        value = run_config.get
         seed = value("seed", d.seed)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"Expected `seed` to be an integer, but got {seed!r}")

@@ -2,10 +2,9 @@
 
 A site sends ``num-examples / max-weight × weights``, clipped to ±``clipping-range`` and
 rounded to ``quantization-range`` levels; the coordinator adds the sites' integers modulo
-:data:`MODULUS`. ``secagg-clipping-range`` and ``secagg-quantization-range`` default to 0,
-"auto": :func:`sized_secagg` sizes them from the run's initial weights, once, in the
-launcher (fl-server, fl-sim), which writes the values into the run config, so the
-ServerApp and every site use the same ones. An explicit value wins.
+:data:`MODULUS`. Both ranges default to 0, "auto": the launcher (fl-server, fl-sim) sizes
+them once from the initial weights (:func:`sized_secagg`) and writes them into the run config,
+so the ServerApp and every site use the same ones. An explicit value wins.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from common.config.values import fraction, get, positive_float, positive_int
+from common.config.values import fraction, positive_float, positive_int
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -55,22 +54,11 @@ def sized_secagg(
     run_config
         The run config (Flower's, or the launcher's overrides with the project's defaults).
     largest_weight
-        Returns the largest magnitude of the run's initial weights; called only when the
-        clipping range is to be sized.
+        The largest magnitude of the run's initial weights; called only when the clipping range is sized.
     sites
         How many sites may take part in a round; ``None`` when the launcher cannot tell (256 assumed).
-
-    Returns
-    -------
-    dict
-        ``secagg-clipping-range`` (float) and ``secagg-quantization-range`` (int), for the run config.
-
-    Raises
-    ------
-    ConfigError
-        When an explicit value is invalid, or its levels would overflow the modulus for ``sites``.
     """
-    clipping, levels = get(run_config, CLIPPING_KEY, AUTO), get(run_config, QUANTIZATION_KEY, AUTO)
+    clipping, levels = run_config.get(CLIPPING_KEY, AUTO), run_config.get(QUANTIZATION_KEY, AUTO)
     count = max(sites or ASSUMED_SITES, 1)
     cap = min(MAX_LEVELS, 1 << ((MODULUS // count).bit_length() - 1))
     if _is_auto(clipping):
@@ -98,22 +86,10 @@ def largest_magnitude(weights: Iterable[torch.Tensor]) -> float:
 
 
 def check_model_fits(state: Mapping[str, torch.Tensor], secagg: SecAggConfig) -> None:
-    """Refuse a clipping range that leaves the model's weights less than 2× headroom.
+    """Refuse a clipping range that leaves the model's initial weights ``state`` less than 2× headroom.
 
     Sites refuse to mask weights outside ±``secagg-clipping-range``; a range that
     starts tight would make them drop out after a few rounds of training.
-
-    Parameters
-    ----------
-    state
-        The model's initial weights.
-    secagg
-        The run's SecAgg+ settings (an unsized range counts as 8).
-
-    Raises
-    ------
-    ConfigError
-        When the largest weight is more than half the clipping range.
     """
     largest = largest_magnitude(state.values())
     if largest * 2 > secagg.clipping_range:
@@ -127,13 +103,9 @@ def check_model_fits(state: Mapping[str, torch.Tensor], secagg: SecAggConfig) ->
 class SecAggConfig:
     """Secure aggregation (Flower's SecAgg+) settings from the run config.
 
-    ``shares`` and ``threshold`` are fractions: of the sites sampled in a round,
-    and of the shares (Flower rounds them; at least 2 shares are needed to
-    reconstruct). Sites send ``num-examples / max-weight × weights``, clipped to
-    ±``clipping-range`` and quantized to ``quantization-range`` levels; a site
-    refuses to mask an update that would be clipped (see :mod:`client.app.secure`).
-    A run config whose encoding was never sized (0, "auto") gets that of a model
-    with weights within ±2: range 8, 2**22 levels.
+    ``shares`` and ``threshold`` are fractions: of the sites sampled in a round, and of
+    the shares (Flower rounds them; at least 2 shares are needed to reconstruct). A run
+    config whose encoding was never sized gets that of weights within ±2: range 8, 2**22 levels.
     """
 
     enabled: bool = True
@@ -149,16 +121,16 @@ class SecAggConfig:
     def from_flower(cls, run_config: Mapping[str, Any]) -> SecAggConfig:
         """Build and validate from Flower's ``context.run_config`` (keys ``secagg*``)."""
         d = cls()
-        enabled = get(run_config, "secagg", d.enabled)
+        enabled = run_config.get("secagg", d.enabled)
         if not isinstance(enabled, bool):
             raise ConfigError(f"Expected `secagg` to be true or false, but got {enabled!r}")
         encoding = sized_secagg(run_config, largest_weight=lambda: 0.0)
         return cls(
             enabled=enabled,
-            shares=fraction("secagg-shares", get(run_config, "secagg-shares", d.shares)),
-            threshold=fraction("secagg-threshold", get(run_config, "secagg-threshold", d.threshold)),
-            timeout=positive_float("secagg-timeout", get(run_config, "secagg-timeout", d.timeout)),
-            max_weight=positive_int("secagg-max-weight", get(run_config, "secagg-max-weight", d.max_weight)),
+            shares=fraction("secagg-shares", run_config.get("secagg-shares", d.shares)),
+            threshold=fraction("secagg-threshold", run_config.get("secagg-threshold", d.threshold)),
+            timeout=positive_float("secagg-timeout", run_config.get("secagg-timeout", d.timeout)),
+            max_weight=positive_int("secagg-max-weight", run_config.get("secagg-max-weight", d.max_weight)),
             clipping_range=encoding[CLIPPING_KEY],
             quantization_range=encoding[QUANTIZATION_KEY],
         )
@@ -166,10 +138,8 @@ class SecAggConfig:
     def tolerance(self, *, sites: int, total_examples: int) -> float:
         """Largest per-weight difference between the secure aggregate and plaintext FedAvg.
 
-        Each site's stochastic rounding errs by less than one quantization step,
-        ``2 · clipping-range / quantization-range``, on its weighted update
-        (``num-examples / max-weight × weights``); dividing the sum by the total
-        weight gives this bound, plus a little for float32 rounding.
+        Each site's stochastic rounding errs by less than one step, ``2 · clipping-range / quantization-range``,
+        on its weighted update; the sum divided by the total weight gives this bound, plus float32 rounding.
         """
         step = 2 * self.clipping_range / self.quantization_range
         return sites * step * self.max_weight / max(total_examples, 1) + 1e-6

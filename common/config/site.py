@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config.launch import Launch
-from common.config.values import choice, get, non_negative_float, non_negative_int, positive_float, site_name
+from common.config.values import choice, non_negative_float, non_negative_int, positive_float, site_name
 from common.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,7 +33,7 @@ def simulated_node_config(table: Path, partition_id: int) -> dict[str, Any]:
 
 
 def _flag(node_config: Mapping[str, Any], key: str) -> bool:
-    value = get(node_config, key, True)
+    value = node_config.get(key, True)
     if not isinstance(value, bool):
         raise ConfigError(f"Expected `{key}` to be true or false, but got {value!r}")
     return value
@@ -70,20 +70,20 @@ class SiteConfig:
                     f"Expected `{key}` in the node config, but it is missing; "
                     "start the SuperNode with `fl-client`"
                 )
-        delta = positive_float("delta", get(node_config, "delta", 1e-5))
+        delta = positive_float("delta", node_config.get("delta", 1e-5))
         if delta >= 1:
             raise ConfigError(f"Expected `delta` to be below 1, but got {delta!r}")
         return cls(
             site=site_name(node_config["site"]),
             data_dir=Path(str(node_config["data-dir"])),
             work_dir=Path(str(node_config["work-dir"])),
-            max_epsilon=positive_float("max-epsilon", get(node_config, "max-epsilon", 8.0)),
+            max_epsilon=positive_float("max-epsilon", node_config.get("max-epsilon", 8.0)),
             delta=delta,
-            device=choice("device", get(node_config, "device", "auto"), DEVICES),
+            device=choice("device", node_config.get("device", "auto"), DEVICES),
             secure_mode=_flag(node_config, "secure-mode"),
-            threads=non_negative_int("threads", get(node_config, "threads", 0)),
-            privacy_unit=choice("privacy-unit", get(node_config, "privacy-unit", "patient"), PRIVACY_UNITS),
-            noise_multiplier=non_negative_float("noise-multiplier", get(node_config, "noise-multiplier", 0.0)),
+            threads=non_negative_int("threads", node_config.get("threads", 0)),
+            privacy_unit=choice("privacy-unit", node_config.get("privacy-unit", "patient"), PRIVACY_UNITS),
+            noise_multiplier=non_negative_float("noise-multiplier", node_config.get("noise-multiplier", 0.0)),
             dp=_flag(node_config, "dp"),
             ledger_dir=Path(str(node_config["ledger-dir"])) if node_config.get("ledger-dir") else None,
         )
@@ -92,10 +92,8 @@ class SiteConfig:
     def from_context(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteConfig:
         """The site's config for a message: its node config, or its row of fl-sim's site table.
 
-        Flower's simulation runtime gives every virtual SuperNode only a
-        ``partition-id``; fl-sim writes one node config per partition into the
-        JSON file named by the run config's ``sim-sites``. A real SuperNode
-        (started by fl-client) never has a ``partition-id``, so a coordinator
+        Flower's simulation gives a virtual SuperNode only a ``partition-id``, its row in the table
+        the run config's ``sim-sites`` names; a real SuperNode never has one, so a coordinator
         cannot use ``sim-sites`` to change a real site's settings.
         """
         table = Launch.from_flower(run_config).sim_sites

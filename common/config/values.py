@@ -4,33 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from common.errors import ConfigError
 
 # The one site-name rule (node config, enrollment, kits, fl-sim's scenarios); ``\Z``: no trailing newline.
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
-
-
-def get(source: Mapping[str, Any], key: str, default: Any) -> Any:
-    """``source[key]``, or ``default`` when the key is missing.
-
-    Parameters
-    ----------
-    source
-        The config to read: a Flower run config or a SuperNode's node config.
-    key
-        The key as the user writes it (``"secagg-shares"``).
-    default
-        What to return when ``source`` lacks ``key``; a key that is present is returned whatever its value.
-
-    Returns
-    -------
-    Any
-        The value, unchecked: the checks below validate it.
-    """
-    return source.get(key, default)
 
 
 def _number(value: Any) -> float:
@@ -77,22 +56,11 @@ def fraction(key: str, value: Any, *, allow_zero: bool = False) -> float:
 
     Parameters
     ----------
-    key
-        The config key, named in the error message.
-    value
-        A number, or a string that parses as one; a bool or NaN is refused.
+    key, value
+        The config key, named in the error message, and its value: a number or a string that parses as one
+        (a bool or NaN is refused).
     allow_zero
         Accept 0 too: the interval is [0, 1] instead of (0, 1].
-
-    Returns
-    -------
-    float
-        ``value`` as a float.
-
-    Raises
-    ------
-    ConfigError
-        When ``value`` is not a number in the interval.
     """
     number = _number(value)
     low_ok = number >= 0 if allow_zero else number > 0
@@ -107,22 +75,10 @@ def choice(key: str, value: Any, options: tuple[str, ...] | list[str]) -> str:
 
     Parameters
     ----------
-    key
-        The config key, named in the error message.
-    value
-        The value to check.
+    key, value
+        The config key, named in the error message, and its value.
     options
         The accepted values; the error message lists them in this order.
-
-    Returns
-    -------
-    str
-        ``value``, unchanged.
-
-    Raises
-    ------
-    ConfigError
-        When ``value`` is not one of ``options``.
     """
     if value not in options:
         raise ConfigError(f"Expected `{key}` to be one of {', '.join(options)}, but got {value!r}")
@@ -130,23 +86,7 @@ def choice(key: str, value: Any, options: tuple[str, ...] | list[str]) -> str:
 
 
 def site_name(value: Any) -> str:
-    """Validate a site name (letters, digits, ``_`` and ``-``; at most 64 characters).
-
-    Parameters
-    ----------
-    value
-        The name to check.
-
-    Returns
-    -------
-    str
-        ``value``, unchanged.
-
-    Raises
-    ------
-    ConfigError
-        When ``value`` is not a string of that form.
-    """
+    """Return ``value`` if it is a site name (letters, digits, ``_`` and ``-``; at most 64) or raise :class:`ConfigError`."""
     if not isinstance(value, str) or not SITE_NAME_RE.match(value):
         raise ConfigError(
             "Expected `site` to be a name of letters, digits, '_' or '-' "

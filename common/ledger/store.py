@@ -12,21 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import DataError
-from common.ledger.records import (
-    _ROW_FIELDS,
-    FORMAT,
-    GENESIS,
-    LEDGER_FILE,
-    PRIVATE_KEY_FILE,
-    PUBLIC_KEY_FILE,
-    Entry,
-    Plan,
-    Row,
-    _load_private_key,
-    _normalized,
-    head_message,
-    row_digest,
-)
+from common.ledger import records as rec
+from common.ledger.records import Entry, Plan, Row
 from common.privacy import DPEvent
 
 if TYPE_CHECKING:
@@ -69,12 +56,26 @@ _PLAN_QUERY = (
 )
 
 
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _plan(found: tuple[float, float, int, int]) -> Plan:
+    return Plan(float(found[0]), float(found[1]), int(found[2]), int(found[3]))
+
+
+def _public_pem(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 class Ledger:
     """A site's ledger in ``privacy_dir`` (created with a fresh key on first use)."""
 
     def __init__(self, privacy_dir: Path, *, create: bool = True) -> None:
         self.dir = Path(privacy_dir)
-        self.path = self.dir / LEDGER_FILE
+        self.path = self.dir / rec.LEDGER_FILE
         if not create and not self.path.is_file():
             raise DataError(f"No privacy ledger at {self.path}; pass the site's work dir or its ledger.sqlite")
         if create:
@@ -115,16 +116,12 @@ class Ledger:
 
     def _key(self) -> Ed25519PrivateKey:
         """The site's Ed25519 signing key, created (0600) on first use."""
-        from cryptography.hazmat.primitives import serialization
-
         if self._private_key is not None:
             return self._private_key
-        key_path = self.dir / PRIVATE_KEY_FILE
-        key = _load_private_key(key_path) if key_path.exists() else self._create_key(key_path)
-        public = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        pub_path = self.dir / PUBLIC_KEY_FILE
+        key_path = self.dir / rec.PRIVATE_KEY_FILE
+        key = rec._load_private_key(key_path) if key_path.exists() else self._create_key(key_path)
+        public = _public_pem(key)
+        pub_path = self.dir / rec.PUBLIC_KEY_FILE
         if not pub_path.exists() or pub_path.read_bytes() != public:
             from common.files import write_atomic
 
@@ -159,7 +156,7 @@ class Ledger:
             try:
                 os.link(tmp, key_path)
             except FileExistsError:
-                return _load_private_key(key_path)  # another process created the key first: use that one
+                return rec._load_private_key(key_path)  # another process created the key first: use that one
             except OSError:
                 write_new(key_path)  # no hard links on this file system: create the key file in place
         finally:
@@ -168,11 +165,7 @@ class Ledger:
 
     def public_pem(self) -> bytes:
         """The PEM public key rows are signed with (created with the key if needed)."""
-        from cryptography.hazmat.primitives import serialization
-
-        return self._key().public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return _public_pem(self._key())
 
     # -- reading ----------------------------------------------------------------
 
@@ -195,14 +188,14 @@ class Ledger:
             return {}, [], None
         with self._connect(write=False) as conn:
             conn.execute("BEGIN")  # one read transaction: no append can land between the reads
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = _tables(conn)
             meta: dict[str, str] = {}
             if "meta" in tables:
                 meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
             rows: list[Row] = []
             if "rounds" in tables:
-                cursor = conn.execute(f"SELECT {', '.join(_ROW_FIELDS)} FROM rounds ORDER BY seq")
-                rows = [Row(**dict(zip(_ROW_FIELDS, values, strict=True))) for values in cursor]
+                cursor = conn.execute(f"SELECT {', '.join(rec._ROW_FIELDS)} FROM rounds ORDER BY seq")
+                rows = [Row(**dict(zip(rec._ROW_FIELDS, values, strict=True))) for values in cursor]
             head = None
             if "head" in tables:
                 found = conn.execute("SELECT count, hash, signature FROM head WHERE id = 1").fetchone()
@@ -224,38 +217,25 @@ class Ledger:
         if not self.path.exists():
             return None
         with self._connect(write=False) as conn:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if "plans" not in tables:
+            if "plans" not in _tables(conn):
                 return None
             found = conn.execute(_PLAN_QUERY, (run_id, fingerprint)).fetchone()
-        return None if found is None else Plan(float(found[0]), float(found[1]), int(found[2]), int(found[3]))
+        return None if found is None else _plan(found)
 
     # -- writing ----------------------------------------------------------------
 
     def save_plan(self, *, run_id: str, fingerprint: str, plan: Plan) -> Plan:
-        """Fix the run's plan; the first plan saved for (run, dataset) wins and is returned.
+        """Fix the run's plan (creating the ledger and the key if needed); the first saved for (run, dataset) wins.
 
-        Creates the ledger and the site's signing key when they do not exist yet.
+        Returns ``plan`` when it is the first, else the one an earlier message or a concurrent process
+        saved, which the site must train with.
 
         Parameters
         ----------
-        run_id
-            The Flower run id.
-        fingerprint
-            The dataset fingerprint the plan is for (what the rows' ``fingerprint`` holds).
+        run_id, fingerprint
+            The Flower run id, and the dataset fingerprint the plan is for (what the rows' ``fingerprint`` holds).
         plan
             The plan the caller computed for this run (σ, q, steps per round, planned rounds).
-
-        Returns
-        -------
-        Plan
-            The plan stored for (``run_id``, ``fingerprint``): ``plan`` when it is the first, else the one an
-            earlier message or a concurrent process saved, which the site must train with.
-
-        Raises
-        ------
-        DataError
-            When the ledger or its signing key cannot be read or written.
         """
         self._key()
         with self._connect(write=True) as conn:
@@ -266,12 +246,11 @@ class Ledger:
                  plan.planned_rounds, time.time()),
             )
             found = conn.execute(_PLAN_QUERY, (run_id, fingerprint)).fetchone()
-        return Plan(float(found[0]), float(found[1]), int(found[2]), int(found[3]))
+        return _plan(found)
 
     def _init_meta(self, conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('public-key', ?)", (self.public_pem().decode(),))
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (str(time.time()),))
+        meta = {"format": rec.FORMAT, "public-key": self.public_pem().decode(), "created": str(time.time())}
+        conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", meta.items())
 
     def append(self, entry: Entry) -> Row:
         """Add one signed, chained row for ``entry`` and reseal the head, in one transaction."""
@@ -280,17 +259,17 @@ class Ledger:
             self._init_meta(conn)
             last = conn.execute("SELECT seq, hash FROM rounds ORDER BY seq DESC LIMIT 1").fetchone()
             count = conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
-            seq, prev_hash = (1, GENESIS) if last is None else (int(last[0]) + 1, str(last[1]))
-            values = _normalized({**asdict(entry), "seq": seq, "created": time.time(), "prev_hash": prev_hash})
-            digest = row_digest(values)
+            seq, prev_hash = (1, rec.GENESIS) if last is None else (int(last[0]) + 1, str(last[1]))
+            values = rec._normalized({**asdict(entry), "seq": seq, "created": time.time(), "prev_hash": prev_hash})
+            digest = rec.row_digest(values)
             values["hash"] = digest
             values["signature"] = key.sign(digest.encode()).hex()
             conn.execute(
-                f"INSERT INTO rounds ({', '.join(_ROW_FIELDS)}) VALUES ({', '.join('?' * len(_ROW_FIELDS))})",
-                [values[k] for k in _ROW_FIELDS],
+                f"INSERT INTO rounds ({', '.join(rec._ROW_FIELDS)}) VALUES ({', '.join('?' * len(rec._ROW_FIELDS))})",
+                [values[k] for k in rec._ROW_FIELDS],
             )
             conn.execute(
                 "INSERT OR REPLACE INTO head VALUES (1, ?, ?, ?)",
-                (count + 1, digest, key.sign(head_message(count + 1, digest)).hex()),
+                (count + 1, digest, key.sign(rec.head_message(count + 1, digest)).hex()),
             )
-        return Row(**{k: values[k] for k in _ROW_FIELDS})
+        return Row(**{k: values[k] for k in rec._ROW_FIELDS})

@@ -20,22 +20,15 @@ class Problem:
 
 
 def verify(rows: Sequence[Row], head: tuple[int, str, str] | None, public_key) -> list[Problem]:  # type: ignore[no-untyped-def]
-    """Check the chain, every signature and the sealed head; empty when the ledger is intact.
+    """Check the chain, every signature and the sealed head: one problem per fault, rows' first; empty if intact.
 
     Parameters
     ----------
-    rows
-        The ledger's rows in chain order (:meth:`Ledger.rows`).
-    head
-        The signed head ``(count, last hash, signature)``; None when the ledger has none, a problem unless
-        ``rows`` is empty.
+    rows, head
+        The ledger's rows in chain order (:meth:`Ledger.rows`), and its signed head ``(count, last hash,
+        signature)`` (None: a problem unless ``rows`` is empty).
     public_key
         The Ed25519 public key (:func:`load_public_key`) the rows and the head must be signed with.
-
-    Returns
-    -------
-    list of Problem
-        One per out-of-sequence or unlinked row, edited row, bad signature and head mismatch; rows' first.
     """
     from cryptography.exceptions import InvalidSignature
 

@@ -52,14 +52,6 @@ def audit_json(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[i
     return code, json.loads(out), err
 
 
-@pytest.fixture(scope="module")
-def honest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A site work dir whose ledger holds three honest rows of run 17 (copy it to change it)."""
-    work = tmp_path_factory.mktemp("site-A")
-    build_ledger(work / "privacy")
-    return work
-
-
 @pytest.fixture
 def site(honest: Path, tmp_path: Path) -> Path:
     shutil.copytree(honest, tmp_path / "site")

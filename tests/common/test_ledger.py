@@ -75,14 +75,6 @@ def build_ledger(
     return written
 
 
-@pytest.fixture(scope="module")
-def honest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A site work dir with an honest three-row ledger (read-only: copy it to tamper)."""
-    work = tmp_path_factory.mktemp("site-A")
-    build_ledger(work / "privacy")
-    return work
-
-
 @pytest.fixture
 def ledger_copy(honest: Path, tmp_path: Path) -> Ledger:
     shutil.copytree(honest, tmp_path / "site", dirs_exist_ok=True)
