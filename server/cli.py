@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -31,12 +31,17 @@ from common.processes import LOOPBACK
 from server import coordinator as steps
 from server.superlink import app_dir, sync_live_superlink
 
+if TYPE_CHECKING:
+    from server.enroll import Consortium
+
 DEFAULT_PORT = 9092
 
 cli = typer.Typer(add_completion=False, help=__doc__)
 
 
-WORKDIR_OPTION = typer.Option(help="The coordinator's folder: PKI, kits, runs/, logs.")
+WORKDIR = Path("fedrad-server")
+Workdir = Annotated[Path, typer.Option(help="The coordinator's folder: PKI, kits, runs/, logs.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
 
 
 @cli.command()
@@ -48,7 +53,7 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port the hospitals connect to.")] = DEFAULT_PORT,
     public_host: Annotated[list[str] | None, typer.Option(help="Name or IP the hospitals use for this coordinator "
                                                           "(goes into its TLS certificate; repeatable).")] = None,
-    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
+    workdir: Workdir = WORKDIR,
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round at each site.")] = 3,
     image_size: Annotated[int, typer.Option(min=16, max=1024, help="Model input size in pixels.")] = 64,
     window: Annotated[str, typer.Option(help=f"Window preset: {', '.join(WINDOW_PRESETS)}.")] = "brain",
@@ -60,8 +65,8 @@ def serve(
         "--init-weights", metavar="FILE",
         help="Start from these weights instead of random ones: a safetensors file or a torch.save'd state_dict of "
              "the run's model (checked before anything starts; its SHA-256 goes into the report).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> int:
+    verbose: Verbose = False,
+) -> None:
     """Start the SuperLink (and its Fleet-API proxy), run the federation, print the report and stop."""
     setup_logging(verbose)
     init = steps.init_weights_config(init_weights, resume=resume)
@@ -89,56 +94,54 @@ def serve(
     )
     run_id = launch.resume_run_id or flower_run_id
     steps.report_run(workdir, run_id, status=status, details=details)
-    return 0
 
 
-SITE_OPTION = typer.Option(help="The site's name, e.g. A.")
-DATA_OPTION = typer.Option(
+def _consortium(workdir: Path, *, verbose: bool | None = None) -> Consortium:
+    """The consortium in ``workdir``, after setting up logging unless ``verbose`` is None."""
+    from server.enroll import Consortium
+
+    if verbose is not None:
+        setup_logging(verbose)
+    return Consortium(workdir.resolve())
+
+
+Site = Annotated[str, typer.Option(help="The site's name, e.g. A.")]
+DataSettings = Annotated[list[str] | None, typer.Option(
     "--run-config", "-c",
     help="The run's data settings, written into this kit and every later one so sites check and cache what the "
     "run uses, e.g. -c 'image-size=128 window=\"voi\"'. Keys: image-size, window, multiframe, color, enhance, "
     "classes, val-fraction, seed. Default: those given before, else the run config's defaults.",
-)
+)]
 
 
 @cli.command()
 def enroll(
-    site: Annotated[str, SITE_OPTION],
+    site: Site,
     server_address: Annotated[str, typer.Option(help="HOST:PORT the site connects to (written into its kit).")] = f"{LOOPBACK}:{DEFAULT_PORT}",
-    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
-    run_config: Annotated[list[str] | None, DATA_OPTION] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> int:
+    workdir: Workdir = WORKDIR, run_config: DataSettings = None, verbose: Verbose = False,
+) -> None:
     """Enroll a hospital: its key pair and kit; registered with a running server at once."""
     from common.kit import parse_data_args
-    from server.enroll import Consortium
 
-    setup_logging(verbose)
-    consortium = Consortium(workdir.resolve())
+    consortium = _consortium(workdir, verbose=verbose)
     consortium.ensure_ca()
     kit = consortium.enroll(site, server_address=server_address, data=parse_data_args(run_config) or None)
     entry = consortium.sites()[site]
-    live = sync_live_superlink(workdir.resolve(), add={site: kit / "site.pub"})
+    live = sync_live_superlink(consortium.workdir, add={site: kit / "site.pub"})
     print(f"enrolled site {site} (key {entry['fingerprint']}); hand {consortium.kit_archive(site)} to the site "
           f"over a trusted channel{'; registered with the running server' if live else ''}")
-    return 0
 
 
 @cli.command()
 def rekey(
-    site: Annotated[str, SITE_OPTION],
+    site: Site,
     server_address: Annotated[str | None, typer.Option(help="HOST:PORT the site connects to (default: the one in its current kit).")] = None,
-    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
-    run_config: Annotated[list[str] | None, DATA_OPTION] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> int:
+    workdir: Workdir = WORKDIR, run_config: DataSettings = None, verbose: Verbose = False,
+) -> None:
     """Give a site a new key pair and kit; its old key stops working at once."""
     from common.kit import KIT_FILE, parse_data_args, read_kit_toml
-    from server.enroll import Consortium
 
-    setup_logging(verbose)
-    workdir = workdir.resolve()
-    consortium = Consortium(workdir)
+    consortium = _consortium(workdir, verbose=verbose)
     if server_address is None:
         try:
             server_address = read_kit_toml(consortium.kit_dir(site) / KIT_FILE)["server"]
@@ -148,46 +151,34 @@ def rekey(
                 f"Site {site}'s current kit is gone, so its address is unknown; give --server-address HOST:PORT"
             ) from None
     rekeyed = consortium.rekey(site, server_address=server_address, data=parse_data_args(run_config) or None)
-    live = sync_live_superlink(workdir, drop=(site,), add={site: rekeyed.kit / "site.pub"})
+    live = sync_live_superlink(consortium.workdir, drop=(site,), add={site: rekeyed.kit / "site.pub"})
     print(f"re-keyed site {site}: old key {rekeyed.old_fingerprint} revoked"
           f"{' (unregistered from the running server)' if live else ''}; hand {consortium.kit_archive(site)} to the site")
-    return 0
 
 
 @cli.command()
-def remove(
-    site: Annotated[str, SITE_OPTION],
-    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> int:
+def remove(site: Site, workdir: Workdir = WORKDIR, verbose: Verbose = False) -> None:
     """Remove a site from the consortium; a running server refuses its key at once."""
-    from server.enroll import Consortium
-
-    setup_logging(verbose)
-    workdir = workdir.resolve()
-    Consortium(workdir).remove(site)
-    live = sync_live_superlink(workdir, drop=(site,))
+    consortium = _consortium(workdir, verbose=verbose)
+    consortium.remove(site)
+    live = sync_live_superlink(consortium.workdir, drop=(site,))
     print(f"removed site {site}{'; unregistered from the running server' if live else ''}")
-    return 0
 
 
 @cli.command()
 def sites(
-    workdir: Annotated[Path, WORKDIR_OPTION] = Path("fedrad-server"),
+    workdir: Workdir = WORKDIR,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> int:
+) -> None:
     """List the enrolled sites and their key fingerprints."""
-    from server.enroll import Consortium
-
-    enrolled = Consortium(workdir.resolve()).sites()
+    enrolled = _consortium(workdir).sites()
     if json_output:
         print(json.dumps({s: {k: e[k] for k in ("fingerprint", "enrolled")} for s, e in enrolled.items()}, indent=2))
-        return 0
+        return
     if not enrolled:
         print("no site is enrolled")
     for name, entry in sorted(enrolled.items()):
         print(f"{name}\t{entry['fingerprint']}\tenrolled {entry['enrolled']}")
-    return 0
 
 
 COMMANDS = ("serve", "enroll", "rekey", "remove", "sites")

@@ -24,7 +24,7 @@ from server import superlink
 
 if TYPE_CHECKING:
     from collections import OrderedDict
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
     import torch
 
@@ -52,9 +52,19 @@ def toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": value})[len("v = "):-1]
 
 
-def config_arg(entries: Mapping[str, Any]) -> str:
+def _config_arg(entries: Mapping[str, Any]) -> str:
     """One ``--run-config`` argument setting ``entries`` (``key=VALUE ...``)."""
     return " ".join(f"{k}={toml_value(v)}" for k, v in entries.items())
+
+
+def _parse_config_args(args: list[str], *, shown: list[str]) -> dict[str, Any]:
+    """``args`` parsed as Flower does; ConfigError naming ``shown`` when they are not ``key=value`` pairs."""
+    from common.adapters.flower import parse_config_args
+
+    try:
+        return parse_config_args(args)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {shown!r} ({exc})") from None
 
 
 def init_weights_config(init_weights: Path | None, *, resume: Path | None) -> InitWeightsConfig:
@@ -91,23 +101,16 @@ def resume_config(run_dir: Path, *, insecure: bool) -> tuple[Path, dict[str, Any
 
 
 def check_address(*, window: str, insecure: bool, host: str, port: int) -> str:
-    """Check ``--window``, ``--host`` and ``--port``; returns the address to bind.
+    """Check ``--window``, ``--host`` and ``--port``; returns the address to bind (``*`` spelled ``0.0.0.0``).
 
     Parameters
     ----------
     window
-        ``--window``: the name of a window preset (:data:`common.config.WINDOW_PRESETS`).
+        The name of a window preset (:data:`common.config.WINDOW_PRESETS`).
     insecure
         ``--insecure``: then ``host`` must be 127.0.0.1.
-    host
-        ``--host``: the address the Fleet-API proxy binds; ``0.0.0.0`` or ``*`` for every interface.
-    port
-        ``--port``: the port the sites connect to; it must be free on the bind address.
-
-    Returns
-    -------
-    str
-        ``host``, with ``*`` spelled ``0.0.0.0``.
+    host, port
+        ``--host`` (``0.0.0.0`` or ``*``: every interface) and ``--port``, which must be free there.
 
     Raises
     ------
@@ -143,25 +146,13 @@ def choose_transport(
     Parameters
     ----------
     workdir
-        The coordinator's workdir (absolute): its consortium registry and PKI.
-    insecure
-        ``--insecure``: no TLS and no enrollment; nothing in ``workdir`` is read.
-    bind
-        The address the proxy binds (:func:`check_address`); a specific address other than loopback also
-        goes into the server certificate.
-    port
-        The port the sites connect to, for the transport's description.
+        The coordinator's workdir (absolute): its consortium registry and PKI; not read with ``insecure``.
+    bind, port
+        The proxy's address (:func:`check_address`; a specific one but loopback goes into the certificate) and port.
     min_sites
         ``--min-sites``: at least this many sites must be enrolled.
     public_host
-        ``--public-host``: names or IPs the sites use for the coordinator, written into the server
-        certificate (``0.0.0.0`` and ``*`` are left out).
-
-    Returns
-    -------
-    Transport
-        The description for the report, the bind address, and with TLS the (CA, certificate, key) files
-        and the enrolled sites.
+        ``--public-host``: names or IPs for the server certificate (``0.0.0.0`` and ``*`` are left out).
 
     Raises
     ------
@@ -194,45 +185,33 @@ def choose_transport(
 def run_config_args(
     options: dict[str, Any], *, launch: Launch, saved: dict[str, Any] | None, extra: list[str]
 ) -> list[str]:
-    """The ``--run-config`` arguments: the options, ``launch`` and ``extra``, or a resumed run's saved config.
+    """The ``flwr run --run-config`` arguments: one combining ``options`` and ``launch``, then ``extra``.
 
-    A resumed run keeps its own config; only where the coordinator runs may change. A key of
-    ``extra`` that fedrad sets (:data:`common.config.LAUNCH_KEYS`) is refused, naming its option.
+    A resumed run keeps its ``saved`` config (:func:`resume_config`) instead of ``options`` and ``extra``;
+    only where the coordinator runs (``launch``, applied over the rest) may change.
 
     Parameters
     ----------
     options
-        The command's round options as run-config keys (``num-server-rounds``, ``min-sites``, ...);
-        ignored for a resumed run.
+        The command's round options as run-config keys (``num-server-rounds``, ...).
     launch
-        What fedrad sets (workdir, transport, initial weights, resumed run id); applied over the rest.
+        What fedrad sets: workdir, transport, initial weights, resumed run id.
     saved
-        The resumed run's saved run config (:func:`resume_config`); ``None`` for a new run.
+        The resumed run's saved run config; ``None`` for a new run.
     extra
-        ``--run-config`` values (``key=value ...``); checked, but dropped for a resumed run.
-
-    Returns
-    -------
-    list of str
-        The arguments for ``flwr run --run-config``: the combined one first, then ``extra`` (new runs).
+        ``--run-config`` values (``key=value ...``); checked even when resuming.
 
     Raises
     ------
     ConfigError
-        When ``extra`` is not ``key=value`` pairs, or sets a key that fedrad sets.
+        When ``extra`` is not ``key=value`` pairs, or sets a key that fedrad sets (:data:`common.config.LAUNCH_KEYS`).
     """
-    from common.adapters.flower import parse_config_args
-
-    try:
-        given = parse_config_args(extra)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {extra!r} ({exc})") from None
-    refuse_launch_keys(given, option="--run-config")
+    refuse_launch_keys(_parse_config_args(extra, shown=extra), option="--run-config")
     overrides = {**options, **launch.to_flower()}
     if saved is not None:
         overrides = {k: v for k, v in saved.items() if k not in (SITE_NODES_KEY, RESUME_RUN_ID_KEY)}
         overrides.update(launch.to_flower())
-    return [config_arg(overrides), *(extra if saved is None else [])]
+    return [_config_arg(overrides), *(extra if saved is None else [])]
 
 
 def check_run_config(config_args: list[str]) -> tuple[RunConfig, Launch]:
@@ -243,37 +222,25 @@ def check_run_config(config_args: list[str]) -> tuple[RunConfig, Launch]:
     tuple
         The user's choices, and what fedrad sets (a resumed run's saved ``init-weights`` included).
     """
-    from common.adapters.flower import parse_config_args
-
-    try:
-        values = parse_config_args(config_args)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"Expected `--run-config` as key=value pairs, but got {config_args[1:]!r} ({exc})") from None
+    values = _parse_config_args(config_args, shown=config_args[1:])
     return RunConfig.from_flower(values), Launch.from_flower(values)
 
 
 def check_init_weights(
     run: RunConfig, launch: Launch, *, resume: Path | None
 ) -> OrderedDict[str, torch.Tensor] | None:
-    """The run's initial-weights file (if any), checked against its model before anything starts.
+    """The weights (CPU, state-dict order) of the ``init-weights`` file, checked against the run's model.
 
-    A resumed run needs the file only while no round has completed (a checkpoint wins).
-    ``None``: the run starts from its seeded weights or from a checkpoint.
+    ``None`` without a file, or when the run being resumed goes on from a checkpoint.
 
     Parameters
     ----------
     run
         The checked run config (:func:`check_run_config`): it builds the model the file must fit.
     launch
-        What fedrad sets: the ``init-weights`` file's path and the SHA-256 taken when the command started.
+        What fedrad sets: the file's path and the SHA-256 taken when the command started.
     resume
         The run folder being resumed; ``None`` for a new run.
-
-    Returns
-    -------
-    OrderedDict or None
-        The weights, in the model's state-dict order, on the CPU; ``None`` without an ``init-weights``
-        file, or when a resumed run goes on from a checkpoint.
 
     Raises
     ------
@@ -301,10 +268,7 @@ def check_init_weights(
 def secagg_args(
     config_args: list[str], *, run: RunConfig, start: OrderedDict[str, torch.Tensor] | None, sites: int | None
 ) -> list[str]:
-    """``config_args`` with the SecAgg+ encoding sized from the initial weights (:func:`common.config.sized_secagg`).
-
-    ``start`` is the initial-weights file's content (``None``: the seeded model); its weights
-    must fit the range, which an explicit ``secagg-clipping-range`` may not give them.
+    """``config_args`` plus the SecAgg+ encoding sized from the initial weights (:func:`common.config.sized_secagg`).
 
     Parameters
     ----------
@@ -313,15 +277,9 @@ def secagg_args(
     run
         The checked run config; without SecAgg+ ``config_args`` is returned unchanged.
     start
-        The initial weights (:func:`check_init_weights`); ``None``: the seeded model is built to measure.
+        The initial weights (:func:`check_init_weights`), which must fit the range; ``None``: the seeded model.
     sites
-        How many sites may take part in a round (the enrolled ones); ``None`` when unknown
-        (``--insecure``: 256 assumed).
-
-    Returns
-    -------
-    list of str
-        ``config_args`` plus one argument setting ``secagg-clipping-range`` and ``secagg-quantization-range``.
+        How many sites may take part in a round (the enrolled ones); ``None`` when unknown (256 assumed).
 
     Raises
     ------
@@ -334,8 +292,8 @@ def secagg_args(
     from common.weights import sized_encoding
 
     encoding = sized_encoding(parse_config_args(config_args), run=run, start=start, sites=sites)
-    log.info("SecAgg+ encoding: %s", config_arg(encoding))
-    return [*config_args, config_arg(encoding)]
+    log.info("SecAgg+ encoding: %s", _config_arg(encoding))
+    return [*config_args, _config_arg(encoding)]
 
 
 def run_federation(
@@ -348,27 +306,14 @@ def run_federation(
     ----------
     workdir
         The coordinator's workdir: the SuperLink's database, ``flwr-home``, ``logs`` and ``superlink.json``.
-    source
-        The Flower App folder to submit (:func:`server.superlink.app_dir`).
-    transport
-        :func:`choose_transport`'s choice; with TLS the SuperLink listens on a free loopback port behind
-        the proxy on ``port``, without it on ``port`` itself.
-    port
-        The port the sites connect to.
-    config_args
-        The ``--run-config`` arguments (:func:`secagg_args`); with TLS the enrolled sites' node ids are
-        added.
-    min_sites
-        Sites the run waits for, for the log.
+    source, config_args, min_sites
+        As for :func:`server.superlink.submit_and_follow`; with TLS the sites' node ids are added to ``config_args``.
+    transport, port
+        :func:`choose_transport`'s choice and the sites' port: with TLS the SuperLink listens on a free loopback
+        port behind the proxy on ``port``, without it on ``port`` itself.
     resumed
         True keeps the SuperLink's database (the sites' registrations) and stops runs a crashed coordinator
         left; False starts from a fresh database.
-
-    Returns
-    -------
-    tuple of str
-        Flower's final status of the run (``finished:completed`` when it completed), its status details,
-        and the Flower run id.
 
     Raises
     ------
@@ -412,33 +357,24 @@ def _open_fleet(
     log.info("Fleet API on https://%s:%d (nginx); SuperLink on %s:%d; %d enrolled sites",
              transport.bind, port, LOOPBACK, internal, len(transport.enrolled))
     # Lets the report name a site that drops out before it said its name.
-    return config_arg(Launch(site_nodes={int(n): s for s, n in nodes.items()}).to_flower())
+    return _config_arg(Launch(site_nodes={int(n): s for s, n in nodes.items()}).to_flower())
 
 
 def report_run(workdir: Path, run_id: str, *, status: str, details: str) -> dict[str, Any]:
-    """Print the run's summary; FederationError saying why and how to resume when it did not complete.
+    """Print the summary of run ``run_id`` (a resumed run keeps its id) in ``workdir`` and return its report.
 
     Parameters
     ----------
-    workdir
+    workdir, run_id
         The coordinator's workdir, whose ``runs/<run_id>`` holds the report.
-    run_id
-        The fedrad run id (a resumed run keeps its original one).
-    status
-        Flower's final status of the run (:func:`run_federation`).
-    details
-        Flower's status details: the reason given when the report says none.
-
-    Returns
-    -------
-    dict
-        The run's report (``report.json``).
+    status, details
+        Flower's final status of the run (:func:`run_federation`) and its details (the reason if the report has none).
 
     Raises
     ------
     FederationError
-        When ``status`` is not ``finished:completed``: the report's ``stopped ...`` status, else
-        ``details``, else where the logs are, and the ``fl-server --resume`` command.
+        When ``status`` is not ``finished:completed``: why (the report's ``stopped ...`` status, else
+        ``details``, else where the logs are), and the ``fl-server --resume`` command.
     """
     run_dir = RunFolder.of(workdir, run_id).path
     if status != "finished:completed":
@@ -451,33 +387,43 @@ def report_run(workdir: Path, run_id: str, *, status: str, details: str) -> dict
             f"run {run_id} ended as {status}: {why or details or 'see ' + str(workdir / 'logs')}"
             f"; after fixing the cause, continue it with `fl-server --resume {run_dir}`"
         )
-    return print_summary(run_dir)
+    return _print_summary(run_dir)
 
 
-def print_summary(run_dir: Path) -> dict[str, Any]:
+def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _cell(value: Any, spec: str = ".3f") -> str:
+    return f"{value:{spec}}" if value is not None else "–"
+
+
+def _print_summary(run_dir: Path) -> dict[str, Any]:
     """Print the pooled metrics per round and the privacy spent per site; returns the report."""
     from rich.console import Console
-    from rich.table import Table
 
     folder = RunFolder(run_dir)
     report = folder.read_report()
     console = Console()
-    table = Table(title=f"fedrad run {report['run_id']}: pooled validation metrics")
-    for col in ("round", "AUROC", "sensitivity", "specificity", "F1", "accuracy"):
-        table.add_column(col, justify="right")
-    for r in report["rounds"]:
-        p = r.get("evaluate", {}).get("pooled", {})
-        table.add_row(str(r["round"]), *(f"{p[k]:.3f}" if p.get(k) is not None else "–"
-                                         for k in ("auroc", "sensitivity", "specificity", "f1", "accuracy")))
-    console.print(table)
-    sites = Table(title="privacy spent per site (reported by each site)")
-    for col in ("site", "ε", "δ", "max ε", "rounds trained"):
-        sites.add_column(col, justify="right")
-    for name, s in sorted(report["sites"].items()):
-        sites.add_row(name, *(f"{s[k]:{f}}" if s.get(k) is not None else "–"
-                              for k, f in (("epsilon", ".3f"), ("delta", "g"), ("max_epsilon", "g"))),
-                      str(s.get("rounds_trained", 0)))
-    console.print(sites)
+    metrics = ("auroc", "sensitivity", "specificity", "f1", "accuracy")
+    console.print(_table(
+        f"fedrad run {report['run_id']}: pooled validation metrics",
+        ("round", "AUROC", "sensitivity", "specificity", "F1", "accuracy"),
+        ([str(r["round"]), *(_cell(r.get("evaluate", {}).get("pooled", {}).get(k)) for k in metrics)]
+         for r in report["rounds"]),
+    ))
+    console.print(_table(
+        "privacy spent per site (reported by each site)",
+        ("site", "ε", "δ", "max ε", "rounds trained"),
+        ([name, _cell(s.get("epsilon")), _cell(s.get("delta"), "g"), _cell(s.get("max_epsilon"), "g"),
+          str(s.get("rounds_trained", 0))] for name, s in sorted(report["sites"].items())),
+    ))
     console.print(f"report: {folder.report_json}  ({report['wall_seconds']:.0f} s)")
     return report
-

@@ -64,13 +64,7 @@ NGINX_TEMPLATE = Path(__file__).parent / "templates" / "nginx.conf"
 
 
 def nginx_binary() -> str:
-    """Path of the nginx executable.
-
-    Returns
-    -------
-    str
-        ``nginx`` found on PATH, else in the usual ``sbin`` folders (not on a
-        normal user's PATH on Debian).
+    """Path of the nginx executable: on PATH, else in the usual ``sbin`` folders (not on a user's PATH on Debian).
 
     Raises
     ------
@@ -90,22 +84,11 @@ def nginx_binary() -> str:
 
 
 def upstream_tls_name(cert: Path) -> str:
-    """The DNS name nginx checks the SuperLink's certificate against.
+    """The DNS name nginx checks the SuperLink's certificate (``cert``, PEM) against.
 
     nginx verifies an upstream certificate by DNS name only (an IP address SAN
     never matches), so we use a DNS name from the coordinator's certificate,
-    which the SuperLink serves too: ``localhost`` when present, else the first
-    DNS name.
-
-    Parameters
-    ----------
-    cert
-        The coordinator's server certificate (PEM).
-
-    Returns
-    -------
-    str
-        The name to verify.
+    which the SuperLink serves too: ``localhost`` when present, else the first.
 
     Raises
     ------
@@ -158,18 +141,10 @@ def _quote(value: object) -> str:
 
 
 def render_nginx_conf(
-    *,
-    listen_host: str,
-    listen_port: int,
-    upstream_port: int,
-    cert: Path,
-    key: Path,
-    ca: Path,
-    prefix: Path,
-    upstream_name: str | None = None,
-    worker_user: str | None = None,
+    *, listen_host: str, listen_port: int, upstream_port: int, cert: Path, key: Path, ca: Path, prefix: Path,
+    upstream_name: str | None = None, worker_user: str | None = None,
 ) -> str:
-    """The nginx configuration of the Fleet API proxy: :data:`NGINX_TEMPLATE` filled in.
+    """The nginx configuration text of the Fleet API proxy: :data:`NGINX_TEMPLATE` filled in.
 
     Parameters
     ----------
@@ -184,16 +159,9 @@ def render_nginx_conf(
     prefix
         Folder that holds everything nginx writes: pid file, logs, temporary folders.
     upstream_name
-        DNS name the SuperLink's certificate must carry; default from ``cert``
-        (see :func:`upstream_tls_name`).
+        DNS name the SuperLink's certificate must carry; default from ``cert`` (:func:`upstream_tls_name`).
     worker_user
-        Argument of nginx's ``user`` directive (``"nobody nogroup"``); only
-        meaningful, and only emitted, when nginx starts as root.
-
-    Returns
-    -------
-    str
-        The configuration text.
+        Argument of nginx's ``user`` directive (``"nobody nogroup"``); emitted only when given (root).
     """
     if not _HOST.fullmatch(listen_host) or not 0 < listen_port < 65536 or not 0 < upstream_port < 65536:
         raise FederationError(
@@ -242,10 +210,8 @@ def _nginx_cmd(binary: str, prefix: Path, conf: Path) -> list[str]:
 
 
 def _check_conf(binary: str, prefix: Path, conf: Path) -> None:
-    proc = subprocess.run(
-        [*_nginx_cmd(binary, prefix, conf), "-t", "-q"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
+    proc = subprocess.run([*_nginx_cmd(binary, prefix, conf), "-t", "-q"],
+                          capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "[emerg]" in ln), lines[-1] if lines else "no output")
@@ -267,39 +233,25 @@ def _check_can_listen(host: str, port: int) -> None:
             ) from exc
 
 
-def _log_size(path: Path) -> int:
+def _read_log(path: Path) -> bytes:
     try:
-        return path.stat().st_size
+        return path.read_bytes()
     except OSError:
-        return 0
+        return b""
 
 
 def _errors_since(path: Path, offset: int, lines: int = 3) -> str:
     """The last ``lines`` messages nginx logged after ``offset``, without timestamps, on one line."""
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
+    text = _read_log(path)[offset:].decode(errors="replace")
     found = [_LOG_PREFIX.sub(r"[\1] ", ln) for ln in text.splitlines() if ln.strip()]
     return " | ".join(found[-lines:])
 
 
 def start_fleet_proxy(
-    procs: ProcessSet,
-    *,
-    listen_host: str,
-    listen_port: int,
-    upstream_port: int,
-    cert: Path,
-    key: Path,
-    ca: Path,
-    workdir: Path,
-    upstream_name: str | None = None,
-    timeout: float = START_TIMEOUT_S,
+    procs: ProcessSet, *, listen_host: str, listen_port: int, upstream_port: int, cert: Path, key: Path, ca: Path,
+    workdir: Path, upstream_name: str | None = None, timeout: float = START_TIMEOUT_S,
 ) -> ManagedProcess:
-    """Start nginx in front of the SuperLink, serving only the Fleet API.
+    """Start nginx in front of the SuperLink, serving only the Fleet API; returns the nginx master process.
 
     nginx runs in the foreground (``daemon off``) as a child of ``procs``, with
     its configuration, pid file, logs and temporary folders under
@@ -309,24 +261,12 @@ def start_fleet_proxy(
     ----------
     procs
         The process set that owns nginx.
-    listen_host, listen_port
-        Public address (TLS).
-    upstream_port
-        The SuperLink's HTTPS port on 127.0.0.1.
-    cert, key, ca
-        Coordinator certificate and key shown to SuperNodes; consortium CA the
-        SuperLink's certificate is verified against.
+    listen_host, listen_port, upstream_port, cert, key, ca, upstream_name
+        As for :func:`render_nginx_conf`.
     workdir
         The coordinator's work folder.
-    upstream_name
-        DNS name expected in the SuperLink's certificate; default from ``cert``.
     timeout
         Seconds to wait until the proxy accepts connections.
-
-    Returns
-    -------
-    ManagedProcess
-        The nginx master process.
 
     Raises
     ------
@@ -342,22 +282,16 @@ def start_fleet_proxy(
     (prefix / "logs").mkdir(parents=True, exist_ok=True)
     (prefix / "temp").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(
-        render_nginx_conf(
-            listen_host=listen_host, listen_port=listen_port, upstream_port=upstream_port,
-            cert=cert, key=key, ca=ca, prefix=prefix,
-            upstream_name=upstream_name, worker_user=_worker_user(),
-        )
-    )
+    conf.write_text(render_nginx_conf(
+        listen_host=listen_host, listen_port=listen_port, upstream_port=upstream_port, cert=cert, key=key, ca=ca,
+        prefix=prefix, upstream_name=upstream_name, worker_user=_worker_user(),
+    ))
     _check_conf(binary, prefix, conf)
     _check_can_listen(listen_host, listen_port)
     error_log = prefix / "logs" / "error.log"
-    log_offset = _log_size(error_log)
-    proxy = procs.start(
-        "Fleet API proxy (nginx)",
-        [*_nginx_cmd(binary, prefix, conf), "-g", "daemon off;"],
-        log_path=prefix / "logs" / "nginx.out",
-    )
+    log_offset = len(_read_log(error_log))
+    proxy = procs.start("Fleet API proxy (nginx)", [*_nginx_cmd(binary, prefix, conf), "-g", "daemon off;"],
+                        log_path=prefix / "logs" / "nginx.out")
     wildcard = {"0.0.0.0": LOOPBACK, "::": "::1", "[::]": "::1"}
     probe_host = wildcard.get(listen_host, listen_host.strip("[]"))
 
@@ -378,8 +312,6 @@ def start_fleet_proxy(
         wait_until(listening, timeout=timeout, interval=0.1, what="the Fleet API proxy to listen")
     except TimeoutError:
         raise failed(f"did not listen within {timeout:g} s") from None
-    log.info(
-        "Fleet API proxy listening on https://%s:%s -> SuperLink 127.0.0.1:%s",
-        listen_host, listen_port, upstream_port,
-    )
+    log.info("Fleet API proxy listening on https://%s:%s -> SuperLink 127.0.0.1:%s",
+             listen_host, listen_port, upstream_port)
     return proxy

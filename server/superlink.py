@@ -41,7 +41,7 @@ def cli_env(workdir: Path) -> dict[str, str]:
 
 
 def write_connection(flwr_home: Path, port: int, *, ca_cert: Path | None = None) -> None:
-    """Write the `flwr` CLI's connection to our SuperLink's Control API (loopback) into its own FLWR_HOME.
+    """Write the `flwr` CLI's connection to the SuperLink's Control API on 127.0.0.1:``port`` into its FLWR_HOME.
 
     Parameters
     ----------
@@ -61,27 +61,22 @@ def write_connection(flwr_home: Path, port: int, *, ca_cert: Path | None = None)
 
 
 def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict[str, Any]:
-    """Run ``flwr ... --format json`` and return its JSON; errors become FederationError.
+    """Run ``flwr ARGS --format json`` and return its JSON (``"success": true``).
 
     Parameters
     ----------
     args
-        The ``flwr`` subcommand and its arguments, e.g. ``["ls", CONNECTION]`` (``--format json`` is added).
+        The ``flwr`` subcommand and its arguments, e.g. ``["ls", CONNECTION]``.
     env
         The CLI's environment (:func:`cli_env`).
     timeout
         Seconds to wait for the command.
 
-    Returns
-    -------
-    dict
-        The command's JSON output (``"success": true``).
-
     Raises
     ------
     FederationError
-        When ``flwr`` is not installed, does not answer within ``timeout``, exits with an error or reports
-        no success; with ``flwr``'s error message.
+        When ``flwr`` is not installed, does not answer within ``timeout`` seconds, exits with an error or
+        reports no success; with ``flwr``'s error message.
     """
     try:
         proc = subprocess.run(
@@ -102,7 +97,7 @@ def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict
 def start_superlink(
     procs: ProcessSet, *, port: int, workdir: Path, tls: tuple[Path, Path, Path] | None = None
 ) -> ManagedProcess:
-    """Start the SuperLink on 127.0.0.1:``port``; with ``tls`` = (CA, cert, key), HTTPS and node auth.
+    """Start the SuperLink on 127.0.0.1:``port``; returned once it accepts connections.
 
     Its state (registered nodes, runs, messages) is a SQLite database in the workdir, so a
     SuperLink restarted by ``fl-server --resume`` still knows the sites' SuperNodes: they
@@ -118,12 +113,7 @@ def start_superlink(
         The coordinator's workdir: the SuperLink's ``FLWR_HOME`` (``flwr-home/superlink``), its database
         (``state/superlink.sqlite``) and log (``logs/superlink.log``).
     tls
-        (CA, server certificate, server key) files; ``None``: plain HTTP, any SuperNode may connect.
-
-    Returns
-    -------
-    ManagedProcess
-        The SuperLink, once it accepts connections.
+        (CA, server certificate, server key) files: HTTPS and node auth; ``None``: plain HTTP, any SuperNode.
 
     Raises
     ------
@@ -138,15 +128,10 @@ def start_superlink(
                     "--enable-supernode-auth"]
     database = workdir / SUPERLINK_DB
     database.parent.mkdir(parents=True, exist_ok=True)
-    superlink = procs.start(
-        "SuperLink",
-        [
-            flower_bin("flower-superlink"), *security, "--host", LOOPBACK, "--port", str(port),
-            "--database", str(database), "--disable-runtime-dependency-installation",
-        ],
-        env=env,
-        log_path=workdir / "logs" / "superlink.log",
-    )
+    superlink = procs.start("SuperLink", [
+        flower_bin("flower-superlink"), *security, "--host", LOOPBACK, "--port", str(port),
+        "--database", str(database), "--disable-runtime-dependency-installation",
+    ], env=env, log_path=workdir / "logs" / "superlink.log")
 
     def listening() -> bool:
         if not superlink.running():
@@ -191,18 +176,18 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
-def register_site(env: dict[str, str], public_key: Path) -> str:
+def _register_site(env: dict[str, str], public_key: Path) -> str:
     """Register a site's public key with the SuperLink (Control API); returns its node id."""
     return str(flwr_cli(["supernode", "register", str(public_key), CONNECTION], env)["node-id"])
 
 
-def unregister_node(env: dict[str, str], node_id: str) -> None:
+def _unregister_node(env: dict[str, str], node_id: str) -> None:
     """Unregister node ``node_id`` from the SuperLink: its key is refused from now on."""
     flwr_cli(["supernode", "unregister", node_id, CONNECTION], env)
 
 
 def sync_live_superlink(workdir: Path, *, add: dict[str, Path] | None = None, drop: tuple[str, ...] = ()) -> bool:
-    """Tell this workdir's running SuperLink about new (site → public key) and removed sites; False when none runs.
+    """Tell this workdir's running SuperLink about new and removed sites; False when none runs (nothing done).
 
     Parameters
     ----------
@@ -213,11 +198,6 @@ def sync_live_superlink(workdir: Path, *, add: dict[str, Path] | None = None, dr
     drop
         Sites whose node is unregistered (their key refused from then on); done before ``add``, so a
         re-keyed site is in both.
-
-    Returns
-    -------
-    bool
-        True when a running SuperLink was updated; False when none runs (nothing is done).
 
     Raises
     ------
@@ -231,10 +211,10 @@ def sync_live_superlink(workdir: Path, *, add: dict[str, Path] | None = None, dr
     nodes: dict[str, str] = state.setdefault("nodes", {})
     for site in drop:
         if node_id := nodes.pop(site, ""):
-            unregister_node(env, node_id)
+            _unregister_node(env, node_id)
             log.info("Unregistered site %s (node %s) from the running SuperLink", site, node_id)
     for site, public_key in (add or {}).items():
-        nodes[site] = register_site(env, public_key)
+        nodes[site] = _register_site(env, public_key)
         log.info("Registered site %s with the running SuperLink (node %s)", site, nodes[site])
     save_live_state(workdir, state)
     _save_nodes(workdir, nodes)
@@ -261,15 +241,9 @@ def register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, di
     env
         The CLI's environment (:func:`cli_env`).
     workdir
-        The coordinator's workdir: keys are written to ``pki/registered/<site>.pub``, registrations kept in
-        ``state/nodes.json``.
+        The coordinator's workdir: keys go to ``pki/registered/<site>.pub``, registrations to ``state/nodes.json``.
     enrolled
         The enrolled sites (:meth:`server.enroll.Consortium.sites`): name → ``public_key``, ``fingerprint``...
-
-    Returns
-    -------
-    dict
-        Site name → its node id.
 
     Raises
     ------
@@ -285,7 +259,7 @@ def register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, di
     for site, old in known.items():
         if site not in enrolled or enrolled[site]["fingerprint"] != old.get("fingerprint"):
             try:  # removed or re-keyed while the coordinator was down
-                unregister_node(env, old["node-id"])
+                _unregister_node(env, old["node-id"])
             except FederationError as exc:
                 log.warning("Could not unregister the old key of site %s (node %s): %s", site, old["node-id"], exc)
     nodes = {}
@@ -295,7 +269,7 @@ def register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, di
             continue
         path = keys / f"{site}.pub"
         path.write_text(entry["public_key"].strip() + "\n")
-        nodes[site] = register_site(env, path)
+        nodes[site] = _register_site(env, path)
     _save_nodes(workdir, nodes)
     log.info("Registered %d enrolled site keys: %s", len(nodes), ", ".join(sorted(nodes)))
     return nodes
@@ -324,9 +298,7 @@ def submit_and_follow(
     procs: ProcessSet, superlink: ManagedProcess, *, source: Path, config_args: list[str], env: dict[str, str],
     min_sites: int,
 ) -> tuple[str, str, str]:
-    """Submit the run with ``flwr run``, stream its log and wait until it finishes; (status, details, run id).
-
-    The status is polled every 5 s, with no time limit.
+    """Submit the run with ``flwr run``, stream its log and wait until it finishes (polled every 5 s, no limit).
 
     Parameters
     ----------
@@ -346,21 +318,17 @@ def submit_and_follow(
     Returns
     -------
     tuple of str
-        Flower's final status (``finished:completed``, ``finished:failed``...), its status details, and
-        the Flower run id.
+        Flower's final status (``finished:completed``, ``finished:failed``...), its details, and the run id.
 
     Raises
     ------
     FederationError
         When submitting or polling the run fails, or the SuperLink stops before the run finishes.
     """
-    run_args = ["run", str(source), CONNECTION]
-    for c in config_args:
-        run_args += ["--run-config", c]
+    run_args = ["run", str(source), CONNECTION, *(a for c in config_args for a in ("--run-config", c))]
     run_id = str(flwr_cli(run_args, env)["run-id"])
     log.info("Submitted run %s; waiting for %d site(s) to connect", run_id, min_sites)
     procs.start("log stream", [flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=env)
-    status, details = "", ""
     while True:
         if not superlink.running():
             raise FederationError(f"SuperLink stopped unexpectedly: {superlink.tail(3)}")

@@ -1,16 +1,9 @@
-"""Per-round model checkpoints in safetensors format.
+"""Per-round model checkpoints in safetensors format (where they live, their metadata keys: :mod:`common.runfolder`).
 
-Each checkpoint carries its run's config in its metadata (``run-config``, JSON),
-so ``fl-predict --model CHECKPOINT`` rebuilds the same model and preprocessing
-from the file alone.
-
-A binary run's checkpoint of round ``r`` also carries the decision threshold the
-coordinator chose on round ``r``'s pooled evaluation (``threshold``, and the
-``operating-point`` rule that chose it), fl-predict's default threshold. The
-checkpoint is written when round ``r`` closes, before its evaluation, so the
-threshold is added afterwards (:func:`annotate_checkpoint`); the coordinator's
-state, which names the checkpoint to resume from, is written only after that.
-Where checkpoints live and their metadata keys: :mod:`common.runfolder`.
+Each carries its run's config (``run-config``, JSON), so ``fl-predict --model CHECKPOINT`` rebuilds the model
+and preprocessing from the file alone. A binary run's checkpoint of round ``r`` also carries the threshold
+chosen on round ``r``'s pooled evaluation (fl-predict's default), added after that evaluation
+(:func:`annotate_checkpoint`) and before the coordinator's state names the checkpoint.
 """
 
 from __future__ import annotations
@@ -51,23 +44,17 @@ def annotate_checkpoint(path: Path, metadata: Mapping[str, str]) -> Path:
 
 
 def save_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str]) -> Path:
-    """Write the global weights atomically (a crash never leaves a truncated checkpoint).
+    """Write the global weights ``state`` to ``path`` atomically (a crash never leaves a truncated checkpoint).
 
     Parameters
     ----------
     path
-        The checkpoint file (:func:`checkpoint_path`); its folder is created if missing, an existing
-        file is replaced.
+        The checkpoint file (:func:`checkpoint_path`), returned once written; its folder is created if missing.
     state
         The model's state dict; tensors are detached and copied to the CPU (contiguous) before writing.
     metadata
-        The safetensors header metadata: :func:`checkpoint_metadata`, and for a binary run later also
-        :func:`threshold_metadata`.
-
-    Returns
-    -------
-    Path
-        ``path``, once written.
+        The safetensors header metadata: :func:`checkpoint_metadata` (binary runs later also
+        :func:`threshold_metadata`).
     """
     from safetensors.torch import save
 

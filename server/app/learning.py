@@ -25,14 +25,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-WINDOW = 3
-"""Evaluated rounds that must all sit in (or below) the band before the run is flagged."""
-Z = 2.0
-"""Half-width of the chance band, in null standard errors."""
-NOISY_SIGMA = 1.0
-"""A noise multiplier at or above this makes "too few patients for the site's ε" the first suspect."""
-SMALL_BAND = 0.1
-"""A band at least this wide (±) makes the validation set itself a suspect."""
+WINDOW = 3  # evaluated rounds that must all sit in (or below) the band before the run is flagged
+Z = 2.0  # half-width of the chance band, in null standard errors
+NOISY_SIGMA = 1.0  # a noise multiplier at least this makes "too few patients for the site's ε" the first suspect
+SMALL_BAND = 0.1  # a band at least this wide (±) makes the validation set itself a suspect
 
 LEARNING = "learning"
 UNCLEAR = "unclear"
@@ -68,15 +64,11 @@ class Verdict:
 
     status: str
     round: int
-    rounds: tuple[int, ...]
-    """The rounds judged (the last ``window`` evaluated ones, or fewer early on)."""
-    auroc: float
-    """The latest round's pooled AUROC."""
-    low: float
+    rounds: tuple[int, ...]  # the rounds judged (the last ``window`` evaluated ones, or fewer early on)
+    auroc: float  # the latest round's pooled AUROC
+    low: float  # lowest and highest pooled AUROC over ``rounds``
     high: float
-    """Lowest and highest pooled AUROC over ``rounds``."""
-    band: float
-    """Widest chance band (±) over ``rounds``."""
+    band: float  # widest chance band (±) over ``rounds``
     causes: tuple[str, ...] = field(default=())
 
     @property
@@ -107,7 +99,7 @@ class Verdict:
 
 
 def assess(history: Sequence[RoundAuroc], *, window: int = WINDOW, z: float = Z) -> Verdict | None:
-    """The verdict on the latest round of ``history`` (rounds in order); ``None`` when it is empty.
+    """The verdict on the latest round of ``history``; ``None`` when it is empty.
 
     Parameters
     ----------
@@ -198,32 +190,13 @@ def _inverted_sites(rounds: Mapping[int, Mapping[str, Any]], upto: int, z: float
     return out
 
 
-def likely_causes(verdict: Verdict, rounds: Mapping[int, Mapping[str, Any]], config: Mapping[str, Any], *,
+def _likely_causes(verdict: Verdict, rounds: Mapping[int, Mapping[str, Any]], config: Mapping[str, Any], *,
                   z: float = Z) -> tuple[str, ...]:
-    """The likely causes of a flagged verdict, most likely first, with the facts the coordinator has.
+    """One sentence per likely cause of a flagged ``verdict``, most likely first (none when not flagged).
 
-    Facts used: the noisiest site's noise multiplier, sample rate and steps in the latest
-    trained round (``rounds[r]["train"]["sites"]``), the run config's ``batch-size``,
-    ``learning-rate``, ``classes`` and ``window``, the pooled validation counts and the
-    sites' own AUROCs.
-
-    Parameters
-    ----------
-    verdict
-        The verdict to explain (:func:`assess`); not flagged: no causes.
-    rounds
-        The report's round entries by round number (:attr:`server.app.report.RunReport.rounds`).
-    config
-        The run config (:attr:`server.app.report.RunReport.config`); missing keys show as ``?`` or
-        their defaults in the text.
-    z
-        Half-width of the chance band in null standard errors, for a site's own AUROC to count as
-        below chance.
-
-    Returns
-    -------
-    tuple of str
-        One sentence per cause, most likely first; empty when ``verdict`` is not flagged.
+    Facts used: the noisiest site's noise multiplier, sample rate and steps in the latest trained round, the
+    run ``config``'s ``batch-size``, ``learning-rate``, ``classes`` and ``window`` (missing: ``?`` or their
+    defaults), the pooled validation counts and the sites' own AUROCs (below chance by ``z`` null SEs).
     """
     if not verdict.flagged:
         return ()
@@ -257,21 +230,18 @@ def check_round(rounds: Mapping[int, Mapping[str, Any]], config: Mapping[str, An
         The report's round entries by round number (:attr:`server.app.report.RunReport.rounds`); rounds
         after ``server_round`` are ignored, so a resumed run reaches the same verdict.
     config
-        The run config, for :func:`likely_causes`.
+        The run config, for the likely causes.
     server_round
         The round just evaluated.
-    window
-        How many of the latest evaluated rounds must all sit within (or below) the band to flag the run.
-    z
-        Half-width of the chance band in null standard errors (:func:`null_se`).
+    window, z
+        As for :func:`assess`.
 
     Returns
     -------
     Verdict or None
-        The verdict on ``server_round``; ``None`` when that round has no usable pooled AUROC
-        (multi-class, a class absent, or not evaluated).
+        ``None`` when that round has no usable pooled AUROC (multi-class, a class absent, or not evaluated).
     """
     found = assess(history(rounds, upto=server_round), window=window, z=z)
     if found is None or found.round != server_round:
         return None
-    return replace(found, causes=likely_causes(found, rounds, config, z=z))
+    return replace(found, causes=_likely_causes(found, rounds, config, z=z))

@@ -55,19 +55,13 @@ def main(grid: Grid, context: Context) -> None:
         saved = load_weights(run_dir, state)
         if saved is not None:
             weights = OrderedDict((k, saved[k]) for k in weights)
-        first = state.completed_round + 1
-        segments = [*state.segments, {"flower-run-id": context.run_id, "first-round": first, "started": time.time()}]
+        first, segments = state.completed_round + 1, list(state.segments)
         log.info("Resuming run %s at round %d of %d (Flower run %d)", run_id, first, run.num_server_rounds, context.run_id)
     else:
-        report = RunReport(
-            run_dir=run_dir,
-            run_id=int(run_id),
-            config=config,
-            transport=f"{transport}; {aggregation}",
-            kind="simulation" if launch.sim_sites else "deployment",
-        )
-        first = 1
-        segments = [{"flower-run-id": context.run_id, "first-round": 1, "started": time.time()}]
+        report = RunReport(run_dir=run_dir, run_id=int(run_id), config=config, transport=f"{transport}; {aggregation}",
+                           kind="simulation" if launch.sim_sites else "deployment")
+        first, segments = 1, []
+    segments.append({"flower-run-id": context.run_id, "first-round": first, "started": time.time()})
     if saved is None and launch.init_weights.path:  # --init-weights, checked by the launcher; a checkpoint wins
         from common.weights import run_init_weights
 
@@ -79,14 +73,10 @@ def main(grid: Grid, context: Context) -> None:
     report.save()
     names = Names(launch.site_nodes)
     strategy = FedradFedAvg(
-        report=report,
-        names=names,
-        num_classes=len(run.classes),
-        fraction_train=run.fraction_train,
+        report=report, names=names, num_classes=len(run.classes), fraction_train=run.fraction_train,
         fraction_evaluate=run.fraction_evaluate,
         min_train_nodes=run.min_sites,  # sample at least min-sites; the quorum of answers is the round loop's
-        min_evaluate_nodes=1 if run.fraction_evaluate > 0 else 0,
-        min_available_nodes=1,
+        min_evaluate_nodes=1 if run.fraction_evaluate > 0 else 0, min_available_nodes=1,
     )
 
     def round_done(server_round: int, new_weights: OrderedDict[str, torch.Tensor]) -> None:

@@ -103,12 +103,8 @@ def _epsilon_series(report: Mapping[str, Any]) -> dict[str, Any]:
             limit = finite_number(metrics.get("max-epsilon"))
             if limit is not None:
                 max_epsilon[str(name)] = limit  # the latest one reported
-    out: dict[str, Any] = {
-        "rounds": rounds,
-        "sites": sites,
-        "max_epsilon": max_epsilon,
-        "max_lines": _max_lines(max_epsilon, many=len(sites) > MAX_SITE_LINES),
-    }
+    out: dict[str, Any] = {"rounds": rounds, "sites": sites, "max_epsilon": max_epsilon,
+                           "max_lines": _max_lines(max_epsilon, many=len(sites) > MAX_SITE_LINES)}
     if len(sites) > MAX_SITE_LINES:
         out["spread"] = _spread(sites, rounds)
     return out
@@ -123,10 +119,8 @@ def _max_lines(max_epsilon: Mapping[str, float], *, many: bool) -> list[dict[str
         return [{"site": None, "label": "max ε (all sites)", "value": values[0]}]
     if not many:
         return [{"site": name, "label": f"max ε {name}", "value": v} for name, v in sorted(max_epsilon.items())]
-    return [
-        {"site": None, "label": "max ε (lowest site)", "value": values[0]},
-        {"site": None, "label": "max ε (highest site)", "value": values[-1]},
-    ]
+    return [{"site": None, "label": "max ε (lowest site)", "value": values[0]},
+            {"site": None, "label": "max ε (highest site)", "value": values[-1]}]
 
 
 def _participation_series(report: Mapping[str, Any]) -> dict[str, list[int]]:
@@ -155,11 +149,8 @@ def plot_series(report: Mapping[str, Any]) -> dict[str, Any]:
         ``participation``: ``rounds``, ``trained``, ``declined``, ``failed``
         (site counts per round).
     """
-    return {
-        "auroc": _auroc_series(report),
-        "epsilon": _epsilon_series(report),
-        "participation": _participation_series(report),
-    }
+    return {"auroc": _auroc_series(report), "epsilon": _epsilon_series(report),
+            "participation": _participation_series(report)}
 
 
 # ------------------------------------------------------------------ drawing
@@ -225,10 +216,8 @@ def _legend(ax: Axes) -> None:
 def _draw_spread(ax: Axes, spread: Mapping[str, list[Any]], *, color: Any) -> None:
     """Per-site values as a min–max band and a median line (gaps where no site has a value)."""
     n = max(spread["sites"], default=0)
-    ax.fill_between(
-        spread["rounds"], _nan(spread["min"]), _nan(spread["max"]), color=color, alpha=0.25, linewidth=0,
-        label=f"min–max of {n} sites",
-    )
+    ax.fill_between(spread["rounds"], _nan(spread["min"]), _nan(spread["max"]), color=color, alpha=0.25,
+                    linewidth=0, label=f"min–max of {n} sites")
     ax.plot(spread["rounds"], _nan(spread["median"]), color=color, linewidth=1.5, marker=".", label="median site")
 
 
@@ -284,11 +273,8 @@ def _draw_participation(series: Mapping[str, list[int]], title: str) -> Figure:
         _empty(ax, "no training round")
         return fig
     bottom = [0] * len(series["rounds"])
-    for key, label, color in (
-        ("trained", "trained", "tab:green"),
-        ("declined", "declined (privacy budget)", "tab:orange"),
-        ("failed", "failed", "tab:red"),
-    ):
+    for key, label, color in (("trained", "trained", "tab:green"),
+                              ("declined", "declined (privacy budget)", "tab:orange"), ("failed", "failed", "tab:red")):
         ax.bar(series["rounds"], series[key], bottom=bottom, width=0.7, color=color, label=label)
         bottom = [b + v for b, v in zip(bottom, series[key], strict=True)]
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -322,10 +308,8 @@ def render_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
 def write_plots(run_dir: Path, report: Mapping[str, Any]) -> list[str]:
     """Draw the plots of ``report`` into ``run_dir``; the file names written (all of :data:`PLOT_FILES`).
 
-    All figures are rendered before any file is written, and each file is
-    written atomically, so a failure leaves no half-written PNG. Should a write
-    fail part-way, the plots written by this call are removed again: either all
-    plots are there, or none is.
+    All figures are rendered before any file is written, each atomically; should a write fail part-way,
+    those this call wrote are removed again: either all plots are there, or none is.
     """
     pngs, folder = render_plots(report), RunFolder(run_dir)
     written: list[str] = []

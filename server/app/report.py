@@ -1,19 +1,11 @@
 """The run report: ``runs/<run-id>/report.json`` plus a readable ``report.md``.
 
-Rewritten atomically after every round, so a crashed run still leaves a valid
-report of the rounds it finished. It holds pooled and per-site metrics and
-each site's ε — numbers only, never an image, a label or a patient id.
-
-Binary runs also hold, per round, the decision threshold the coordinator chose
-on the pooled validation statistics (``threshold``, with the sensitivity and
-specificity there, beside those at 0.5) and whether the run is learning
-(``learning``, :mod:`server.app.learning`); a run flagged as not learning gets a
-top-level ``warnings`` entry and a warning line at the top of ``report.md``.
-
-When the run ends (whatever its status), :meth:`RunReport.finish` also draws
-PNG plots next to the report (:mod:`server.app.plots`: AUROC, ε and participation
-per round) and lists them under ``"plots"``. A plot that cannot be drawn costs
-a warning, never the run.
+Rewritten atomically after every round, so a crashed run still leaves a valid report of the rounds it
+finished: pooled and per-site metrics and each site's ε — numbers only, never an image, a label or a patient
+id. Binary runs also hold, per round, the threshold chosen on the pooled statistics (with the rates there)
+and whether the run is learning (:mod:`server.app.learning`); a flag becomes a ``warnings`` entry and a line
+atop ``report.md``. When the run ends, :meth:`RunReport.finish` draws the PNG plots (:mod:`server.app.plots`)
+and lists them under ``"plots"``; a plot that cannot be drawn costs a warning, never the run.
 """
 
 from __future__ import annotations
@@ -84,16 +76,9 @@ class RunReport:
         return self.rounds.setdefault(server_round, {"round": server_round})
 
     def record_train(
-        self,
-        server_round: int,
-        *,
-        site_metrics: dict[str, dict[str, Any]],
-        declined: dict[str, str],
-        checkpoint: Path | None,
-        failed: dict[str, str] | None = None,
-        rejected: dict[str, str] | None = None,
-        rejected_metrics: dict[str, dict[str, Any]] | None = None,
-        aggregation: str | None = None,
+        self, server_round: int, *, site_metrics: dict[str, dict[str, Any]], declined: dict[str, str],
+        checkpoint: Path | None, failed: dict[str, str] | None = None, rejected: dict[str, str] | None = None,
+        rejected_metrics: dict[str, dict[str, Any]] | None = None, aggregation: str | None = None,
     ) -> None:
         """Book a round's training (its ``train`` entry, replacing any earlier one), update the per-site totals, save.
 
@@ -102,25 +87,17 @@ class RunReport:
         server_round
             The round trained.
         site_metrics
-            Site name → example count and privacy facts (ε, δ, σ, ledger row...) of each site whose
-            update went into the aggregate (:attr:`server.app.strategy.RoundBook.site_metrics`); empty when
-            no aggregate was made.
-        declined
-            Site name → the reason the site gave for declining the round (its privacy budget).
+            Site name → example count and privacy facts (ε, δ, σ, ledger row...) of each site in the aggregate
+            (:attr:`server.app.strategy.RoundBook.site_metrics`); empty when no aggregate was made.
+        declined, failed, rejected
+            Site name → why it declined (its budget), did not train (deadline, lost connection, SecAgg+
+            dropout) or had its update rejected by screening; ``None``: none.
         checkpoint
-            The round's checkpoint, a file inside :attr:`run_dir` (stored relative to it); ``None`` when the
-            round produced no global weights.
-        failed
-            Site name → why the site did not train (no answer by the deadline, connection lost, SecAgg+
-            dropout); ``None``: none failed.
-        rejected
-            Site name → why the coordinator's screening rejected its update; ``None``: none rejected.
+            The round's checkpoint inside :attr:`run_dir` (stored relative to it); ``None``: no new weights.
         rejected_metrics
-            The privacy facts of rejected sites that trained (they spent ε all the same, and the audit needs
-            them); ``None``: none.
+            The privacy facts of rejected sites that trained (they spent ε all the same); ``None``: none.
         aggregation
-            How the updates were combined (``fedavg``, ``trimmed-mean``, ``median``); ``None`` leaves it out
-            (a round with no aggregate, or the SecAgg+ path, whose sum is always a weighted mean).
+            ``fedavg``, ``trimmed-mean`` or ``median``; ``None`` leaves it out (no aggregate, or SecAgg+).
         """
         entry = self.round(server_round)
         entry["train"] = {"sites": site_metrics, "declined": declined, "failed": failed or {},
@@ -135,9 +112,7 @@ class RunReport:
 
     def record_attempt(self, server_round: int, *, reason: str, failed: dict[str, str], rejected: dict[str, str],
                        declined: dict[str, str], trained: list[str]) -> None:
-        """Book a try of a round that fell short of ``min-sites`` and was given up (retried or the run stopped).
-
-        Each try is appended to the round's ``attempts`` list, with the wall-clock time, and the report saved.
+        """Append a try of a round that fell short of ``min-sites`` (retried, or the run stopped) to its ``attempts``.
 
         Parameters
         ----------
@@ -145,12 +120,8 @@ class RunReport:
             The round tried.
         reason
             Why the try fell short, one line with the counts and each failed or rejected site.
-        failed
-            Site name → why the site did not answer.
-        rejected
-            Site name → why its update was rejected by the coordinator's screening.
-        declined
-            Site name → the reason the site gave for declining (its privacy budget).
+        failed, rejected, declined
+            Site name → why it did not answer, had its update rejected, or declined (its privacy budget).
         trained
             Names of the sites whose update passed screening (stored sorted).
         """
@@ -181,8 +152,7 @@ class RunReport:
         server_round
             The round whose global weights were evaluated.
         pooled
-            Metrics from the sum of every answering site's statistics (:func:`common.metrics.pooled_metrics`,
-            plus ``eval-loss``); binary runs include the chosen ``threshold``. NaN is written as null.
+            Metrics of the answering sites' summed statistics (:func:`common.metrics.pooled_metrics`, ``eval-loss``).
         per_site
             Site name → the same metrics from that site's statistics alone.
         """
@@ -199,8 +169,8 @@ class RunReport:
     def finish(self, status: str) -> None:
         """Set the final status, save, draw the plots and save again with their names.
 
-        The report is complete before any plot is drawn; a plot that fails costs
-        one warning and leaves ``"plots"`` empty (and no PNG half-written).
+        The report is complete before any plot is drawn; a plot that fails costs one warning and leaves
+        ``"plots"`` empty (and no PNG half-written).
         """
         self.status = status
         self.finished = time.time()
@@ -216,25 +186,14 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:
         """The report as ``report.json`` holds it (strict JSON: NaN and ±inf become null)."""
-        return json_safe(
-            {
-                "run_id": self.run_id,
-                "kind": self.kind,
-                "status": self.status,
-                "transport": self.transport,
-                "started": self.started,
-                "finished": self.finished,
-                "wall_seconds": (self.finished or time.time()) - self.started,
-                "config": self.config,
-                "rounds": [self.rounds[r] for r in sorted(self.rounds)],
-                "sites": self.sites,
-                "final": self.final_metrics(),
-                "learning": self.learning(),
-                "warnings": learning_warnings(self.rounds),
-                "plots": list(self.plots),
-                "resumes": list(self.resumes),
-            }
-        )
+        return json_safe({
+            "run_id": self.run_id, "kind": self.kind, "status": self.status, "transport": self.transport,
+            "started": self.started, "finished": self.finished,
+            "wall_seconds": (self.finished or time.time()) - self.started, "config": self.config,
+            "rounds": [self.rounds[r] for r in sorted(self.rounds)], "sites": self.sites,
+            "final": self.final_metrics(), "learning": self.learning(), "warnings": learning_warnings(self.rounds),
+            "plots": list(self.plots), "resumes": list(self.resumes),
+        })
 
     def final_metrics(self) -> dict[str, Any]:
         """The pooled metrics of the last evaluated round, with its ``round``; ``{}`` before the first evaluation."""
@@ -276,6 +235,10 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return str(value)
 
 
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A short human-readable report from ``report.json`` data."""
     lines = [
@@ -300,15 +263,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| precision | F1 | accuracy | sites trained | declined |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    pooled = ("auroc", "sensitivity", "specificity", THRESHOLD, SENSITIVITY_AT_THRESHOLD, SPECIFICITY_AT_THRESHOLD,
+              "precision", "f1", "accuracy")
     for r in report["rounds"]:
-        p = r.get("evaluate", {}).get("pooled", {})
-        t = r.get("train", {})
-        lines.append(
-            f"| {r['round']} | {_fmt(p.get('auroc'))} | {_fmt(p.get('sensitivity'))} | "
-            f"{_fmt(p.get('specificity'))} | {_fmt(p.get(THRESHOLD))} | {_fmt(p.get(SENSITIVITY_AT_THRESHOLD))} | "
-            f"{_fmt(p.get(SPECIFICITY_AT_THRESHOLD))} | {_fmt(p.get('precision'))} | {_fmt(p.get('f1'))} | "
-            f"{_fmt(p.get('accuracy'))} | {len(t.get('sites', {}))} | {', '.join(sorted(t.get('declined', {}))) or '–'} |"
-        )
+        p, t = r.get("evaluate", {}).get("pooled", {}), r.get("train", {})
+        lines.append(_row(r["round"], *(_fmt(p.get(k)) for k in pooled), len(t.get("sites", {})),
+                          ", ".join(sorted(t.get("declined", {}))) or "–"))
     lines += _per_site_validation(report)
     lines += [
         "",
@@ -323,11 +283,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in sorted(report["sites"].items()):
-        lines.append(
-            f"| {name} | {s.get('privacy_unit') or '–'} | {_fmt(s.get('epsilon'))} | {_fmt(s.get('epsilon_rdp'))} | "
-            f"{_fmt(s.get('epsilon_prv'))} | {_fmt(s.get('run_epsilon'))} | {_fmt(s.get('delta'), 'g')} | "
-            f"{_fmt(s.get('max_epsilon'))} | {s.get('rounds_trained', 0)} | {s.get('rounds_declined', 0)} |"
-        )
+        lines.append(_row(name, s.get("privacy_unit") or "–",
+                          *(_fmt(s.get(k)) for k in ("epsilon", "epsilon_rdp", "epsilon_prv", "run_epsilon")),
+                          _fmt(s.get("delta"), "g"), _fmt(s.get("max_epsilon")), s.get("rounds_trained", 0),
+                          s.get("rounds_declined", 0)))
     if report.get("plots"):
         lines += ["", "## Plots", ""]
         for name in report["plots"]:
@@ -397,11 +356,8 @@ def _per_site_validation(report: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- |" + (" --- |" if with_examples else ""),
     ]
     for name, m in sorted(sites.items()):
-        m = m or {}
-        lines.append(
-            f"| {name} | {_fmt(m.get('auroc'))} | {_fmt(m.get('sensitivity'))} | {_fmt(m.get('specificity'))} |"
-            + (f" {_fmt(examples[name])} |" if with_examples else "")
-        )
+        cells = [_fmt((m or {}).get(k)) for k in ("auroc", "sensitivity", "specificity")]
+        lines.append(_row(name, *cells, *([_fmt(examples[name])] if with_examples else [])))
     return lines
 
 

@@ -1,19 +1,11 @@
 """The coordinator's state after each completed round, and resuming from it.
 
-After every completed round (trained, checkpointed, evaluated) the ServerApp
-writes ``RUN_DIR/state.json`` atomically. It is the commit point of the round:
-the checkpoint it names and ``report.json`` are written before it, so a crash
-at any moment leaves either the previous round's state or this one's, never
-half of one.
-
-``state.json`` holds the run id, the last completed round, the run config, the
-aggregation settings and each site's participation, and names the checkpoint
-with the global weights. ``fl-server --resume RUN_DIR`` submits a new Flower run
-with the same run config plus ``resume-run-id``; the ServerApp then loads this
-state and continues with the next round. Sites book the resumed rounds under
-the original run id, so their DP plan (σ for the announced rounds) stays the
-one they started with (see ``docs/resilience.md`` for how a repeated round is
-accounted).
+After every completed round (trained, checkpointed, evaluated) the ServerApp writes ``RUN_DIR/state.json``
+atomically, after the checkpoint it names and ``report.json``: the round's commit point, so a crash leaves
+the previous round's state or this one's, never half of one. ``fl-server --resume RUN_DIR`` submits a new
+Flower run with the same run config plus ``resume-run-id``; the ServerApp loads this state and goes on with
+the next round. Sites book the resumed rounds under the original run id, so their DP plan stays the one
+they started with (``docs/resilience.md``: how a repeated round is accounted).
 """
 
 from __future__ import annotations
@@ -45,15 +37,13 @@ class CoordinatorState:
     run_id: str
     completed_round: int
     num_rounds: int
-    checkpoint: str | None
-    """The global weights after ``completed_round``, relative to the run folder (None before round 1)."""
+    checkpoint: str | None  # the weights after ``completed_round``, relative to the run folder (None before round 1)
     run_config: dict[str, Any]
-    strategy: dict[str, Any] = field(default_factory=dict)
-    """Aggregation settings, and the node id → site name map learned so far."""
+    strategy: dict[str, Any] = field(default_factory=dict)  # aggregation settings, node id → site name so far
+    # site → {"trained"|"declined"|"failed"|"rejected": [rounds]}
     participation: dict[str, dict[str, list[int]]] = field(default_factory=dict)
-    """site → {"trained"|"declined"|"failed"|"rejected": [rounds]}."""
+    # one entry per Flower run that served this run: its id, its first round, when it started
     segments: list[dict[str, Any]] = field(default_factory=list)
-    """One entry per Flower run that served this run: its id, its first round, when it started."""
     saved: float = 0.0
     format: str = FORMAT
 

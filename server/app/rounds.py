@@ -1,30 +1,18 @@
 """The plain (no secure aggregation) round loop: deadlines, quorum, retries, screening, resume.
 
-Flower's ``Strategy.start`` runs rounds 1..N with one timeout and averages
-whatever comes back. A consortium needs more, so fedrad runs its own loop over
-the same strategy hooks (:class:`server.app.strategy.FedradFedAvg` samples the
-sites, builds the messages and pools the evaluation):
+Flower's ``Strategy.start`` runs rounds with one timeout and averages whatever comes back; fedrad runs its
+own loop over the same strategy hooks (:class:`server.app.strategy.FedradFedAvg` samples the sites):
 
-1. **Join.** A round starts when ``min-sites`` sites are connected; after
-   ``join-timeout`` seconds without them the run stops with that reason. Each
-   round samples the sites connected *then*, so a site that reconnects rejoins
-   the next round.
-2. **Deadline.** Training messages expire after ``round-timeout`` seconds (their
-   Flower TTL): the round goes on with the sites that answered by then; a late
-   answer is dropped by the SuperLink, and a site that picks up an expired
-   message does not train it (no privacy spent on an update nobody will use).
-3. **Screening.** Every update is checked before aggregation
-   (:func:`server.app.validation.screen`): names, shapes, dtypes, NaN/Inf, and an
-   update norm far outside the other sites'. A rejected update is logged and
-   reported with the site name and the reason.
-4. **Quorum.** The round counts when at least ``min-sites`` sites answered
-   usefully (a trained update that passed screening, or a budget decline) and at
-   least one trained. Otherwise the round is tried again, up to
-   ``round-retries`` times, and then the run stops with the reason.
-5. **Aggregation.** ``fedavg`` (weighted by examples), or ``trimmed-mean`` /
-   ``median`` (:func:`server.app.validation.aggregate`).
-6. **Commit.** The round's checkpoint and report, then ``state.json``
-   (:mod:`server.app.resume`): ``fl-server --resume`` continues from there.
+1. **Join.** A round starts when ``min-sites`` sites are connected (else the run stops after
+   ``join-timeout`` s); it samples the sites connected *then*, so a reconnected site rejoins.
+2. **Deadline.** Training messages expire after ``round-timeout`` s (their Flower TTL): the round goes on
+   with the answers so far; a site that picks up an expired message does not train it (no ε wasted).
+3. **Screening.** :func:`server.app.validation.screen` rejects malformed updates and norm outliers,
+   logged and reported with the site and the reason.
+4. **Quorum.** At least ``min-sites`` useful answers (a screened update or a budget decline), one of them
+   trained; else the round is retried up to ``round-retries`` times, then the run stops with the reason.
+5. **Aggregation.** ``fedavg``, ``trimmed-mean`` or ``median`` (:func:`server.app.validation.aggregate`).
+6. **Commit.** Checkpoint and report, then ``state.json`` (:mod:`server.app.resume`) for ``--resume``.
 """
 
 from __future__ import annotations
@@ -62,30 +50,21 @@ class RunStopped(FederationError):
 
 
 def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, server_round: int, poll: float = 1.0) -> list[int]:
-    """The connected nodes once at least ``min_sites`` are; RunStopped after ``timeout`` seconds.
+    """The sorted ids of the connected nodes once at least ``min_sites`` are.
 
     Parameters
     ----------
     grid
         The ServerApp's grid, asked for its connected node ids every ``poll`` seconds.
-    min_sites
-        How many nodes must be connected (run config ``min-sites``).
-    timeout
-        Seconds to wait for them (``join-timeout``).
+    min_sites, timeout
+        How many nodes must be connected (``min-sites``), and the seconds to wait for them (``join-timeout``).
     server_round
         The round about to start, for the log and the error message.
-    poll
-        Seconds between two looks at the grid.
-
-    Returns
-    -------
-    list of int
-        The ids of every connected node, sorted; at least ``min_sites`` of them.
 
     Raises
     ------
     RunStopped
-        When fewer than ``min_sites`` nodes are connected after ``timeout`` seconds.
+        When fewer than ``min_sites`` nodes are connected after ``timeout`` seconds (``join-timeout``).
     """
     seen: list[int] = []  # the nodes connected at the last look
     logged = [-1]  # how many were connected when that was last logged
@@ -154,15 +133,8 @@ class RoundEngine(Protocol):
 class PlainRounds:
     """Rounds ``first..num_rounds`` of a run without secure aggregation."""
 
-    def __init__(
-        self,
-        grid: Grid,
-        *,
-        run: RunConfig,
-        strategy: FedradFedAvg,
-        names: Names,
-        on_round_done: Callable[[int, StateDict], None],
-    ) -> None:
+    def __init__(self, grid: Grid, *, run: RunConfig, strategy: FedradFedAvg, names: Names,
+                 on_round_done: Callable[[int, StateDict], None]) -> None:
         self.grid = grid
         self.run = run
         self.policy = run.rounds
@@ -182,8 +154,8 @@ class PlainRounds:
     # -- training ----------------------------------------------------------------------------
 
     def train(self, server_round: int, weights: StateDict) -> tuple[StateDict, set[int]]:
-        """One round's training with retries: the new global weights, and the nodes that failed or missed the deadline
-        (RunStopped when the round cannot be done)."""
+        """One round's training with retries (RunStopped when it cannot be done): the new global weights (in the
+        order of ``weights``), and the nodes that failed or missed the deadline (not asked to evaluate)."""
         attempts = self.policy.retries + 1
         for attempt in range(1, attempts + 1):
             wait_for_sites(self.grid, min_sites=self.run.min_sites, timeout=self.policy.join_timeout,
@@ -197,13 +169,7 @@ class PlainRounds:
         raise AssertionError("unreachable")
 
     def train_once(self, server_round: int, weights: StateDict) -> tuple[StateDict, set[int]]:
-        """One try of round ``server_round``'s training from the global ``weights``: send, screen, aggregate, close.
-
-        Returns
-        -------
-        tuple
-            The new global weights (keys in the order of ``weights``), and the nodes that missed the
-            deadline or answered with an error (they are not asked to evaluate).
+        """One try of a round's training: send, screen, aggregate, close; like :meth:`train`.
 
         Raises
         ------
@@ -285,19 +251,15 @@ class PlainRounds:
     def evaluate(self, server_round: int, weights: StateDict, *, skip: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         """Pooled evaluation of the new weights, booked in the report by :meth:`FedradFedAvg.aggregate_evaluate`.
 
-        Sites that missed this round's training deadline are not asked (they are most likely still busy,
-        and the round would wait for them twice). A site that does not answer within ``round-timeout``, or
-        fails, costs a warning; the pooled metrics are of the sites that answered.
+        A site that does not answer within ``round-timeout``, or fails, costs a warning; the pooled metrics
+        are of the sites that answered.
 
         Parameters
         ----------
-        server_round
-            The round whose training produced ``weights``.
-        weights
-            The new global weights, sent to the sites.
+        server_round, weights
+            The round and the new global weights its training produced.
         skip
-            Node ids not to ask (the second item :meth:`train` returns). When every node is skipped, nothing
-            is booked.
+            Node ids not to ask: they missed the training deadline (most likely still busy). All: nothing booked.
         """
         messages = _expires(
             [m for m in self.strategy.configure_evaluate(server_round, ArrayRecord(weights), ConfigRecord(), self.grid)

@@ -1,17 +1,10 @@
-"""Rounds under secure aggregation: Flower's SecAgg+ workflow, fedrad's bookkeeping.
+"""Rounds under secure aggregation: Flower's SecAgg+ workflow (its workflow API only), fedrad's bookkeeping.
 
-SecAgg+ exists only in Flower's workflow API, so a secure run is a
-``DefaultWorkflow`` over a ``LegacyContext``:
-
-- fit: :class:`FedradSecAggPlus` — Flower's ``SecAggPlusWorkflow`` (setup,
-  share keys, collect masked vectors, unmask), which stops the run with a clear
-  reason instead of silently skipping a round when too few sites are left, and
-  knows which site dropped out at which stage;
-- aggregation: :class:`SecureFedAvg` — the legacy ``FedAvg`` hook receives the
-  unmasked weighted sum (every result carries it) plus each site's unmasked
-  metrics; it checkpoints and reports the round like the plain path;
-- evaluation: plain messages with sufficient statistics only
-  (:func:`evaluate_workflow`), the same as in a plain run.
+- fit: :class:`FedradSecAggPlus`, Flower's ``SecAggPlusWorkflow`` that stops the run with the reason (instead
+  of silently skipping a round) when too few sites are left, knowing who dropped out at which stage;
+- aggregation: :class:`SecureFedAvg`, the legacy ``FedAvg`` hook, gets the unmasked weighted sum and each
+  site's metrics; it checkpoints and reports the round like the plain path;
+- evaluation: plain messages with sufficient statistics only (:func:`evaluate_workflow`), as in a plain run.
 """
 
 from __future__ import annotations
@@ -62,28 +55,18 @@ class SecureFedAvg(LegacyFedAvg):
         self.dropped: dict[str, str] = {}  # set by FedradSecAggPlus before each aggregation
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[Any, FitRes]],
-        failures: list[tuple[Any, FitRes] | BaseException],
+        self, server_round: int, results: list[tuple[Any, FitRes]], failures: list[tuple[Any, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Book the round from the unmasked results, checkpoint the sum and record the round in the report.
+        """Book the round, checkpoint the sum and report it; the new weights and ``{"examples": N}`` (trained).
 
         Parameters
         ----------
         server_round
             The round being aggregated.
         results
-            (client proxy, FitRes) per site that took part: each FitRes holds the same unmasked weighted
-            mean, and that site's own metrics (name, example count, privacy facts, or its decline).
+            Per site: the same unmasked weighted mean, and its own metrics (name, examples, privacy facts, decline).
         failures
             Not read: the sites that dropped out, and at which SecAgg+ stage, are in :attr:`dropped`.
-
-        Returns
-        -------
-        tuple
-            The new global weights as Flower ``Parameters``, and ``{"examples": N}``, the training
-            examples of the sites that trained.
 
         Raises
         ------
@@ -165,13 +148,9 @@ class FedradSecAggPlus(SecAggPlusWorkflow):
 
     def __init__(self, secagg: SecAggConfig, names: dict[int, str] | None = None) -> None:
         super().__init__(
-            num_shares=secagg.shares,
-            reconstruction_threshold=secagg.threshold,
-            max_weight=float(secagg.max_weight),
-            clipping_range=secagg.clipping_range,
-            quantization_range=secagg.quantization_range,
-            modulus_range=secagg.modulus_range,
-            timeout=secagg.timeout,
+            num_shares=secagg.shares, reconstruction_threshold=secagg.threshold, max_weight=float(secagg.max_weight),
+            clipping_range=secagg.clipping_range, quantization_range=secagg.quantization_range,
+            modulus_range=secagg.modulus_range, timeout=secagg.timeout,
         )
         self.names: dict[int, str] = dict(names or {})
 
@@ -234,13 +213,9 @@ class SecureRounds:
             check_model_fits(weights, run.secagg)  # a resumed model has trained inside the range already
         keys = list(weights)
         strategy = SecureFedAvg(
-            report=self.evaluator.report,
-            keys=keys,
-            run=run,
-            fraction_fit=run.fraction_train,
+            report=self.evaluator.report, keys=keys, run=run, fraction_fit=run.fraction_train,
             fraction_evaluate=0.0,  # evaluation runs in plain messages, see evaluate_workflow
-            min_fit_clients=max(run.min_sites, 2),
-            min_available_clients=max(run.min_sites, 2),
+            min_fit_clients=max(run.min_sites, 2), min_available_clients=max(run.min_sites, 2),
             on_fit_config_fn=lambda r: {records.SERVER_ROUND: r, "local-epochs": run.local_epochs},
             initial_parameters=ndarrays_to_parameters([t.numpy() for t in weights.values()]),
         )

@@ -1,17 +1,9 @@
-"""Round bookkeeping shared by the plain and secure paths, and the evaluation strategy.
+"""Round bookkeeping shared by the plain and secure paths (:class:`RoundBook`), and the evaluation strategy.
 
-:class:`RoundBook` records what one training round brought in, site by site,
-checkpoints the new global weights and writes the round into the report.
-:class:`FedradFedAvg` reuses Flower's ``FedAvg`` hooks to sample sites and to
-pool the sites' evaluation statistics into pooled metrics; the round loop
-itself is :mod:`server.app.rounds` (plain) or :mod:`server.app.secure` (SecAgg+).
-
-After each evaluation (binary tasks) :class:`FedradFedAvg` also writes the
-threshold it chose on the pooled statistics (run config ``operating-point``)
-into that round's checkpoint metadata — the checkpoint was saved when the round
-closed, before its evaluation, and the threshold belongs to those weights — and
-checks whether the run is learning (:mod:`server.app.learning`), warning once when
-the verdict turns to a flag.
+:class:`FedradFedAvg` reuses Flower's ``FedAvg`` hooks to sample sites and pool their evaluation statistics.
+After each binary evaluation it writes the threshold chosen on the pooled statistics (``operating-point``)
+into that round's checkpoint — saved when the round closed, before its evaluation — and checks whether the
+run is learning (:mod:`server.app.learning`), warning once when the verdict turns to a flag.
 """
 
 from __future__ import annotations
@@ -47,18 +39,9 @@ from server.app.report import RunReport
 log = logging.getLogger(__name__)
 
 PRIVACY_KEYS = (
-    records.EPSILON,
-    records.EPSILON_RDP,
-    records.EPSILON_PRV,
-    records.RUN_EPSILON,
-    records.RUN_EPSILON_RDP,
-    records.RUN_EPSILON_PRV,
-    records.DELTA,
-    records.MAX_EPSILON,
-    records.NOISE_MULTIPLIER,
-    records.SAMPLE_RATE,
-    records.STEPS,
-    records.MAX_GRAD_NORM,
+    records.EPSILON, records.EPSILON_RDP, records.EPSILON_PRV, records.RUN_EPSILON, records.RUN_EPSILON_RDP,
+    records.RUN_EPSILON_PRV, records.DELTA, records.MAX_EPSILON, records.NOISE_MULTIPLIER, records.SAMPLE_RATE,
+    records.STEPS, records.MAX_GRAD_NORM,
 )
 SITE_FACTS = (records.PRIVACY_UNIT, records.LEDGER_KEY, records.LEDGER_ROW, records.LEDGER_HASH)
 
@@ -90,26 +73,18 @@ def aggregate_train_metrics(contents: list[RecordDict], weighted_by_key: str) ->
 def aggregate_evaluate_metrics(
     contents: list[RecordDict], weighted_by_key: str, *, num_classes: int = 2, operating_point: str | float = YOUDEN
 ) -> MetricRecord:
-    """Pooled metrics from the sum of the sites' sufficient statistics (binary: with the chosen threshold).
+    """:func:`common.metrics.pooled_metrics` of the sites' summed sufficient statistics, plus ``eval-loss``.
 
     Parameters
     ----------
     contents
-        The contents of the sites' evaluation replies; each ``metrics`` record holds the site's
-        sufficient statistics (:func:`common.metrics.sufficient_statistics`), ``num-examples`` and
-        ``eval-loss``.
+        The sites' evaluation replies; ``metrics``: statistics, ``num-examples``, ``eval-loss`` (example-weighted).
     weighted_by_key
         Flower's weighting key; unused, since statistics are counts that simply add up.
     num_classes
         K; 2 for the binary task.
     operating_point
         Binary: how the decision threshold is chosen (``"youden"`` or a target sensitivity).
-
-    Returns
-    -------
-    MetricRecord
-        :func:`common.metrics.pooled_metrics` of the summed statistics, plus ``eval-loss``: the sites'
-        evaluation losses averaged with their example counts as weights.
     """
     del weighted_by_key  # statistics are counts: they add up, no weighting needed
     metrics = [c[records.METRICS] for c in contents]
@@ -141,12 +116,8 @@ class Names:
 
 
 class RoundBook:
-    """What one training round brought in, site by site; shared by the plain and secure paths.
-
-    Each reply is a trained update, a site's decline (its own budget decision)
-    or a failure. :meth:`close` checkpoints the new global weights and writes the
-    round into the report, or ends the run when nobody trained.
-    """
+    """What one training round brought in, site by site: trained updates, declines (a site's own budget
+    decision), failures and rejections. :meth:`close` checkpoints and reports the round."""
 
     def __init__(self, server_round: int) -> None:
         self.server_round = server_round
@@ -169,22 +140,16 @@ class RoundBook:
         log.warning("Round %d: update of site %s REJECTED: %s", self.server_round, name, reason)
 
     def reply(self, name: str, metrics: Mapping[str, Any], site: Mapping[str, Any]) -> bool:
-        """Book one answer; True when the site trained (its update counts).
+        """Book one answer; True when the site trained (booked in :attr:`site_metrics`), False when it declined.
 
         Parameters
         ----------
         name
             The site's name (:meth:`Names.of`).
         metrics
-            The reply's metrics: ``num-examples`` (required unless the site declined) and the privacy
-            facts (:data:`PRIVACY_KEYS`) that are present.
+            The reply's metrics: ``num-examples`` (unless declined) and the privacy facts (:data:`PRIVACY_KEYS`).
         site
             The reply's site record: a ``declined`` reason, or the ledger facts (:data:`SITE_FACTS`).
-
-        Returns
-        -------
-        bool
-            True when the site trained (booked in :attr:`site_metrics`); False when it declined.
         """
         if records.DECLINED in site:
             # The site's own budget decision: it sent no update, and the run goes on without it.
@@ -199,12 +164,12 @@ class RoundBook:
         return True
 
     def close(self, report: RunReport, state: Mapping[str, Any] | None, *, aggregation: str | None = None) -> None:
-        """Checkpoint ``state`` (the new global weights) and record the round.
+        """Checkpoint ``state`` (the new global weights) into ``report.run_dir`` and record the round in ``report``.
 
         Parameters
         ----------
         report
-            The run's report: the round is recorded there, the checkpoint written into its ``run_dir``.
+            The run's report.
         state
             The new global weights; ``None`` when there is no aggregate (nobody trained).
         aggregation
@@ -228,15 +193,10 @@ class RoundBook:
                 )
             reasons = "; ".join(sorted({*self.failed.values(), *self.declined.values()})) or "no replies"
             raise FederationError(f"No site trained in round {r}: {reasons}")
-        checkpoint = save_checkpoint(
-            checkpoint_path(report.run_dir, r), state, metadata=checkpoint_metadata(report, r)
-        )
+        checkpoint = save_checkpoint(checkpoint_path(report.run_dir, r), state, metadata=checkpoint_metadata(report, r))
         for name, m in sorted(self.site_metrics.items()):
-            log.info(
-                "Round %d: site %s trained on %d images, ε=%.3f (max %.3g)",
-                r, name, m[records.NUM_EXAMPLES], m.get(records.EPSILON, float("nan")),
-                m.get(records.MAX_EPSILON, float("nan")),
-            )
+            log.info("Round %d: site %s trained on %d images, ε=%.3f (max %.3g)", r, name, m[records.NUM_EXAMPLES],
+                     m.get(records.EPSILON, float("nan")), m.get(records.MAX_EPSILON, float("nan")))
         report.record_train(
             r, site_metrics=self.site_metrics, declined=self.declined, failed=self.failed, checkpoint=checkpoint,
             rejected=self.rejected, rejected_metrics=self.rejected_metrics, aggregation=aggregation,
@@ -246,21 +206,14 @@ class RoundBook:
 class FedradFedAvg(FedAvg):
     """Flower's FedAvg hooks for sampling sites and pooling evaluation; the report.
 
-    Training rounds are run by :class:`server.app.rounds.PlainRounds` (deadlines, screening,
-    robust aggregation) or :mod:`server.app.secure` (SecAgg+); both book them with :class:`RoundBook`.
+    Training rounds are run by :class:`server.app.rounds.PlainRounds` or :mod:`server.app.secure`.
+    ``operating_point``: ``"youden"`` or a target sensitivity; by default the run config's (``report.config``).
     """
 
     def __init__(
-        self,
-        *,
-        report: RunReport,
-        num_classes: int = 2,
-        names: Names | None = None,
-        operating_point: str | float | None = None,
-        **kwargs: Any,
+        self, *, report: RunReport, num_classes: int = 2, names: Names | None = None,
+        operating_point: str | float | None = None, **kwargs: Any,
     ) -> None:
-        """``operating_point``: ``"youden"`` or a target sensitivity; by default the run config's
-        ``operating-point`` (``report.config``), else Youden's J."""
         if operating_point is None:
             operating_point = parse_operating_point(report.config.get("operating-point", YOUDEN))
         super().__init__(
@@ -276,10 +229,8 @@ class FedradFedAvg(FedAvg):
         self.operating_point = operating_point
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Pool and book round ``server_round``'s evaluation replies (binary: threshold and learning check too).
-
-        Returns the pooled metrics; ``None`` when no reply was usable (nothing is booked then).
-        """
+        """Pool and book round ``server_round``'s evaluation replies (binary: threshold and learning check too);
+        the pooled metrics, ``None`` when no reply was usable (nothing is booked then)."""
         replies = list(replies)
         per_site = {
             self.names.of(msg.metadata.src_node_id, msg.content): pooled_metrics(
@@ -303,19 +254,15 @@ class FedradFedAvg(FedAvg):
             log.info("Round %d: pooled AUROC %.3f, sensitivity %.3f, specificity %.3f",
                      server_round, pooled["auroc"], pooled["sensitivity"], pooled["specificity"])
             return
-        log.info(
-            "Round %d: pooled AUROC %.3f; at threshold 0.5 sensitivity %.3f, specificity %.3f; "
-            "at threshold %.3f (%s) sensitivity %.3f, specificity %.3f",
-            server_round, pooled["auroc"], pooled["sensitivity"], pooled["specificity"], pooled[THRESHOLD],
-            describe_operating_point(self.operating_point), pooled[SENSITIVITY_AT_THRESHOLD],
-            pooled[SPECIFICITY_AT_THRESHOLD],
-        )
+        log.info("Round %d: pooled AUROC %.3f; at threshold 0.5 sensitivity %.3f, specificity %.3f; "
+                 "at threshold %.3f (%s) sensitivity %.3f, specificity %.3f",
+                 server_round, pooled["auroc"], pooled["sensitivity"], pooled["specificity"], pooled[THRESHOLD],
+                 describe_operating_point(self.operating_point), pooled[SENSITIVITY_AT_THRESHOLD],
+                 pooled[SPECIFICITY_AT_THRESHOLD])
 
     def _store_threshold(self, server_round: int, threshold: float) -> None:
-        """Write the threshold chosen on this round's evaluation into this round's checkpoint (fl-predict's default).
-
-        A failure costs a warning: the threshold is in the report too, where fl-predict also looks.
-        """
+        """Write the threshold chosen on this round's evaluation into its checkpoint (fl-predict's default);
+        a failure costs a warning: the threshold is in the report too, where fl-predict also looks."""
         name = self.report.rounds.get(server_round, {}).get("checkpoint")
         if name is None or not 0 < threshold < 1:  # no checkpoint, or no threshold (a class absent)
             return

@@ -1,24 +1,10 @@
-"""Coordinator-side checks of the sites' model updates, and robust aggregation.
+"""Coordinator-side checks of the sites' model updates (full state dicts, not deltas), and robust aggregation.
 
-Each site sends back a full new state dict (not a delta). Before averaging,
-the coordinator screens every update:
-
-1. :func:`check_update` — same tensor names, shapes and dtypes as the global
-   model, and only finite values. A malformed update is rejected with a short
-   reason naming the first problem (tensor names and counts only: an update
-   carries weights, never images or patient data).
-2. :func:`norm_outliers` — among the well-formed updates, an update that moved
-   the model far more than the others (L2 norm of ``update - global``, see
-   :func:`update_norm`) is rejected. Only *large* norms are flagged.
-
-:func:`screen` runs both and splits the sites into accepted and rejected.
-:func:`aggregate` then combines the accepted updates: ``fedavg`` (weighted by
-example counts, like Flower's ``FedAvg``), or one of the robust coordinate-wise
-rules ``trimmed-mean`` and ``median``, which bound the pull of a poisoned site
-that the screening let through.
-
-Everything here is a pure function of torch tensors: no Flower messages, no
-I/O, no logging.
+:func:`screen` rejects a malformed update (:func:`check_update`: names, shapes, dtypes, finite values; the
+reason names tensors and counts only) and, among the rest, one that moved the model far more than the others
+(:func:`norm_outliers`). :func:`aggregate` combines the accepted ones: ``fedavg`` (weighted by examples, like
+Flower's ``FedAvg``), or the robust coordinate-wise ``trimmed-mean`` and ``median``, which bound the pull of a
+poisoned site the screening let through. Pure functions of torch tensors: no Flower messages, I/O or logging.
 """
 
 from __future__ import annotations
@@ -47,28 +33,12 @@ def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor.shape)
 
 
-def check_update(
-    update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
-) -> str | None:
-    """Why a site's update cannot be used, or ``None`` when it can.
+def check_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a site's ``update`` cannot be used (e.g. ``"'fc.bias' has 3 NaN/Inf values"``), or ``None`` when it can.
 
-    The update must hold exactly the tensors of ``reference`` (the global model
-    the site started from), each with the same shape and dtype, and no NaN or
-    Inf in floating-point tensors. Checks run in this order: missing names,
-    unexpected names, then tensor by tensor (in the reference's order) type,
-    shape, dtype and finiteness; the reason names the first problem only.
-
-    Parameters
-    ----------
-    update
-        The state dict a site sent back.
-    reference
-        The global state dict of the round.
-
-    Returns
-    -------
-    str or None
-        A short reason such as ``"'fc.bias' has 3 NaN/Inf values"``, or ``None``.
+    It must hold exactly the tensors of ``reference`` (the round's global state dict), with the same shapes
+    and dtypes, and no NaN or Inf. Checked in this order: missing names, unexpected names, then tensor by
+    tensor (in the reference's order) type, shape, dtype and finiteness; the reason names the first problem.
     """
     for name in reference:
         if name not in update:
@@ -83,9 +53,7 @@ def check_update(
         if tensor.shape != expected.shape:
             return f"{name!r} has shape {_shape(tensor)}, expected {_shape(expected)}"
         if tensor.dtype != expected.dtype:
-            return (
-                f"{name!r} is {_dtype_name(tensor.dtype)}, expected {_dtype_name(expected.dtype)}"
-            )
+            return f"{name!r} is {_dtype_name(tensor.dtype)}, expected {_dtype_name(expected.dtype)}"
         if tensor.is_floating_point() or tensor.is_complex():
             bad = int((~torch.isfinite(tensor)).sum().item())
             if bad:
@@ -94,67 +62,37 @@ def check_update(
 
 
 def update_norm(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of ``update - reference`` over the floating-point tensors.
+    """L2 norm (in float64) of ``update - reference`` over the floating-point tensors; :func:`check_update` first.
 
-    Integer buffers (step counters and the like) are left out: they are not
-    weights and their scale is unrelated. Accumulates in float64. Call
-    :func:`check_update` first; this function assumes matching names and shapes.
-
-    Raises
-    ------
-    KeyError
-        ``update`` lacks a floating-point tensor of ``reference``.
+    Integer buffers (step counters and the like) are left out: they are not weights and their scale is unrelated.
     """
     total = 0.0
     for name, ref in reference.items():
         if not ref.is_floating_point():
             continue
-        diff = update[name].detach().to(torch.float64) - ref.detach().to(
-            device=update[name].device, dtype=torch.float64
-        )
+        diff = update[name].detach().to(torch.float64) - ref.detach().to(update[name].device, torch.float64)
         total += float(torch.sum(diff * diff).item())
     return math.sqrt(total)
 
 
-def norm_outliers(
-    norms: Mapping[str, float], *, factor: float, min_sites: int = 3
-) -> dict[str, str]:
-    """Sites whose update norm is far above the norms of the other sites.
+def norm_outliers(norms: Mapping[str, float], *, factor: float, min_sites: int = 3) -> dict[str, str]:
+    """Flagged site → reason (``"update norm 41.2 is 13.7x the median 3.01 of the other sites (limit 10x)"``).
 
-    Each site's norm is compared with the median of the *other* sites' norms
-    (leave-one-out): with three sites, one huge update cannot raise the median
-    it is judged against, and two honest sites are not flagged because the
-    third sent a tiny update. A site is flagged when its norm exceeds
-    ``factor`` times that median.
-
-    Choices:
-
-    * Only large norms are flagged. A tiny update (a site that barely trained)
-      is harmless under averaging: it can only pull the model towards the
-      previous global model, never away from it.
-    * With fewer than ``min_sites`` norms nothing is flagged: there are not
-      enough sites to tell which one is abnormal.
-    * When the other sites' median is 0 (most of them returned the global model
-      unchanged), the ratio has no scale and the site is *not* flagged: a
-      relative test cannot judge it, and flagging it would reject the only
-      training done in the round. Robust aggregation still bounds its pull.
-    * A norm that is NaN or Inf is always flagged, and is left out of the
-      medians the other sites are judged against.
+    A site is flagged when its norm exceeds ``factor`` times the median of the *other* sites' norms
+    (leave-one-out: one huge update cannot raise the median it is judged against, and two honest sites are not
+    flagged because a third sent a tiny update). Only large norms are flagged: a tiny update can only pull the
+    model back towards the previous global one. Nothing is flagged with fewer than ``min_sites`` norms, nor when
+    the others' median is 0 (no scale: flagging would reject the round's only training; robust aggregation still
+    bounds it). A NaN or Inf norm is always flagged and left out of the others' medians.
 
     Parameters
     ----------
     norms
-        Site name to update norm (see :func:`update_norm`).
+        Site name to update norm (:func:`update_norm`).
     factor
         How many times the others' median a norm may be; must be > 1.
     min_sites
         The fewest norms with which outliers are looked for; must be >= 2.
-
-    Returns
-    -------
-    dict
-        Flagged site to reason, e.g. ``"update norm 41.2 is 13.7x the median
-        3.01 of the other sites (limit 10x)"``; empty when none is flagged.
 
     Raises
     ------
@@ -197,16 +135,11 @@ class Screening(NamedTuple):
 
 
 def screen(
-    updates: Mapping[str, tuple[StateDict, int]],
-    reference: StateDict,
-    *,
-    norm_factor: float,
-    min_sites: int = 3,
+    updates: Mapping[str, tuple[StateDict, int]], reference: StateDict, *, norm_factor: float, min_sites: int = 3
 ) -> Screening:
     """Split the sites' updates into accepted and rejected ones.
 
-    Every update first goes through :func:`check_update`, and a negative
-    example count is rejected; then :func:`norm_outliers` runs among the
+    :func:`check_update` and a non-negative example count first; then :func:`norm_outliers` among the
     updates that passed (so a malformed update never skews the medians).
 
     Parameters
@@ -215,15 +148,13 @@ def screen(
         Site name to (state dict, example count).
     reference
         The global state dict the sites started from.
-    norm_factor
-        See :func:`norm_outliers`; ``<= 0`` disables the norm check.
-    min_sites
-        See :func:`norm_outliers`.
+    norm_factor, min_sites
+        As for :func:`norm_outliers` (``factor``); ``norm_factor <= 0`` disables the norm check.
 
     Raises
     ------
     ValueError
-        ``0 < norm_factor <= 1`` or ``min_sites < 2`` (from :func:`norm_outliers`).
+        ``0 < norm_factor <= 1`` or ``min_sites < 2``.
     """
     passed: dict[str, tuple[StateDict, int]] = {}
     rejected: dict[str, str] = {}
@@ -244,35 +175,20 @@ def screen(
 
 
 def aggregate(
-    updates: Sequence[tuple[Mapping[str, torch.Tensor], int]],
-    *,
-    method: str,
-    trim_fraction: float = 0.2,
+    updates: Sequence[tuple[Mapping[str, torch.Tensor], int]], *, method: str, trim_fraction: float = 0.2
 ) -> OrderedDict[str, torch.Tensor]:
     """Combine the sites' state dicts into the next global model.
 
-    Methods (see :data:`AGGREGATIONS`):
-
-    ``fedavg``
-        Mean weighted by example count, as Flower's ``FedAvg``.
-    ``trimmed-mean``
-        Coordinate-wise: drop the ``k = floor(trim_fraction * n)`` largest and
-        ``k`` smallest of the ``n`` values, average the rest.
-    ``median``
-        Coordinate-wise median; for even ``n``, the mean of the two middle values.
-
-    The robust methods ignore example counts (the usual choice: a weight per
-    site would let one site that claims many examples dominate again). All
-    methods accumulate in float64 and cast back to each tensor's dtype.
-    Integer and bool tensors (step counters) are averaged the same way and
-    rounded to the nearest integer (half to even); Flower instead returns them
-    as float64.
+    ``fedavg`` is the mean weighted by example count; ``trimmed-mean`` drops the ``k = floor(trim_fraction * n)``
+    largest and ``k`` smallest of the ``n`` values of each coordinate and averages the rest; ``median`` is the
+    coordinate-wise median (even ``n``: the mean of the two middle values). The robust methods ignore example
+    counts (else one site claiming many examples would dominate again). All accumulate in float64; integer and
+    bool tensors are rounded to the nearest integer (half to even), where Flower returns float64.
 
     Parameters
     ----------
     updates
-        (state dict, example count) per site; all with the same names and
-        shapes (run :func:`screen` first).
+        (state dict, example count) per site, with the same names and shapes (:func:`screen` first).
     method
         One of :data:`AGGREGATIONS`.
     trim_fraction
@@ -286,9 +202,8 @@ def aggregate(
     Raises
     ------
     ValueError
-        Unknown method, no updates, trim fraction outside [0, 0.5), updates
-        whose names or shapes differ, a complex tensor, or (``fedavg``) a
-        negative example count or no examples at all.
+        Unknown method, no updates, trim fraction outside [0, 0.5), updates whose names or shapes differ, a
+        complex tensor, or (``fedavg``) a negative example count or no examples at all.
     """
     if method not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -300,9 +215,7 @@ def aggregate(
     first = states[0]
     for i, state in enumerate(states[1:], start=1):
         if list(state) != list(first):
-            raise ValueError(
-                f"update {i} has tensor names different from update 0; screen updates first"
-            )
+            raise ValueError(f"update {i} has tensor names different from update 0; screen updates first")
         for name, tensor in first.items():
             if state[name].shape != tensor.shape:
                 raise ValueError(
@@ -310,9 +223,7 @@ def aggregate(
                 )
     for name, tensor in first.items():
         if tensor.is_complex():
-            raise ValueError(
-                f"{name!r} is {_dtype_name(tensor.dtype)}; complex tensors are not supported"
-            )
+            raise ValueError(f"{name!r} is {_dtype_name(tensor.dtype)}; complex tensors are not supported")
 
     n = len(states)
     weights: list[float] = []
@@ -330,9 +241,7 @@ def aggregate(
 
     result: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name, template in first.items():
-        values = [
-            state[name].detach().to(device=template.device, dtype=torch.float64) for state in states
-        ]
+        values = [state[name].detach().to(device=template.device, dtype=torch.float64) for state in states]
         if method == "fedavg":
             combined = torch.zeros_like(values[0])
             for value, weight in zip(values, weights, strict=True):

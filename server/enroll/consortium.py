@@ -55,21 +55,11 @@ DATA_FILE = "data.toml"
 
 @dataclass(frozen=True)
 class Rekeyed:
-    """What :meth:`Consortium.rekey` returns.
+    """What :meth:`Consortium.rekey` returns: the site's new kit, and its old key for the caller to unregister."""
 
-    Attributes
-    ----------
-    kit : Path
-        The site's new kit folder.
-    old_public_key : str
-        The OpenSSH public key line the site had before, for the caller to unregister.
-    old_fingerprint : str
-        Its fingerprint (``SHA256:…``).
-    """
-
-    kit: Path
-    old_public_key: str
-    old_fingerprint: str
+    kit: Path  # the new kit folder
+    old_public_key: str  # the OpenSSH public key line the site had before
+    old_fingerprint: str  # its fingerprint (``SHA256:…``)
 
 
 class Consortium:
@@ -101,12 +91,7 @@ class Consortium:
             os.close(fd)  # releases the lock
 
     def ensure_ca(self) -> Path:
-        """Create the consortium CA once; afterwards check and reuse it.
-
-        Returns
-        -------
-        Path
-            ``pki/ca.crt``.
+        """Create the consortium CA once; afterwards check and reuse it. Returns ``pki/ca.crt``.
 
         Raises
         ------
@@ -118,23 +103,13 @@ class Consortium:
         return self.ca.cert_path
 
     def ensure_server_cert(self, hosts: list[str]) -> tuple[Path, Path]:
-        """Issue the coordinator's TLS certificate, or reuse the one that fits.
+        """Issue the coordinator's TLS certificate, or reuse the one that fits; ``(pki/server.crt, pki/server.key)``.
 
         The certificate names ``127.0.0.1`` and ``localhost`` plus every host in
         ``hosts`` (an IP address as an IP SAN, anything else as a DNS SAN). It is
         re-issued, with a new key, when the names differ from the existing
         certificate's, when it is not signed by the current CA, does not match its
         key, or expires within 30 days.
-
-        Parameters
-        ----------
-        hosts : list[str]
-            Extra names the sites reach the coordinator by.
-
-        Returns
-        -------
-        tuple[Path, Path]
-            ``(pki/server.crt, pki/server.key)``.
         """
         wanted = san_entries(hosts)
         with self._locked():
@@ -142,14 +117,7 @@ class Consortium:
         return self.ca.server_cert_path, self.ca.server_key_path
 
     def sites(self) -> dict[str, dict[str, str]]:
-        """The enrolled sites.
-
-        Returns
-        -------
-        dict[str, dict[str, str]]
-            Site name → ``{"public_key", "fingerprint", "enrolled", "kit"}``; empty before
-            the first enrollment.
-        """
+        """The enrolled sites: name → ``{"public_key", "fingerprint", "enrolled", "kit"}`` (none: empty)."""
         if not self.registry_path.exists():
             return {}
         try:
@@ -199,74 +167,55 @@ class Consortium:
         ConfigError
             A bad name, address or data setting, or the site is already enrolled.
         """
-        site = site_name(site)
-        address = check_address(server_address, name="server-address")
-        with self._locked():
-            sites = self.sites()
-            if site in sites:
-                raise ConfigError(
-                    f"Site {site!r} is already enrolled (key {sites[site].get('fingerprint', '?')}); "
-                    f"to give it a new key use `fl-server rekey --site {site}`"
-                )
-            settings = self._settings(data, others=sorted(sites))
-            kit, sites[site] = self._write_kit(site, address, settings)
-            self._save_sites(sites)
-            if data is not None:
-                self._save_settings(settings)
-        logger.info("Enrolled site %s (key %s); kit %s", site, sites[site]["fingerprint"], kit)
-        return kit
+        return self._issue(site, server_address, data, rekey=False)[0]
 
     def rekey(self, site: str, *, server_address: str, data: Mapping[str, Any] | None = None) -> Rekeyed:
         """Give an enrolled site a new key pair and a new kit, replacing the old ones.
 
         Parameters
         ----------
-        site : str
-            An enrolled site.
-        server_address : str
-            The coordinator's address as the site reaches it, ``HOST:PORT``.
-        data : Mapping[str, Any] or None
-            Data settings that change the consortium's, as for :meth:`enroll`.
-
-        Returns
-        -------
-        Rekeyed
-            The new kit folder and the old public key (for the caller to unregister
-            from the SuperLink).
+        site, server_address, data
+            As for :meth:`enroll`.
 
         Raises
         ------
         ConfigError
             A bad name, address or data setting, or the site is not enrolled.
         """
+        kit, old = self._issue(site, server_address, data, rekey=True)
+        return Rekeyed(kit=kit, old_public_key=old.get("public_key", ""), old_fingerprint=old.get("fingerprint", ""))
+
+    def _issue(
+        self, site: str, server_address: str, data: Mapping[str, Any] | None, *, rekey: bool
+    ) -> tuple[Path, dict[str, str]]:
+        """A new key pair and kit for ``site`` (enrolled already exactly when ``rekey``); the kit, the old entry."""
         site = site_name(site)
         address = check_address(server_address, name="server-address")
         with self._locked():
             sites = self.sites()
-            if site not in sites:
+            if site in sites and not rekey:
+                raise ConfigError(
+                    f"Site {site!r} is already enrolled (key {sites[site].get('fingerprint', '?')}); "
+                    f"to give it a new key use `fl-server rekey --site {site}`"
+                )
+            if site not in sites and rekey:
                 raise ConfigError(f"Site {site!r} is not enrolled; use `fl-server enroll --site {site}`")
-            old = sites[site]
+            old = sites.get(site, {})
             settings = self._settings(data, others=sorted(set(sites) - {site}))
-            kit, sites[site] = self._write_kit(site, address, settings)
+            _, ca_cert = self.ca.load_or_create()
+            kit, sites[site] = write_kit(self.kits_dir, site, address=address, ca_pem=cert_pem(ca_cert), data=settings)
             self._save_sites(sites)
             if data is not None:
                 self._save_settings(settings)
-        logger.info("Re-keyed site %s: key %s replaces %s", site, sites[site]["fingerprint"], old.get("fingerprint"))
-        return Rekeyed(kit=kit, old_public_key=old.get("public_key", ""),
-                       old_fingerprint=old.get("fingerprint", ""))
+        if rekey:
+            logger.info("Re-keyed site %s: key %s replaces %s", site, sites[site]["fingerprint"],
+                        old.get("fingerprint"))
+        else:
+            logger.info("Enrolled site %s (key %s); kit %s", site, sites[site]["fingerprint"], kit)
+        return kit, old
 
     def remove(self, site: str) -> str:
-        """Remove a site: its registry entry, kit folder and archive.
-
-        Parameters
-        ----------
-        site : str
-            An enrolled site.
-
-        Returns
-        -------
-        str
-            The removed OpenSSH public key line (for the caller to unregister).
+        """Remove an enrolled site: its registry entry, kit folder and archive; returns its OpenSSH public key line.
 
         Raises
         ------
@@ -287,11 +236,8 @@ class Consortium:
     def data_settings(self) -> dict[str, Any]:
         """The consortium's data settings, which every new kit carries.
 
-        Returns
-        -------
-        dict[str, Any]
-            Every key of :data:`common.kit.DATA_KEYS`: as last given to :meth:`enroll` or
-            :meth:`rekey`, else the run config's defaults.
+        Every key of :data:`common.kit.DATA_KEYS`: as last given to :meth:`enroll` or :meth:`rekey`, else the run
+        config's defaults.
         """
         if not self.data_path.exists():
             return check_data_settings({})
@@ -327,8 +273,3 @@ class Consortium:
         import tomli_w
 
         write_atomic(self.data_path, tomli_w.dumps(settings), mode=0o644)
-
-    def _write_kit(self, site: str, address: str, settings: dict[str, Any]) -> tuple[Path, dict[str, str]]:
-        """``site``'s new kit under the current CA, and its registry entry; call with the lock held."""
-        _, ca_cert = self.ca.load_or_create()
-        return write_kit(self.kits_dir, site, address=address, ca_pem=cert_pem(ca_cert), data=settings)

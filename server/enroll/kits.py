@@ -45,10 +45,8 @@ def write_kit(
     ----------
     kits_dir : Path
         ``<workdir>/kits``.
-    site : str
-        A checked site name.
-    address : str
-        A checked coordinator address, ``HOST:PORT``.
+    site, address : str
+        A checked site name and coordinator address (``HOST:PORT``).
     ca_pem : bytes
         The consortium CA certificate.
     data : Mapping[str, Any]

@@ -66,34 +66,21 @@ def test_missing_key_is_named() -> None:
     assert check_update(update, ref) == f"missing {name!r}"
 
 
-def test_unexpected_key_is_named() -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("x", torch.zeros(1), "unexpected 'x'"),
+        ("fc.weight", torch.zeros(3, 4), "'fc.weight' has shape (3, 4), expected (2, 4)"),
+        ("fc.weight", torch.zeros(2, 4, dtype=torch.float64), "'fc.weight' is float64, expected float32"),
+        ("steps", torch.tensor(10.0), "'steps' is float32, expected int64"),  # integer buffers too
+        ("fc.bias", [0.0, 0.0], "'fc.bias' is a list, not a tensor"),
+    ],
+    ids=["unexpected-key", "wrong-shape", "float64", "integer-buffer-dtype", "non-tensor"],
+)
+def test_a_malformed_tensor_is_named(name: str, value: object, reason: str) -> None:
     update = _small()
-    update["x"] = torch.zeros(1)
-    assert check_update(update, _small()) == "unexpected 'x'"
-
-
-def test_wrong_shape_is_named() -> None:
-    update = _small()
-    update["fc.weight"] = torch.zeros(3, 4)
-    assert check_update(update, _small()) == "'fc.weight' has shape (3, 4), expected (2, 4)"
-
-
-def test_float64_is_rejected() -> None:
-    update = _small()
-    update["fc.weight"] = torch.zeros(2, 4, dtype=torch.float64)
-    assert check_update(update, _small()) == "'fc.weight' is float64, expected float32"
-
-
-def test_integer_buffer_dtype_is_checked() -> None:
-    update = _small()
-    update["steps"] = torch.tensor(10.0)
-    assert check_update(update, _small()) == "'steps' is float32, expected int64"
-
-
-def test_non_tensor_is_rejected() -> None:
-    update = _small()
-    update["fc.bias"] = [0.0, 0.0]  # type: ignore[assignment]
-    assert check_update(update, _small()) == "'fc.bias' is a list, not a tensor"
+    update[name] = value
+    assert check_update(update, _small()) == reason
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
