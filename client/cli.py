@@ -48,22 +48,8 @@ RUN_CONFIG_HELP = (
 )
 
 
-def data_settings(items: list[str] | None, *, kit: Kit | None = None) -> dict[str, dict[str, Any]]:
-    """The data settings for the check and cache, and where each comes from.
-
-    Parameters
-    ----------
-    items : list[str] or None
-        ``-c 'key=value ...'``: these keys win.
-    kit : Kit or None
-        The site's kit: its ``[data]`` table (the coordinator's settings) comes next.
-
-    Returns
-    -------
-    dict[str, dict[str, Any]]
-        Every key of :data:`DATA_KEYS` → ``{"value": ..., "from": "-c" | "kit" | "default"}``
-        (``default``: the run config's default, for an older kit without data settings or no kit).
-    """
+def _data_settings(items: list[str] | None, *, kit: Kit | None) -> dict[str, dict[str, Any]]:
+    """Every data setting → ``{"value": ..., "from": "-c" | "kit" | "default"}``: ``-c`` wins, then the kit's."""
     given = parse_data_args(items)
     layers = (("-c", given), ("kit", kit.data if kit is not None and kit.data else {}),
               ("default", check_data_settings({})))
@@ -71,34 +57,8 @@ def data_settings(items: list[str] | None, *, kit: Kit | None = None) -> dict[st
             for key in DATA_KEYS}
 
 
-def check_data(site: SiteConfig, settings: dict[str, dict[str, Any]], *, workers: int = 0) -> dict[str, Any]:
-    """Check and cache the site's data with ``settings`` (:func:`data_settings`); return the data report.
-
-    The report holds no patient identifier; its ``settings`` are the data settings used and their sources.
-
-    Parameters
-    ----------
-    site : SiteConfig
-        The site: its data folder (read) and work folder (where the cache is written).
-    settings : dict[str, dict[str, Any]]
-        The data settings and their sources, as :func:`data_settings` returns them; the values build the
-        run config the data is checked with.
-    workers : int
-        Processes decoding DICOM (0 = one per CPU core).
-
-    Returns
-    -------
-    dict[str, Any]
-        The data report of :func:`client.data.dataset.load_site_data`, with ``site`` and ``settings``
-        added; its ``usable`` says whether the site can train (data that cannot is reported, not refused).
-
-    Raises
-    ------
-    ConfigError
-        When a setting is invalid, or the work folder is the data folder or a file.
-    DataError
-        When the data folder or its ``labels.csv`` cannot be used, or the cache cannot be written.
-    """
+def _check_data(site: SiteConfig, settings: dict[str, dict[str, Any]], *, workers: int) -> dict[str, Any]:
+    """Check and cache the site's data with ``settings``; the data report, with ``site`` and ``settings``."""
     from client.data.dataset import load_site_data
 
     run = RunConfig.from_flower({key: setting["value"] for key, setting in settings.items()})
@@ -122,20 +82,15 @@ def join(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workdir: Annotated[Path | None, typer.Option(help="Site work folder (cache, privacy accounting, logs). Default: ./fedrad-site-<site>.")] = None,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for training (0 = all).")] = 0,
-    secure_mode: Annotated[
-        bool,
-        typer.Option(
-            "--secure-mode/--no-secure-mode",
-            help="DP sampling and noise seeded from the OS CSPRNG every round (default). "
-            "--no-secure-mode makes them reproducible from the run's seed: tests only, the guarantee does not hold.",
-        ),
-    ] = True,
+    secure_mode: Annotated[bool, typer.Option(
+        "--secure-mode/--no-secure-mode", help="DP sampling and noise seeded from the OS CSPRNG every round (default). "
+        "--no-secure-mode makes them reproducible from the run's seed: tests only, the guarantee does not hold.",
+    )] = True,
     privacy_unit: Annotated[str, typer.Option(help="What one DP record is: patient (all of a patient's images) or image.")] = "patient",
-    noise_multiplier: Annotated[
-        float,
-        typer.Option(min=0.0, help="Fix this site's σ instead of calibrating it to the run's rounds (0 = calibrate). "
-                     "The site then trains until its max-epsilon is reached and declines later rounds."),
-    ] = 0.0,
+    noise_multiplier: Annotated[float, typer.Option(
+        min=0.0, help="Fix this site's σ instead of calibrating it to the run's rounds (0 = calibrate). "
+        "The site then trains until its max-epsilon is reached and declines later rounds.",
+    )] = 0.0,
     check: Annotated[bool, typer.Option("--check", help="Only check and cache the data, print the report and exit (0 = usable).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="With --check: print the report as JSON.")] = False,
     run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help=RUN_CONFIG_HELP)] = None,
@@ -165,9 +120,10 @@ def join(
         privacy_unit=privacy_unit,
         noise_multiplier=noise_multiplier,
     )
-    SiteConfig.from_flower(_node_config_values(site_cfg))  # one validation path for every key
-    if site_cfg.delta >= 1:
-        raise ConfigError(f"Expected `delta` to be below 1, but got {delta!r}")
+    from common.adapters.flower import parse_config_args
+
+    # The node config as Flower will parse it: one validation path for every key.
+    SiteConfig.from_flower(parse_config_args([site_cfg.to_flower()]))
     host, port = parse_address(server)
     if insecure and host not in (LOOPBACK, "localhost"):
         raise ConfigError(f"`--insecure` connects to {LOOPBACK} only, but got --server {server}; use the kit (--kit) for TLS")
@@ -185,9 +141,9 @@ def join(
 
         resolve_device(device)
 
-    settings = data_settings(run_config, kit=site_kit)
-    log.info("Site %s data settings: %s", site_cfg.site, describe_settings(settings))
-    report = check_data(site_cfg, settings, workers=workers)
+    settings = _data_settings(run_config, kit=site_kit)
+    log.info("Site %s data settings: %s", site_cfg.site, _describe_settings(settings))
+    report = _check_data(site_cfg, settings, workers=workers)
     if check:
         if json_output:
             print(json.dumps(json_safe(report), indent=2, allow_nan=False))
@@ -207,7 +163,7 @@ def join(
         log.warning(INSECURE_BANNER)
         security = ["--insecure"]
     else:
-        check_coordinator_tls(host, port, site_kit.ca_cert)
+        _check_coordinator_tls(host, port, site_kit.ca_cert)
         security = ["--root-certificates", str(site_kit.ca_cert), "--auth-supernode-private-key", str(site_kit.private_key)]
 
     env = flower_env(site_cfg.work_dir / "flwr-home")
@@ -304,24 +260,8 @@ def _site_kit(kit: Path | None, *, site: str | None, insecure: bool) -> Kit | No
     return loaded
 
 
-def check_coordinator_tls(host: str, port: int, ca_cert: Path) -> None:
-    """Refuse a coordinator whose TLS certificate the kit's consortium CA did not sign.
-
-    Parameters
-    ----------
-    host : str
-        The coordinator's host name or address; its certificate must be issued for this name.
-    port : int
-        The coordinator's port (its SuperLink's, serving TLS).
-    ca_cert : Path
-        The consortium CA certificate from the site's kit.
-
-    Raises
-    ------
-    FederationError
-        When the certificate fails verification against ``ca_cert``, or no TLS connection can be made
-        within 10 s (coordinator unreachable, or serving plain HTTP).
-    """
+def _check_coordinator_tls(host: str, port: int, ca_cert: Path) -> None:
+    """Refuse a coordinator whose TLS certificate (for ``host``) the kit's consortium CA did not sign."""
     import socket
     import ssl
 
@@ -341,14 +281,7 @@ def check_coordinator_tls(host: str, port: int, ca_cert: Path) -> None:
         ) from None
 
 
-def _node_config_values(site: SiteConfig) -> dict[str, Any]:
-    """The node config ``site`` renders to, parsed back the way Flower parses it."""
-    from common.adapters.flower import parse_config_args
-
-    return parse_config_args([site.to_flower()])
-
-
-def describe_settings(settings: dict[str, dict[str, Any]]) -> str:
+def _describe_settings(settings: dict[str, dict[str, Any]]) -> str:
     """``settings`` as ``-c`` pairs grouped by source: ``image-size=128 window="voi" (kit); seed=0 (default)``."""
     names = {"-c": "-c", "kit": "the kit", "default": "defaults"}
     groups = [
@@ -396,7 +329,7 @@ def print_report(report: dict[str, Any]) -> None:
         ("train split", report["split"]["train"]),
         ("validation split", report["split"]["validation"]),
         ("cache", f"{report['cache']['decoded']} files decoded now, {report['cache']['reused']} reused"),
-        ("data settings", describe_settings(report["settings"]) if "settings" in report else None),
+        ("data settings", _describe_settings(report["settings"]) if "settings" in report else None),
     ):
         overview.add_row(label, _fmt(value))
     console.print(overview)

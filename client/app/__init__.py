@@ -1,11 +1,8 @@
 """Code that runs inside the federation at a site: the ClientApp and what it calls.
 
-Flower loads ``client.app:app`` (``pyproject.toml``) in a fresh process for each
-message; everything under ``client/app/`` runs there. The launchers
-(``client/cli.py``, ``client/predict/``) live beside this package.
-
-``app`` and ``client_app`` are built on first access, so a launcher or benchmark
-that imports ``client.app.training`` does not import Flower.
+Flower loads ``client.app:app`` in a fresh process for each message. ``app`` and ``client_app`` are
+built on first access, so a launcher or benchmark that imports ``client.app.training`` does not
+import Flower.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def augment_batch(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Return an augmented copy of ``x``, each image drawn on its own; ``x`` if nothing is enabled.
+    """An augmented copy of ``x`` (each image drawn on its own, clamped to ``[-1, 1]``); ``x`` if nothing is enabled.
 
     Parameters
     ----------
@@ -29,12 +29,6 @@ def augment_batch(x: torch.Tensor, config: AugmentConfig, generator: torch.Gener
         of the image size) and maximum relative contrast/brightness jitter; all zero turns it off.
     generator
         The CPU generator every random draw comes from, seeded by the caller: same state, same batch.
-
-    Returns
-    -------
-    torch.Tensor
-        The augmented batch (shape, dtype and device of ``x``), clamped to ``[-1, 1]``; ``x`` itself,
-        not a copy, when ``config`` is off or the batch is empty.
     """
     import torch
     import torch.nn.functional as F

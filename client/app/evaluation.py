@@ -26,36 +26,21 @@ class EvalOutcome:
 
 
 def evaluate(
-    model: nn.Module,
-    *,
-    images: np.ndarray,
-    labels: np.ndarray,
-    device: torch.device,
-    num_classes: int = 2,
+    model: nn.Module, *, images: np.ndarray, labels: np.ndarray, device: torch.device, num_classes: int = 2,
     batch_size: int = 256,
 ) -> EvalOutcome:
-    """Mean loss (BCE, or cross-entropy for K > 2 classes) and sufficient statistics of ``model``.
+    """Mean loss per image (BCE, or cross-entropy for K > 2 classes; 0 for no image) and statistics of ``model``.
 
     Parameters
     ----------
-    model
-        The model to evaluate; moved to ``device`` and put in eval mode, no gradients.
-    images
-        The split's preprocessed images, ``(n, 1, S, S)``; converted to float32 batch by batch.
-    labels
-        Class index of each image, ``(n,)``.
-    device
-        Where the forward passes run.
+    model, device
+        The model to evaluate (moved to ``device``, in eval mode, no gradients) and where it runs.
+    images, labels
+        The split's preprocessed images ``(n, 1, S, S)`` (float32 batch by batch) and class indices ``(n,)``.
     num_classes
         2: one logit, sigmoid probabilities and BCE; K > 2: K logits, softmax and cross-entropy.
     batch_size
         Images per forward pass; bounds memory, not the result.
-
-    Returns
-    -------
-    EvalOutcome
-        ``loss`` (mean per image; 0 for an empty split), ``num_examples`` (images) and ``statistics``
-        (:func:`common.metrics.sufficient_statistics`: counts that sum across sites, no per-image output).
     """
     import torch
     import torch.nn.functional as F

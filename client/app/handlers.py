@@ -1,12 +1,7 @@
-"""The fedrad ClientApp's message handlers (train, evaluate) and its builder.
+"""The fedrad ClientApp's message handlers (train, evaluate) and its builder, :func:`client_app`.
 
-Flower starts a fresh process for every message, so this module imports
-nothing heavy: torch and Opacus are imported inside :mod:`client.app.site` when a
-message is handled, and the site's data comes from its on-disk cache.
-
-:func:`client_app` builds the app; the project's ``clientapp`` component is
-``client.app:app``, built without extra mods. The end-to-end tests build their
-own from the same function, with mods of their own (``tests/e2e/apps.py``).
+Flower starts a fresh process for every message, so this module imports nothing heavy: torch and
+Opacus are imported inside :mod:`client.app.site` when a message is handled.
 """
 
 from __future__ import annotations
@@ -42,8 +37,10 @@ def _weights(msg: Message) -> OrderedDict[str, torch.Tensor]:
     return msg.content[records.ARRAYS].to_torch_state_dict()
 
 
-def _site_record(site: SiteConfig) -> ConfigRecord:
-    return ConfigRecord({records.SITE_NAME: site.site})
+def _reply(msg: Message, site: SiteConfig, facts: dict[str, Any], content: dict[str, Any] | None = None) -> Message:
+    """A reply with ``content`` and the site record: the site's name and ``facts``."""
+    site_record = ConfigRecord({records.SITE_NAME: site.site, **facts})
+    return Message(content=RecordDict({**(content or {}), records.SITE: site_record}), reply_to=msg)
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -59,28 +56,16 @@ def train(msg: Message, context: Context) -> Message:
         site, _ = _configs(context)
         reason = f"site {site.site} did not train: the round's deadline had passed when its message arrived"
         log.warning("%s", reason)
-        content = RecordDict({records.SITE: ConfigRecord({records.SITE_NAME: site.site, records.DECLINED: reason})})
-        return Message(content=content, reply_to=msg)
+        return _reply(msg, site, {records.DECLINED: reason})
     if is_legacy_fit(msg.content):
         return _train_secure(msg, context)
     site, run = _configs(context)
     server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
     outcome = _train_or_decline(site, run, context, server_round, _weights(msg))
     if isinstance(outcome, _Declined):
-        content = RecordDict({
-            records.SITE: ConfigRecord({records.SITE_NAME: site.site, records.DECLINED: outcome.reason}),
-            records.METRICS: MetricRecord(outcome.budget),
-        })
-        return Message(content=content, reply_to=msg)
+        return _reply(msg, site, {records.DECLINED: outcome.reason}, {records.METRICS: MetricRecord(outcome.budget)})
     new_weights, metrics, facts = outcome
-    content = RecordDict(
-        {
-            records.ARRAYS: ArrayRecord(new_weights),
-            records.METRICS: MetricRecord(metrics),
-            records.SITE: ConfigRecord({records.SITE_NAME: site.site, **facts}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    return _reply(msg, site, facts, {records.ARRAYS: ArrayRecord(new_weights), records.METRICS: MetricRecord(metrics)})
 
 
 def _expired(msg: Message) -> bool:
@@ -104,10 +89,7 @@ def _train_or_decline(
 
     run_id = Launch.from_flower(context.run_config).run_id(context.run_id)
     try:
-        new_weights, metrics, facts = train_round(
-            site=site, run=run, run_id=run_id, server_round=server_round, weights=weights
-        )
-        return new_weights, metrics, facts
+        return train_round(site=site, run=run, run_id=run_id, server_round=server_round, weights=weights)
     except PrivacyBudgetExceeded as exc:
         # A decline is an answer, not a failure: no weights, the reason and the budget facts only.
         log.warning("%s", exc)
@@ -147,25 +129,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     from client.app.site import evaluate_round
 
     site, run = _configs(context)
-    weights = _weights(msg)
-    metrics = evaluate_round(site=site, run=run, weights=weights)
-    content = RecordDict({records.METRICS: MetricRecord(metrics), records.SITE: _site_record(site)})
-    return Message(content=content, reply_to=msg)
+    metrics = evaluate_round(site=site, run=run, weights=_weights(msg))
+    return _reply(msg, site, {}, {records.METRICS: MetricRecord(metrics)})
 
 
 def client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
-    """The fedrad ClientApp: ``train`` and ``evaluate`` behind :func:`client.app.secure.secure_mod`.
+    """A new fedrad ClientApp: ``train`` and ``evaluate`` behind :func:`client.app.secure.secure_mod`.
 
     Parameters
     ----------
     mods
-        Extra Flower mods, run inside ``secure_mod`` (closest to the handlers):
-        they see each reply before it is masked. The project's app has none.
-
-    Returns
-    -------
-    ClientApp
-        A new app; Flower loads the project's from ``client.app:app``.
+        Extra Flower mods, run inside ``secure_mod`` (closest to the handlers): they see each reply before
+        it is masked. The project's app (``client.app:app``) has none; ``tests/e2e/apps.py`` adds its own.
     """
     client = ClientApp(mods=[secure_mod, *mods])
     client.train()(train)

@@ -1,21 +1,13 @@
 """The site's last trained update per run, so a round the coordinator lost is not paid for twice.
 
-When the coordinator crashes after a site trained round *r* but before the round
-was committed, ``fl-server --resume`` sends round *r* again, with the very same
-global weights (they come from the round *r − 1* checkpoint). DP-SGD draws fresh
-noise, so training again would be a second release of the site's data, and its
-ledger would rightly charge it twice.
-
-Instead, after each DP round the site keeps the update it sent, with the digest
-of the weights it started from (``<work-dir>/updates/<run>-round-<r>.safetensors``;
-only the latest round of each run is kept). If the same run asks for the same
-round again with the same weights, the site sends that stored update again:
-re-sending an output that was already released and booked costs no privacy
-(post-processing), and the ledger keeps one row for the round. Anything else —
-other weights, or no stored update — is trained again and booked again, as an
-honest second row for that round (see ``docs/resilience.md``).
-
-The stored update never leaves the site except as the reply it already was.
+When the coordinator crashes after a site trained round *r* but before the round was committed,
+``fl-server --resume`` sends round *r* again with the very same global weights. Training again would
+be a second release of the site's data (fresh DP noise), charged twice. Instead the site keeps the
+update it sent, with the digest of the weights it started from (latest round per run only). The same
+round asked for again with the same weights gets that stored update again: re-sending an output
+already released and booked costs no privacy (post-processing). Anything else is trained again and
+booked again, as an honest second row (``docs/resilience.md``). The stored update never leaves the
+site except as the reply it already was.
 """
 
 from __future__ import annotations
@@ -59,26 +51,11 @@ class UpdateStore:
 
     def save(self, *, run_id: str, server_round: int, started_from: str, weights: StateDict,
              metrics: dict[str, Any], facts: dict[str, Any]) -> Path:
-        """Keep this round's update (atomically) and drop the run's earlier rounds.
+        """Keep this round's update (atomically) and drop the run's earlier rounds; return its file.
 
-        Parameters
-        ----------
-        run_id
-            The run the update belongs to, as the ledger books it.
-        server_round
-            The round the update answered.
-        started_from
-            :func:`weights_digest` of the global weights training started from; :meth:`load` compares it.
-        weights
-            The trained weights sent to the coordinator (stored from CPU copies).
-        metrics, facts
-            The reply's numbers and non-numeric facts, as :func:`client.app.site.train_round` returns
-            them; stored as JSON so that a replay sends the very same reply.
-
-        Returns
-        -------
-        Path
-            The stored file, ``<work-dir>/updates/<run_id>-round-NNNN.safetensors``.
+        ``started_from`` is :func:`weights_digest` of the global weights training started from;
+        ``weights``, ``metrics`` and ``facts`` are the reply as :func:`client.app.site.train_round`
+        returns it, stored so that a replay sends the very same reply.
         """
         from safetensors.torch import save
 
@@ -94,20 +71,10 @@ class UpdateStore:
 
     def load(self, *, run_id: str, server_round: int, started_from: str
              ) -> tuple[StateDict, dict[str, Any], dict[str, Any]] | None:
-        """The stored update of this round if it was trained from the same weights, else None.
+        """``(weights, metrics, facts)`` as :meth:`save` stored them, if trained from ``started_from``.
 
-        Parameters
-        ----------
-        run_id, server_round
-            The run and round the coordinator asks for again.
-        started_from
-            :func:`weights_digest` of the global weights it sent this time.
-
-        Returns
-        -------
-        tuple or None
-            ``(weights, metrics, facts)`` as :meth:`save` stored them; None when no update of this round
-            is stored, it was trained from other weights, or its file is unreadable (logged as a warning).
+        None when no update of this round is stored, it was trained from other weights, or its file is
+        unreadable (logged as a warning).
         """
         from safetensors import SafetensorError, safe_open
 

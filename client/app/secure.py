@@ -1,17 +1,11 @@
 """The site's side of secure aggregation (Flower's SecAgg+).
 
-Under SecAgg+ the coordinator's fit instructions arrive in Flower's legacy
-format (``fitins.*``) and the reply goes back as ``fitres.*``; Flower's
-``secaggplus_mod`` turns the reply's weights into a masked vector before
-anything leaves the site. Only the weighted sum of every site's vector can be
-unmasked, so the coordinator never sees one site's weights.
-
-The mod sends ``num-examples / max-weight × weights``, clipped to
-±``clipping-range`` and quantized. Clipping there would be silent, so the site
-checks its update against those bounds first and refuses the round with a
-clear reason instead (:func:`check_bounds`). A site that declines a round (its
-privacy budget) still takes part in the protocol, so the others' masks cancel:
-it sends zero weights with weight 0, which adds nothing to the sum.
+Fit instructions arrive in Flower's legacy format (``fitins.*``), the reply goes back as
+``fitres.*``, and Flower's ``secaggplus_mod`` masks the reply's weights before anything leaves the
+site: the coordinator only ever unmasks the weighted sum over sites. The mod clips
+``num-examples / max-weight × weights`` to ±``clipping-range`` silently, so the site refuses such
+an update with a clear reason first (:func:`check_bounds`). A site that declines a round still
+takes part (zero weights, weight 0), so the others' masks cancel.
 """
 
 from __future__ import annotations
@@ -75,9 +69,8 @@ def check_bounds(arrays: list[np.ndarray], *, num_examples: int, secagg: SecAggC
     Raises
     ------
     UpdateOutOfRange
-        When ``num_examples`` exceeds ``secagg-max-weight``, or a weight (scaled
-        by ``num_examples / max-weight``) lies outside ±``secagg-clipping-range``,
-        or a weight is not finite.
+        When ``num_examples`` exceeds ``secagg-max-weight``, a scaled weight lies outside
+        ±``secagg-clipping-range``, or a weight is not finite.
     """
     import numpy as np
 
@@ -100,23 +93,9 @@ def check_bounds(arrays: list[np.ndarray], *, num_examples: int, secagg: SecAggC
 def secure_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     """Flower's ``secaggplus_mod`` for SecAgg+ train messages; other messages pass through.
 
-    Also measures the CPU time the protocol costs this site (everything the mod
-    does except the training it calls) and appends it, per stage, to
-    ``<work-dir>/logs/secagg.jsonl`` on the site (numbers only).
-
-    Parameters
-    ----------
-    msg
-        The incoming message; only a train message carrying a SecAgg+ stage goes through the protocol.
-    ctxt
-        The ClientApp's context; the timing log goes under its node config's ``work-dir`` (none without one).
-    call_next
-        The next mod, or the handler: ``(Message, Context) -> Message``.
-
-    Returns
-    -------
-    Message
-        The reply of the protocol's stage (the masked update for the stage that trains), or ``call_next``'s.
+    Also measures the CPU time the protocol costs this site (everything the mod does except the
+    training it calls) and appends it, per stage, to ``<work-dir>/logs/secagg.jsonl`` (numbers only;
+    nothing without a ``work-dir`` in the node config). ``call_next`` is the next mod or the handler.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)

@@ -16,14 +16,7 @@ from common import records
 from common.config import RunConfig, SiteConfig
 from common.errors import DataError, PrivacyBudgetExceeded
 from common.ledger import Entry, Ledger, Plan, key_fingerprint, load_public_key, verify
-from common.privacy import (
-    DPEvent,
-    Epsilons,
-    calibrate_noise,
-    epsilons,
-    poisson_sample_rate,
-    steps_per_epoch,
-)
+from common.privacy import DPEvent, Epsilons, calibrate_noise, epsilons, poisson_sample_rate, steps_per_epoch
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,19 +38,13 @@ def plan_privacy(*, site: SiteConfig, run: RunConfig, num_units: int, earlier: l
 
     Parameters
     ----------
-    site
-        The site's config: ``noise-multiplier`` (0 = calibrate), ``max-epsilon`` and ``delta``.
-    run
-        The coordinator's run config: ``batch-size``, ``local-epochs`` and ``num-server-rounds``.
+    site, run
+        The site's ``noise-multiplier`` (0 = calibrate), ``max-epsilon`` and ``delta``; the run's
+        ``batch-size``, ``local-epochs`` and ``num-server-rounds``.
     num_units
         Privacy units (patients, or images with ``privacy-unit = image``) in the training split.
     earlier
         The DP events already booked on this dataset (every run, every round); None when nothing is spent.
-
-    Returns
-    -------
-    Plan
-        σ, the Poisson sample rate q, the DP-SGD steps per round and the planned rounds.
 
     Raises
     ------
@@ -81,7 +68,7 @@ def plan_privacy(*, site: SiteConfig, run: RunConfig, num_units: int, earlier: l
     return Plan(noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, planned_rounds=run.num_server_rounds)
 
 
-def check_ledger(site: SiteConfig, ledger: Ledger) -> None:
+def _check_ledger(site: SiteConfig, ledger: Ledger) -> None:
     """Refuse to train on a ledger that fails verification: it could under-count ε."""
     rows = ledger.rows()
     problems = verify(rows, ledger.head(), load_public_key(ledger.public_pem()))
@@ -96,14 +83,8 @@ def open_data(site: SiteConfig, run: RunConfig) -> SiteData:
     """The site's data for this run, from its cache (updated first if files changed)."""
     from client.data.dataset import load_site_data
 
-    return load_site_data(
-        data_dir=site.data_dir,
-        work_dir=site.work_dir,
-        config=run.preprocess,
-        classes=run.classes,
-        val_fraction=run.val_fraction,
-        seed=run.seed,
-    )
+    return load_site_data(data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess, classes=run.classes,
+                          val_fraction=run.val_fraction, seed=run.seed)
 
 
 def _setup_torch(site: SiteConfig) -> torch.device:
@@ -117,7 +98,6 @@ def _setup_torch(site: SiteConfig) -> torch.device:
 
 
 def _model(run: RunConfig, weights: StateDict) -> torch.nn.Module:
-    """The run's model, holding ``weights``."""
     from common.models import build_model
 
     model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes))
@@ -139,20 +119,7 @@ def _training_args(
 
 
 def train_groups(site: SiteConfig, data: SiteData) -> tuple[np.ndarray | None, int]:
-    """Privacy units of the training split.
-
-    Parameters
-    ----------
-    site
-        The site's config (its ``privacy-unit``).
-    data
-        The site's data for this run.
-
-    Returns
-    -------
-    tuple[np.ndarray | None, int]
-        The patient index of each training image (None when the unit is the image) and the number of units.
-    """
+    """The patient index of each training image (None when ``site``'s privacy unit is the image), and the units."""
     from client.app.training import patient_groups
 
     if site.privacy_unit == "image":
@@ -179,16 +146,12 @@ def train_round(
 
     Parameters
     ----------
-    site
-        The site's config: data and work folders, ledger, budget, ``dp`` switch, device.
-    run
-        The coordinator's run config: model, classes, preprocessing and training recipe.
+    site, run
+        The site's config (data, work folder, ledger, budget, ``dp`` switch, device) and the run's.
     run_id
         The run's id as the ledger books it (a resumed run keeps the id of the run it continues).
-    server_round
-        The coordinator's round number.
-    weights
-        The global weights to start from.
+    server_round, weights
+        The coordinator's round number and the global weights to start from.
 
     Returns
     -------
@@ -202,11 +165,10 @@ def train_round(
     Raises
     ------
     PrivacyBudgetExceeded
-        When this round would take the site's cumulative ε on this dataset (every
-        run, every round) above its ``max-epsilon``; nothing is trained or recorded.
+        When this round would take the site's cumulative ε on this dataset above its ``max-epsilon``;
+        nothing is trained or recorded.
     DataError
-        When the site's privacy ledger fails verification, or its data is unusable
-        (:func:`client.data.dataset.load_site_data`).
+        When the ledger fails verification, or the data is unusable (:func:`client.data.dataset.load_site_data`).
     ConfigError
         When the site asks for ``device = cuda`` and has no GPU.
     """
@@ -218,7 +180,7 @@ def train_round(
     if not site.dp:
         return _train_without_dp(site=site, run=run, server_round=server_round, weights=weights, data=data)
     ledger = Ledger(site.privacy_dir)
-    check_ledger(site, ledger)
+    _check_ledger(site, ledger)
     on_dataset = [row for row in ledger.rows() if row.fingerprint == data.fingerprint]
     store = UpdateStore(site.work_dir)
     started_from = weights_digest(weights)
@@ -320,29 +282,11 @@ def _train_without_dp(
 
 
 def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> dict[str, float | int | list[int]]:
-    """Evaluate the global weights on the site's validation split; summable statistics only.
+    """Evaluate the global ``weights`` on the site's validation split; summable statistics only.
 
-    Parameters
-    ----------
-    site
-        The site's config: data and work folders, device, threads.
-    run
-        The coordinator's run config: model, classes, preprocessing and split.
-    weights
-        The global weights to evaluate.
-
-    Returns
-    -------
-    dict[str, float | int | list[int]]
-        ``num-examples`` (validation images), the mean validation loss and the sufficient statistics of
-        :func:`common.metrics.sufficient_statistics`; never a per-image value.
-
-    Raises
-    ------
-    DataError
-        When the site's data is unusable (:func:`client.data.dataset.load_site_data`).
-    ConfigError
-        When the site asks for ``device = cuda`` and has no GPU.
+    Returns ``num-examples`` (validation images), the mean validation loss and the sufficient statistics of
+    :func:`common.metrics.sufficient_statistics`; never a per-image value. Raises as :func:`train_round`
+    does for unusable data or a missing GPU.
     """
     from client.app.evaluation import evaluate
 
@@ -352,8 +296,4 @@ def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> d
         _model(run, weights), images=data.images(data.validation), labels=data.labels[data.validation],
         device=device, num_classes=len(run.classes),
     )
-    return {
-        records.NUM_EXAMPLES: outcome.num_examples,
-        records.EVAL_LOSS: outcome.loss,
-        **outcome.statistics,
-    }
+    return {records.NUM_EXAMPLES: outcome.num_examples, records.EVAL_LOSS: outcome.loss, **outcome.statistics}

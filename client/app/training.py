@@ -68,46 +68,20 @@ INSECURE_NOISE_WARNING = (
     "SECURE MODE IS OFF: DP sampling and noise are seeded from the run config, so whoever knows the "
     "seed can reproduce them and the privacy guarantee does not hold. Use this only for tests."
 )
-
+# Patient-level DP averages each patient's per-image gradients before clipping, so the mode must
+# materialise them; of those (hooks, functorch, ew), only hooks survives an empty Poisson batch in
+# Opacus 1.6 (functorch and ew raise), which small batches draw often.
 GRAD_SAMPLE_MODES = ("hooks",)
-"""Opacus per-sample-gradient modes sites may train in.
-
-Patient-level DP averages each patient's per-image gradients before clipping, so
-the mode must materialise them; of those (hooks, functorch, ew), only hooks
-survives an empty Poisson batch in Opacus 1.6 (functorch and ew raise), which
-small batches draw often. benchmarks/dp_overhead.py still times all modes.
-"""
 
 
-def make_optimizer(model: nn.Module, name: str, *, learning_rate: float, momentum: float) -> torch.optim.Optimizer:
-    """The local optimiser: ``sgd`` (heavy-ball momentum) or ``adam``.
+def _make_optimizer(model: nn.Module, name: str, *, learning_rate: float, momentum: float) -> torch.optim.Optimizer:
+    """A fresh local optimiser: ``sgd`` (heavy-ball ``momentum``) or ``adam`` (ignores it).
 
     SGD is the default under DP: its step is proportional to the noisy gradient, so a
     coordinate that carries only noise moves by the noise's (small) size. Adam divides
     each coordinate by its own running scale, which turns pure-noise coordinates into
     full-size steps (a fresh Adam's first step is ``lr · sign(g)`` on every weight); on
     the demo's data that left one draw in four to ten near chance (docs/simulation.md).
-
-    Parameters
-    ----------
-    model
-        The model whose parameters it steps.
-    name
-        ``sgd`` or ``adam`` (the run config's ``optimizer``).
-    learning_rate
-        Step size.
-    momentum
-        Heavy-ball momentum of ``sgd``; ``adam`` ignores it.
-
-    Returns
-    -------
-    torch.optim.Optimizer
-        A fresh optimiser, with no state from an earlier round.
-
-    Raises
-    ------
-    ValueError
-        When ``name`` is neither ``sgd`` nor ``adam``.
     """
     import torch
 
@@ -152,7 +126,7 @@ def _mean_per_group(model: nn.Module, segments: torch.Tensor, num_groups: int) -
 class _Batches:
     """The training split as tensors, and one step's forward and backward on a batch of patients (DP or not)."""
 
-    def __init__(self, *, images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, device: torch.device,
+    def __init__(self, images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, device: torch.device,
                  seed: int, slices_per_patient: int, augment: AugmentConfig | None, num_classes: int) -> None:
         import torch
 
@@ -186,59 +160,39 @@ class _Batches:
 
 
 def train_dp(
-    model: nn.Module,
-    *,
-    images: np.ndarray,
-    labels: np.ndarray,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    max_grad_norm: float,
-    noise_multiplier: float,
-    device: torch.device,
-    secure_mode: bool,
-    seed: int,
-    groups: np.ndarray | None = None,
-    slices_per_patient: int = 16,
-    augment: AugmentConfig | None = None,
-    num_classes: int = 2,
-    grad_sample_mode: str = "hooks",
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
+    model: nn.Module, *, images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int, learning_rate: float,
+    max_grad_norm: float, noise_multiplier: float, device: torch.device, secure_mode: bool, seed: int,
+    groups: np.ndarray | None = None, slices_per_patient: int = 16, augment: AugmentConfig | None = None,
+    num_classes: int = 2, grad_sample_mode: str = "hooks", optimizer: str = "sgd", momentum: float = 0.9,
 ) -> TrainOutcome:
     """Train ``model`` in place with DP-SGD, one patient (group) per privacy unit.
 
     Parameters
     ----------
-    model
-        The global model (weights already loaded).
-    images, labels
-        The site's training split, ``(n, 1, S, S)`` float32 and ``(n,)`` int.
-    epochs
-        Local epochs; each has ``1 / sample_rate`` Poisson-sampled steps.
-    batch_size
-        Expected number of *patients* per step; the sample rate is ``1 / ceil(P / batch_size)``.
+    model, device
+        The global model (weights already loaded) and where to train it.
+    images, labels, groups
+        The site's training split, ``(n, 1, S, S)`` float32 and ``(n,)`` int, and the patient index
+        (0…P-1) of each image; ``None`` makes every image its own unit.
+    epochs, batch_size
+        Local epochs, each of ``1 / q`` Poisson-sampled steps; the expected *patients* per step
+        (q = ``1 / ceil(P / batch_size)``).
     learning_rate, max_grad_norm, noise_multiplier
         Optimiser step size, per-patient clipping norm C and σ (noise std = σ·C).
-    device
-        Where to train.
     secure_mode
         Seed sampling and noise from the OS CSPRNG (see the module docstring); off only in tests.
     seed
-        Seeds augmentation and the choice of slices, and — only with ``secure_mode`` off —
-        sampling and noise.
-    groups
-        Patient index (0…P-1) per image; ``None`` makes every image its own unit.
+        Seeds augmentation and the choice of slices, and (only with ``secure_mode`` off) sampling and noise.
     slices_per_patient
         At most this many of a sampled patient's images are drawn per step (bounds memory).
     augment
-        Training-time augmentation (per image, so the DP guarantee is unchanged).
+        Training-time augmentation (per image, so the DP guarantee is unchanged); None for none.
     num_classes
         2: one logit and BCE; K > 2: K logits and cross-entropy.
     grad_sample_mode
         Opacus per-sample-gradient mode (one of :data:`GRAD_SAMPLE_MODES`).
     optimizer, momentum
-        The local optimiser (:func:`make_optimizer`), fresh every round: ``sgd`` with this momentum, or ``adam``.
+        The local optimiser, fresh every round: ``sgd`` with this momentum, or ``adam``.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
@@ -257,8 +211,7 @@ def train_dp(
     if not csprng:
         torch.manual_seed(sampling_seed)  # Opacus' Poisson sampler draws from the global generator
 
-    batches = _Batches(images=images, labels=labels, groups=groups, device=device, seed=seed,
-                       slices_per_patient=slices_per_patient, augment=augment, num_classes=num_classes)
+    batches = _Batches(images, labels, groups, device, seed, slices_per_patient, augment, num_classes)
     one_per_group = all(len(m) == 1 for m in batches.members)
     # Opacus turns this into Poisson sampling of patients at rate 1 / len(loader) = poisson_sample_rate().
     loader = DataLoader(TensorDataset(torch.arange(len(batches.members))), batch_size=batch_size)
@@ -266,7 +219,7 @@ def train_dp(
     engine = PrivacyEngine(accountant="rdp", secure_mode=csprng)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,
-        optimizer=make_optimizer(model, optimizer, learning_rate=learning_rate, momentum=momentum),
+        optimizer=_make_optimizer(model, optimizer, learning_rate=learning_rate, momentum=momentum),
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -307,78 +260,40 @@ class PlainOutcome:
 
 
 def train_plain(
-    model: nn.Module,
-    *,
-    images: np.ndarray,
-    labels: np.ndarray,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    device: torch.device,
-    seed: int,
-    groups: np.ndarray | None = None,
-    slices_per_patient: int = 16,
-    augment: AugmentConfig | None = None,
-    num_classes: int = 2,
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
+    model: nn.Module, *, images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int, learning_rate: float,
+    device: torch.device, seed: int, groups: np.ndarray | None = None, slices_per_patient: int = 16,
+    augment: AugmentConfig | None = None, num_classes: int = 2, optimizer: str = "sgd", momentum: float = 0.9,
     max_grad_norm: float | None = None,
 ) -> PlainOutcome:
     """Train ``model`` in place without DP: the non-private baseline of fl-sim's comparisons.
 
-    Everything but the privacy mechanism matches :func:`train_dp`: the same optimiser
-    and step size, the same number of steps per epoch (``ceil(P / batch_size)``
-    batches of patients, here a shuffled partition instead of Poisson draws), up
-    to ``slices_per_patient`` images per patient per step, the same augmentation.
-    No per-patient clipping, no noise, no accounting: a model trained this way
-    carries no privacy guarantee. With ``max_grad_norm`` the batch gradient's norm
-    is capped at it (ordinary gradient clipping), so the step sizes tuned for DP,
-    whose updates are bounded by the clipping norm, do not blow up without it.
-    Sites in a real federation (fl-client) never train this way.
+    Everything but the privacy mechanism matches :func:`train_dp`: optimiser, step size,
+    ``ceil(P / batch_size)`` steps per epoch (a shuffled partition of the patients instead
+    of Poisson draws), slices per patient and augmentation. No per-patient clipping, no
+    noise, no accounting: no privacy guarantee. Sites in a federation never train this way.
 
     Parameters
     ----------
-    model
-        The model to train (weights already loaded); moved to ``device``.
-    images, labels
-        The training split, ``(n, 1, S, S)`` float32 and ``(n,)`` int.
-    epochs
-        Passes over the patients; each has ``ceil(P / batch_size)`` steps.
+    model, images, labels, groups, epochs, learning_rate, device, slices_per_patient, augment, num_classes
+        As for :func:`train_dp`.
     batch_size
         Patients per step.
-    learning_rate
-        Optimiser step size.
-    device
-        Where to train.
     seed
         Seeds the patient shuffle, the choice of slices, augmentation and torch's global generator.
-    groups
-        Patient index (0…P-1) per image; ``None`` makes every image its own group.
-    slices_per_patient
-        At most this many of a patient's images are drawn per step (bounds memory).
-    augment
-        Training-time augmentation; None for none.
-    num_classes
-        2: one logit and BCE; K > 2: K logits and cross-entropy.
     optimizer, momentum
-        The local optimiser (:func:`make_optimizer`), fresh every call: ``sgd`` with this momentum, or ``adam``.
+        The local optimiser, fresh every call: ``sgd`` with this momentum, or ``adam``.
     max_grad_norm
-        Cap on the norm of each step's whole batch gradient (not per patient); None for no cap.
-
-    Returns
-    -------
-    PlainOutcome
-        The mean training loss per image seen, the number of training images and the optimiser steps taken.
+        Cap on the norm of each step's whole batch gradient (ordinary clipping, so step sizes tuned for DP
+        do not blow up without it); None for no cap.
     """
     import torch
 
-    batches = _Batches(images=images, labels=labels, groups=groups, device=device, seed=seed,
-                       slices_per_patient=slices_per_patient, augment=augment, num_classes=num_classes)
+    batches = _Batches(images, labels, groups, device, seed, slices_per_patient, augment, num_classes)
     num_groups = len(batches.members)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model = model.to(device).train()
-    plain_optimizer = make_optimizer(model, optimizer, learning_rate=learning_rate, momentum=momentum)
+    plain_optimizer = _make_optimizer(model, optimizer, learning_rate=learning_rate, momentum=momentum)
     steps = 0
     for _ in range(epochs):
         permutation = rng.permutation(num_groups)

@@ -1,28 +1,18 @@
-"""The site-local cache of preprocessed images, and the data check built on it.
+"""The site-local cache of preprocessed images.
 
-One folder per preprocessing config: ``<work-dir>/cache/<config-hash>/`` holds
-``images.npy`` (every decoded frame, opened memory-mapped so a fresh ClientApp
-process starts in milliseconds), ``index.json`` (per file, column by column:
-size/mtime/ctime, sha256 of its bytes, status, rows, the UIDs labels are keyed
-by, hashed patient id, rejection reasons) — all that opening the cache for
-training needs — and ``details.json`` (per accepted file: attributes and
-statistics for the data report, read only by the report).
+One folder per preprocessing config, ``<work-dir>/cache/<config-hash>/``: ``images.npy`` (every
+decoded frame, memory-mapped so a fresh ClientApp process starts in milliseconds), ``index.json``
+(per file, column by column: stat state, sha256, status, rows, the UIDs labels are keyed by, hashed
+patient id, rejection reasons; all that training needs) and ``details.json`` (attributes and
+statistics of accepted files, read only by the data report).
 
-* **Per file.** On each open the data folder is scanned (``stat`` only). A file
-  whose size and times are unchanged keeps its rows; a changed or new file is
-  read and hashed, and decoded only when no file with the same content was
-  cached before. Another config has its own folder, so changing the config
-  never invalidates the others.
-* **Atomic.** An update is written to a temporary folder and renamed over the
-  old one under a lock, so a reader sees the old cache or the new one, and an
-  interrupted update leaves nothing that a later run trusts (its temporary
-  folder is removed on the next update).
-* **Labels are applied on open**, not cached: editing ``labels.csv`` never
-  makes anything decode again.
+* **Per file.** Each open scans the data folder (``stat`` only). An unchanged file keeps its rows;
+  a changed or new one is hashed, and decoded only when no cached file has the same content.
+* **Atomic.** An update is built in a temporary folder and renamed over the old one under a lock:
+  readers see the old cache or the new one, and an interrupted update leaves nothing trusted.
+* **Labels are applied on open**, not cached: editing ``labels.csv`` never decodes anything again.
 
 Decoding runs in worker processes (all cores) when there is enough to do.
-Training and evaluation only ever read ``images.npy`` (see
-:mod:`client.data.dataset`).
 """
 
 from __future__ import annotations
@@ -49,7 +39,7 @@ import numpy as np
 from client.data.dicom import RETRYABLE, DicomInfo, quiet_pydicom_log
 from client.data.labels import LABELS_FILE
 from common.config import PreprocessConfig
-from common.errors import DataError, DicomRejected
+from common.errors import ConfigError, DataError, DicomRejected
 from common.files import pool_context as _pool_context  # tests replace it
 from common.files import replace_dir
 
@@ -100,6 +90,26 @@ def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | N
     return dict(sorted(files.items()))
 
 
+def check_folders(data_dir: Path, work_dir: Path, *, option: str) -> tuple[Path, Path]:
+    """Both folders resolved, once the data folder exists and the work folder can hold a cache.
+
+    Raises
+    ------
+    DataError
+        When ``data_dir`` is not a folder.
+    ConfigError
+        When ``work_dir`` is ``data_dir`` (the message suggests another ``option``) or a file.
+    """
+    if not data_dir.is_dir():
+        raise DataError(f"Data folder {data_dir} does not exist or is not a folder")
+    data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
+    if work_dir == data_dir:
+        raise ConfigError(f"Expected the work folder to differ from the data folder {data_dir}; pick another {option}")
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ConfigError(f"Expected the work folder {work_dir} to be a folder, but it is a file")
+    return data_dir, work_dir
+
+
 def cache_dir(work_dir: Path, config: PreprocessConfig) -> Path:
     """The cache folder of ``config``: ``<work_dir>/cache/<first 12 hex digits of SHA-256(config.key())>``."""
     return work_dir / "cache" / hashlib.sha256(config.key().encode()).hexdigest()[:12]
@@ -117,12 +127,9 @@ def read_index(folder: Path) -> dict[str, Any] | None:
 
 
 def read_details(folder: Path, index: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per accepted file: ``info`` (in INFO_FIELDS order), ``stats`` (STATS_FIELDS), reader, warnings.
+    """Per accepted file: ``info`` (INFO_FIELDS order), ``stats`` (STATS_FIELDS), reader, warnings.
 
-    Raises
-    ------
-    DataError
-        When the cache was rebuilt since ``index`` was read.
+    Raises :class:`DataError` when the cache was rebuilt since ``index`` was read.
     """
     try:
         details = json.loads((folder / DETAILS).read_text())
@@ -274,14 +281,18 @@ def _decode_all(
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _locked(folder: Path, work_dir: Path) -> Iterator[None]:
+    """Hold the cache's lock; an :class:`OSError` inside means the cache cannot be written."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError as exc:
+        raise DataError(f"Cannot write the cache under {work_dir} ({exc.strerror or type(exc).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -298,25 +309,23 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
 
     Parameters
     ----------
-    data_dir : Path
-        The site's data folder, scanned recursively (``labels.csv`` and ``work_dir`` left out).
-    work_dir : Path
-        The site's work folder; the cache is :func:`cache_dir` under it.
+    data_dir, work_dir : Path
+        The site's data folder, scanned recursively (``labels.csv`` and ``work_dir`` left out), and its
+        work folder, which holds the cache (:func:`cache_dir`).
     config : PreprocessConfig
         The preprocessing; each config has its own cache folder.
     workers : int
         Decoding processes (0 = one per CPU core); with one, or fewer than :data:`POOL_MIN_FILES` files
         to decode, decoding stays in this process.
 
-    Returns
-    -------
-    CacheUpdate
-        The cache folder, its index and its memory-mapped ``images.npy`` (opened under the lock, so they
-        match), with the number of files decoded now and of files whose cached rows were reused.
+    Raises
+    ------
+    DataError
+        When the cache cannot be written.
     """
     data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
     folder = cache_dir(work_dir, config)
-    with _locked(folder):
+    with _locked(folder, work_dir):
         files = scan(data_dir, exclude=work_dir)
         old = read_index(folder)
         if old is not None and old.get("preprocess") != config.key():

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from client.data.cache import INFO_FIELDS, STATS_FIELDS, CacheUpdate, read_details, update_cache
+from client.data.cache import INFO_FIELDS, STATS_FIELDS, CacheUpdate, check_folders, read_details, update_cache
 from client.data.labels import KEY_COLUMNS, LABELS_FILE, Labels, read_labels
 from common.config import PreprocessConfig
-from common.errors import ConfigError, DataError
+from common.errors import DataError
 
 MAX_LISTED = 20  # label-file line numbers listed per problem
 
@@ -59,25 +59,10 @@ class SiteData:
 
 
 def patient_split(patients: tuple[str, ...] | list[str], *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split image indices into train/validation by patient, never by image.
+    """Image indices (into ``patients``, hashed ids) of the training, then the validation split, by patient.
 
-    Patients are ordered by a seeded hash of their (already hashed) id and the
-    first ``round(n * val_fraction)`` go to validation (at least one, when
-    there are at least two patients).
-
-    Parameters
-    ----------
-    patients : tuple[str, ...] or list[str]
-        The hashed patient id of each image.
-    val_fraction : float
-        Share of *patients* (not images) that go to validation.
-    seed : int
-        Seeds the patient order: same patients and seed, same split.
-
-    Returns
-    -------
-    tuple[np.ndarray, np.ndarray]
-        The image indices (into ``patients``) of the training split, then of the validation split.
+    Patients are ordered by a hash of ``seed`` and their id, and the first ``round(n * val_fraction)``
+    go to validation (at least one, when there are at least two patients).
     """
     unique = sorted(set(patients))
     order = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}|{p}".encode()).hexdigest())
@@ -96,65 +81,39 @@ def _lines(values: list[int]) -> list[int]:
 
 
 def load_site_data(
-    *,
-    data_dir: Path,
-    work_dir: Path,
-    config: PreprocessConfig,
-    classes: tuple[str, ...] = ("0", "1"),
-    val_fraction: float = 0.25,
-    seed: int = 0,
-    workers: int = 0,
-    require_usable: bool = True,
+    *, data_dir: Path, work_dir: Path, config: PreprocessConfig, classes: tuple[str, ...] = ("0", "1"),
+    val_fraction: float = 0.25, seed: int = 0, workers: int = 0, require_usable: bool = True,
 ) -> SiteData:
     """Open the site's data from its cache, updating the cache first if files changed.
 
     Parameters
     ----------
-    data_dir : Path
-        The site's data folder: DICOM files anywhere under it and ``labels.csv``.
-    work_dir : Path
-        The site's work folder, which holds the cache; must not be ``data_dir``.
+    data_dir, work_dir : Path
+        The site's data folder (DICOM files anywhere under it and ``labels.csv``) and its work folder,
+        which holds the cache.
     config : PreprocessConfig
         The run's preprocessing; it picks the cache folder.
     classes : tuple[str, ...]
         The run's class names; a file whose label is not one of them is rejected.
-    val_fraction : float
-        Share of patients in the validation split (:func:`patient_split`).
-    seed : int
-        The run's seed, which seeds the split.
+    val_fraction, seed
+        Share of patients in the validation split and the seed of the split (:func:`patient_split`).
     workers : int
         Processes decoding DICOM (0 = one per CPU core).
     require_usable : bool
         Raise when nothing is left to train on; ``False`` (``fl-client --check``) returns the data with
         ``usable`` false and the reason in its report.
 
-    Returns
-    -------
-    SiteData
-        The accepted, labelled images (memory-mapped from the cache), their labels and hashed patients,
-        the split, the dataset's fingerprint and its report (built on first use).
-
     Raises
     ------
     ConfigError
         When ``work_dir`` is ``data_dir``, or is a file.
     DataError
-        When the data folder or ``labels.csv`` is unusable, or (with
-        ``require_usable``) no labelled image is left to train on; the
-        message summarises why.
+        When the data folder or ``labels.csv`` is unusable, or (with ``require_usable``) no labelled image is
+        left to train on; the message summarises why.
     """
-    if not data_dir.is_dir():
-        raise DataError(f"Data folder {data_dir} does not exist or is not a folder")
-    data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
-    if work_dir == data_dir:
-        raise ConfigError(f"Expected the work folder to differ from the data folder {data_dir}; pick another --workdir")
-    if work_dir.exists() and not work_dir.is_dir():
-        raise ConfigError(f"Expected the work folder {work_dir} to be a folder, but it is a file")
+    data_dir, work_dir = check_folders(data_dir, work_dir, option="--workdir")
     labels = read_labels(data_dir, classes=classes)  # fail fast, before any decoding
-    try:
-        update = update_cache(data_dir=data_dir, work_dir=work_dir, config=config, workers=workers)
-    except OSError as exc:
-        raise DataError(f"Cannot write the cache under {work_dir} ({exc.strerror or type(exc).__name__})") from None
+    update = update_cache(data_dir=data_dir, work_dir=work_dir, config=config, workers=workers)
     store, index = update.store, update.index  # opened under the cache lock: they match
     paths, status, sha, index_rows = index["paths"], index["status"], index["sha256"], index["rows"]
     key_column = index[KEY_COLUMNS[labels.key]]
@@ -214,15 +173,8 @@ def load_site_data(
         raise DataError(f"No usable training data in {data_dir}: {problems[0]}")
 
     return SiteData(
-        store=store,
-        rows=rows,
-        labels=image_labels,
-        patients=patients,
-        classes=classes,
-        train=train_idx,
-        validation=val_idx,
-        fingerprint=fingerprint.hexdigest(),
-        usable=not problems,
+        store=store, rows=rows, labels=image_labels, patients=patients, classes=classes, train=train_idx,
+        validation=val_idx, fingerprint=fingerprint.hexdigest(), usable=not problems,
         make_report=partial(
             _report, update=update, accepted_files=[paths[i] for i, _ in accepted], rejected=rejected,
             problems=problems, labels=labels, matched_keys=matched_keys, unlabelled=unlabelled, duplicates=duplicates,
@@ -257,20 +209,9 @@ def _class_counts(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int
 
 
 def _report(
-    *,
-    update: CacheUpdate,
-    accepted_files: list[str],
-    rejected: dict[str, str],
-    problems: list[str],
-    labels: Labels,
-    matched_keys: set[str],
-    unlabelled: int,
-    duplicates: int,
-    image_labels: np.ndarray,
-    patients: tuple[str, ...],
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    config: PreprocessConfig,
+    *, update: CacheUpdate, accepted_files: list[str], rejected: dict[str, str], problems: list[str], labels: Labels,
+    matched_keys: set[str], unlabelled: int, duplicates: int, image_labels: np.ndarray, patients: tuple[str, ...],
+    train_idx: np.ndarray, val_idx: np.ndarray, config: PreprocessConfig,
 ) -> dict[str, Any]:
     """The data report, from the cache's details of the ``accepted_files`` (paths relative to the data folder)."""
     details = read_details(update.folder, update.index)
@@ -286,11 +227,8 @@ def _report(
     classes = labels.classes
 
     def split(index: np.ndarray) -> dict[str, Any]:
-        return {
-            "images": len(index),
-            "patients": len({patients[i] for i in index}),
-            "classes": _class_counts(image_labels[index], classes),
-        }
+        patients_in = len({patients[i] for i in index})
+        return {"images": len(index), "patients": patients_in, "classes": _class_counts(image_labels[index], classes)}
 
     accepted = len(infos)
     warnings: list[str] = []

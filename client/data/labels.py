@@ -1,15 +1,10 @@
 """Read a site's ``labels.csv`` and say what is wrong with it, row by row.
 
-The header names the key column — ``SOPInstanceUID``, ``StudyInstanceUID``,
-``SeriesInstanceUID`` or ``path`` (relative to the data folder,
-``/``-separated) — and a ``label`` column. Labels are the run's class names
-(``classes = "0,1"`` by default, so ``0``/``1`` for the binary task; any
-names for a multi-class task, e.g. ``"normal,ischaemic,haemorrhage"``).
-
-Only a file that cannot be used at all (missing, unreadable, no key or label
-column, no rows) is an error. Row problems — unknown classes, conflicting
-labels for one key, empty keys — are collected and reported; those rows are
-not used.
+The header names the key column (``SOPInstanceUID``, ``StudyInstanceUID``, ``SeriesInstanceUID``
+or ``path``, relative to the data folder and ``/``-separated) and a ``label`` column holding the
+run's class names (``0``/``1`` by default). Only a file that cannot be used at all is an error;
+row problems (unknown classes, conflicting labels for one key, empty keys) are collected and
+reported, and those rows are not used.
 """
 
 from __future__ import annotations
@@ -110,14 +105,5 @@ def read_labels(data_dir: Path, *, classes: tuple[str, ...] = ("0", "1")) -> Lab
             lines.setdefault(k, []).append(line_no)
     if count == 0:
         raise DataError(f"{path} has a header but no labels")
-    return Labels(
-        key=key,
-        classes=classes,
-        by_key=by_key,
-        lines=lines,
-        conflicting=conflicting,
-        unknown=unknown,
-        unknown_keys=frozenset(unknown_only),
-        empty_key_lines=tuple(empty),
-        rows=count,
-    )
+    return Labels(key=key, classes=classes, by_key=by_key, lines=lines, conflicting=conflicting, unknown=unknown,
+                  unknown_keys=frozenset(unknown_only), empty_key_lines=tuple(empty), rows=count)

@@ -26,10 +26,10 @@ import csv
 import io
 import logging
 import math
-import shutil
 import sys
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -50,7 +50,7 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 WORK_PREFIX = ".fedrad-predict-"
 
 
-def score_columns(classes: tuple[str, ...]) -> list[str]:
+def _score_columns(classes: tuple[str, ...]) -> list[str]:
     """``score`` (= P(class 1)) for a binary model, else ``p_<class>`` per class."""
     return ["score"] if len(classes) == 2 else [f"p_{c}" for c in classes]
 
@@ -59,7 +59,7 @@ def _number(value: float) -> str:
     return format(float(value), ".8g")  # a float32 probability, to its precision
 
 
-def render_csv(predictions: Predictions, *, threshold: float | None) -> tuple[str, int]:
+def _render_csv(predictions: Predictions, *, threshold: float | None) -> tuple[str, int]:
     """The scores CSV and the number of images labelled positive (``classes[1]``) at ``threshold``.
 
     Columns: ``file, frame, status, reason, sop_instance_uid``, the score
@@ -69,17 +69,15 @@ def render_csv(predictions: Predictions, *, threshold: float | None) -> tuple[st
     classes = predictions.classes
     binary = len(classes) == 2
     with_label = threshold is not None or not binary
-    header = ["file", "frame", "status", "reason", "sop_instance_uid", *score_columns(classes)]
-    if with_label:
-        header.append("label")
+    columns = [*_score_columns(classes), *(["label"] if with_label else [])]
+    header = ["file", "frame", "status", "reason", "sop_instance_uid", *columns]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     positives = 0
     for result in predictions.files:
         if result.probs is None:
-            writer.writerow([result.file, "", REJECTED, result.reason, "", *[""] * len(score_columns(classes)),
-                             *([""] if with_label else [])])
+            writer.writerow([result.file, "", REJECTED, result.reason, *[""] * (len(header) - 4)])
             continue
         for frame, p in enumerate(result.probs, start=1):
             values = [_number(p[1])] if binary else [_number(x) for x in p]
@@ -182,16 +180,12 @@ def predict(
     _check_out(out)
     log.info("Model %s (round %s), config from %s", trained.run.model, trained.round, trained.config_source)
     print(f"Reading DICOM files under {data} ...", flush=True)
-    temporary = work_dir is None
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=WORK_PREFIX)) if work_dir is None else work_dir
-    try:
-        predictions, index = score_folder(
-            trained=trained, data_dir=data, work_dir=work, device=device, batch_size=batch_size, workers=workers
-        )
-    finally:
-        if temporary:
-            shutil.rmtree(work, ignore_errors=True)
-    text, positives = render_csv(predictions, threshold=threshold)
+    workspace = (nullcontext(str(work_dir)) if work_dir is not None
+                 else tempfile.TemporaryDirectory(dir=out.parent, prefix=WORK_PREFIX, ignore_cleanup_errors=True))
+    with workspace as work:
+        predictions, index = score_folder(trained=trained, data_dir=data, work_dir=Path(work), device=device,
+                                          batch_size=batch_size, workers=workers)
+    text, positives = _render_csv(predictions, threshold=threshold)
     try:
         write_atomic(out, text)
     except OSError as exc:

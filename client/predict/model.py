@@ -43,24 +43,14 @@ class TrainedModel:
     round: int | None
     run_id: str | None
     config_source: str  # "checkpoint", or the state.json / report.json it came from
-    threshold: float | None = None
-    """Binary: the threshold the coordinator chose on this round's pooled validation (None when unknown)."""
-    threshold_rule: str = ""
-    """How it was chosen, in words ("Youden's J", "target sensitivity 0.9")."""
+    threshold: float | None = None  # binary: the coordinator's choice on this round's pooled validation
+    threshold_rule: str = ""  # how it was chosen, in words ("Youden's J", "target sensitivity 0.9")
 
 
-def find_checkpoint(model: Path) -> tuple[Path, Path | None]:
+def _find_checkpoint(model: Path) -> tuple[Path, Path | None]:
     """``--model`` → (checkpoint file, its run folder: where an older checkpoint's run config is).
 
-    A run folder gives the checkpoint its ``state.json`` names (``"checkpoint"``,
-    relative to the folder), else its highest-numbered
-    ``checkpoints/round-NNNN.safetensors``. A checkpoint file's run folder is
-    ``<checkpoint>/../..``.
-
-    Raises
-    ------
-    ConfigError
-        When the path is missing, or a run folder names or holds no checkpoint.
+    A run folder gives the checkpoint its ``state.json`` names, else its highest-numbered one.
     """
     if not model.exists():
         raise ConfigError(f"Expected `--model` to be a run folder or a checkpoint file, but {model} does not exist")
@@ -99,10 +89,7 @@ def find_checkpoint(model: Path) -> tuple[Path, Path | None]:
 
 
 def _folder_config(run_dir: Path | None) -> tuple[dict[str, Any], Path] | None:
-    """The run config kept in the run folder: ``state.json``'s ``run_config``, else ``report.json``'s ``config``.
-
-    ``None`` when the folder has neither file.
-    """
+    """The run config in ``state.json`` (``run_config``), else ``report.json`` (``config``), and that file."""
     if run_dir is None:
         return None
     folder = RunFolder(run_dir)
@@ -136,29 +123,14 @@ def _rule(value: Any) -> str:
         return f"operating-point {value!r}"
 
 
-def coordinator_threshold(
+def _coordinator_threshold(
     metadata: dict[str, str], run_dir: Path | None, server_round: int | None
 ) -> tuple[float, str] | None:
     """The threshold the coordinator chose on ``server_round``'s pooled validation, and its rule in words.
 
-    From the checkpoint's metadata (``threshold``, ``operating-point``), else from the run
-    folder's ``report.json`` (the round's pooled ``threshold``; only when the report is of the
-    checkpoint's run). ``None`` when neither has one (multi-class, no evaluation that round,
-    a checkpoint from an older version).
-
-    Parameters
-    ----------
-    metadata : dict[str, str]
-        The checkpoint's safetensors metadata.
-    run_dir : Path or None
-        The checkpoint's run folder (:func:`find_checkpoint`); None when it has none.
-    server_round : int or None
-        The round the checkpoint holds; None when unknown (the report is then not consulted).
-
-    Returns
-    -------
-    tuple[float, str] or None
-        The threshold, in (0, 1), and its rule in words (e.g. Youden's J); None as above.
+    From the checkpoint's ``metadata``, else from the run folder's ``report.json`` when it is of the
+    checkpoint's run. ``None`` when neither has one (multi-class, no evaluation that round, an older
+    checkpoint) or ``server_round`` is unknown.
     """
     if THRESHOLD_KEY in metadata:
         value = _threshold(metadata[THRESHOLD_KEY])
@@ -182,18 +154,17 @@ def coordinator_threshold(
 
 
 def resolve_model(model: Path) -> TrainedModel:
-    """Find the checkpoint for ``--model`` and its run config; torch is not imported.
+    """Find the checkpoint for ``--model`` (a run folder or a checkpoint file) and its run config; no torch.
 
     Raises
     ------
     ConfigError
-        When there is no checkpoint, it is not a readable safetensors file,
-        neither it nor its run folder holds the run config, or the config
-        names a model or setting this installation does not know.
+        When there is no checkpoint, it is not a readable safetensors file, neither it nor its run folder
+        holds the run config, or the config names a model or setting this installation does not know.
     """
     from safetensors import SafetensorError, safe_open
 
-    checkpoint, run_dir = find_checkpoint(model)
+    checkpoint, run_dir = _find_checkpoint(model)
     try:
         with safe_open(str(checkpoint), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
@@ -229,7 +200,7 @@ def resolve_model(model: Path) -> TrainedModel:
         raise ConfigError(f"The run config of {checkpoint} (from {source}) cannot be used: {exc}") from None
     round_text = metadata.get(ROUND_KEY)
     server_round = int(round_text) if round_text and round_text.isdigit() else checkpoint_round(checkpoint)
-    chosen = coordinator_threshold(metadata, run_dir, server_round) if len(run.classes) == 2 else None
+    chosen = _coordinator_threshold(metadata, run_dir, server_round) if len(run.classes) == 2 else None
     return TrainedModel(
         checkpoint=checkpoint, run=run, round=server_round, run_id=metadata.get(RUN_ID_KEY), config_source=source,
         threshold=chosen[0] if chosen else None, threshold_rule=chosen[1] if chosen else "",

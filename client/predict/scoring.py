@@ -21,30 +21,13 @@ log = logging.getLogger("fl-predict")
 OK, REJECTED = "ok", "rejected"
 
 
-def predict_probs(
-    model: nn.Module, *, images: np.ndarray, device: torch.device, num_classes: int, batch_size: int = 256
+def _predict_probs(
+    model: nn.Module, *, images: np.ndarray, device: torch.device, num_classes: int, batch_size: int
 ) -> np.ndarray:
-    """Class probabilities ``(n, num_classes)`` of ``model`` in eval mode, as evaluation computes them.
+    """Class probabilities ``(n, num_classes)`` float32 of ``model`` in eval mode, as evaluation computes them.
 
     Binary models have one logit: ``P(class 1) = sigmoid(logit)``; otherwise softmax over the logits.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The trained model (:func:`client.predict.model.load_model`); moved to ``device``.
-    images : np.ndarray
-        Preprocessed images ``(n, 1, S, S)``, e.g. the memory-mapped cache; read batch by batch, never written.
-    device : torch.device
-        Where the forward passes run.
-    num_classes : int
-        The run's number of classes (2: the model has one logit).
-    batch_size : int
-        Images per forward pass; bounds memory, not the result.
-
-    Returns
-    -------
-    np.ndarray
-        ``(n, num_classes)`` float32; column ``k`` is P(class ``k``).
+    ``images`` (e.g. the memory-mapped cache) are read batch by batch, never written.
     """
     import torch
 
@@ -90,12 +73,7 @@ class Predictions:
 
 
 def score_folder(
-    *,
-    trained: TrainedModel,
-    data_dir: Path,
-    work_dir: Path,
-    device: str = "auto",
-    batch_size: int = 256,
+    *, trained: TrainedModel, data_dir: Path, work_dir: Path, device: str = "auto", batch_size: int = 256,
     workers: int = 0,
 ) -> tuple[Predictions, dict[str, Any]]:
     """Ingest ``data_dir`` through the site cache (in ``work_dir``) and score every accepted image.
@@ -103,18 +81,13 @@ def score_folder(
     Parameters
     ----------
     trained : TrainedModel
-        The checkpoint and its run config (:func:`client.predict.model.resolve_model`); the run's
-        preprocessing picks the cache.
+        The checkpoint and its run config; the run's preprocessing picks the cache.
     data_dir : Path
         The folder of DICOM files to score, recursively (``labels.csv`` aside).
     work_dir : Path
         fl-predict's work folder for the cache: one per data folder, never fl-client's.
-    device : str
-        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    batch_size : int
-        Images per forward pass.
-    workers : int
-        Processes decoding DICOM (0 = one per CPU core).
+    device, batch_size, workers
+        ``auto``, ``cpu`` or ``cuda``; images per forward pass; decoding processes (0 = one per CPU core).
 
     Returns
     -------
@@ -125,20 +98,14 @@ def score_folder(
     Raises
     ------
     ConfigError
-        When ``work_dir`` is ``data_dir``, is a file or holds the cache of another data folder, when
-        ``device`` is ``cuda`` without a GPU, or when the checkpoint's weights cannot be loaded.
+        When ``work_dir`` is ``data_dir``, a file or another data folder's cache, ``device`` is ``cuda``
+        without a GPU, or the checkpoint's weights cannot be loaded.
     DataError
         When the data folder is missing or holds no file, or the cache cannot be written.
     """
-    from client.data.cache import cache_dir, read_index, update_cache
+    from client.data.cache import cache_dir, check_folders, read_index, update_cache
 
-    if not data_dir.is_dir():
-        raise DataError(f"Data folder {data_dir} does not exist or is not a folder")
-    data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
-    if work_dir == data_dir:
-        raise ConfigError(f"Expected the work folder to differ from the data folder {data_dir}; pick another --work-dir")
-    if work_dir.exists() and not work_dir.is_dir():
-        raise ConfigError(f"Expected the work folder {work_dir} to be a folder, but it is a file")
+    data_dir, work_dir = check_folders(data_dir, work_dir, option="--work-dir")
     earlier = read_index(cache_dir(work_dir, trained.run.preprocess))
     if earlier is not None and earlier.get("data_dir") != str(data_dir):
         # One cache per data folder: scoring another folder here would replace it (e.g. fl-client's).
@@ -146,10 +113,7 @@ def score_folder(
             f"The work folder {work_dir} holds the cache of another data folder ({earlier.get('data_dir')}); "
             "use one --work-dir per data folder, never fl-client's work folder"
         )
-    try:
-        update = update_cache(data_dir=data_dir, work_dir=work_dir, config=trained.run.preprocess, workers=workers)
-    except OSError as exc:
-        raise DataError(f"Cannot write the cache under {work_dir} ({exc.strerror or type(exc).__name__})") from None
+    update = update_cache(data_dir=data_dir, work_dir=work_dir, config=trained.run.preprocess, workers=workers)
     index, store = update.index, update.store
     if not index["paths"]:
         raise DataError(f"No file in {data_dir} (labels.csv aside); point --data at the folder of DICOM files")
@@ -159,7 +123,7 @@ def score_folder(
         from client.app.training import resolve_device
 
         model = load_model(trained)
-        probs = predict_probs(
+        probs = _predict_probs(
             model, images=store, device=resolve_device(device), num_classes=len(classes), batch_size=batch_size
         )
     files: list[FileResult] = []
@@ -177,20 +141,9 @@ def labelled_auroc(data_dir: Path, predictions: Predictions, index: dict[str, An
 
     Binary: ``BinaryAUROC`` of P(class 1); multi-class: macro one-vs-rest ``MulticlassAUROC``.
 
-    Parameters
-    ----------
-    data_dir : Path
-        The scored folder; its ``labels.csv``, if any, gives the true classes.
-    predictions : Predictions
-        :func:`score_folder`'s predictions for that folder.
-    index : dict[str, Any]
-        :func:`score_folder`'s cache index: each file's UIDs and path, which ``labels.csv`` is keyed by.
-
-    Returns
-    -------
-    tuple[float, int] or None
-        ``(auroc, labelled images)``; None when there is no ``labels.csv``, it cannot be read (logged),
-        or the labelled images miss a class.
+    Returns ``(auroc, labelled images)`` of :func:`score_folder`'s ``predictions`` and cache ``index`` for
+    ``data_dir``; None when there is no ``labels.csv``, it cannot be read (logged), or the labelled images
+    miss a class.
     """
     from client.data.labels import KEY_COLUMNS, LABELS_FILE, read_labels
 

@@ -1,14 +1,10 @@
 """Decode one DICOM file into model inputs, or reject it with a one-line reason.
 
-Per frame: stored values (:mod:`~client.data.dicom.light` reader where it can, else the
-:mod:`~client.data.dicom.full` one) → modality LUT (pydicom's ``apply_modality_lut``:
-Rescale Slope/Intercept or Modality LUT Sequence, per frame for enhanced
-multi-frame objects) → window: a named Hounsfield preset (CT only) or, with
-``window = "voi"``, the file's own VOI LUT / window (pydicom's
-``apply_voi_lut``; the full value range when the file has none) →
-MONOCHROME1 inversion (``voi`` only: Hounsfield units are physical and are
-never inverted) → optional enhancement → aspect-preserving resize and pad →
-``[-1, 1]``.
+Per frame: stored values (the :mod:`~client.data.dicom.light` reader where it can, else the
+:mod:`~client.data.dicom.full` one) → modality LUT (per frame for enhanced multi-frame objects) →
+a named Hounsfield preset (CT only) or, with ``window = "voi"``, the file's own VOI LUT / window (the
+full value range without one) → MONOCHROME1 inversion (``voi`` only: Hounsfield units are never
+inverted) → optional enhancement → aspect-preserving resize and pad → ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -204,7 +200,7 @@ def _decode(
 
 
 def decode_file(path: Path, config: PreprocessConfig, *, content: bytes | None = None) -> DecodedFile:
-    """Decode ``path`` (or its already-read ``content``) into ``(frames, 1, S, S)`` inputs.
+    """Decode ``path`` (or its already-read ``content``) into ``(frames, 1, S, S)`` inputs in ``[-1, 1]``.
 
     Parameters
     ----------
@@ -214,12 +210,6 @@ def decode_file(path: Path, config: PreprocessConfig, *, content: bytes | None =
         Window, colour, multi-frame, enhancement and image size choices of the run.
     content : bytes, optional
         The file's bytes, when the caller has read them already (e.g. to hash them).
-
-    Returns
-    -------
-    DecodedFile
-        One ``[-1, 1]`` model input per accepted frame, the file's :class:`DicomInfo`
-        (identifiers hashed) and its value statistics.
 
     Raises
     ------

@@ -137,23 +137,15 @@ def read_full(
     content : bytes
         The whole file.
     config : PreprocessConfig
-        The preprocessing; :func:`check_header` rejects what it cannot use (multi-frame, colour, a window
-        preset on a non-CT image).
+        The preprocessing; :func:`check_header` rejects what it cannot use.
     caught : list[warnings.WarningMessage]
-        The warnings recorded so far by the caller's ``warnings.catch_warnings(record=True)``; pydicom's
+        The warnings the caller's ``warnings.catch_warnings(record=True)`` recorded so far; pydicom's
         "End of file reached" among them marks a truncated file.
-
-    Returns
-    -------
-    tuple[Header, list[tuple[np.ndarray, Dataset]]]
-        The header, and per frame its pixel values before the modality LUT, with a dataset holding the
-        LUT attributes that apply to that frame.
 
     Raises
     ------
     DicomRejected
-        When the file is not DICOM, is truncated or corrupt, has attributes :func:`check_header` refuses,
-        or its pixel data cannot be decoded; the message is the reason.
+        For every way the file is unusable; the message is the reason.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
