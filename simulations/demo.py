@@ -35,7 +35,9 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 @cli.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Demo folder (data, site and server work dirs, logs).")] = Path(".demo"),
-    sites: Annotated[str | None, typer.Option(help="Comma-separated site names (default: the demo scenario's).")] = None,
+    sites: Annotated[
+        str | None, typer.Option(help="Comma-separated site names (default: the demo scenario's).")
+    ] = None,
     images_per_site: Annotated[int | None, typer.Option(min=20)] = None,
     rounds: Annotated[int | None, typer.Option(min=1)] = None,
     max_epsilon: Annotated[float | None, typer.Option(help="Each site's privacy budget.")] = None,
@@ -86,24 +88,23 @@ def demo(
         flush=True,
     )
     if final.get("threshold") is not None:
-        print(f"==> Operating point (chosen on pooled validation): threshold {final['threshold']:.3f}, sensitivity "
-              f"{final['sensitivity-at-threshold']:.3f}, specificity {final['specificity-at-threshold']:.3f}", flush=True)
+        print(f"==> Operating point (chosen on pooled validation): threshold {final['threshold']:.3f}, "
+              f"sensitivity {final['sensitivity-at-threshold']:.3f}, "
+              f"specificity {final['specificity-at-threshold']:.3f}", flush=True)
     print(f"==> Transport: {report['transport']}", flush=True)
     # What each hospital's privacy officer would run: its ledger, checked against the run report.
-    audits = {}
+    verified = {}
     for name in names:
-        print(f"==> fl-audit --ledger {workdir / f'site-{name}' / 'privacy'} --run {folder.path}", flush=True)
-        proc = subprocess.run(
-            [flower_bin("fl-audit"), "--ledger", str(workdir / f"site-{name}" / "privacy"), "--run", str(folder.path), "--json"],
-            capture_output=True, text=True, check=False,
-        )
+        ledger = workdir / f"site-{name}" / "privacy"
+        print(f"==> fl-audit --ledger {ledger} --run {folder.path}", flush=True)
+        proc = subprocess.run([flower_bin("fl-audit"), "--ledger", str(ledger), "--run", str(folder.path), "--json"],
+                              capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise FederationError(f"fl-audit failed for site {name}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        audits[name] = json.loads(proc.stdout)
+        verified[name] = json.loads(proc.stdout).get("verified")
         print(f"    site {name}: ledger verified, every ε recomputed (RDP and PRV), budget kept", flush=True)
-    (workdir / "summary.json").write_text(
-        json.dumps({"auroc": final["auroc"], "sites": report["sites"], "audit": {n: a.get("verified") for n, a in audits.items()}})
-    )
+    summary = {"auroc": final["auroc"], "sites": report["sites"], "audit": verified}
+    (workdir / "summary.json").write_text(json.dumps(summary))
     return 0
 
 
@@ -117,7 +118,9 @@ def _run_config_args(sc: scenarios.Scenario) -> list[str]:
     return ["--run-config", " ".join(pairs)] if pairs else []
 
 
-_INTERESTING = ("Round ", "WARNING", "ERROR", "error", "┃", "│", "┏", "┗", "┡", "└", "report:", "privacy spent", "pooled validation")
+_INTERESTING = (
+    "Round ", "WARNING", "ERROR", "error", "┃", "│", "┏", "┗", "┡", "└", "report:", "privacy spent", "pooled validation"
+)
 
 
 class _Follow:

@@ -1,12 +1,11 @@
 """A real federation on loopback: ``fl-server`` and one ``fl-client`` per site, as a consortium runs it.
 
-The one harness behind ``make demo``, the benchmarks and the end-to-end tests.
-It enrolls the sites (unless insecure), starts the coordinator on a free
-loopback port, waits until it listens, starts the sites, waits for the run, and
-stops exactly the processes it started and their children (never by name).
-Layout under ``root``: ``server/`` (the coordinator's workdir), ``site-<X>/``
-(each site's workdir), ``logs/`` (``fl-server.log``, ``site-<X>.log``) and
-``flwr-home/`` (the ``FLWR_HOME`` of every child, so nothing touches ``~/.flwr``).
+The one harness behind ``make demo``, the benchmarks and the end-to-end tests. It enrolls the sites
+(unless insecure), starts the coordinator on a free loopback port, waits until it listens, starts the
+sites, waits for the run, and stops exactly the processes it started and their children (never by
+name). Under ``root``: ``server/`` (the coordinator's workdir), ``site-<X>/`` (each site's), ``logs/``
+(``fl-server.log``, ``site-<X>.log``) and ``flwr-home/`` (every child's ``FLWR_HOME``, so nothing
+touches ``~/.flwr``).
 """
 
 from __future__ import annotations
@@ -21,18 +20,17 @@ from typing import Any, Self
 
 from common.errors import FederationError
 from common.flower import flower_bin
-from common.processes import (
-    LOOPBACK,
-    ManagedProcess,
-    ProcessSet,
-    can_connect,
-    crash,
-    free_port,
-    wait_until,
-)
+from common.processes import LOOPBACK, ManagedProcess, ProcessSet, can_connect, crash, free_port, wait_until
 from common.runfolder import RunFolder
 
 __all__ = ["Federation"]
+
+
+def _exited(name: str, proc: ManagedProcess, before: str = "") -> FederationError:
+    """The error for a process that exited (before ``before``, when given), with its log's last lines."""
+    when = f" before {before}" if before else ""
+    return FederationError(f"{name} exited with code {proc.popen.returncode}{when}; "
+                           f"its log ends with:\n{proc.tail(25)}")
 
 
 class Federation:
@@ -46,10 +44,9 @@ class Federation:
         Site names.
     data
         A folder with one sub-folder per site, or each site's data folder.
-    server_args
-        Further ``fl-server`` options (``--rounds``, ``--run-config`` ...).
-    client_args
-        Further ``fl-client`` options, for every site or per site.
+    server_args, client_args
+        Further ``fl-server`` options (``--rounds``, ``--run-config`` ...); further ``fl-client`` options,
+        for every site or per site.
     secure
         Enroll every site and join with its kit (TLS, SecAgg+); else ``--insecure``.
     threads
@@ -58,19 +55,10 @@ class Federation:
         How to start fl-server (default: the installed one), e.g. from a copy of the app.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        sites: Sequence[str],
-        data: Path | Mapping[str, Path],
-        *,
-        server_args: Sequence[str] = (),
-        client_args: Sequence[str] | Mapping[str, Sequence[str]] = (),
-        secure: bool = True,
-        threads: int = 1,
-        server_cmd: Sequence[str] | None = None,
-        server_cwd: Path | None = None,
-    ) -> None:
+    def __init__(self, root: Path, sites: Sequence[str], data: Path | Mapping[str, Path], *,
+                 server_args: Sequence[str] = (), client_args: Sequence[str] | Mapping[str, Sequence[str]] = (),
+                 secure: bool = True, threads: int = 1, server_cmd: Sequence[str] | None = None,
+                 server_cwd: Path | None = None) -> None:
         self.root = root.resolve()
         self.sites = list(sites)
         self.data = {s: data[s] for s in self.sites} if isinstance(data, Mapping) else {s: data / s for s in self.sites}
@@ -140,8 +128,7 @@ class Federation:
 
         def listening() -> bool:
             if not server.running():
-                raise FederationError(f"fl-server exited with code {server.popen.returncode} before listening; "
-                                      f"its log ends with:\n{server.tail(25)}")
+                raise _exited("fl-server", server, "listening")
             accepted[0] = accepted[0] + 1 if can_connect(LOOPBACK, self.port, timeout=0.5) else 0
             return accepted[0] >= 2
 
@@ -185,17 +172,15 @@ class Federation:
 
         Parameters
         ----------
-        timeout
-            Seconds to wait at most.
+        timeout, interval
+            Seconds to wait at most, and between polls.
         until
-            Condition polled every ``interval``; None waits for fl-server to exit, whatever its code
+            Condition polled at each poll; None waits for fl-server to exit, whatever its code
             (:meth:`check_exit` checks it).
         what
             What is awaited, for the error messages.
         on_poll
             Called at every poll before the checks (e.g. to show new log lines).
-        interval
-            Seconds between polls.
 
         Raises
         ------
@@ -215,12 +200,10 @@ class Federation:
             if not server.running():
                 if until is None:
                     return True
-                raise FederationError(f"fl-server exited with code {server.popen.returncode} before {what}; "
-                                      f"its log ends with:\n{server.tail(25)}")
+                raise _exited("fl-server", server, what)
             for site, client in self.clients.items():
                 if not client.running():
-                    raise FederationError(f"fl-client {site} exited with code {client.popen.returncode} before "
-                                          f"{what}; its log ends with:\n{client.tail(25)}")
+                    raise _exited(f"fl-client {site}", client, what)
             return False
 
         try:
@@ -231,9 +214,8 @@ class Federation:
     def check_exit(self) -> None:
         """Raise unless fl-server exited with code 0."""
         assert self.server is not None
-        code = self.server.popen.poll()
-        if code != 0:
-            raise FederationError(f"fl-server exited with code {code}; its log ends with:\n{self.server.tail(25)}")
+        if self.server.popen.poll() != 0:
+            raise _exited("fl-server", self.server)
 
     def crash_server(self) -> list[int]:
         """SIGKILL the coordinator's whole process tree, frozen first: a crash, nothing cleaned up."""
@@ -286,11 +268,6 @@ class Federation:
             Seconds to wait at most for that moment.
         on_poll
             Called at every poll (see :meth:`wait`).
-
-        Returns
-        -------
-        list[int]
-            The PIDs killed (the coordinator's process tree).
 
         Raises
         ------

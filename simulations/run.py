@@ -11,18 +11,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
-from common.config import (
-    INIT_WEIGHTS_KEY,
-    INIT_WEIGHTS_SHA256_KEY,
-    LAUNCH_KEYS,
-    Launch,
-    RunConfig,
-)
+from common.config import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, LAUNCH_KEYS, Launch, RunConfig
 from common.errors import ConfigError, FederationError
 from common.files import write_atomic
 from common.runfolder import RunFolder
@@ -31,11 +25,7 @@ from simulations.scenario import SCENARIO_LAUNCH_KEYS, Scenario
 from simulations.sites import prepare_data, site_rows, warm_caches
 
 if TYPE_CHECKING:
-    from collections import OrderedDict
-
     import torch
-
-    StateDict = OrderedDict[str, torch.Tensor]
 
 SIM_TRANSPORT = "simulation (Flower Simulation Runtime, Ray, one process)"
 
@@ -63,17 +53,12 @@ def project_run_defaults() -> dict[str, Any]:
 def run_overrides(sc: Scenario, *, workdir: Path, runs_dir: Path, table: Path) -> dict[str, Any]:
     """The scenario's ``[run]`` values plus what fl-sim sets itself; unknown keys, and keys fedrad sets, are errors.
 
-    fl-sim sets where the run's files go, its site table and transport, and (with SecAgg+)
-    the encoding sized from the initial weights (:func:`common.config.sized_secagg`).
-
     Parameters
     ----------
     sc
         The scenario: its ``[run]`` table and its number of sites.
-    workdir
-        fl-sim's work folder, the run's ``workdir``.
-    runs_dir
-        Where the ServerApp writes ``<run-id>/`` (the run's ``runs-dir``).
+    workdir, runs_dir
+        fl-sim's work folder (the run's ``workdir``), and where the ServerApp writes ``<run-id>/``.
     table
         The JSON site table (one node config per virtual site) the run reads (its ``sim-sites``).
 
@@ -82,7 +67,8 @@ def run_overrides(sc: Scenario, *, workdir: Path, runs_dir: Path, table: Path) -
     dict[str, Any]
         Flower run-config overrides: the scenario's ``[run]`` values; ``min-sites`` when ``[run]`` leaves it
         out (the project's default, at least 2, at most the number of sites); the launch keys; the checked
-        ``init-weights`` and its SHA-256 when given; the SecAgg+ encoding when SecAgg+ is on.
+        ``init-weights`` and its SHA-256 when given; the SecAgg+ encoding sized from the initial weights
+        when SecAgg+ is on.
 
     Raises
     ------
@@ -105,7 +91,7 @@ def run_overrides(sc: Scenario, *, workdir: Path, runs_dir: Path, table: Path) -
     if overrides.get(INIT_WEIGHTS_KEY):
         overrides.update(checked_init_weights(overrides, sites=sc.sites.count))
     else:
-        overrides.update(_secagg_encoding(overrides, start=None, sites=sc.sites.count))
+        overrides.update(_secagg_encoding(overrides, checked_run_config(overrides), start=None, sites=sc.sites.count))
     return overrides
 
 
@@ -136,15 +122,15 @@ def checked_init_weights(overrides: dict[str, Any], *, sites: int | None = None)
         return entries
     weights, _ = load_init_weights(Path(entries[INIT_WEIGHTS_KEY]), model=model_for_run(run),
                                    expected_sha256=entries[INIT_WEIGHTS_SHA256_KEY])
-    return {**entries, **_secagg_encoding(rest, start=weights, sites=sites)}
+    return {**entries, **_secagg_encoding(rest, run, start=weights, sites=sites)}
 
 
-def _secagg_encoding(overrides: dict[str, Any], *, start: StateDict | None, sites: int | None) -> dict[str, Any]:
-    """The run's SecAgg+ encoding, sized from ``start`` (``None``: the seeded model); ``{}`` without SecAgg+.
+def _secagg_encoding(overrides: dict[str, Any], run: RunConfig, *, start: Mapping[str, torch.Tensor] | None,
+                     sites: int | None) -> dict[str, Any]:
+    """The run's SecAgg+ encoding, sized from ``start`` (None: the seeded model); ``{}`` without SecAgg+.
 
     As fl-server does, an explicit range the initial weights do not fit is refused before anything runs.
     """
-    run = checked_run_config(overrides)
     if not run.secagg.enabled:
         return {}
     from common.weights import sized_encoding
@@ -157,64 +143,55 @@ def checked_run_config(overrides: dict[str, Any]) -> RunConfig:
     return RunConfig.from_flower({**project_run_defaults(), **overrides})
 
 
-class _Progress:
-    """A live rich display of rounds and site messages, fed from report.json and the runtime's counters."""
+def _read_report(folder: RunFolder) -> dict[str, Any]:
+    try:
+        return folder.read_report()
+    except (OSError, ValueError):
+        return {}
 
-    def __init__(self, *, run_dir: Path, rounds: int, sites: int, metrics: SimulationMetrics, enabled: bool) -> None:
-        self.folder, self.rounds, self.sites, self.metrics = RunFolder(run_dir), rounds, sites, metrics
-        self.enabled = enabled
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> Self:
-        if self.enabled:
-            self._thread = threading.Thread(target=self._loop, name="fl-sim-progress", daemon=True)
-            self._thread.start()
-        return self
+def _show_progress(folder: RunFolder, total: int, sites: int, metrics: SimulationMetrics,
+                   stop: threading.Event) -> None:
+    """Show rounds and site messages live (from report.json and the runtime's counters) until ``stop``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        rounds = bar.add_task("rounds", total=total)
+        messages = bar.add_task(f"site messages ({sites} sites)", total=None)
+        while not stop.wait(0.5):
+            report = _read_report(folder)
+            done = [r for r in report.get("rounds", []) if "evaluate" in r or "train" in r]
+            last = next((r for r in reversed(report.get("rounds", [])) if "evaluate" in r), None)
+            auroc = (last or {}).get("evaluate", {}).get("pooled", {}).get("auroc")
+            spent = [s.get("epsilon") for s in report.get("sites", {}).values() if s.get("epsilon") is not None]
+            text = "rounds"
+            if auroc is not None:
+                text += f"  AUROC {auroc:.3f}"
+            if spent:
+                text += f"  ε ≤ {max(spent):.2f}"
+            bar.update(rounds, completed=len(done), description=text)
+            with metrics.lock:
+                n, secs = metrics.messages, metrics.clientapp_seconds
+            bar.update(messages, completed=n, description=f"site messages ({sites} sites, {secs:.0f} s compute)")
+        report = _read_report(folder)
+        bar.update(rounds, completed=len([r for r in report.get("rounds", []) if "train" in r]))
 
-    def _read(self) -> dict[str, Any]:
-        try:
-            return self.folder.read_report()
-        except (OSError, ValueError):
-            return {}
 
-    def _loop(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            transient=False,
-        ) as bar:
-            rounds = bar.add_task("rounds", total=self.rounds)
-            messages = bar.add_task(f"site messages ({self.sites} sites)", total=None)
-            while not self._stop.wait(0.5):
-                report = self._read()
-                done = [r for r in report.get("rounds", []) if "evaluate" in r or "train" in r]
-                last = next((r for r in reversed(report.get("rounds", [])) if "evaluate" in r), None)
-                auroc = (last or {}).get("evaluate", {}).get("pooled", {}).get("auroc")
-                spent = [s.get("epsilon") for s in report.get("sites", {}).values() if s.get("epsilon") is not None]
-                text = "rounds"
-                if auroc is not None:
-                    text += f"  AUROC {auroc:.3f}"
-                if spent:
-                    text += f"  ε ≤ {max(spent):.2f}"
-                bar.update(rounds, completed=len(done), description=text)
-                with self.metrics.lock:
-                    n, secs = self.metrics.messages, self.metrics.clientapp_seconds
-                bar.update(messages, completed=n, description=f"site messages ({self.sites} sites, {secs:.0f} s compute)")
-            report = self._read()
-            bar.update(rounds, completed=len([r for r in report.get("rounds", []) if "train" in r]))
+@contextlib.contextmanager
+def _progress(run_dir: Path, rounds: int, sites: int, metrics: SimulationMetrics, enabled: bool) -> Iterator[None]:
+    """:func:`_show_progress` in a thread while the block runs (when ``enabled``)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=_show_progress, args=(RunFolder(run_dir), rounds, sites, metrics, stop),
+                              name="fl-sim-progress", daemon=True)
+    if enabled:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if enabled:
+            thread.join(timeout=5)
 
 
 @contextlib.contextmanager
@@ -252,10 +229,9 @@ def simulate(sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool = Tr
         fl-sim's work folder: data, caches, site tables, ledgers and the run's log (``logs/<run-id>.log``).
     runs_dir
         Where the ServerApp leaves ``<run-id>/`` (report, checkpoints, plots).
-    progress
-        Show a live display of rounds and site messages.
-    verbose
-        Show Flower's whole console output (else warnings only; the log file gets everything).
+    progress, verbose
+        Show a live display of rounds and site messages; show Flower's whole console output (else
+        warnings only; the log file gets everything).
     echo
         Called with each line of progress text (sites ready, the run's settings); None for silence.
 
@@ -297,9 +273,8 @@ def simulate(sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool = Tr
         f"SecAgg+ {'on' if run.secagg.enabled else 'off'}, {sc.simulation.concurrency} sites at a time"
     )
     t1 = time.monotonic()
-    with _flower_logs(workdir / "logs" / f"{run_id}.log", verbose), _Progress(
-        run_dir=run_dir, rounds=run.num_server_rounds, sites=len(rows), metrics=metrics, enabled=progress
-    ):
+    log = workdir / "logs" / f"{run_id}.log"
+    with _flower_logs(log, verbose), _progress(run_dir, run.num_server_rounds, len(rows), metrics, progress):
         try:
             run_app(
                 run_id=run_id, num_sites=len(rows), run_config=overrides, concurrency=sc.simulation.concurrency,
@@ -309,7 +284,7 @@ def simulate(sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool = Tr
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, Exception) and not isinstance(cause, RuntimeError):
                 raise cause from None
-            raise FederationError(f"the simulation stopped: {exc} (log: {workdir / 'logs' / f'{run_id}.log'})") from exc
+            raise FederationError(f"the simulation stopped: {exc} (log: {log})") from exc
     seconds = time.monotonic() - t1
     try:
         report = RunFolder(run_dir).read_report()
@@ -319,24 +294,3 @@ def simulate(sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool = Tr
         run_id=run_id, run_dir=run_dir, report=report, seconds=seconds,
         messages=metrics.messages, clientapp_seconds=metrics.clientapp_seconds,
     )
-
-
-def with_privacy(sc: Scenario, *, dp: bool, epsilon: float | None = None) -> Scenario:
-    """The same scenario with DP switched on/off (and one ε for every site).
-
-    Parameters
-    ----------
-    sc
-        The scenario; it is not changed.
-    dp
-        Train with DP-SGD, or without (the non-private baseline).
-    epsilon
-        Every site's ``max-epsilon``; None keeps the scenario's per-site budgets.
-
-    Returns
-    -------
-    Scenario
-        A copy of ``sc`` with its ``[privacy]`` changed.
-    """
-    privacy = replace(sc.privacy, dp=dp, epsilon=(epsilon,) if epsilon is not None else sc.privacy.epsilon)
-    return replace(sc, privacy=privacy)

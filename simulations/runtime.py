@@ -1,15 +1,9 @@
-"""Run the fedrad Flower App on Flower's Simulation Runtime (Ray backend).
+"""Run the fedrad Flower App on Flower's Simulation Runtime (Ray backend), as ``flwr-simulation`` does.
 
-This is what ``flwr-simulation`` does for ``flwr run`` on a simulation
-federation, minus the SuperLink round trip: the very ServerApp and ClientApp
-named in ``pyproject.toml`` (``server.app:app``, ``client.app:app``) are loaded
-from the project folder, the run config is the project's defaults fused with
-the overrides, and every virtual SuperNode runs the ClientApp inside a Ray
-actor. Only ``concurrency`` actors exist at any time, so memory grows with the
-sites that train at once, not with the number of sites.
-
-Flower's public ``run_simulation`` cannot pass a run config, so this goes
-through :func:`common.adapters.flower.run_simulation` (what ``flwr-simulation`` calls).
+The very ServerApp and ClientApp named in ``pyproject.toml`` run, minus the SuperLink round trip; every
+virtual SuperNode runs the ClientApp inside a Ray actor, and only ``concurrency`` actors exist at a time
+(memory grows with the sites training at once, not with the number of sites). Flower's public
+``run_simulation`` cannot pass a run config, hence :func:`common.adapters.flower.run_simulation`.
 """
 
 from __future__ import annotations
@@ -63,16 +57,8 @@ def new_run_id() -> int:
     return secrets.randbits(63) or 1
 
 
-def run_app(
-    *,
-    run_id: int,
-    num_sites: int,
-    run_config: dict[str, Any],
-    concurrency: int,
-    threads_per_site: int = 1,
-    metrics: SimulationMetrics | None = None,
-    verbose: bool = False,
-) -> None:
+def run_app(*, run_id: int, num_sites: int, run_config: dict[str, Any], concurrency: int, threads_per_site: int = 1,
+            metrics: SimulationMetrics | None = None, verbose: bool = False) -> None:
     """Run the fedrad ServerApp with ``num_sites`` virtual SuperNodes until the ServerApp returns.
 
     Parameters
@@ -80,19 +66,20 @@ def run_app(
     run_id
         The run's id; the ServerApp writes its report to ``runs-dir/<run_id>``.
     num_sites
-        Virtual SuperNodes; node ``i`` gets ``partition-id = i`` and reads its
-        site config from row ``i`` of the ``sim-sites`` table in ``run_config``.
+        Virtual SuperNodes; node ``i`` gets ``partition-id = i`` and reads its site config from row ``i``
+        of the ``sim-sites`` table in ``run_config``.
     run_config
         Overrides of the project's ``[tool.flwr.app.config]`` defaults.
-    concurrency
-        Ray actors, i.e. sites training at the same time.
-    threads_per_site
-        CPU cores Ray reserves per actor.
+    concurrency, threads_per_site
+        Ray actors (sites training at the same time), and CPU cores Ray reserves per actor.
+    metrics
+        Counters of the ClientApp messages and their compute seconds, updated as the run goes.
+    verbose
+        Forward Ray's worker logs and Flower's whole output.
     """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    for flag in ("FLWR_TELEMETRY_ENABLED", "RAY_DEDUP_LOGS", "RAY_USAGE_STATS_ENABLED",
+                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"):
+        os.environ.setdefault(flag, "0")
     from common.adapters.flower import run_simulation
     from common.processes import descendants, stop_pids
 
@@ -102,12 +89,8 @@ def run_app(
     backend_config = {
         "client_resources": {"num_cpus": threads_per_site, "num_gpus": 0.0},
         "init_args": {
-            "num_cpus": concurrency * threads_per_site,
-            "num_gpus": 0,
-            "include_dashboard": False,
-            "object_store_memory": 80 * 1024 * 1024,
-            "logging_level": "warning",
-            "log_to_driver": verbose,
+            "num_cpus": concurrency * threads_per_site, "num_gpus": 0, "include_dashboard": False,
+            "object_store_memory": 80 * 1024 * 1024, "logging_level": "warning", "log_to_driver": verbose,
             "_temp_dir": str(ray_dir),
         },
     }

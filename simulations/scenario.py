@@ -28,6 +28,12 @@ SOURCES = ("synth", "folder")
 # fl-sim takes the initial weights from the scenario: `fl-sim run --init-weights FILE` sets `run.init-weights`.
 SCENARIO_LAUNCH_KEYS = (INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY)
 _Spec = TypeVar("_Spec")
+_T = TypeVar("_T")
+
+
+def per_site(values: tuple[_T, ...], count: int) -> list[_T]:
+    """One value per site: the single value of ``values`` for each of ``count`` sites, else ``values`` itself."""
+    return list(values) * count if len(values) == 1 else list(values)
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,11 @@ class SitesSpec:
 
     def images_per_site(self) -> list[int]:
         """Images of each site: the single value of ``images`` for every site, else one value per site."""
-        return list(self.images) * self.count if len(self.images) == 1 else list(self.images)
+        return per_site(self.images, self.count)
 
     def data_key(self) -> str:
         """Hash of everything that decides the sites' data: equal keys share one generated copy."""
-        spec = {k: v for k, v in self.__dict__.items()}
-        spec["names"] = self.site_names()
+        spec = {**self.__dict__, "names": self.site_names()}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -94,19 +99,15 @@ class Scenario:
 
     def epsilons(self) -> list[float]:
         """Each site's ``max-epsilon``: the single value of ``privacy.epsilon`` for every site, else one per site."""
-        n = self.sites.count
-        return list(self.privacy.epsilon) * n if len(self.privacy.epsilon) == 1 else list(self.privacy.epsilon)
+        return per_site(self.privacy.epsilon, self.sites.count)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the run report (sites, privacy, run, simulation)."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "sites": {k.replace("_", "-"): v for k, v in self.sites.__dict__.items()},
-            "privacy": {k.replace("_", "-"): v for k, v in self.privacy.__dict__.items()},
-            "run": dict(self.run),
-            "simulation": {k.replace("_", "-"): v for k, v in self.simulation.__dict__.items()},
-        }
+        def table(spec: object) -> dict[str, Any]:
+            return {k.replace("_", "-"): v for k, v in spec.__dict__.items()}
+
+        return {"name": self.name, "description": self.description, "sites": table(self.sites),
+                "privacy": table(self.privacy), "run": dict(self.run), "simulation": table(self.simulation)}
 
 
 def scenario_path(name_or_path: str) -> Path:
@@ -233,11 +234,5 @@ def build(data: dict[str, Any], *, default_name: str = "scenario") -> Scenario:
     simulation = _section(SimulationSpec, data, "simulation")
     if simulation.concurrency < 1 or simulation.threads_per_site < 1:
         raise ConfigError("Expected `simulation.concurrency` and `simulation.threads-per-site` to be at least 1")
-    return Scenario(
-        name=str(data.get("name", default_name)),
-        description=str(data.get("description", "")),
-        sites=sites,
-        privacy=privacy,
-        run=run,
-        simulation=simulation,
-    )
+    return Scenario(name=str(data.get("name", default_name)), description=str(data.get("description", "")),
+                    sites=sites, privacy=privacy, run=run, simulation=simulation)

@@ -1,18 +1,17 @@
 """``fl-sim``: many virtual hospitals on one machine, on the same ServerApp/ClientApp as production.
 
-``fl-sim run SCENARIO`` generates (once) and caches each virtual site's data,
-writes one node config per site (its data, its own ε budget and ledger), and
-runs the fedrad Flower App on Flower's Simulation Runtime (:mod:`simulations.runtime`).
-The ServerApp writes ``runs/<run-id>/`` (report.json, report.md, plots) exactly
-as it does under ``fl-server``. ``fl-sim compare SCENARIO`` adds the pooled and
-local-only baselines (:mod:`simulations.compare`). One run is :func:`simulations.run.simulate`.
+``fl-sim run SCENARIO`` (:func:`simulations.run.simulate`) generates and caches each virtual site's data
+once, writes one node config per site (its data, its own ε budget and ledger) and runs the fedrad
+Flower App on Flower's Simulation Runtime (:mod:`simulations.runtime`); the ServerApp writes
+``runs/<run-id>/`` exactly as under ``fl-server``. ``fl-sim compare SCENARIO`` adds the pooled and
+local-only baselines (:mod:`simulations.compare`).
 
 Folders (``--workdir``, default ``.fedrad-sim``):
 
 - ``data/<key>/<site>/``: DICOM files and labels.csv, one copy per data spec;
 - ``sites/<key>/<site>/``: each site's preprocessing cache (built once);
-- ``ledgers/<run-id>/<site>/``: each site's privacy ledger for that run (a
-  simulated run starts every site with a fresh budget; ``fl-audit --ledger`` works on it);
+- ``ledgers/<run-id>/<site>/``: each site's privacy ledger for that run (a simulated run starts every
+  site with a fresh budget; ``fl-audit --ledger`` works on it);
 - ``tables/<run-id>.json``: the node config of every virtual site.
 """
 
@@ -40,11 +39,11 @@ app = typer.Typer(
     help="Simulate a federation of many virtual hospitals on one machine (same ServerApp/ClientApp as production).",
 )
 
-ScenarioArg = Annotated[str, typer.Argument(metavar="SCENARIO", help="A name under simulations/scenarios/ or a .toml file.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a scenario value (TOML), e.g. run.num-server-rounds=3."),
+ScenarioArg = Annotated[
+    str, typer.Argument(metavar="SCENARIO", help="A name under simulations/scenarios/ or a .toml file.")
 ]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="SECTION.KEY=VALUE", help="Override a scenario value (TOML), e.g. run.num-server-rounds=3.")]
 SitesOpt = Annotated[int | None, typer.Option("--sites", help="Number of virtual sites (sites.count).")]
 RoundsOpt = Annotated[int | None, typer.Option("--rounds", help="Federated rounds (run.num-server-rounds).")]
 SecaggOpt = Annotated[bool | None, typer.Option("--secagg/--no-secagg", help="Secure aggregation (run.secagg).")]
@@ -89,20 +88,18 @@ def _summary(result: SimResult) -> list[str]:
 
 @app.command("run")
 def run_cmd(
-    scenario: ScenarioArg = scenarios.DEFAULT_SCENARIO,
-    set_: SetOpt = None,
-    sites: SitesOpt = None,
+    scenario: ScenarioArg = scenarios.DEFAULT_SCENARIO, set_: SetOpt = None, sites: SitesOpt = None,
     rounds: RoundsOpt = None,
-    epsilon: Annotated[float | None, typer.Option("--epsilon", help="ε budget of every site (privacy.epsilon).")] = None,
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", help="ε budget of every site (privacy.epsilon).")
+    ] = None,
     dp: Annotated[bool | None, typer.Option("--dp/--no-dp", help="Train with DP-SGD (privacy.dp).")] = None,
     secagg: SecaggOpt = None,
     init_weights: Annotated[Path | None, typer.Option(
         "--init-weights", metavar="FILE",
         help="Start from these weights instead of random ones (run.init-weights): a safetensors file or a "
              "torch.save'd state_dict of the run's model; its SHA-256 goes into the report.")] = None,
-    workdir: WorkdirOpt = Path(".fedrad-sim"),
-    out: OutOpt = Path("runs"),
-    quiet: QuietOpt = False,
+    workdir: WorkdirOpt = Path(".fedrad-sim"), out: OutOpt = Path("runs"), quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run one simulated federation and write runs/<run-id>/ (report.json, report.md, plots)."""
@@ -117,24 +114,19 @@ def run_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    scenario: ScenarioArg = scenarios.DEFAULT_SCENARIO,
-    set_: SetOpt = None,
-    sites: SitesOpt = None,
+    scenario: ScenarioArg = scenarios.DEFAULT_SCENARIO, set_: SetOpt = None, sites: SitesOpt = None,
     rounds: RoundsOpt = None,
-    epsilon: Annotated[
-        str | None, typer.Option("--epsilon", metavar="E[,E...]", help="ε of the FedAvg+DP arm(s); default: the scenario's.")
-    ] = None,
-    arms: Annotated[
-        str, typer.Option("--arms", help="Comma-separated subset of pooled,local,fedavg,fedavg-dp,public-pretrain.")
+    epsilon: Annotated[str | None, typer.Option(
+        "--epsilon", metavar="E[,E...]", help="ε of the FedAvg+DP arm(s); default: the scenario's.")] = None,
+    arms: Annotated[str, typer.Option(
+        "--arms", help="Comma-separated subset of pooled,local,fedavg,fedavg-dp,public-pretrain.")
     ] = "pooled,local,fedavg,fedavg-dp",
     secagg: SecaggOpt = None,
-    repeats: Annotated[
-        int, typer.Option("--repeats", help="Train each DP arm this many times with independent noise (median, worst, best).")
-    ] = 1,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the comparison (every draw) as JSON here.")] = None,
-    workdir: WorkdirOpt = Path(".fedrad-sim"),
-    out: OutOpt = Path("runs"),
-    quiet: QuietOpt = False,
+    repeats: Annotated[int, typer.Option(
+        "--repeats", help="Train each DP arm this many times with independent noise (median, worst, best).")] = 1,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the comparison (every draw) as JSON here.")] = None,
+    workdir: WorkdirOpt = Path(".fedrad-sim"), out: OutOpt = Path("runs"), quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Pooled vs local-only vs FedAvg vs FedAvg+DP: one table of AUROC/sensitivity/specificity and ratios to pooled."""
@@ -152,8 +144,6 @@ def compare_cmd(
         raise ConfigError(f"Expected --epsilon to be numbers separated by commas, but got {epsilon!r}") from exc
     if any(e is not None and e <= 0 for e in epsilons):
         raise ConfigError(f"Expected positive ε values, but got {epsilon!r}")
-    if repeats < 1:
-        raise ConfigError(f"Expected --repeats to be at least 1, but got {repeats}")
     if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
         raise ConfigError(f"Expected --json to be a file in an existing folder, but got {json_path}")
     result = compare(

@@ -1,4 +1,4 @@
-"""The virtual sites of a scenario: their data (generated or partitioned once), preprocessing caches and node configs."""
+"""The virtual sites of a scenario: their data (generated or partitioned once), caches and node configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.files import write_atomic
-from simulations.scenario import Scenario, SitesSpec
+from simulations.scenario import Scenario, SitesSpec, per_site
 
 DATA_MARKER = ".fedrad-sim-data.json"
 
@@ -18,38 +18,25 @@ DATA_MARKER = ".fedrad-sim-data.json"
 def _synthesize(spec: SitesSpec, out: Path) -> None:
     from simulations.synth import SiteSpec, synthesize_sites
 
-    names, images = spec.site_names(), spec.images_per_site()
     prevalence: list[float | None] = [None] * spec.count
     if spec.alpha:
         from simulations.partition import dirichlet_prevalences
 
         prevalence = [*dirichlet_prevalences(spec.count, alpha=spec.alpha, seed=spec.seed)]
     elif spec.prevalence:
-        prevalence = [*spec.prevalence] * spec.count if len(spec.prevalence) == 1 else [*spec.prevalence]
-    scanners: list[str | None] = [None] * spec.count
-    if spec.scanners:
-        scanners = [*spec.scanners] * spec.count if len(spec.scanners) == 1 else [*spec.scanners]
+        prevalence = [*per_site(spec.prevalence, spec.count)]
+    scanners: list[str | None] = [*per_site(spec.scanners, spec.count)] if spec.scanners else [None] * spec.count
     specs = [
         SiteSpec(name=n, images=i, prevalence=p, scanner=s)
-        for n, i, p, s in zip(names, images, prevalence, scanners, strict=True)
+        for n, i, p, s in zip(spec.site_names(), spec.images_per_site(), prevalence, scanners, strict=True)
     ]
     synthesize_sites(out, specs, seed=spec.seed, size=spec.image_size, workers=os.cpu_count() or 1)
-
-
-def _partition(spec: SitesSpec, out: Path, classes: tuple[str, ...]) -> None:
-    from simulations.partition import partition_folder
-
-    partition_folder(
-        Path(spec.folder).expanduser().resolve(), out, sites=spec.count, alpha=spec.alpha or None,
-        sizes=list(spec.sizes) or None, seed=spec.seed, classes=classes,
-    )
 
 
 def prepare_data(spec: SitesSpec, workdir: Path, *, classes: tuple[str, ...] = ("0", "1")) -> dict[str, Path]:
     """Each virtual site's data folder; generated (or partitioned) once per data spec, then reused.
 
-    The folder appears complete or not at all: it is built under a temporary
-    name and renamed when done.
+    The folder appears complete or not at all: it is built under a temporary name and renamed when done.
 
     Parameters
     ----------
@@ -79,10 +66,10 @@ def prepare_data(spec: SitesSpec, workdir: Path, *, classes: tuple[str, ...] = (
             if spec.source == "synth":
                 _synthesize(spec, tmp)
             else:
-                _partition(spec, tmp / "sites", classes)
-                for child in (tmp / "sites").iterdir():
-                    child.rename(tmp / child.name)
-                (tmp / "sites").rmdir()
+                from simulations.partition import partition_folder
+
+                partition_folder(Path(spec.folder).expanduser().resolve(), tmp, sites=spec.count, classes=classes,
+                                 alpha=spec.alpha or None, sizes=list(spec.sizes) or None, seed=spec.seed)
             sites = sorted(p.name for p in tmp.iterdir() if p.is_dir())
             write_atomic(tmp / DATA_MARKER, json.dumps({"sites": sites, "spec": spec.__dict__}, default=str))
             shutil.rmtree(root, ignore_errors=True)
@@ -103,7 +90,7 @@ def warm_caches(data_dirs: dict[str, Path], sites_dir: Path, run: RunConfig) -> 
     sites_dir
         Parent of the sites' work folders; each site's cache goes under ``sites_dir/<name>``.
     run
-        The run config: preprocessing, classes, split and seed, as the sites will open their data.
+        The run config (preprocessing, classes, split and seed), as the sites will open their data.
 
     Raises
     ------
@@ -120,7 +107,7 @@ def warm_caches(data_dirs: dict[str, Path], sites_dir: Path, run: RunConfig) -> 
 
 
 def site_rows(sc: Scenario, data_dirs: dict[str, Path], *, sites_dir: Path, ledgers_dir: Path) -> list[dict[str, Any]]:
-    """One node config per virtual site (what ``fl-client`` would pass a real SuperNode).
+    """One node config per virtual site (what ``fl-client`` would pass a real SuperNode), in ``data_dirs`` order.
 
     Parameters
     ----------
@@ -129,30 +116,16 @@ def site_rows(sc: Scenario, data_dirs: dict[str, Path], *, sites_dir: Path, ledg
     data_dirs
         Site name → data folder (:func:`prepare_data`). When there are not ``sites.count`` of them, every
         site gets the scenario's first ε.
-    sites_dir
-        Parent of the sites' work folders (``sites_dir/<name>``).
-    ledgers_dir
-        Parent of the sites' privacy ledgers (``ledgers_dir/<name>``).
-
-    Returns
-    -------
-    list[dict[str, Any]]
-        One node config per site, in ``data_dirs`` order.
+    sites_dir, ledgers_dir
+        Parents of the sites' work folders and privacy ledgers (``<dir>/<name>``).
     """
     epsilons = sc.epsilons() if len(data_dirs) == sc.sites.count else [sc.privacy.epsilon[0]] * len(data_dirs)
     return [
         {
-            "site": name,
-            "data-dir": str(path),
-            "work-dir": str(sites_dir / name),
-            "ledger-dir": str(ledgers_dir / name),
-            "max-epsilon": float(eps),
-            "delta": float(sc.privacy.delta),
-            "privacy-unit": sc.privacy.unit,
-            "dp": sc.privacy.dp,
-            "secure-mode": sc.privacy.secure_mode,
-            "threads": sc.simulation.threads_per_site,
-            "device": "auto",
+            "site": name, "data-dir": str(path), "work-dir": str(sites_dir / name),
+            "ledger-dir": str(ledgers_dir / name), "max-epsilon": float(eps), "delta": float(sc.privacy.delta),
+            "privacy-unit": sc.privacy.unit, "dp": sc.privacy.dp, "secure-mode": sc.privacy.secure_mode,
+            "threads": sc.simulation.threads_per_site, "device": "auto",
         }
         for (name, path), eps in zip(data_dirs.items(), epsilons, strict=True)
     ]

@@ -77,7 +77,8 @@ def _plot(folder: Path, arms: list[ArmResult]) -> None:
         short = a.label.split(" (")[0] + (f" ε={a.epsilon:g}" if a.epsilon else "")
         curves = [d.auroc_per_round for d in a.draws] or ([list(a.curve)] if a.curve else [])
         if curves:
-            grid = np.array([[np.nan if v is None else v for v in c] for c in curves if len(c) == len(curves[0])], float)
+            rows = [[np.nan if v is None else v for v in c] for c in curves if len(c) == len(curves[0])]
+            grid = np.array(rows, float)
             x = np.arange(1, grid.shape[1] + 1)
             rounds_ax.plot(x, np.nanmedian(grid, axis=0), color=colour, marker="o", ms=3,
                            label=short + (f" (median of {len(grid)})" if len(grid) > 1 else ""))
@@ -98,8 +99,8 @@ def _plot(folder: Path, arms: list[ArmResult]) -> None:
     rounds_ax.set_ylabel("pooled AUROC (band: worst–best draw)")
     rounds_ax.set_ylim(0.3, 1)
     rounds_ax.legend(fontsize=7, loc="lower right")
-    final_ax.set_xticks(range(len(arms)), [a.label.split(" (")[0] + (f"\nε={a.epsilon:g}" if a.epsilon else "") for a in arms],
-                        fontsize=8)
+    ticks = [a.label.split(" (")[0] + (f"\nε={a.epsilon:g}" if a.epsilon else "") for a in arms]
+    final_ax.set_xticks(range(len(arms)), ticks, fontsize=8)
     final_ax.set_ylabel("final AUROC (bar: pooled median, dots: sites)")
     final_ax.set_ylim(0, 1)
     fig.tight_layout()
@@ -127,25 +128,18 @@ def arm_json(a: ArmResult, ref: ArmResult | None) -> dict[str, Any]:
 
 
 def write_comparison(folder: Path, sc: Scenario, run: RunConfig, repeats: int, arms: list[ArmResult]) -> str:
-    """Write ``compare.json``, ``compare.md`` and ``compare.png`` into ``folder``.
+    """Write ``compare.json``, ``compare.md`` and ``compare.png`` into ``folder``; return the markdown table.
 
     Parameters
     ----------
     folder
         The comparison folder (it exists).
-    sc
-        The scenario compared; its name, description and settings head the files.
-    run
-        The checked run config every arm used (epochs, model, recipe and operating point in the setup line).
+    sc, run
+        The scenario compared and the checked run config every arm used (they head the files).
     repeats
         Noise draws per DP arm.
     arms
         Every arm's result, in table order; the ``pooled`` arm, when present, is the reference of the ratios.
-
-    Returns
-    -------
-    str
-        The markdown table of the arms (what ``fl-sim compare`` prints).
     """
     table = render_table(arms)
     ref = next((a for a in arms if a.arm == "pooled"), None)

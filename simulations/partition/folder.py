@@ -1,32 +1,20 @@
 """Virtual sites for ``fl-sim``: split a real labelled DICOM folder by patient.
 
-:func:`partition_folder` splits a folder laid out like a real site's data
-(DICOM files anywhere under it plus ``labels.csv``, keyed by SOPInstanceUID,
-StudyInstanceUID, SeriesInstanceUID or relative path; see
-:mod:`client.data.labels`) into ``out/site-001``, ``out/site-002``, ...:
+:func:`partition_folder` splits a folder laid out like a site's data (DICOM files under it plus
+``labels.csv``; see :mod:`client.data.labels`) into ``out/site-001``, ``out/site-002``, ...:
 
-* **By patient.** All files of one patient (PatientID; the study when a file
-  has no PatientID, as the site loader groups them) go to the same site.
-* **Sizes.** Optional relative sizes (fractions of the labelled files);
-  equal by default. Without ``alpha`` every class is split in those
-  proportions, so the sites' label mix matches the folder's.
-* **Label skew.** With ``alpha``, each class's patients are split by site
-  proportions drawn from ``Dirichlet(alpha)`` (Hsu et al., 2019; small alpha:
-  each class concentrates on a few sites), weighted by the sizes. Sizes are
-  then balanced as well as patients allow: no site takes more than its
-  share of all files, and what it cannot take goes to the sites the class
-  favours next, so skew shows in the sites' label mix, not their sizes.
-  A patient's class is its files' majority class (binary: positive if any
-  file is positive).
-* **Nothing is copied.** A site folder holds symbolic links to the original
-  files under the same relative paths, and its own ``labels.csv`` with the
-  original header and exactly the original rows whose key belongs to it.
-* **Nothing is silently dropped.** Files that cannot be used (not DICOM, no
-  usable label) are not linked; they are returned in
-  :attr:`PartitionResult.skipped` with the reason, counted in
-  ``out/partition.json`` and logged.
-* **Atomic.** Sites are built in a temporary folder next to ``out`` and
-  renamed into place, so a failure leaves no half-written site.
+* All files of one patient (PatientID; else the study, as the site loader groups them) go to one site.
+* Site sizes are relative (fractions of the labelled files, equal by default); without ``alpha`` every
+  class is split in those proportions. With ``alpha``, each class's patients are split by proportions
+  drawn from ``Dirichlet(alpha)`` (Hsu et al., 2019), weighted by the sizes, and no site takes more
+  than its share of all files: skew shows in the sites' label mix, not their sizes
+  (:func:`simulations.partition.skew.assign`).
+* Nothing is copied: a site holds symbolic links to the original files under the same relative paths,
+  and a ``labels.csv`` with the original header and exactly the original rows of its keys.
+* Nothing is silently dropped: unusable files (not DICOM, no usable label) are returned in
+  :attr:`PartitionResult.skipped` with the reason, counted in ``out/partition.json`` and logged.
+* Sites are built in a temporary folder next to ``out`` and renamed into place: a failure leaves no
+  half-written site.
 """
 
 from __future__ import annotations
@@ -57,24 +45,12 @@ MANIFEST = "partition.json"
 
 @dataclass(frozen=True)
 class PartitionSummary:
-    """What one virtual site received.
+    """What one virtual site received."""
 
-    Attributes
-    ----------
-    site : str
-        Folder name under ``out`` (``site-001``, ...).
-    files : int
-        Labelled DICOM files linked into the site.
-    patients : int
-        Patients among them.
-    positives : int
-        Files whose label is not the first class (binary: label ``1``).
-    """
-
-    site: str
-    files: int
+    site: str  # folder name under ``out`` (site-001, ...)
+    files: int  # labelled DICOM files linked into the site
     patients: int
-    positives: int
+    positives: int  # files whose label is not the first class (binary: label 1)
 
 
 class PartitionResult(dict[str, PartitionSummary]):
@@ -83,15 +59,12 @@ class PartitionResult(dict[str, PartitionSummary]):
     Attributes
     ----------
     skipped : dict of str to str
-        Relative path → reason, for every file under the data folder that
-        was not assigned to a site (not DICOM, unreadable, no usable label).
+        Relative path → reason, for every file not assigned to a site (not DICOM, unreadable, no usable label).
     unmatched_rows : int
         Rows of ``labels.csv`` whose key matches no assigned file.
     """
 
-    def __init__(
-        self, summaries: dict[str, PartitionSummary], *, skipped: dict[str, str], unmatched_rows: int
-    ) -> None:
+    def __init__(self, summaries: dict[str, PartitionSummary], *, skipped: dict[str, str], unmatched_rows: int) -> None:
         super().__init__(summaries)
         self.skipped = skipped
         self.unmatched_rows = unmatched_rows
@@ -108,8 +81,7 @@ def _check_out(out: Path, data_dir: Path, *, overwrite: bool) -> None:
     out_abs, data_abs = out.resolve(), data_dir.resolve()
     if out_abs == data_abs or data_abs in out_abs.parents or out_abs in data_abs.parents:
         raise ConfigError(
-            f"Expected `out` to be outside the data folder {data_dir} and not to contain it, "
-            f"but got {out}"
+            f"Expected `out` to be outside the data folder {data_dir} and not to contain it, but got {out}"
         )
     if not out.is_dir() or not any(out.iterdir()):
         return
@@ -119,42 +91,29 @@ def _check_out(out: Path, data_dir: Path, *, overwrite: bool) -> None:
             "pass overwrite=True to replace an earlier partition, or choose another folder"
         )
     if not (out / MANIFEST).is_file():
-        raise ConfigError(
-            f"Expected {out} to hold an earlier partition (with {MANIFEST}) before overwriting "
-            "it, but it does not; choose another folder"
-        )
+        raise ConfigError(f"Expected {out} to hold an earlier partition (with {MANIFEST}) before overwriting "
+                          "it, but it does not; choose another folder")
 
 
-def partition_folder(
-    data_dir: Path,
-    out: Path,
-    *,
-    sites: int,
-    alpha: float | None = None,
-    sizes: Sequence[float] | None = None,
-    seed: int = 0,
-    classes: tuple[str, ...] = ("0", "1"),
-    overwrite: bool = False,
-) -> PartitionResult:
+def partition_folder(data_dir: Path, out: Path, *, sites: int, alpha: float | None = None,
+                     sizes: Sequence[float] | None = None, seed: int = 0, classes: tuple[str, ...] = ("0", "1"),
+                     overwrite: bool = False) -> PartitionResult:
     """Split a labelled DICOM folder into ``sites`` virtual site folders under ``out``.
 
     Parameters
     ----------
     data_dir : Path
-        A site-style data folder: DICOM files anywhere under it and
-        ``labels.csv`` (see :mod:`client.data.labels`).
+        A site-style data folder: DICOM files anywhere under it and ``labels.csv``.
     out : Path
-        Output folder, absent or empty (or an earlier partition with
-        ``overwrite``); gets ``site-001``, ``site-002``, ... and
-        ``partition.json``. Must not overlap ``data_dir``.
+        Output folder, absent or empty (or an earlier partition with ``overwrite``), not overlapping
+        ``data_dir``; gets ``site-001``, ``site-002``, ... and ``partition.json``.
     sites : int
         Number of virtual sites (at least 1, at most the number of patients).
     alpha : float, optional
-        Dirichlet concentration of the label skew (> 0; smaller: more skew).
-        ``None``: no skew, every site gets the folder's label mix.
+        Dirichlet concentration of the label skew (> 0; smaller: more skew); ``None``: every site gets
+        the folder's label mix.
     sizes : sequence of float, optional
-        Relative site sizes in labelled files, positive and summing to 1;
-        equal by default.
+        Relative site sizes in labelled files, positive and summing to 1; equal by default.
     seed : int, optional
         Non-negative seed; same inputs, same partition.
     classes : tuple of str, optional
@@ -165,17 +124,17 @@ def partition_folder(
     Returns
     -------
     PartitionResult
-        Site name → :class:`PartitionSummary`, with ``skipped`` (files not
-        assigned, and why) and ``unmatched_rows``.
+        Site name → :class:`PartitionSummary`, with ``skipped`` (files not assigned, and why) and
+        ``unmatched_rows``.
 
     Raises
     ------
     ConfigError
-        For invalid arguments, or an ``out`` that is a file, overlaps
-        ``data_dir`` or is not empty (without ``overwrite``).
+        For invalid arguments, or an ``out`` that is a file, overlaps ``data_dir`` or is not empty
+        (without ``overwrite``).
     DataError
-        If ``data_dir`` or its ``labels.csv`` is missing or unusable, or it
-        has fewer patients with labelled files than ``sites``.
+        If ``data_dir`` or its ``labels.csv`` is missing or unusable, or it has fewer patients with
+        labelled files than ``sites``.
     """
     if not is_int(sites) or sites < 1:
         raise ConfigError(f"Expected `sites` to be a positive integer, but got {sites!r}")
@@ -195,15 +154,12 @@ def partition_folder(
     if len(patients) < sites:
         n_files = sum(len(p.files) for p in patients)
         raise DataError(
-            f"Expected at least {sites} patients with labelled DICOM files in {data_dir} to make "
-            f"{sites} sites, but got {len(patients)} ({n_files} labelled files, "
-            f"{len(skipped)} other files)"
+            f"Expected at least {sites} patients with labelled DICOM files in {data_dir} to make {sites} sites, "
+            f"but got {len(patients)} ({n_files} labelled files, {len(skipped)} other files)"
         )
     files = np.array([len(p.files) for p in patients], dtype=np.int64)
     patient_classes = np.array([p.label(len(classes)) for p in patients], dtype=np.int64)
-    site_of = assign(
-        files, patient_classes, n_classes=len(classes), fractions=fractions, alpha=skew, rng=rng
-    )
+    site_of = assign(files, patient_classes, n_classes=len(classes), fractions=fractions, alpha=skew, rng=rng)
 
     width = max(3, len(str(sites)))
     names = [f"site-{i:0{width}d}" for i in range(1, sites + 1)]

@@ -25,9 +25,7 @@ def _is_real(value: object) -> bool:
 def check_alpha(alpha: object) -> float:
     """``alpha`` as a positive float, or :class:`ConfigError`."""
     if not _is_real(alpha) or not math.isfinite(float(alpha)) or float(alpha) <= 0:  # type: ignore[arg-type]
-        raise ConfigError(
-            f"Expected `alpha` to be a positive number (smaller: more label skew), but got {alpha!r}"
-        )
+        raise ConfigError(f"Expected `alpha` to be a positive number (smaller: more label skew), but got {alpha!r}")
     return float(alpha)  # type: ignore[arg-type]
 
 
@@ -44,9 +42,7 @@ def check_fractions(sizes: Sequence[float] | None, sites: int) -> np.ndarray:
         return np.full(sites, 1.0 / sites)
     values = list(sizes) if not isinstance(sizes, str) else [sizes]
     if len(values) != sites:
-        raise ConfigError(
-            f"Expected `sizes` to give one fraction per site ({sites}), but got {len(values)}"
-        )
+        raise ConfigError(f"Expected `sizes` to give one fraction per site ({sites}), but got {len(values)}")
     if not all(_is_real(v) and math.isfinite(float(v)) and float(v) > 0 for v in values):
         raise ConfigError(f"Expected `sizes` to be positive fractions, but got {values!r}")
     total = math.fsum(float(v) for v in values)
@@ -55,16 +51,13 @@ def check_fractions(sizes: Sequence[float] | None, sites: int) -> np.ndarray:
     return np.array([float(v) for v in values]) / total
 
 
-def dirichlet_prevalences(
-    n_sites: int, *, alpha: float, base: float = 0.45, seed: int = 0
-) -> list[float]:
+def dirichlet_prevalences(n_sites: int, *, alpha: float, base: float = 0.45, seed: int = 0) -> list[float]:
     """Per-site prevalences with Dirichlet label skew (for synthetic sites).
 
-    For each site ``(p, 1 - p) ~ Dirichlet(alpha * [base, 1 - base])``, drawn
-    with ``numpy.random.default_rng(seed)``, then ``p`` is clipped to
-    ``[0.05, 0.95]`` so that every site can still see both classes. Large
-    ``alpha``: every ``p`` is close to ``base``; small ``alpha``: most sites
-    are almost all-negative or all-positive.
+    For each site ``(p, 1 - p) ~ Dirichlet(alpha * [base, 1 - base])``, drawn with
+    ``numpy.random.default_rng(seed)``, then clipped to ``[0.05, 0.95]`` so that every site can still
+    see both classes. Large ``alpha``: every ``p`` is close to ``base``; small: most sites are almost
+    all-negative or all-positive.
 
     Parameters
     ----------
@@ -120,30 +113,19 @@ def _waterfill(amount: float, weights: np.ndarray, room: np.ndarray) -> np.ndarr
     return alloc
 
 
-def assign(
-    files: np.ndarray,
-    classes: np.ndarray,
-    *,
-    n_classes: int,
-    fractions: np.ndarray,
-    alpha: float | None,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Site index of each patient (``files``: files per patient; ``classes``: its class).
+def assign(files: np.ndarray, classes: np.ndarray, *, n_classes: int, fractions: np.ndarray, alpha: float | None,
+           rng: np.random.Generator) -> np.ndarray:
+    """Site index of each patient.
 
-    Classes are taken in a seeded order. Each class's files are shared out by
-    weight — the size fractions, times a ``Dirichlet(alpha)`` draw with
-    ``alpha`` — with no site taking more than its remaining share of all
-    files (:func:`_waterfill`), and its patients, in seeded order, are cut
-    into consecutive runs of those sizes (a patient goes where the middle of
-    its files falls).
+    Classes are taken in a seeded order. Each class's files are shared out by weight (the size
+    fractions, times a ``Dirichlet(alpha)`` draw with ``alpha``) with no site taking more than its
+    remaining share of all files (:func:`_waterfill`), and its patients, in seeded order, are cut into
+    consecutive runs of those sizes (a patient goes where the middle of its files falls).
 
     Parameters
     ----------
-    files : np.ndarray
-        Number of labelled files of each patient, ``(P,)`` int.
-    classes : np.ndarray
-        Class index of each patient, ``(P,)`` int in ``[0, n_classes)``.
+    files, classes : np.ndarray
+        Number of labelled files and class index (in ``[0, n_classes)``) of each patient, ``(P,)`` int.
     n_classes : int
         Number of classes; an absent class still takes its Dirichlet draw, so the others do not shift.
     fractions : np.ndarray

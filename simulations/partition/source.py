@@ -29,10 +29,7 @@ class Patient:
     def label(self, n_classes: int) -> int:
         """Binary: positive if any file is; multi-class: the majority class (ties: the first)."""
         labels = [label for _, _, label in self.files]
-        if n_classes == 2:
-            return max(labels)
-        counts = np.bincount(labels, minlength=n_classes)
-        return int(np.argmax(counts))
+        return max(labels) if n_classes == 2 else int(np.argmax(np.bincount(labels, minlength=n_classes)))
 
 
 def _header(path: Path) -> dict[str, str] | str:

@@ -26,41 +26,18 @@ from simulations.synth.profiles import SiteProfile
 
 @dataclass(frozen=True)
 class LesionModel:
-    """Distribution of the hyperdense lesions (all lengths in mm, contrasts in HU).
+    """Distribution of the hyperdense lesions (lengths in mm, contrasts in HU; ranges are uniform)."""
 
-    Attributes
-    ----------
-    radius_mm : tuple of float
-        In-plane radius of ordinary (intraparenchymal) lesions at their widest
-        slice, uniform in this range.
-    contrast_hu : tuple of float
-        Attenuation of ordinary lesions above the surrounding parenchyma.
-    subtle_fraction : float
-        Fraction of lesions that are subtle: small and nearly isodense
-        (e.g. subacute blood), drawn from the two ranges below.
-    subtle_radius_mm, subtle_contrast_hu : tuple of float
-        Radius and contrast of subtle lesions.
-    z_extent_factor : tuple of float
-        Half-extent along z as a multiple of the radius, uniform in this range.
-    extra_axial_fraction : float
-        Fraction of lesions that are crescents along the inner skull
-        (subdural-like) rather than intraparenchymal blobs.
-    crescent_thickness_mm : tuple of float
-        Maximum thickness of a crescent.
-    min_visible_fraction : float
-        A slice counts as showing the lesion (label 1) only where the cut
-        through the lesion is at least this fraction of its widest size;
-        thinner cuts are not drawn at all, so labels match the pixels.
-    """
-
-    radius_mm: tuple[float, float] = (14.0, 26.0)
-    contrast_hu: tuple[float, float] = (42.0, 62.0)
-    subtle_fraction: float = 0.3
+    radius_mm: tuple[float, float] = (14.0, 26.0)  # ordinary (intraparenchymal) lesions at their widest slice
+    contrast_hu: tuple[float, float] = (42.0, 62.0)  # ordinary lesions, above the surrounding parenchyma
+    subtle_fraction: float = 0.3  # small, nearly isodense lesions (e.g. subacute blood), from the two ranges below
     subtle_radius_mm: tuple[float, float] = (6.0, 12.0)
     subtle_contrast_hu: tuple[float, float] = (4.0, 10.0)
-    z_extent_factor: tuple[float, float] = (1.2, 2.0)
-    extra_axial_fraction: float = 0.15
-    crescent_thickness_mm: tuple[float, float] = (6.0, 14.0)
+    z_extent_factor: tuple[float, float] = (1.2, 2.0)  # half-extent along z, as a multiple of the radius
+    extra_axial_fraction: float = 0.15  # crescents along the inner skull (subdural-like) rather than blobs
+    crescent_thickness_mm: tuple[float, float] = (6.0, 14.0)  # a crescent's maximum thickness
+    # A slice shows the lesion (label 1) only where the cut through it is at least this fraction of its
+    # widest size; thinner cuts are not drawn at all, so labels match the pixels.
     min_visible_fraction: float = 0.5
 
 
@@ -69,31 +46,39 @@ LESIONS = LesionModel()
 
 @dataclass(frozen=True)
 class _Lesion:
-    kind: str  # "blob" or "crescent"
     z_mm: float
     half_extent_mm: float
     contrast_hu: float
     min_visible_fraction: float
-    # blob: centre as a fraction of the way from the head centre to the inner
-    # skull (rel_x, rel_y), radius at the widest cut, aspect, angle, lobulation
-    rel_x: float = 0.0
-    rel_y: float = 0.0
-    radius_mm: float = 0.0
-    aspect: float = 1.0
-    angle: float = 0.0
-    lobulation: float = 0.0
-    lobe_phase: float = 0.0
-    edema_hu: float = 0.0
-    edema_mm: float = 0.0
-    # crescent: polar angle of its middle, angular half-width, max thickness
-    arc_center: float = 0.0
-    arc_width: float = 0.0
-    thickness_mm: float = 0.0
 
     def visible_fraction(self, z: float) -> float:
         """Return the size of the cut at ``z`` relative to the widest cut (0 if outside)."""
         dz = (z - self.z_mm) / self.half_extent_mm
         return math.sqrt(1.0 - dz * dz) if abs(dz) < 1.0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Crescent(_Lesion):
+    """An extra-axial crescent: polar angle of its middle, angular half-width, maximum thickness."""
+
+    arc_center: float
+    arc_width: float
+    thickness_mm: float
+
+
+@dataclass(frozen=True)
+class _Blob(_Lesion):
+    """An intraparenchymal blob; its centre is a fraction of the way from the head centre to the inner skull."""
+
+    rel_x: float
+    rel_y: float
+    radius_mm: float  # at the widest cut
+    aspect: float
+    angle: float
+    lobulation: float
+    lobe_phase: float
+    edema_hu: float
+    edema_mm: float
 
 
 @dataclass(frozen=True)
@@ -130,7 +115,7 @@ class _Patient:
     texture: np.ndarray  # (K, 5): fx, fy, fz, phase, amplitude
     calcifications: tuple[tuple[float, float, float, float, float], ...]  # x, y, z, r, HU
     noise_scale: float
-    lesion: _Lesion | None
+    lesion: _Blob | _Crescent | None
 
 
 _FAMILY = (
@@ -147,53 +132,38 @@ def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
     return float(rng.uniform(bounds[0], bounds[1]))
 
 
-def _draw_lesion(
-    rng: np.random.Generator, *, slice_z: np.ndarray, thickness: float, model: LesionModel
-) -> _Lesion:
-    """Draw one lesion centred on a random slice of the patient."""
+def _draw_lesion(rng: np.random.Generator, *, slice_z: np.ndarray, thickness: float,
+                 model: LesionModel) -> _Blob | _Crescent:
+    """Draw one lesion centred on a random slice of the patient (keyword order is draw order)."""
     centre_slice = int(rng.integers(len(slice_z)))
     z_c = float(slice_z[centre_slice]) + _uniform(rng, (-0.4, 0.4)) * thickness
     subtle = rng.random() < model.subtle_fraction
     contrast = _uniform(rng, model.subtle_contrast_hu if subtle else model.contrast_hu)
     if rng.random() < model.extra_axial_fraction:
         thick = _uniform(rng, model.crescent_thickness_mm)
-        return _Lesion(
-            kind="crescent",
-            z_mm=z_c,
-            half_extent_mm=thick * 4.0 * _uniform(rng, (0.6, 1.2)),
-            contrast_hu=contrast,
-            min_visible_fraction=model.min_visible_fraction,
-            arc_center=_uniform(rng, (-math.pi, math.pi)),
-            arc_width=_uniform(rng, (0.35, 0.8)),
-            thickness_mm=thick,
+        return _Crescent(
+            z_mm=z_c, half_extent_mm=thick * 4.0 * _uniform(rng, (0.6, 1.2)), contrast_hu=contrast,
+            min_visible_fraction=model.min_visible_fraction, arc_center=_uniform(rng, (-math.pi, math.pi)),
+            arc_width=_uniform(rng, (0.35, 0.8)), thickness_mm=thick,
         )
     radius = _uniform(rng, model.subtle_radius_mm if subtle else model.radius_mm)
     has_edema = rng.random() < 0.5
     # Centre as a fraction of the room between the middle and the inner skull.
     rho = math.sqrt(rng.random())
     phi = _uniform(rng, (-math.pi, math.pi))
-    return _Lesion(
-        kind="blob",
-        z_mm=z_c,
-        half_extent_mm=max(radius * _uniform(rng, model.z_extent_factor), 0.6 * thickness),
-        contrast_hu=contrast,
-        min_visible_fraction=model.min_visible_fraction,
-        rel_x=rho * math.cos(phi),
-        rel_y=rho * math.sin(phi),
-        radius_mm=radius,
-        aspect=_uniform(rng, (0.6, 1.0)),
-        angle=_uniform(rng, (0.0, math.pi)),
-        lobulation=_uniform(rng, (0.0, 0.2)),
-        lobe_phase=_uniform(rng, (0.0, 2 * math.pi)),
+    return _Blob(
+        z_mm=z_c, half_extent_mm=max(radius * _uniform(rng, model.z_extent_factor), 0.6 * thickness),
+        contrast_hu=contrast, min_visible_fraction=model.min_visible_fraction,
+        rel_x=rho * math.cos(phi), rel_y=rho * math.sin(phi), radius_mm=radius,
+        aspect=_uniform(rng, (0.6, 1.0)), angle=_uniform(rng, (0.0, math.pi)),
+        lobulation=_uniform(rng, (0.0, 0.2)), lobe_phase=_uniform(rng, (0.0, 2 * math.pi)),
         edema_hu=_uniform(rng, (3.0, 8.0)) if has_edema else 0.0,
         edema_mm=_uniform(rng, (2.0, 5.0)) if has_edema else 0.0,
     )
 
 
-def _draw_patient(
-    rng: np.random.Generator, *, profile: SiteProfile, index: int, model: LesionModel
-) -> _Patient:
-    """Draw one patient's demographics, anatomy and (maybe) lesion."""
+def _draw_patient(rng: np.random.Generator, *, profile: SiteProfile, index: int, model: LesionModel) -> _Patient:
+    """Draw one patient's demographics, anatomy and (maybe) lesion (keyword order is draw order)."""
     thickness = profile.slice_thickness_mm
     n_slices = int(rng.integers(3, 9))
     z_start = _uniform(rng, (-5.0, 60.0 - thickness * (n_slices - 1) / 2))
@@ -219,53 +189,25 @@ def _draw_patient(
     if rng.random() < 0.3 + 0.004 * age:  # choroid plexus / pineal, commoner with age
         for _ in range(int(rng.integers(1, 3))):
             side = float(rng.choice([-1.0, 0.0, 1.0]))
-            calcifications.append(
-                (
-                    side * (vent_sep + _uniform(rng, (2.0, 6.0))),
-                    _uniform(rng, (8.0, 22.0)),
-                    vent_z + _uniform(rng, (-12.0, 12.0)),
-                    _uniform(rng, (1.2, 2.5)),
-                    _uniform(rng, (90.0, 300.0)),
-                )
-            )
+            x = side * (vent_sep + _uniform(rng, (2.0, 6.0)))
+            y, z = _uniform(rng, (8.0, 22.0)), vent_z + _uniform(rng, (-12.0, 12.0))
+            calcifications.append((x, y, z, _uniform(rng, (1.2, 2.5)), _uniform(rng, (90.0, 300.0))))
     positive = rng.random() < profile.prevalence
-    lesion = (
-        _draw_lesion(rng, slice_z=slice_z, thickness=thickness, model=model)
-        if positive
-        else None
-    )
+    lesion = _draw_lesion(rng, slice_z=slice_z, thickness=thickness, model=model) if positive else None
     atrophy = max(0.0, (age - 40) / 50.0)
     return _Patient(
-        index=index,
-        patient_id=f"SYN-{profile.name}-{index + 1:04d}",
-        name=f"{rng.choice(_FAMILY)}^{rng.choice(_GIVEN)}",
-        sex=str(rng.choice(["F", "M"])),
-        age=age,
+        index=index, patient_id=f"SYN-{profile.name}-{index + 1:04d}",
+        name=f"{rng.choice(_FAMILY)}^{rng.choice(_GIVEN)}", sex=str(rng.choice(["F", "M"])), age=age,
         study_date=study_date,
         study_time="{:02d}{:02d}{:02d}".format(*(int(v) for v in rng.integers(0, (24, 60, 60)))),
-        n_slices=n_slices,
-        z_start_mm=z_start,
-        table_z_mm=_uniform(rng, (-120.0, -60.0)),
-        head_a=_uniform(rng, (66.0, 76.0)),
-        head_b=_uniform(rng, (84.0, 95.0)),
-        cx=float(rng.normal(0.0, 3.0)),
-        cy=float(rng.normal(0.0, 3.0)),
-        angle=float(rng.normal(0.0, math.radians(4.0))),
-        scalp_mm=_uniform(rng, (3.5, 6.0)),
-        skull_mm=_uniform(rng, (4.0, 6.0)),
-        bone_hu=_uniform(rng, (1100.0, 1500.0)),
-        diploe_drop_hu=_uniform(rng, (200.0, 500.0)),
-        white_hu=_uniform(rng, (25.0, 29.0)),
-        gray_hu=_uniform(rng, (34.0, 39.0)),
-        cortex_mm=_uniform(rng, (3.0, 5.0)),
-        csf_hu=_uniform(rng, (2.0, 8.0)),
-        sulcal_mm=_uniform(rng, (0.8, 1.6)) + 1.5 * atrophy,
-        vent_z_mm=vent_z,
+        n_slices=n_slices, z_start_mm=z_start, table_z_mm=_uniform(rng, (-120.0, -60.0)),
+        head_a=_uniform(rng, (66.0, 76.0)), head_b=_uniform(rng, (84.0, 95.0)),
+        cx=float(rng.normal(0.0, 3.0)), cy=float(rng.normal(0.0, 3.0)), angle=float(rng.normal(0.0, math.radians(4.0))),
+        scalp_mm=_uniform(rng, (3.5, 6.0)), skull_mm=_uniform(rng, (4.0, 6.0)),
+        bone_hu=_uniform(rng, (1100.0, 1500.0)), diploe_drop_hu=_uniform(rng, (200.0, 500.0)),
+        white_hu=_uniform(rng, (25.0, 29.0)), gray_hu=_uniform(rng, (34.0, 39.0)), cortex_mm=_uniform(rng, (3.0, 5.0)),
+        csf_hu=_uniform(rng, (2.0, 8.0)), sulcal_mm=_uniform(rng, (0.8, 1.6)) + 1.5 * atrophy, vent_z_mm=vent_z,
         vent_width_mm=_uniform(rng, (3.0, 5.0)) + 2.0 * atrophy,
-        vent_length_mm=_uniform(rng, (14.0, 20.0)) + 4.0 * atrophy,
-        vent_sep_mm=vent_sep,
-        texture=texture,
-        calcifications=tuple(calcifications),
-        noise_scale=_uniform(rng, (0.85, 1.15)),
-        lesion=lesion,
+        vent_length_mm=_uniform(rng, (14.0, 20.0)) + 4.0 * atrophy, vent_sep_mm=vent_sep,
+        texture=texture, calcifications=tuple(calcifications), noise_scale=_uniform(rng, (0.85, 1.15)), lesion=lesion,
     )

@@ -30,20 +30,13 @@ def _parse_int(option: str, text: str) -> int:
 
 @app.command()
 def synth(
-    sites: Annotated[
-        str, typer.Option("--sites", metavar="A,B,C", help="Comma-separated site names.")
-    ],
-    images_per_site: Annotated[
-        str, typer.Option("--images-per-site", metavar="N", help="DICOM files per site.")
-    ],
+    sites: Annotated[str, typer.Option("--sites", metavar="A,B,C", help="Comma-separated site names.")],
+    images_per_site: Annotated[str, typer.Option("--images-per-site", metavar="N", help="DICOM files per site.")],
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output folder.")],
     seed: Annotated[str, typer.Option("--seed", metavar="S", help="Random seed.")] = "0",
-    size: Annotated[
-        str, typer.Option("--size", metavar="PX", help="Rows and Columns of every image.")
-    ] = "128",
+    size: Annotated[str, typer.Option("--size", metavar="PX", help="Rows and Columns of every image.")] = "128",
     overwrite: Annotated[
-        bool,
-        typer.Option("--overwrite", help="Replace earlier fl-synth output in the site folders."),
+        bool, typer.Option("--overwrite", help="Replace earlier fl-synth output in the site folders.")
     ] = False,
 ) -> None:
     """Write synthetic head-CT DICOM data for several hospitals, with per-slice bleed labels.
@@ -57,12 +50,8 @@ def synth(
     try:
         names = [name.strip() for name in sites.split(",")] if sites.strip() else []
         summaries = synthesize(
-            out,
-            sites=names,
-            images_per_site=_parse_int("--images-per-site", images_per_site),
-            seed=_parse_int("--seed", seed),
-            size=_parse_int("--size", size),
-            overwrite=overwrite,
+            out, sites=names, images_per_site=_parse_int("--images-per-site", images_per_site),
+            seed=_parse_int("--seed", seed), size=_parse_int("--size", size), overwrite=overwrite,
         )
     except SynthConfigError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -1,14 +1,9 @@
 """Encode a series' slices byte for byte as pydicom's ``Dataset.save_as`` would, faster.
 
-Why not ``save_as`` itself (issue 16, item 8)? ``python -m benchmarks.synth_writer``
-(whole ``fl-synth`` generation, two sites x 200 files, best of 5, 2 busy cores)
-measured this encoder 1.5-2.0x faster at 16-64 px and 1.4-1.5x at 128 px: at the
-sizes fedrad generates most (16-64 px in the scenarios and tests; the default
-scenario writes 50,000 slices at 32 px) rendering does not dominate, and
-``save_as`` re-encodes all ~65 elements of every file. Here pydicom's own
-:func:`~pydicom.filewriter.write_data_element` encodes the elements shared by a
-series once; per slice only those that :func:`~simulations.synth.series._set_slice`
-changes, plus the file meta group length. The bytes are the same (tested).
+``save_as`` re-encodes all ~65 elements of every file; here pydicom's own
+:func:`~pydicom.filewriter.write_data_element` encodes the elements shared by a series once, and per
+slice only those that :func:`~simulations.synth.series._set_slice` changes plus the file meta group
+length: 1.4-2x faster (``python -m benchmarks.synth_writer``). The bytes are the same (tested).
 """
 
 from __future__ import annotations
@@ -42,9 +37,7 @@ def _element_bytes(element: DataElement, encodings: str | list[str] | None = Non
     return fp.getvalue()
 
 
-def _encoded_runs(
-    ds: Dataset, varying: frozenset[BaseTag], encodings: str | list[str] | None
-) -> list[bytes | BaseTag]:
+def _encoded_runs(ds: Dataset, varying: frozenset[BaseTag], encodings: str | list[str] | None) -> list[bytes | BaseTag]:
     """``ds`` in tag order: the bytes of each run of fixed elements, the tag of each varying one."""
     pieces: list[bytes | BaseTag] = []
     run = _new_buffer()
@@ -62,11 +55,7 @@ def _encoded_runs(
 
 
 class _SeriesEncoder:
-    """Encode a series' slices exactly as ``ds.save_as(path, enforce_file_format=True)`` does.
-
-    The file meta gets what ``dcmwrite`` adds to it (version, implementation
-    UID and name).
-    """
+    """Encode a series' slices exactly as ``ds.save_as(path, enforce_file_format=True)`` does (file meta included)."""
 
     def __init__(self, ds: Dataset) -> None:
         meta = deepcopy(ds.file_meta)
@@ -86,8 +75,5 @@ class _SeriesEncoder:
         instance = _element_bytes(DataElement(_MEDIA_STORAGE_SOP_INSTANCE, "UI", uid))
         meta = b"".join(p if isinstance(p, bytes) else instance for p in self._meta)
         length = _element_bytes(DataElement(_META_GROUP_LENGTH, "UL", len(meta)))
-        body = b"".join(
-            p if isinstance(p, bytes) else _element_bytes(ds[p], self._encodings)
-            for p in self._body
-        )
+        body = b"".join(p if isinstance(p, bytes) else _element_bytes(ds[p], self._encodings) for p in self._body)
         return b"".join((_PREAMBLE, length, meta, body))

@@ -1,10 +1,7 @@
-"""Scanner profiles of the synthetic sites: manufacturer, field of view, noise, pixel encoding.
+"""Scanner profiles of the synthetic sites: manufacturer, field of view, noise, pixel encoding, prevalence.
 
-Sites differ like real scanners: manufacturer and model, field of view (pixel
-spacing), slice thickness, noise level, a slight calibration offset, pixel
-encoding and the prevalence of positive patients. Known names ``A``-``D`` have
-hand-picked profiles; any other name gets a profile derived from a hash of the
-name, so the same name always means the same scanner.
+``A``-``D`` have hand-picked profiles; any other name gets one derived from a hash of the name, so the
+same name always means the same scanner.
 """
 
 from __future__ import annotations
@@ -43,44 +40,19 @@ class PixelEncoding:
 
 @dataclass(frozen=True)
 class SiteProfile:
-    """Scanner and population characteristics of one synthetic site.
-
-    Attributes
-    ----------
-    name : str
-        Site name.
-    manufacturer, model, kernel : str
-        Manufacturer, ManufacturerModelName and ConvolutionKernel.
-    institution : str
-        Fake InstitutionName.
-    kvp : float
-        Tube voltage.
-    fov_mm : float
-        Reconstruction field of view; PixelSpacing is ``fov_mm / size``
-        (0.40-0.50 mm at a 512 matrix).
-    slice_thickness_mm : float
-        SliceThickness, also the spacing between consecutive slices.
-    noise_hu : float
-        Standard deviation of the image noise in HU.
-    hu_offset : float
-        Calibration offset added to every CT number.
-    prevalence : float
-        Probability that a patient has a lesion.
-    encoding : PixelEncoding
-        Pixel storage (signedness, bits stored, rescale).
-    """
+    """Scanner and population characteristics of one synthetic site."""
 
     name: str
     manufacturer: str
-    model: str
-    kernel: str
-    institution: str
-    kvp: float
-    fov_mm: float
-    slice_thickness_mm: float
-    noise_hu: float
-    hu_offset: float
-    prevalence: float
+    model: str  # ManufacturerModelName
+    kernel: str  # ConvolutionKernel
+    institution: str  # a fake InstitutionName
+    kvp: float  # tube voltage
+    fov_mm: float  # reconstruction field of view; PixelSpacing is fov_mm / size (0.40-0.50 mm at a 512 matrix)
+    slice_thickness_mm: float  # SliceThickness, also the spacing between consecutive slices
+    noise_hu: float  # standard deviation of the image noise
+    hu_offset: float  # calibration offset added to every CT number
+    prevalence: float  # probability that a patient has a lesion
     encoding: PixelEncoding
 
 
@@ -114,28 +86,19 @@ def _stable_int(*parts: object, bits: int = 64) -> int:
     return int.from_bytes(digest[: bits // 8], "little")
 
 
-def site_profile(
-    name: str, *, prevalence: float | None = None, scanner: str | None = None
-) -> SiteProfile:
+def site_profile(name: str, *, prevalence: float | None = None, scanner: str | None = None) -> SiteProfile:
     """Return the scanner profile of a site.
 
     Parameters
     ----------
     name : str
-        Site name. ``A``-``D`` have fixed profiles (GE, Siemens, Philips,
-        Toshiba); any other name gets a profile derived from a hash of the
-        name, so it is the same on every machine and every run.
+        Site name. ``A``-``D`` have fixed profiles (GE, Siemens, Philips, Toshiba); any other name gets
+        a profile derived from a hash of the name, the same on every machine and every run.
     prevalence : float, optional
-        Replaces the profile's prevalence (not validated here; see
-        :func:`synthesize_sites`).
+        Replaces the profile's prevalence (not validated here; see :func:`synthesize_sites`).
     scanner : str, optional
-        One of :data:`SCANNERS` (case-insensitive): replaces manufacturer,
-        model, kernel and pixel encoding; the rest stays the site's own.
-
-    Returns
-    -------
-    SiteProfile
-        The site's scanner and population characteristics.
+        One of :data:`SCANNERS` (case-insensitive): replaces manufacturer, model, kernel and pixel
+        encoding; the rest stays the site's own.
     """
     if name in _KNOWN_SITES:
         index, spacing512, thickness, noise, offset, own_prevalence, kvp = _KNOWN_SITES[name]
@@ -152,19 +115,8 @@ def site_profile(
         encoding_index = int(rng.integers(len(_ENCODINGS)))
     if scanner is not None:
         index = encoding_index = SCANNERS.index(scanner.casefold())
-    manufacturer, model, kernel = _SCANNERS[index]
-    encoding = _ENCODINGS[encoding_index]
     return SiteProfile(
-        name=name,
-        manufacturer=manufacturer,
-        model=model,
-        kernel=kernel,
-        institution=f"Synthetic Teaching Hospital {name}",
-        kvp=kvp,
-        fov_mm=round(spacing512 * 512, 3),
-        slice_thickness_mm=thickness,
-        noise_hu=noise,
-        hu_offset=offset,
-        prevalence=own_prevalence if prevalence is None else float(prevalence),
-        encoding=encoding,
+        name, *_SCANNERS[index], institution=f"Synthetic Teaching Hospital {name}", kvp=kvp,
+        fov_mm=round(spacing512 * 512, 3), slice_thickness_mm=thickness, noise_hu=noise, hu_offset=offset,
+        prevalence=own_prevalence if prevalence is None else float(prevalence), encoding=_ENCODINGS[encoding_index],
     )

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from simulations.synth.anatomy import _Lesion, _Patient
+from simulations.synth.anatomy import _Blob, _Crescent, _Patient
 from simulations.synth.profiles import SiteProfile
 
 # Distance (mm) from the widest axial level of the head at which it closes.
@@ -31,15 +31,8 @@ def _ray_distance(xr: np.ndarray, yr: np.ndarray, a: float, b: float) -> np.ndar
     return r_ellipse - r_point
 
 
-def _render_hu(
-    patient: _Patient,
-    *,
-    z: float,
-    profile: SiteProfile,
-    size: int,
-    spacing: float,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, int]:
+def _render_hu(patient: _Patient, *, z: float, profile: SiteProfile, size: int, spacing: float,
+               rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Render one axial slice in HU and return it with its label."""
     coords = ((np.arange(size) - (size - 1) / 2.0) * spacing).astype(np.float32)
     x = coords[np.newaxis, :]  # patient left-right (columns)
@@ -58,9 +51,7 @@ def _render_hu(
     d_brain = d_skull - skull
 
     # Brain: white matter, cortical grey band, thin sulcal CSF at the surface.
-    brain = patient.white_hu + (patient.gray_hu - patient.white_hu) * _soft(
-        patient.cortex_mm - d_brain, 1.2
-    )
+    brain = patient.white_hu + (patient.gray_hu - patient.white_hu) * _soft(patient.cortex_mm - d_brain, 1.2)
     sulcal = _soft(patient.sulcal_mm - d_brain, 0.6)
     brain = brain * (1.0 - sulcal) + patient.csf_hu * sulcal
     # Smooth texture: a sum of plane waves, evaluated separably as matrix products.
@@ -124,21 +115,11 @@ def _render_hu(
     return hu, label
 
 
-def _lesion_hu(
-    lesion: _Lesion,
-    frac: float,
-    xr: np.ndarray,
-    yr: np.ndarray,
-    d_brain: np.ndarray,
-    a: float,
-    b: float,
-    patient: _Patient,
-    skull: float,
-    edge: float,
-) -> np.ndarray:
+def _lesion_hu(lesion: _Blob | _Crescent, frac: float, xr: np.ndarray, yr: np.ndarray, d_brain: np.ndarray,
+               a: float, b: float, patient: _Patient, skull: float, edge: float) -> np.ndarray:
     """Return the HU added by the lesion at one slice (``frac`` = relative cut size)."""
     inside_brain = d_brain > 0
-    if lesion.kind == "crescent":
+    if isinstance(lesion, _Crescent):
         theta = np.arctan2(yr / b, xr / a)
         off = (theta - lesion.arc_center + np.pi) % (2 * np.pi) - np.pi
         taper = np.clip(np.cos(0.5 * np.pi * off / lesion.arc_width), 0.0, 1.0) ** 0.7

@@ -33,9 +33,7 @@ def _ds_number(value: float) -> str:
     return text if text not in ("", "-0") else "0"
 
 
-def _series_dataset(
-    patient: _Patient, *, profile: SiteProfile, key: _Key, spacing_text: str
-) -> Dataset:
+def _series_dataset(patient: _Patient, *, profile: SiteProfile, key: _Key, spacing_text: str) -> Dataset:
     """Build the dataset shared by a patient's slices; :func:`_set_slice` fills in the rest."""
     size = key[2]
     meta = FileMetaDataset()
@@ -86,8 +84,7 @@ def _series_dataset(
     ds.SliceLocation = "0"  # per slice
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = size
-    ds.Columns = size
+    ds.Rows = ds.Columns = size
     ds.PixelSpacing = [spacing_text, spacing_text]
     ds.BitsAllocated = 16
     ds.BitsStored = enc.bits_stored
@@ -118,8 +115,5 @@ def _set_slice(ds: Dataset, key: _Key, *, slice_index: int, z: float, pixels: np
 
 # What _set_slice changes; the file meta's MediaStorageSOPInstanceUID follows SOPInstanceUID.
 _SLICE_TAGS = frozenset(
-    Tag(keyword)
-    for keyword in (
-        "SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "SliceLocation", "PixelData"
-    )
+    Tag(k) for k in ("SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "SliceLocation", "PixelData")
 )

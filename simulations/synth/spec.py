@@ -25,29 +25,13 @@ class SynthConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """What to write for one site (see :func:`synthesize_sites`).
+    """What to write for one site (see :func:`synthesize_sites`)."""
 
-    Attributes
-    ----------
-    name : str
-        Site name (letters, digits, ``_`` and ``-``); the folder name under
-        ``out`` and the key of the site's profile and UIDs.
-    images : int
-        Exact number of DICOM files to write (at least 1).
-    prevalence : float, optional
-        Probability that a patient has a lesion, strictly between 0 and 1;
-        ``None`` keeps the site profile's own.
-    scanner : str, optional
-        One of :data:`SCANNERS` (``ge``, ``siemens``, ``philips``,
-        ``toshiba``; case-insensitive): that scanner's manufacturer, model,
-        kernel and pixel encoding, with the rest of the profile (field of
-        view, slice thickness, noise, calibration, kVp) the site's own.
-        ``None`` keeps the profile's scanner.
-    """
-
-    name: str
-    images: int
-    prevalence: float | None = None
+    name: str  # letters, digits, _ and -: the folder under ``out`` and the key of the site's profile and UIDs
+    images: int  # exact number of DICOM files (at least 1)
+    prevalence: float | None = None  # of patients with a lesion, in (0, 1); None: the site profile's own
+    # One of SCANNERS (case-insensitive): that scanner's manufacturer, model, kernel and pixel encoding, the rest
+    # of the profile the site's own; None: the profile's scanner.
     scanner: str | None = None
 
 
@@ -60,15 +44,22 @@ _FIELDS = ("`images` of site {}", "`seed`", "`size`", "`out`")
 _OPTIONS = ("--images-per-site", "--seed", "--size", "--out")
 
 
-def _validate_specs(
-    out: Path,
-    specs: list[SiteSpec],
-    *,
-    seed: int,
-    size: int,
-    workers: int = 1,
-    names: tuple[str, str, str, str] = _FIELDS,
-) -> None:
+def _check_name(name: object, seen: dict[str, str]) -> None:
+    if not isinstance(name, str) or not _SITE_NAME_RE.fullmatch(name):
+        raise SynthConfigError(
+            f"Expected site names made of letters, digits, '_' or '-' (e.g. A,B,C), but got {name!r}"
+        )
+    if len(name) > MAX_SITE_NAME_LENGTH:
+        raise SynthConfigError(f"Expected site names of at most {MAX_SITE_NAME_LENGTH} characters, "
+                               f"but got {name!r} ({len(name)} characters)")
+    # Case-insensitive, as the site folders may live on a case-insensitive filesystem.
+    if name.casefold() in seen:
+        raise SynthConfigError(f"Expected distinct site names, but got {seen[name.casefold()]!r} and {name!r}")
+    seen[name.casefold()] = name
+
+
+def _validate_specs(out: Path, specs: list[SiteSpec], *, seed: int, size: int, workers: int = 1,
+                    names: tuple[str, str, str, str] = _FIELDS) -> None:
     """Raise :class:`SynthConfigError` for any invalid input of ``synthesize_sites``."""
     images_name, seed_name, size_name, out_name = names
     if not specs:
@@ -77,59 +68,29 @@ def _validate_specs(
     for spec in specs:
         if not isinstance(spec, SiteSpec):
             raise SynthConfigError(f"Expected `specs` to hold SiteSpec objects, but got {spec!r}")
-        name = spec.name
-        if not isinstance(name, str) or not _SITE_NAME_RE.fullmatch(name):
-            raise SynthConfigError(
-                "Expected site names made of letters, digits, '_' or '-' (e.g. A,B,C), "
-                f"but got {name!r}"
-            )
-        if len(name) > MAX_SITE_NAME_LENGTH:
-            raise SynthConfigError(
-                f"Expected site names of at most {MAX_SITE_NAME_LENGTH} characters, "
-                f"but got {name!r} ({len(name)} characters)"
-            )
-        # Case-insensitive, as the site folders may live on a case-insensitive filesystem.
-        if name.casefold() in seen:
-            raise SynthConfigError(
-                f"Expected distinct site names, but got {seen[name.casefold()]!r} and {name!r}"
-            )
-        seen[name.casefold()] = name
+        _check_name(spec.name, seen)
     for spec in specs:
         if not _is_int(spec.images) or spec.images < 1:
             raise SynthConfigError(
-                f"Expected {images_name.format(spec.name)} to be a positive integer, "
-                f"but got {spec.images!r}"
+                f"Expected {images_name.format(spec.name)} to be a positive integer, but got {spec.images!r}"
             )
         p = spec.prevalence
-        if p is not None and (
-            not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 < float(p) < 1.0
-        ):
+        if p is not None and (not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 < float(p) < 1.0):
             raise SynthConfigError(
-                f"Expected `prevalence` of site {spec.name} to be between 0 and 1 (exclusive), "
-                f"but got {p!r}"
+                f"Expected `prevalence` of site {spec.name} to be between 0 and 1 (exclusive), but got {p!r}"
             )
-        if spec.scanner is not None and (
-            not isinstance(spec.scanner, str) or spec.scanner.casefold() not in SCANNERS
-        ):
+        if spec.scanner is not None and (not isinstance(spec.scanner, str) or spec.scanner.casefold() not in SCANNERS):
             raise SynthConfigError(
-                f"Expected `scanner` of site {spec.name} to be one of {', '.join(SCANNERS)}, "
-                f"but got {spec.scanner!r}"
+                f"Expected `scanner` of site {spec.name} to be one of {', '.join(SCANNERS)}, but got {spec.scanner!r}"
             )
     if not _is_int(workers) or workers < 1:
         raise SynthConfigError(f"Expected `workers` to be a positive integer, but got {workers!r}")
     if not _is_int(seed) or seed < 0:
-        raise SynthConfigError(
-            f"Expected {seed_name} to be a non-negative integer, but got {seed!r}"
-        )
+        raise SynthConfigError(f"Expected {seed_name} to be a non-negative integer, but got {seed!r}")
     if not _is_int(size) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise SynthConfigError(
-            f"Expected {size_name} to be an integer from {MIN_SIZE} to {MAX_SIZE}, "
-            f"but got {size!r}"
-        )
+        raise SynthConfigError(f"Expected {size_name} to be an integer from {MIN_SIZE} to {MAX_SIZE}, but got {size!r}")
     if out.exists() and not out.is_dir():
-        raise SynthConfigError(
-            f"Expected {out_name} to be a folder (new or existing), but got the file {out}"
-        )
+        raise SynthConfigError(f"Expected {out_name} to be a folder (new or existing), but got the file {out}")
 
 
 def _check_site_dir(site_dir: Path, *, overwrite: bool) -> bool:

@@ -1,13 +1,9 @@
 """Write synthetic multi-site head-CT DICOM data (the work behind ``fl-synth``).
 
-Each virtual hospital ("site") gets a folder of CT Image Storage files laid out
-as ``<out>/<site>/<PatientID>/SE001/IM0001.dcm`` plus ``<out>/<site>/labels.csv``
-(``SOPInstanceUID,label``). One patient is one study with one axial series of
-3-8 contiguous slices. The task is binary, per slice: does the slice show a
-hyperdense, bleed-like lesion (1) or not (0)?
-
-Everything is deterministic given (site name, images per site, seed, size):
-pixel data, UIDs and labels.
+Each site gets CT Image Storage files ``<out>/<site>/<PatientID>/SE001/IM0001.dcm`` (one study with one
+axial series of 3-8 contiguous slices per patient) and ``<out>/<site>/labels.csv``
+(``SOPInstanceUID,label``: does the slice show a hyperdense, bleed-like lesion). Pixel data, UIDs and
+labels are deterministic given (site name, images per site, seed, size).
 """
 
 from __future__ import annotations
@@ -46,16 +42,7 @@ logger = logging.getLogger(__name__)
 class SiteSummary:
     """What was written for one site.
 
-    Attributes
-    ----------
-    site : str
-        Site name (the folder name under ``out``).
-    files : int
-        Number of DICOM files written (equals ``images_per_site``).
-    patients : int
-        Number of patients (one study and one series each).
-    positives : int
-        Number of files labelled 1 (slices showing a lesion).
+    Its name, the DICOM files written, the patients (one study and one series each) and the files labelled 1.
     """
 
     site: str
@@ -64,17 +51,9 @@ class SiteSummary:
     positives: int
 
 
-def _write_site(
-    out: Path,
-    spec: SiteSpec,
-    *,
-    seed: int = 0,
-    size: int = 128,
-    lesions: LesionModel = LESIONS,
-) -> SiteSummary:
-    """Write one site's DICOM files and ``labels.csv`` into ``out / spec.name``.
+def _write_site(out: Path, spec: SiteSpec, *, seed: int, size: int, lesions: LesionModel) -> SiteSummary:
+    """Write one site's DICOM files and ``labels.csv`` into ``out / spec.name`` (absent or empty).
 
-    The folder should be absent or empty (:func:`synthesize_sites` checks it);
     ``spec``, ``seed``, ``size`` and ``lesions`` fix every byte.
     """
     site = spec.name
@@ -97,11 +76,8 @@ def _write_site(
         encoder = _SeriesEncoder(ds)
         for k in range(n):
             z = patient.z_start_mm + k * profile.slice_thickness_mm
-            hu, label = _render_hu(
-                patient, z=z, profile=profile, size=size, spacing=spacing, rng=rng
-            )
-            pixels = profile.encoding.stored(hu)
-            _set_slice(ds, key, slice_index=k, z=patient.table_z_mm + z, pixels=pixels)
+            hu, label = _render_hu(patient, z=z, profile=profile, size=size, spacing=spacing, rng=rng)
+            _set_slice(ds, key, slice_index=k, z=patient.table_z_mm + z, pixels=profile.encoding.stored(hu))
             (series_dir / f"IM{k + 1:04d}.dcm").write_bytes(encoder.encode(ds))
             rows.append((str(ds.SOPInstanceUID), label))
         written += n
@@ -115,16 +91,8 @@ def _write_site(
     return summary
 
 
-def synthesize_sites(
-    out: Path,
-    specs: Sequence[SiteSpec],
-    *,
-    seed: int = 0,
-    size: int = 128,
-    overwrite: bool = False,
-    lesions: LesionModel | None = None,
-    workers: int = 1,
-) -> dict[str, SiteSummary]:
+def synthesize_sites(out: Path, specs: Sequence[SiteSpec], *, seed: int = 0, size: int = 128, overwrite: bool = False,
+                     lesions: LesionModel | None = None, workers: int = 1) -> dict[str, SiteSummary]:
     """Write synthetic head-CT DICOM data for several sites, each with its own spec.
 
     Parameters
@@ -132,22 +100,19 @@ def synthesize_sites(
     out : Path
         Output folder (created if absent); each site gets ``out / <name>``.
     specs : sequence of SiteSpec
-        One spec per site: distinct name, number of files and optional
-        prevalence and scanner overrides.
+        One spec per site: distinct name, number of files and optional prevalence and scanner overrides.
     seed : int, optional
-        Non-negative seed. Same inputs give byte-identical files; a site's
-        files depend only on its own spec, the seed, the size and the lesion
-        model, never on the other sites or on ``workers``.
+        Non-negative seed. Same inputs give byte-identical files; a site's files depend only on its own
+        spec, the seed, the size and the lesion model, never on the other sites or on ``workers``.
     size : int, optional
         Rows and Columns of every image (16 to 1024).
     overwrite : bool, optional
-        Replace a site folder that holds earlier fl-synth output instead of
-        refusing to write into a non-empty folder.
+        Replace a site folder that holds earlier fl-synth output instead of refusing to write into a
+        non-empty folder.
     lesions : LesionModel, optional
         Lesion distribution; defaults to :data:`LESIONS`.
     workers : int, optional
-        Write this many sites at a time in worker processes (1: in this
-        process). The output is the same.
+        Write this many sites at a time in worker processes (1: in this process). The output is the same.
 
     Returns
     -------
@@ -157,8 +122,8 @@ def synthesize_sites(
     Raises
     ------
     SynthConfigError
-        If an input is invalid or a site folder is not empty (checked for
-        every site before anything is written).
+        If an input is invalid or a site folder is not empty (checked for every site before anything is
+        written).
     """
     out = Path(out)
     specs = [specs] if isinstance(specs, SiteSpec) else list(specs)
@@ -170,31 +135,22 @@ def synthesize_sites(
         logger.info("Replacing earlier fl-synth output in %s", out / site)
         shutil.rmtree(out / site)
     workers = min(workers, len(specs))
+    job = partial(_write_site, out, seed=seed, size=size, lesions=model)
     if workers == 1:
-        summaries = [_write_site(out, spec, seed=seed, size=size, lesions=model) for spec in specs]
+        summaries = [job(spec) for spec in specs]
     else:
-        job = partial(_write_site, out, seed=seed, size=size, lesions=model)
         chunk = max(1, min(16, len(specs) // (workers * 4)))
         with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
             summaries = list(pool.map(job, specs, chunksize=chunk))
     return {summary.site: summary for summary in summaries}
 
 
-def synthesize(
-    out: Path,
-    *,
-    sites: Sequence[str],
-    images_per_site: int,
-    seed: int = 0,
-    size: int = 128,
-    overwrite: bool = False,
-    lesions: LesionModel | None = None,
-) -> dict[str, SiteSummary]:
+def synthesize(out: Path, *, sites: Sequence[str], images_per_site: int, seed: int = 0, size: int = 128,
+               overwrite: bool = False, lesions: LesionModel | None = None) -> dict[str, SiteSummary]:
     """Write synthetic head-CT DICOM data for several sites, the same number of files each.
 
-    The same as :func:`synthesize_sites` with ``SiteSpec(site,
-    images_per_site)`` for every site; the messages of invalid input name the
-    ``fl-synth`` options.
+    :func:`synthesize_sites` with ``SiteSpec(site, images_per_site)`` for every site (same returns and
+    errors), except that the messages of invalid input name the ``fl-synth`` options.
 
     Parameters
     ----------
@@ -205,35 +161,14 @@ def synthesize(
     images_per_site : int
         Exact number of DICOM files per site (at least 1).
     seed, size, overwrite, lesions : optional
-        As for :func:`synthesize_sites`. The default :data:`LESIONS` is tuned
-        so that a small CNN on 64x64 brain-windowed slices reaches AUROC ~0.9.
-
-    Returns
-    -------
-    dict of str to SiteSummary
-        One summary per site, in the order given.
-
-    Raises
-    ------
-    SynthConfigError
-        If an input is invalid or a site folder is not empty.
+        As for :func:`synthesize_sites`. The default :data:`LESIONS` is tuned so that a small CNN on
+        64x64 brain-windowed slices reaches AUROC ~0.9.
     """
     out = Path(out)
     if isinstance(sites, str):
-        raise SynthConfigError(
-            f"Expected --sites to be a list of names, but got the string {sites!r}"
-        )
+        raise SynthConfigError(f"Expected --sites to be a list of names, but got the string {sites!r}")
     specs = [SiteSpec(name=site, images=images_per_site) for site in sites]
     if not specs:
-        raise SynthConfigError(
-            "Expected --sites to name at least one site (e.g. A,B,C), but got none"
-        )
+        raise SynthConfigError("Expected --sites to name at least one site (e.g. A,B,C), but got none")
     _validate_specs(out, specs, seed=seed, size=size, names=_OPTIONS)
-    return synthesize_sites(
-        out,
-        specs,
-        seed=seed,
-        size=size,
-        overwrite=overwrite,
-        lesions=lesions,
-    )
+    return synthesize_sites(out, specs, seed=seed, size=size, overwrite=overwrite, lesions=lesions)

@@ -198,27 +198,27 @@ def test_path_keys_and_several_classes(pool: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("case", "error", "fragment"),
+    ("case", "kwargs", "error", "fragment"),
     [
-        ("missing", DataError, "does not exist"),
-        ("no-labels", DataError, "No labels.csv"),
-        ("too-few-patients", DataError, "Expected at least 500 patients"),
-        ("out-not-empty", ConfigError, "to be absent or empty"),
-        ("out-foreign-overwrite", ConfigError, "earlier partition"),
-        ("out-inside-data", ConfigError, "outside the data folder"),
-        ("alpha-zero", ConfigError, "`alpha` to be a positive number"),
-        ("alpha-negative", ConfigError, "`alpha`"),
-        ("sizes-sum", ConfigError, "`sizes` to sum to 1"),
-        ("sizes-count", ConfigError, "one fraction per site"),
-        ("sites-zero", ConfigError, "`sites` to be a positive integer"),
-        ("seed", ConfigError, "`seed`"),
+        ("missing", {}, DataError, "does not exist"),
+        ("no-labels", {}, DataError, "No labels.csv"),
+        ("too-few-patients", {"sites": 500}, DataError, "Expected at least 500 patients"),
+        ("out-not-empty", {}, ConfigError, "to be absent or empty"),
+        ("out-foreign-overwrite", {"overwrite": True}, ConfigError, "earlier partition"),
+        ("out-inside-data", {}, ConfigError, "outside the data folder"),
+        ("alpha-zero", {"alpha": 0}, ConfigError, "`alpha` to be a positive number"),
+        ("alpha-negative", {"alpha": -1.0}, ConfigError, "`alpha`"),
+        ("sizes-sum", {"sizes": (0.5, 0.3, 0.3)}, ConfigError, "`sizes` to sum to 1"),
+        ("sizes-count", {"sizes": (0.5, 0.5)}, ConfigError, "one fraction per site"),
+        ("sites-zero", {"sites": 0}, ConfigError, "`sites` to be a positive integer"),
+        ("seed", {"seed": -2}, ConfigError, "`seed`"),
     ],
 )
 def test_bad_input_is_one_clear_error(
-    pool: Path, tmp_path: Path, case: str, error: type[Exception], fragment: str
+    pool: Path, tmp_path: Path, case: str, kwargs: dict[str, object], error: type[Exception], fragment: str
 ) -> None:
     out = tmp_path / "out"
-    kwargs: dict[str, object] = {"sites": 3}
+    kwargs = {"sites": 3, **kwargs}
     data = pool
     if case == "missing":
         data = tmp_path / "nowhere"
@@ -226,26 +226,11 @@ def test_bad_input_is_one_clear_error(
         data = tmp_path / "bare"
         data.mkdir()
         (data / "x.dcm").write_bytes(b"")
-    elif case == "too-few-patients":
-        kwargs["sites"] = 500
     elif case in ("out-not-empty", "out-foreign-overwrite"):
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-        kwargs["overwrite"] = case == "out-foreign-overwrite"
     elif case == "out-inside-data":
         out = pool / "sites"
-    elif case == "alpha-zero":
-        kwargs["alpha"] = 0
-    elif case == "alpha-negative":
-        kwargs["alpha"] = -1.0
-    elif case == "sizes-sum":
-        kwargs["sizes"] = (0.5, 0.3, 0.3)
-    elif case == "sizes-count":
-        kwargs["sizes"] = (0.5, 0.5)
-    elif case == "sites-zero":
-        kwargs["sites"] = 0
-    elif case == "seed":
-        kwargs["seed"] = -2
     before = sorted(tmp_path.iterdir())
     with pytest.raises(error) as info:
         partition_folder(data, out, **kwargs)  # type: ignore[arg-type]
