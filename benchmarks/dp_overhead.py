@@ -1,30 +1,9 @@
 """Non-DP and DP-SGD training speed side by side, for each Opacus per-sample-gradient mode.
 
-    python -m benchmarks.dp_overhead [--images 1000] [--size 64] [--batch-size 64] [--epochs 1]
-                                     [--threads 0] [--repeats 7] [--model fedrad-cnn]
-                                     [--modes hooks,functorch,ew,ghost]
-
-Makes ``--images`` random but fixed synthetic images (numpy, seed 0; no DICOM)
-with random binary labels, then measures on this machine, in one process:
-
-* non-DP: the model (``--model``, default ``fedrad-cnn``), Adam, BCE on one
-  logit, a plain shuffling ``DataLoader`` of ``--batch-size``, no Opacus;
-* DP: the same with ``PrivacyEngine.make_private`` (Poisson sampling at rate
-  batch size / images, per-sample clipping to C = 1, σ = 1) in each
-  ``grad_sample_mode``: ``hooks`` (Opacus' per-layer grad samplers),
-  ``functorch`` (``vmap(grad)`` per layer), ``ew`` (PyTorch expanded weights)
-  and ``ghost`` (fast gradient clipping: per-sample gradient *norms*, then a
-  second backward pass on the loss reweighted by the clipping factors; it
-  needs the wrapped criterion ``make_private`` returns).
-
-Images/s is the images the training steps actually processed (Poisson batches
-vary in size) over the wall time of the ``--epochs`` loop, data loading
-included; ``make_private`` is timed separately ("setup"). Each mode's DP run is
-paired with a non-DP run right before or after it (the order alternates), and
-the pairs are interleaved over ``--repeats``, so machine noise hits both
-sides alike; the table shows the best of the repeats and the range of the
-paired DP/non-DP ratios. An untimed warm-up step runs first for every mode;
-a mode that raises prints its error instead of figures.
+On fixed random images, each mode's DP-SGD run (``make_private``: Poisson sampling, C = 1, σ = 1) is paired with a
+plain run (shuffling ``DataLoader``, no Opacus), the order alternating and the pairs interleaved over ``--repeats``,
+so machine noise hits both sides alike; the table keeps the best of the repeats and the range of the paired ratios.
+docs/benchmarks.md has the method and the figures.
 """
 
 from __future__ import annotations
@@ -71,16 +50,8 @@ def synthetic_dataset(images: int, size: int) -> TensorDataset:
 
 def run(dataset: TensorDataset, mode: str | None, args: argparse.Namespace, *, epochs: int,
         max_steps: int | None = None) -> tuple[float, float]:
-    """One training run of ``args.model`` (``args.size`` px, batches of ``args.batch_size``), non-DP or DP-SGD.
-
-    ``mode`` is an Opacus ``grad_sample_mode``, or None for plain training (a shuffling ``DataLoader``, no
-    Opacus); ``epochs`` epochs of at most ``max_steps`` steps each.
-
-    Returns
-    -------
-    tuple of float
-        Images/s over the training loop (the images its steps processed) and the seconds in ``make_private``.
-    """
+    """Images/s of one training run (non-DP when ``mode`` is None, else that ``grad_sample_mode``), and the seconds
+    in ``make_private``; ``epochs`` epochs of at most ``max_steps`` steps."""
     import torch
     from torch.utils.data import DataLoader
 

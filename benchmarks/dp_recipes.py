@@ -1,21 +1,10 @@
 """Which DP training recipe learns on every draw? Final pooled AUROC over repeated noise draws.
 
-Each *recipe* is a set of run-config overrides (``optimizer=sgd,learning-rate=2``) on the demo's data and
-settings (``make demo``: sites A, B, C of 4,000 synthetic slices, seed 7, ε = 8 per site). Each *draw* is one
-federation trained in this process with the production pieces — each site's DP plan calibrated to its budget
-(``client.app.site.plan_privacy``), Opacus DP-SGD with the site's patient groups and noise from the OS CSPRNG
-(``client.app.training.train_dp``), example-weighted FedAvg (``server.app.validation.aggregate``), each site's
-validation statistics pooled by ``common.metrics.pooled_metrics`` — but without Flower's message transport, so
-ten draws of a dozen recipes fit in minutes on many cores. The runtime itself is measured by
-``fl-sim compare demo --repeats N``.
-
-Usage::
-
-    python -m benchmarks.dp_recipes --draws 10 --workers 16 \\
-        --recipe "adam:optimizer=adam,learning-rate=0.03,batch-size=64" --recipe "sgd:optimizer=sgd,learning-rate=1"
-
-Prints one row per recipe: median, worst and best final pooled AUROC, the share
-of draws below 0.80, and the per-round median; ``--json`` writes every draw.
+A *recipe* is run-config overrides (``"sgd:optimizer=sgd,learning-rate=1"``, ``--recipe``, repeatable) on the
+``demo`` scenario's data and settings; a *draw* is one federation trained in this process with the production
+pieces (``plan_privacy``, ``train_dp`` with CSPRNG noise, FedAvg ``aggregate``, ``pooled_metrics``) but without
+Flower's transport, so ten draws of a dozen recipes fit in minutes on many cores. Prints every draw, then per
+recipe the median, worst and best final AUROC, the draws below 0.80 and the per-round median; ``--json``: every draw.
 """
 
 from __future__ import annotations
@@ -23,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import tomllib
 from collections import OrderedDict
@@ -33,6 +21,7 @@ from typing import Any
 
 from benchmarks.harness import cores
 from simulations import scenario as scenarios
+from simulations.run import checked_run_config
 
 DEMO = scenarios.load("demo")  # make demo's data and settings (simulations/scenarios/demo.toml)
 DEMO_SITES = tuple(DEMO.sites.site_names())
@@ -56,36 +45,28 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), overrides
 
 
-def prepare(workdir: Path, *, images: int = DEMO_IMAGES) -> Path:
+def prepare(workdir: Path, *, images: int) -> None:
     """The demo's synthetic sites under ``workdir/data`` (written once)."""
     from simulations.synth import synthesize
 
-    data = workdir / "data"
-    if not all((data / s / "labels.csv").is_file() for s in DEMO_SITES):
-        synthesize(data, sites=list(DEMO_SITES), images_per_site=images, seed=DEMO.sites.seed,
+    if not all((workdir / "data" / s / "labels.csv").is_file() for s in DEMO_SITES):
+        synthesize(workdir / "data", sites=list(DEMO_SITES), images_per_site=images, seed=DEMO.sites.seed,
                    size=DEMO.sites.image_size, overwrite=True)
-    return data
 
 
-def _run_config(overrides: dict[str, Any]) -> Any:
-    from common.config import RunConfig
-
-    defaults = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text("utf-8"))
-    return RunConfig.from_flower({**defaults["tool"]["flwr"]["app"]["config"], **DEMO.run, **overrides})
-
-
-def _sites(run: Any, data: Path, workdir: Path, epsilon: float) -> list[dict[str, Any]]:
+def _sites(run: Any, workdir: Path, epsilon: float) -> list[dict[str, Any]]:
+    """Each demo site's data, patient groups and DP plan (its preprocessing cache built on first use)."""
     from client.app.site import open_data, plan_privacy, train_groups
     from common.config import SiteConfig
 
     out = []
     for name in DEMO_SITES:
-        site = SiteConfig.from_flower({"site": name, "data-dir": str(data / name),
+        site = SiteConfig.from_flower({"site": name, "data-dir": str(workdir / "data" / name),
                                        "work-dir": str(workdir / f"site-{name}"), "max-epsilon": epsilon})
         d = open_data(site, run)
         groups, units = train_groups(site, d)
         out.append({
-            "site": site, "groups": groups, "plan": plan_privacy(site=site, run=run, num_units=units),
+            "groups": groups, "plan": plan_privacy(site=site, run=run, num_units=units),
             "train": (d.images(d.train), d.labels[d.train]), "val": (d.images(d.validation), d.labels[d.validation]),
         })
     return out
@@ -103,8 +84,8 @@ def one_draw(job: tuple[str, dict[str, Any], int, str, float]) -> dict[str, Any]
     from server.app.validation import aggregate
 
     torch.set_num_threads(1)
-    run, workdir, cpu = _run_config(overrides), Path(workdir_text), torch.device("cpu")
-    sites = _sites(run, workdir / "data", workdir, epsilon)
+    run, workdir, cpu = checked_run_config({**DEMO.run, **overrides}), Path(workdir_text), torch.device("cpu")
+    sites = _sites(run, workdir, epsilon)
 
     def fresh(seed: int | None = None) -> Any:
         return build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=seed)
@@ -165,7 +146,7 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", action="append", help="NAME:KEY=VALUE,... (run-config overrides); repeatable")
     parser.add_argument("--draws", type=int, default=10)
@@ -177,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     recipes = [parse_recipe(r) for r in (args.recipe or DEFAULT_RECIPES)]
     workdir = args.workdir.resolve()
-    data = prepare(workdir, images=args.images)
+    prepare(workdir, images=args.images)
     for _name, overrides in recipes:  # build each preprocessing cache once, before the workers read it
-        _sites(_run_config(overrides), data, workdir, args.epsilon)
+        _sites(checked_run_config({**DEMO.run, **overrides}), workdir, args.epsilon)
     jobs = [(name, o, d, str(workdir), args.epsilon) for d in range(args.draws) for name, o in recipes]
     draws, t0 = [], time.monotonic()
     with ProcessPoolExecutor(max(1, args.workers)) as pool:
@@ -193,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(draws)} draws in {time.monotonic() - t0:.0f} s on {args.workers} workers; "
           f"ε = {args.epsilon:g} per site\n")
     print(render(summarise(draws)))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

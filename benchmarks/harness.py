@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,39 +62,20 @@ def top(values: dict[str, float], k: int = 4, least: float = 0.05) -> str:
     return ", ".join(f"{name} {v:.1f}" for name, v in list(values.items())[:k] if v >= least) or "–"
 
 
-def parse_counts(text: str, *, flag: str = "--sites", least: int = 2) -> list[int]:
-    """``"10,100,1000"`` -> ``[10, 100, 1000]`` (order kept, duplicates dropped).
-
-    Raises
-    ------
-    ValueError
-        Unless ``text`` is comma-separated integers, each at least ``least``; the message names ``flag``.
-    """
+def parse_counts(text: str) -> list[int]:
+    """``"10,100,1000"`` -> ``[10, 100, 1000]`` (order kept, duplicates dropped); ValueError unless each is >= 2."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or not all(p.isdigit() for p in parts):
-        raise ValueError(f"{flag} expects comma-separated positive integers, got {text!r}")
-    if min(counts := list(dict.fromkeys(int(p) for p in parts))) < least:
-        raise ValueError(f"{flag}: each count must be at least {least}, got {min(counts)}")
+        raise ValueError(f"--sites expects comma-separated positive integers, got {text!r}")
+    if min(counts := list(dict.fromkeys(int(p) for p in parts))) < 2:
+        raise ValueError(f"--sites: each count must be at least 2, got {min(counts)}")
     return counts
 
 
 def run_quietly(cmd: Sequence[str], *, timeout: float, cwd: Path | None = None) -> int | None:
-    """Run ``cmd`` to its end, its stdout discarded and its stderr ours.
+    """``cmd``'s exit code, its stdout discarded; None when it ran past ``timeout`` s.
 
-    Parameters
-    ----------
-    cmd
-        The command line.
-    timeout
-        Seconds it may run; after that (or on an interruption, KeyboardInterrupt included) it and every
-        descendant it started are stopped by PID.
-    cwd
-        Its working folder.
-
-    Returns
-    -------
-    int or None
-        Its exit code; None when it ran past ``timeout``.
+    On a timeout or an interruption (KeyboardInterrupt included) it and every descendant are stopped by PID.
     """
     proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL)
     try:
@@ -308,7 +289,6 @@ class Progress:
 @contextmanager
 def workdir(path: Path | None, *, prefix: str, keep: bool) -> Iterator[Path]:
     """``path``, or a new temporary folder removed at the end unless ``keep`` or on an error (to look into)."""
-    made = path is None
     work = Path(tempfile.mkdtemp(prefix=prefix)) if path is None else path.resolve()
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -317,24 +297,8 @@ def workdir(path: Path | None, *, prefix: str, keep: bool) -> Iterator[Path]:
         keep = True
         raise
     finally:
-        if made and not keep:
+        if path is None and not keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             say(f"work folder kept: {work}")
 
-
-MetricsHook = Callable[[Callable[[float], None]], Any]
-
-
-def timestamped(hook: MetricsHook, log: list[tuple[float, float]]) -> Any:
-    """``hook`` (a per-message metrics factory: ``common.adapters.flower.clientapp_metrics``) that also appends
-    ``(when, seconds)`` of every ClientApp message to ``log``."""
-
-    def wrapped(on_runtime: Callable[[float], None]) -> Any:
-        def both(seconds: float) -> None:
-            on_runtime(seconds)
-            log.append((time.time(), seconds))
-
-        return hook(both)
-
-    return wrapped

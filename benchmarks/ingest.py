@@ -1,25 +1,9 @@
 """Ingest speed next to DP training speed, measured side by side in one run.
 
-    python -m benchmarks.ingest [--images 2000] [--size 128] [--workers 0]
-
-Writes ``--images`` synthetic CT files (fl-synth, one site), then measures on
-this machine, with the run's default settings:
-
-* cold decode: ``load_site_data`` on an empty cache (read, hash, decode,
-  window, resize, write the cache; ``--workers`` processes, 0 = all cores);
-* warm cache, open: ``load_site_data`` on the fresh cache — ``stat`` of every
-  data file to prove nothing changed, index, labels, split — plus reading the
-  images into memory (what each ClientApp process does before training), best
-  of 5;
-* warm cache, read: drawing the cached images (what every later epoch and
-  round reads instead of DICOM), best of 5;
-* DP training: one round of the default model (``fedrad-cnn``) with Opacus
-  patient-level DP-SGD on the cached training split, as a site runs it:
-  ``local-epochs`` × train images / time.
-
-Cold and warm ingest are measured before torch is imported, as in
-``fl-client --check``. The targets (issue 3) are warm ≥ 100× and cold ≥ 10×
-the DP training throughput.
+On ``--images`` synthetic CT files (fl-synth, one site) with the run's default settings: cold decode (an empty
+cache), warm cache opened and read (best of 5), and one round of patient-level DP-SGD on the cached training split.
+Ingest is measured before torch is imported, as in ``fl-client --check``; the targets (issue 3) are warm ≥ 100× and
+cold ≥ 10× the DP training throughput. docs/benchmarks.md says what each line times.
 """
 
 from __future__ import annotations
@@ -51,26 +35,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedrad-bench-") as tmp:
         root = Path(tmp)
         synthesize(root / "data", sites=["A"], images_per_site=args.images, seed=0, size=args.size)
-        data_dir = root / "data" / "A"
 
-        def load(work: Path, workers: int) -> SiteData:
+        def load(work: str, workers: int) -> SiteData:
             return load_site_data(
-                data_dir=data_dir, work_dir=work, config=run.preprocess, classes=run.classes,
+                data_dir=root / "data" / "A", work_dir=root / work, config=run.preprocess, classes=run.classes,
                 val_fraction=run.val_fraction, seed=run.seed, workers=workers,
             )
 
         start = time.perf_counter()
-        data = load(root / "work", args.workers)
+        data = load("work", args.workers)
         cold_s = time.perf_counter() - start
-        n = len(data)
         start = time.perf_counter()
-        load(root / "work-1", 1)
+        load("work-1", 1)
         cold_one_s = time.perf_counter() - start
-
         warm_s = read_s = float("inf")
         for _ in range(5):
             start = time.perf_counter()
-            warm = load(root / "work", args.workers)
+            warm = load("work", args.workers)
             opened = time.perf_counter()
             warm.images()
             done = time.perf_counter()
@@ -93,18 +74,18 @@ def main() -> None:
             max_grad_norm=run.max_grad_norm, noise_multiplier=1.0,
             device=torch.device("cpu"), secure_mode=True, seed=0,
         )
-        dp_s = time.perf_counter() - start
-        dp_rate = run.local_epochs * len(train) / dp_s
+        dp_rate = run.local_epochs * len(train) / (time.perf_counter() - start)
 
-    cold, cold_one, warm_rate, read_rate = n / cold_s, n / cold_one_s, n / warm_s, n / read_s
-    print(f"fedrad ingest benchmark: {n} synthetic CT files {args.size}x{args.size} → {run.preprocess.image_size} px, "
-          f"{cores()} cores, torch threads {torch.get_num_threads()}")
+    n = len(data)
+    print(f"fedrad ingest benchmark: {n} synthetic CT files {args.size}x{args.size} → {run.preprocess.image_size} "
+          f"px, {cores()} cores, torch threads {torch.get_num_threads()}")
     print(f"{'measure':<44}{'images/s':>12}{'× DP training':>16}{'target':>10}")
-    print(f"{'DP training (fedrad-cnn, Opacus, 1 round)':<44}{dp_rate:>12.0f}{1.0:>16.2f}{'':>10}")
-    print(f"{'cold decode, all cores':<44}{cold:>12.0f}{cold / dp_rate:>16.2f}{'≥ 10':>10}")
-    print(f"{'cold decode, one process':<44}{cold_one:>12.0f}{cold_one / dp_rate:>16.2f}{'':>10}")
-    print(f"{'warm cache, read images':<44}{read_rate:>12.0f}{read_rate / dp_rate:>16.2f}{'≥ 100':>10}")
-    print(f"{'warm cache, open (stat every file) + read':<44}{warm_rate:>12.0f}{warm_rate / dp_rate:>16.2f}{'':>10}")
+    for label, rate, target in (("DP training (fedrad-cnn, Opacus, 1 round)", dp_rate, ""),
+                                ("cold decode, all cores", n / cold_s, "≥ 10"),
+                                ("cold decode, one process", n / cold_one_s, ""),
+                                ("warm cache, read images", n / read_s, "≥ 100"),
+                                ("warm cache, open (stat every file) + read", n / warm_s, "")):
+        print(f"{label:<44}{rate:>12.0f}{rate / dp_rate:>16.2f}{target:>10}")
 
 
 if __name__ == "__main__":

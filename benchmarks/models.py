@@ -1,14 +1,9 @@
 """Clinical-size CNNs under DP-SGD: speed and peak memory per model, side by side.
 
-    python -m benchmarks.models [--device cpu|cuda] [--models resnet18,resnet50,densenet121] [--sizes 224]
-                                [--extra resnet18@512] [--batch-size 64] [--patients 8] [--slices 16]
-                                [--steps 5] [--modes plain,plain-bf16,hooks,ghost,patient] [--json PATH]
-
-Per model and size, on fixed random 1-channel images: ``plain`` non-DP SGD steps of ``--batch-size`` images,
-``plain-bf16`` under bf16 autocast (CUDA only), image-level DP-SGD (C = 1, sigma = 1) with Opacus' ``hooks`` and
-``ghost``, and ``patient`` (fedrad's ``train_dp``, four expected steps of ``--patients`` x ``--slices``): images/s
-after a warm-up step, the ratio to ``plain``, peak memory (CUDA max allocated, or peak RSS of a process per mode).
-torchvision's models (GroupNorm, a 1-channel stem, one logit) need torchvision beside torch. See docs/benchmarks.md.
+Per model and size, on fixed random 1-channel images: non-DP SGD (``plain``; ``plain-bf16`` under bf16 autocast, CUDA
+only), image-level DP-SGD (C = 1, sigma = 1) with Opacus' ``hooks`` and ``ghost``, and fedrad's patient-level
+``train_dp`` (``patient``): images/s after a warm-up step, the ratio to ``plain``, peak memory (CUDA max allocated,
+or the peak RSS of a process per mode). torchvision's models need torchvision beside torch. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -21,6 +16,7 @@ import sys
 import time
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 MODES = ("plain", "plain-bf16", "hooks", "ghost", "patient")
@@ -191,8 +187,7 @@ def main() -> None:
             print(f"{model_name:<12}{size:>5}{fig['params']:>12,}{fig['params'] * 4 / 1e6:>10.1f}  {fig['mode']:<11}"
                   f"{fig['img_s']:>9,.1f}{ratio:>9}{fig['peak_mb']:>10,.0f}", flush=True)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"device": args.device, "argv": sys.argv[1:], "rows": rows}, fh, indent=1)
+        Path(args.json).write_text(json.dumps({"device": args.device, "argv": sys.argv[1:], "rows": rows}, indent=1))
     sys.exit(1 if rows and all("error" in r for r in rows) else 0)
 
 

@@ -1,12 +1,11 @@
 """A run resumed after a coordinator crash next to an uninterrupted run with the same seed.
 
-``python -m benchmarks.resume [--sites A,B,C] [--rounds 4] [--kill-after 2] ...`` runs two real federations on
-loopback (``simulations.federation``; ``--insecure``, ``secagg=false``, ``--no-secure-mode``) one after the other,
-same synthetic sites and settings; **resumed**'s coordinator tree is SIGKILLed once round ``--kill-after`` is
-committed and a site has booked the next, and ``fl-server --resume`` continues it. Printed side by side: per-round
-AUROC and checkpoint difference; per site the audited ledger rounds, final ε, replay of the lost round; wall times.
-``tests/e2e/test_resume_identity.py`` says why the runs must match bit for bit, and checks it. ``--json``: every
-figure. One ``error:`` line and exit 1 when a run cannot be measured.
+Two real federations on loopback (``simulations.federation``; ``--insecure``, ``secagg=false``, ``--no-secure-mode``)
+one after the other, same synthetic sites and settings; **resumed**'s coordinator tree is SIGKILLed once round
+``--kill-after`` is committed and a site has booked the next, and ``fl-server --resume`` continues it. Printed side
+by side: per-round AUROC and checkpoint difference; per site the audited ledger rounds, final ε, replay of the lost
+round; wall times. ``tests/e2e/test_resume_identity.py`` says why the runs must match bit for bit, and checks it.
+``--json``: every figure. One ``error:`` line and exit 1 when a run cannot be measured.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
 """SecAgg+ next to plain FedAvg over the same secure federation: round time, upload, masking CPU.
 
-    python -m benchmarks.secagg [--sites 3,5,10] [--images-per-site 2000] [--rounds 2] [--local-epochs 3]
-                                [--image-size 64] [--dicom-size 128] [--threads 1] [--out FILE.json]
-                                [--workdir DIR] [--keep] [--timeout 3600]
-
 Per site count, two secure federations (``simulations.federation``) on the same synthetic data, plain
 (``-c secagg=false``) and SecAgg+, in alternating order; rounds 2..R measured from ``report.json``, the proxy's
 access log, each site's process-tree CPU (psutil) and ``logs/secagg.jsonl``. docs/benchmarks.md has the columns.
@@ -48,15 +44,19 @@ def run_federation(mode: str, names: list[str], root: Path, data: Path, args: ar
                                   str(args.local_epochs), *(["-c", "secagg=false"] if mode == "plain" else [])])
     started = time.monotonic()
     with fed:
-        cpu = CpuSampler({"server": fed.start().server.pid, **{n: c.pid for n, c in fed.clients.items()}})  # type: ignore[union-attr]
+        server = fed.start().server
+        assert server is not None
+        cpu = CpuSampler({"server": server.pid, **{n: c.pid for n, c in fed.clients.items()}})
         cpu.start()
         try:
-            fed.wait(timeout=args.timeout, on_poll=Progress(fed, f"    {LABEL[mode]}, {len(names)} sites"), interval=1.0)
+            progress = Progress(fed, f"    {LABEL[mode]}, {len(names)} sites")
+            fed.wait(timeout=args.timeout, on_poll=progress, interval=1.0)
         finally:
             cpu.stop()
         fed.check_exit()
-    keys = {header_key(fed.kit(n) / "site.pub"): n for n in names}
-    return figures(mode, names, fed.run_folder().read_report(), fed, keys, cpu, time.monotonic() - started)  # type: ignore[union-attr]
+    keys, folder = {header_key(fed.kit(n) / "site.pub"): n for n in names}, fed.run_folder()
+    assert folder is not None
+    return figures(mode, names, folder.read_report(), fed, keys, cpu, time.monotonic() - started)
 
 
 def figures(mode: str, names: list[str], report: dict[str, Any], fed: Any, keys: dict[str, str], cpu: CpuSampler,
@@ -129,8 +129,9 @@ def table(results: list[dict[str, Any]]) -> list[str]:
         ratio = lambda k: res[k] / base[k] if base and res[k] is not None and base[k] else None  # noqa: B023
         up, pct = res["upload_bytes_per_site_round"], res["mask_pct_of_train"]
         lines.append(
-            f"{res['sites']:>5}  {LABEL[res['mode']]:<8}{fmt(res['round_s'], '.1f'):>9}{fmt(ratio('round_s'), '.2f'):>9}"
-            f"{fmt(res['fit_s'], '.1f'):>8}{fmt(None if up is None else up / 1e3, ',.1f'):>11}"
+            f"{res['sites']:>5}  {LABEL[res['mode']]:<8}{fmt(res['round_s'], '.1f'):>9}"
+            f"{fmt(ratio('round_s'), '.2f'):>9}{fmt(res['fit_s'], '.1f'):>8}"
+            f"{fmt(None if up is None else up / 1e3, ',.1f'):>11}"
             f"{fmt(ratio('upload_bytes_per_site_round'), '.2f'):>9}{fmt(res['site_cpu_s_per_round'], '.1f'):>12}"
             f"{fmt(res['mask_cpu_s_per_site_round'], '.3f'):>12}{'–' if pct is None else f'{pct:.2f} %':>12}"
             f"{fmt(res['machine_cores_used_by_others'], '.1f'):>8}")
@@ -169,21 +170,23 @@ def main() -> None:
                         say(f"{n} sites, {LABEL[mode]}: FAILED: {exc}")
                         continue
                     results.append(res)
-                    say(f"{n} sites, {LABEL[mode]}: round {fmt(res['round_s'], '.1f')} s, upload {(res['upload_bytes_per_site_round'] or 0) / 1e3:,.1f} "
-                        f"kB/site/round, federation {res['federation_wall_s']:.0f} s; problems: {res['problems'] or 'none'}")
+                    say(f"{n} sites, {LABEL[mode]}: round {fmt(res['round_s'], '.1f')} s, upload "
+                        f"{(res['upload_bytes_per_site_round'] or 0) / 1e3:,.1f} kB/site/round, federation "
+                        f"{res['federation_wall_s']:.0f} s; problems: {res['problems'] or 'none'}")
         except KeyboardInterrupt:
             say("interrupted; every process we started is stopped")
             failed = True
     total, demo = time.monotonic() - began, next((r for r in results if r.get("train_images_per_site")), None)
-    settings = {**{k: getattr(args, k) for k in ("images_per_site", "local_epochs", "image_size", "dicom_size", "rounds")},
+    from_args = ("images_per_site", "local_epochs", "image_size", "dicom_size", "rounds")
+    settings = {**{k: getattr(args, k) for k in from_args},
                 "train_images_per_site": demo["train_images_per_site"] if demo else None,
                 "threads_per_site": args.threads, "cores": cores()}
     train = f" (~{settings['train_images_per_site']:,.0f} in the training split)" if demo else ""
     print(f"fedrad SecAgg+ overhead: plain FedAvg vs SecAgg+ over the same TLS federation (nginx Fleet-API proxy, "
           f"SuperNode auth), {cores()} cores, every process on loopback")
-    print(f"demo-size: {args.images_per_site:,} synthetic {args.dicom_size}x{args.dicom_size} CT images per site{train}, "
-          f"model input {args.image_size}x{args.image_size}, {args.local_epochs} local epochs of Opacus DP-SGD per "
-          f"round, fl-client --threads {args.threads}")
+    print(f"demo-size: {args.images_per_site:,} synthetic {args.dicom_size}x{args.dicom_size} CT images per site"
+          f"{train}, model input {args.image_size}x{args.image_size}, {args.local_epochs} local epochs of Opacus "
+          f"DP-SGD per round, fl-client --threads {args.threads}")
     print(f"rounds 2..{args.rounds} measured (round = evaluated_at(r) - evaluated_at(r-1): fit + evaluation); per site "
           "and round: upload = request bytes at the proxy, site CPU = its whole process tree, mask CPU = "
           "secaggplus_mod's own CPU; others = cores busy with processes not of the federation")

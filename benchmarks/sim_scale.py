@@ -1,16 +1,11 @@
 """fl-sim at scale: one federated round with 10, 100, 1000 virtual sites; time and peak memory per size.
 
-    python -m benchmarks.sim_scale [--sites 10,100,1000] [--concurrency 2] [--secagg] [--unit patient]
-                                   [--workdir DIR] [--keep] [--json FILE] [--timeout 7200] [--interval 0.2]
-
 Each size runs in a fresh ``--one N`` subprocess: fl-sim's ``prepare_data`` and ``warm_caches`` for the ``scale``
 scenario (N sites × 24 DICOMs of 16 px, kept under ``--workdir``), then ``simulations.run.simulate`` with DP at
 ``--unit`` level, ``--concurrency`` Ray actors, one round, SecAgg+ with ``--secagg``. **round s** = ``evaluated_at`` −
 ``started`` of round 1 in ``report.json``; **ClientApp s/site-round** = Flower's seconds around each ClientApp
 message, summed, over N; **actors busy** = that sum / (round s × concurrency). Memory: peak sums over the tree
 (:class:`benchmarks.harness.TreeSampler`); RSS counts a shared page per process, PSS splits it, USS leaves it out.
-Where the time goes: ``started`` → first reply (Ray, actors, a cold message), the rate after it, ClientApp s of train
-and evaluate messages, CPU s by process and by driver thread, and the cores other processes used meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +30,6 @@ from benchmarks.harness import (
     positive,
     run_quietly,
     say,
-    timestamped,
     top,
     workdir,
 )
@@ -51,7 +46,17 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from simulations import run as sim
     from simulations import scenario, sites
 
-    flower.clientapp_metrics = timestamped(flower.clientapp_metrics, done)  # the runtime's per-message hook
+    hook = flower.clientapp_metrics  # the runtime's per-message metrics factory
+
+    def timestamped(on_runtime: Callable[[float], None]) -> Any:
+        """``hook``'s metrics, also logging ``(when, seconds)`` of every ClientApp message in ``done``."""
+        def both(seconds: float) -> None:
+            on_runtime(seconds)
+            done.append((time.time(), seconds))
+
+        return hook(both)
+
+    flower.clientapp_metrics = timestamped
     sc = scenario.load(SCENARIO, [f"sites.count={n}", "privacy.dp=true", f"privacy.unit={args.unit}",
                                   f"run.secagg={args.secagg}".lower(), f"simulation.concurrency={args.concurrency}"])
     run = sim.checked_run_config(sim.run_overrides(sc, workdir=work, runs_dir=work / "runs", table=work / "unused"))

@@ -1,13 +1,8 @@
 """fl-synth with its series encoder next to pydicom's own writer, side by side in one run.
 
-    python -m benchmarks.synth_writer [--sizes 16,32,64,128] [--images 200] [--repeats 5]
-
-Writes two sites of ``--images`` files each with :func:`simulations.synth.synthesize`,
-once with fl-synth's series encoder (shared elements encoded once per series) and
-once with ``Dataset.save_as(enforce_file_format=True)`` for every file (the same
-bytes), alternating, best of ``--repeats``. Prints slices/s of the whole
-generation (render, encode, write) for each and the ratio. The encoder stays
-while pydicom's writer makes generation more than ~1.5x slower (issue 16, item 8).
+Two sites of ``--images`` files per size by :func:`simulations.synth.synthesize`, with the series encoder and with
+``Dataset.save_as(enforce_file_format=True)`` (the same bytes), alternating, best of ``--repeats``: slices/s of the
+whole generation and the ratio. The encoder stays while pydicom's writer is more than ~1.5x slower (issue 16, item 8).
 """
 
 from __future__ import annotations
