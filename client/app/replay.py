@@ -51,11 +51,26 @@ class UpdateStore:
 
     def save(self, *, run_id: str, server_round: int, started_from: str, weights: StateDict,
              metrics: dict[str, Any], facts: dict[str, Any]) -> Path:
-        """Keep this round's update (atomically) and drop the run's earlier rounds; return its file.
+        """Keep this round's update (atomically) and drop the run's earlier rounds.
 
-        ``started_from`` is :func:`weights_digest` of the global weights training started from;
-        ``weights``, ``metrics`` and ``facts`` are the reply as :func:`client.app.site.train_round`
-        returns it, stored so that a replay sends the very same reply.
+        Parameters
+        ----------
+        run_id
+            The run the update belongs to, as the ledger books it.
+        server_round
+            The round the update answered.
+        started_from
+            :func:`weights_digest` of the global weights training started from; :meth:`load` compares it.
+        weights
+            The trained weights sent to the coordinator (stored from CPU copies).
+        metrics, facts
+            The reply's numbers and non-numeric facts, as :func:`client.app.site.train_round` returns
+            them; stored as JSON so that a replay sends the very same reply.
+
+        Returns
+        -------
+        Path
+            The stored file, ``<work-dir>/updates/<run_id>-round-NNNN.safetensors``.
         """
         from safetensors.torch import save
 
@@ -71,10 +86,20 @@ class UpdateStore:
 
     def load(self, *, run_id: str, server_round: int, started_from: str
              ) -> tuple[StateDict, dict[str, Any], dict[str, Any]] | None:
-        """``(weights, metrics, facts)`` as :meth:`save` stored them, if trained from ``started_from``.
+        """The stored update of this round if it was trained from the same weights, else None.
 
-        None when no update of this round is stored, it was trained from other weights, or its file is
-        unreadable (logged as a warning).
+        Parameters
+        ----------
+        run_id, server_round
+            The run and round the coordinator asks for again.
+        started_from
+            :func:`weights_digest` of the global weights it sent this time.
+
+        Returns
+        -------
+        tuple or None
+            ``(weights, metrics, facts)`` as :meth:`save` stored them; None when no update of this round
+            is stored, it was trained from other weights, or its file is unreadable (logged as a warning).
         """
         from safetensors import SafetensorError, safe_open
 

@@ -93,9 +93,23 @@ def check_bounds(arrays: list[np.ndarray], *, num_examples: int, secagg: SecAggC
 def secure_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     """Flower's ``secaggplus_mod`` for SecAgg+ train messages; other messages pass through.
 
-    Also measures the CPU time the protocol costs this site (everything the mod does except the
-    training it calls) and appends it, per stage, to ``<work-dir>/logs/secagg.jsonl`` (numbers only;
-    nothing without a ``work-dir`` in the node config). ``call_next`` is the next mod or the handler.
+    Also measures the CPU time the protocol costs this site (everything the mod
+    does except the training it calls) and appends it, per stage, to
+    ``<work-dir>/logs/secagg.jsonl`` on the site (numbers only).
+
+    Parameters
+    ----------
+    msg
+        The incoming message; only a train message carrying a SecAgg+ stage goes through the protocol.
+    ctxt
+        The ClientApp's context; the timing log goes under its node config's ``work-dir`` (none without one).
+    call_next
+        The next mod, or the handler: ``(Message, Context) -> Message``.
+
+    Returns
+    -------
+    Message
+        The reply of the protocol's stage (the masked update for the stage that trains), or ``call_next``'s.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)

@@ -282,11 +282,29 @@ def _train_without_dp(
 
 
 def evaluate_round(*, site: SiteConfig, run: RunConfig, weights: StateDict) -> dict[str, float | int | list[int]]:
-    """Evaluate the global ``weights`` on the site's validation split; summable statistics only.
+    """Evaluate the global weights on the site's validation split; summable statistics only.
 
-    Returns ``num-examples`` (validation images), the mean validation loss and the sufficient statistics of
-    :func:`common.metrics.sufficient_statistics`; never a per-image value. Raises as :func:`train_round`
-    does for unusable data or a missing GPU.
+    Parameters
+    ----------
+    site
+        The site's config: data and work folders, device, threads.
+    run
+        The coordinator's run config: model, classes, preprocessing and split.
+    weights
+        The global weights to evaluate.
+
+    Returns
+    -------
+    dict[str, float | int | list[int]]
+        ``num-examples`` (validation images), the mean validation loss and the sufficient statistics of
+        :func:`common.metrics.sufficient_statistics`; never a per-image value.
+
+    Raises
+    ------
+    DataError
+        When the site's data is unusable (:func:`client.data.dataset.load_site_data`).
+    ConfigError
+        When the site asks for ``device = cuda`` and has no GPU.
     """
     from client.app.evaluation import evaluate
 

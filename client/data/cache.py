@@ -93,6 +93,20 @@ def scan(data_dir: Path, exclude: Path | None = None) -> dict[str, list[int] | N
 def check_folders(data_dir: Path, work_dir: Path, *, option: str) -> tuple[Path, Path]:
     """Both folders resolved, once the data folder exists and the work folder can hold a cache.
 
+    Parameters
+    ----------
+    data_dir
+        The site's DICOM folder (read only).
+    work_dir
+        Where the cache goes; neither ``data_dir`` nor a file.
+    option
+        The command-line option that names ``work_dir``, for the message that suggests another one.
+
+    Returns
+    -------
+    tuple[Path, Path]
+        ``(data_dir, work_dir)``, resolved.
+
     Raises
     ------
     DataError

@@ -59,10 +59,25 @@ class SiteData:
 
 
 def patient_split(patients: tuple[str, ...] | list[str], *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image indices (into ``patients``, hashed ids) of the training, then the validation split, by patient.
+    """Split image indices into train/validation by patient, never by image.
 
-    Patients are ordered by a hash of ``seed`` and their id, and the first ``round(n * val_fraction)``
-    go to validation (at least one, when there are at least two patients).
+    Patients are ordered by a seeded hash of their (already hashed) id and the
+    first ``round(n * val_fraction)`` go to validation (at least one, when
+    there are at least two patients).
+
+    Parameters
+    ----------
+    patients : tuple[str, ...] or list[str]
+        The hashed patient id of each image.
+    val_fraction : float
+        Share of *patients* (not images) that go to validation.
+    seed : int
+        Seeds the patient order: same patients and seed, same split.
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
+        The image indices (into ``patients``) of the training split, then of the validation split.
     """
     unique = sorted(set(patients))
     order = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}|{p}".encode()).hexdigest())

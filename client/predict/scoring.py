@@ -141,9 +141,20 @@ def labelled_auroc(data_dir: Path, predictions: Predictions, index: dict[str, An
 
     Binary: ``BinaryAUROC`` of P(class 1); multi-class: macro one-vs-rest ``MulticlassAUROC``.
 
-    Returns ``(auroc, labelled images)`` of :func:`score_folder`'s ``predictions`` and cache ``index`` for
-    ``data_dir``; None when there is no ``labels.csv``, it cannot be read (logged), or the labelled images
-    miss a class.
+    Parameters
+    ----------
+    data_dir : Path
+        The scored folder; its ``labels.csv``, if any, gives the true classes.
+    predictions : Predictions
+        :func:`score_folder`'s predictions for that folder.
+    index : dict[str, Any]
+        :func:`score_folder`'s cache index: each file's UIDs and path, which ``labels.csv`` is keyed by.
+
+    Returns
+    -------
+    tuple[float, int] or None
+        ``(auroc, labelled images)``; None when there is no ``labels.csv``, it cannot be read (logged),
+        or the labelled images miss a class.
     """
     from client.data.labels import KEY_COLUMNS, LABELS_FILE, read_labels
 
