@@ -63,19 +63,35 @@ def top(values: dict[str, float], k: int = 4, least: float = 0.05) -> str:
 
 
 def parse_counts(text: str) -> list[int]:
-    """``"10,100,1000"`` -> ``[10, 100, 1000]`` (order kept, duplicates dropped); ValueError unless each is >= 2."""
+    """An argparse ``type`` for ``--sites``: ``"10,100,1000"`` -> ``[10, 100, 1000]`` (order kept, duplicates dropped).
+
+    Raises ``argparse.ArgumentTypeError`` unless each count is an integer >= 2 (argparse names the flag).
+    """
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or not all(p.isdigit() for p in parts):
-        raise ValueError(f"--sites expects comma-separated positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     if min(counts := list(dict.fromkeys(int(p) for p in parts))) < 2:
-        raise ValueError(f"--sites: each count must be at least 2, got {min(counts)}")
+        raise argparse.ArgumentTypeError(f"each count must be at least 2, got {min(counts)}")
     return counts
 
 
 def run_quietly(cmd: Sequence[str], *, timeout: float, cwd: Path | None = None) -> int | None:
-    """``cmd``'s exit code, its stdout discarded; None when it ran past ``timeout`` s.
+    """Run ``cmd`` to its end, its stdout discarded and its stderr ours.
 
-    On a timeout or an interruption (KeyboardInterrupt included) it and every descendant are stopped by PID.
+    Parameters
+    ----------
+    cmd
+        The command line.
+    timeout
+        Seconds it may run; after that (or on an interruption, KeyboardInterrupt included) it and every
+        descendant it started are stopped by PID.
+    cwd
+        Its working folder.
+
+    Returns
+    -------
+    int or None
+        Its exit code; None when it ran past ``timeout``.
     """
     proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL)
     try:

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import MACHINE, CpuSampler, Progress, cores, fmt, say, workdir
+from benchmarks.harness import MACHINE, CpuSampler, Progress, cores, fmt, parse_counts, say, workdir
 
 MODES, LABEL = ("plain", "secagg"), {"plain": "plain", "secagg": "SecAgg+"}
 ACCESS_LOG = Path("proxy") / "logs" / "access.log"  # under the coordinator's workdir (server/proxy.py)
@@ -85,9 +85,7 @@ def figures(mode: str, names: list[str], report: dict[str, Any], fed: Any, keys:
             up[keys[m["key"]], at] += int(m["length"])
             down[keys[m["key"]], at] += int(m["sent"])
     upload = [up[s, r] for s in names for r in windows]
-    site_cpu: list[float] = []
-    server_cpu: list[float] = []
-    others: list[float] = []
+    site_cpu, server_cpu, others = list[float](), list[float](), list[float]()
     for a, b in windows.values():
         used = cpu.used(a, b)
         site_cpu += [v for n, v in used.items() if n in names]
@@ -140,17 +138,16 @@ def table(results: list[dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    for flag, kind, default in (("--sites", str, "3,5,10"), ("--images-per-site", int, 2000), ("--rounds", int, 2),
-                                ("--local-epochs", int, 3), ("--image-size", int, 64), ("--dicom-size", int, 128),
-                                ("--threads", int, 1), ("--out", Path, Path("secagg-bench.json")),
-                                ("--workdir", Path, None), ("--timeout", int, 3600)):
+    for flag, kind, default in (("--sites", parse_counts, "3,5,10"), ("--images-per-site", int, 2000),
+                                ("--rounds", int, 2), ("--local-epochs", int, 3), ("--image-size", int, 64),
+                                ("--dicom-size", int, 128), ("--threads", int, 1), ("--workdir", Path, None),
+                                ("--out", Path, Path("secagg-bench.json")), ("--timeout", int, 3600)):
         p.add_argument(flag, type=kind, default=default, help="default: %(default)s")
     p.add_argument("--keep", action="store_true", help="Keep the work folder (data, logs, reports).")
     args = p.parse_args()
-    counts = sorted({int(s) for s in args.sites.split(",") if s.strip().isdigit()})
-    if (not counts or min(counts) < 2 or args.rounds < 2 or not re.fullmatch(r"[\d,\s]+", args.sites)
-            or min(args.images_per_site, args.local_epochs, args.threads, args.timeout) < 1):
-        p.error("--sites: comma-separated counts >= 2; --rounds >= 2 (round 1 is not measured); the others positive")
+    counts = sorted(args.sites)
+    if args.rounds < 2 or min(args.images_per_site, args.local_epochs, args.threads, args.timeout) < 1:
+        p.error("--rounds must be at least 2 (round 1 is not measured); the other numbers positive")
     from simulations.synth import synthesize
 
     began, results, failed = time.monotonic(), [], False
@@ -177,10 +174,9 @@ def main() -> None:
             say("interrupted; every process we started is stopped")
             failed = True
     total, demo = time.monotonic() - began, next((r for r in results if r.get("train_images_per_site")), None)
-    from_args = ("images_per_site", "local_epochs", "image_size", "dicom_size", "rounds")
-    settings = {**{k: getattr(args, k) for k in from_args},
-                "train_images_per_site": demo["train_images_per_site"] if demo else None,
-                "threads_per_site": args.threads, "cores": cores()}
+    settings = {k: getattr(args, k) for k in ("images_per_site", "local_epochs", "image_size", "dicom_size", "rounds")}
+    settings |= {"train_images_per_site": demo and demo["train_images_per_site"], "threads_per_site": args.threads,
+                 "cores": cores()}
     train = f" (~{settings['train_images_per_site']:,.0f} in the training split)" if demo else ""
     print(f"fedrad SecAgg+ overhead: plain FedAvg vs SecAgg+ over the same TLS federation (nginx Fleet-API proxy, "
           f"SuperNode auth), {cores()} cores, every process on loopback")
@@ -197,8 +193,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"command": " ".join(["python -m benchmarks.secagg", *sys.argv[1:]]),
                                     "settings": settings, "total_s": round(total, 1), "results": results}, indent=2))
     print(f"results: {args.out}")
-    if failed:
-        sys.exit(1)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

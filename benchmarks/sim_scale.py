@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +38,12 @@ SCENARIO, ROOT = "scale", Path(__file__).resolve().parent.parent
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """Prepare ``--one`` N sites' data, run one round, and measure (inside the ``--one N`` subprocess)."""
-    n, work, done = args.one, args.workdir.resolve(), list[tuple[float, float]]()  # done: (when, s) per message
+    n, work = args.one, args.workdir.resolve()
     sampler = TreeSampler(interval=args.interval, phase="import")
     sampler.start()
-    from common.adapters import flower
     from simulations import run as sim
     from simulations import scenario, sites
 
-    hook = flower.clientapp_metrics  # the runtime's per-message metrics factory
-
-    def timestamped(on_runtime: Callable[[float], None]) -> Any:
-        """``hook``'s metrics, also logging ``(when, seconds)`` of every ClientApp message in ``done``."""
-        def both(seconds: float) -> None:
-            on_runtime(seconds)
-            done.append((time.time(), seconds))
-
-        return hook(both)
-
-    flower.clientapp_metrics = timestamped
     sc = scenario.load(SCENARIO, [f"sites.count={n}", "privacy.dp=true", f"privacy.unit={args.unit}",
                                   f"run.secagg={args.secagg}".lower(), f"simulation.concurrency={args.concurrency}"])
     run = sim.checked_run_config(sim.run_overrides(sc, workdir=work, runs_dir=work / "runs", table=work / "unused"))
@@ -88,7 +75,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     }
     if result is None:
         return out
-    report, done = result.report, sorted(done)
+    report, done = result.report, result.finished
     first = (report.get("rounds") or [{}])[0]
     started, trained, evaluated = report.get("started"), first.get("trained_at"), first.get("evaluated_at")
     out.update({"run_id": result.run_id, "run_dir": str(result.run_dir), "status": report.get("status"),
@@ -160,7 +147,7 @@ def tables(results: list[dict[str, Any]]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[int]]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sim_scale", description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--sites", default="10,100,1000", help="Comma-separated site counts (default %(default)s).")
+    p.add_argument("--sites", type=parse_counts, default="10,100,1000", help="Site counts (default %(default)s).")
     p.add_argument("--concurrency", type=int, default=2, help="Ray actors: sites training at once (default 2).")
     p.add_argument("--secagg", action="store_true", help="SecAgg+ on (the scale scenario has it off).")
     p.add_argument("--unit", choices=("patient", "image"), default="patient", help="DP privacy unit (default patient).")
@@ -171,13 +158,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--interval", type=positive, default=0.2, help="Memory sampling interval in s (default 0.2).")
     p.add_argument("--one", type=int, metavar="N", help=argparse.SUPPRESS)  # internal: one size, JSON to the workdir
     args = p.parse_args(argv)
-    try:
-        counts = parse_counts(args.sites if args.one is None else str(args.one))
-    except ValueError as exc:
-        p.error(str(exc))
     if args.concurrency < 1 or (args.one is not None and args.workdir is None):
         p.error("--concurrency must be at least 1" if args.concurrency < 1 else "--one needs --workdir")
-    return args, counts
+    return args, args.sites if args.one is None else [args.one]
 
 
 def main(argv: list[str] | None = None) -> None:

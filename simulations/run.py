@@ -40,6 +40,7 @@ class SimResult:
     seconds: float
     messages: int
     clientapp_seconds: float
+    finished: list[tuple[float, float]]  # per ClientApp message: (time.time() at its end, seconds), in that order
 
 
 def project_run_defaults() -> dict[str, Any]:
@@ -292,5 +293,5 @@ def simulate(sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool = Tr
         raise FederationError(f"the simulation left no report in {run_dir} ({exc})") from exc
     return SimResult(
         run_id=run_id, run_dir=run_dir, report=report, seconds=seconds,
-        messages=metrics.messages, clientapp_seconds=metrics.clientapp_seconds,
+        messages=metrics.messages, clientapp_seconds=metrics.clientapp_seconds, finished=sorted(metrics.finished),
     )

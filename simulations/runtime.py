@@ -13,6 +13,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class SimulationMetrics:
 
     messages: int = 0
     clientapp_seconds: float = 0.0
+    finished: list[tuple[float, float]] = field(default_factory=list)  # (time.time() at its end, seconds) each
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -48,6 +50,7 @@ def _vce_metrics(counters: SimulationMetrics) -> Any:
         with counters.lock:
             counters.messages += 1
             counters.clientapp_seconds += runtime
+            counters.finished.append((time.time(), runtime))
 
     return clientapp_metrics(count)
 
