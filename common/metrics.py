@@ -24,7 +24,6 @@ from common.config import YOUDEN
 
 if TYPE_CHECKING:
     import torch
-    from torchmetrics import Metric
 
 AUROC_THRESHOLDS = 201
 """Thresholds of the binned AUROC state (0, 0.005, ..., 1)."""
@@ -51,17 +50,13 @@ def sufficient_statistics(*, probs: torch.Tensor, targets: torch.Tensor, num_cla
         ``auroc-confmat``: flattened ``(T, 2, 2)`` or ``(T, K, 2, 2)`` counts; ``stat-scores``: ``[tp, fp, tn, fn]``
         at threshold 0.5 (binary) or those four rows of K per-class counts.
     """
-    auroc: Metric
-    stats: Metric
+    from torchmetrics import classification as tm
+
     if num_classes == 2:
-        from torchmetrics.classification import BinaryAUROC, BinaryStatScores
-
-        auroc, stats = BinaryAUROC(thresholds=AUROC_THRESHOLDS), BinaryStatScores(threshold=DECISION_THRESHOLD)
+        auroc, stats = tm.BinaryAUROC(thresholds=AUROC_THRESHOLDS), tm.BinaryStatScores(threshold=DECISION_THRESHOLD)
     else:
-        from torchmetrics.classification import MulticlassAUROC, MulticlassStatScores
-
-        auroc = MulticlassAUROC(num_classes=num_classes, thresholds=AUROC_THRESHOLDS)
-        stats = MulticlassStatScores(num_classes=num_classes, average=None)
+        auroc = tm.MulticlassAUROC(num_classes=num_classes, thresholds=AUROC_THRESHOLDS)
+        stats = tm.MulticlassStatScores(num_classes=num_classes, average=None)
     if len(probs):
         auroc.update(probs, targets.long())
         stats.update(probs, targets.long())

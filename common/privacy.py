@@ -87,13 +87,10 @@ def epsilons(*, events: Sequence[DPEvent], delta: float) -> Epsilons:
     """ε(δ) of ``events`` by RDP and by PRV, side by side."""
     rdp = epsilon_spent(events=events, delta=delta, accountant="rdp")
     try:
-        prv: float | None = epsilon_spent(events=events, delta=delta, accountant="prv")
+        prv = epsilon_spent(events=events, delta=delta, accountant="prv")
     except (ValueError, RuntimeError, OverflowError, FloatingPointError):
-        # PRV's numerical domain can fail for extreme histories (huge ε); RDP still bounds it.
-        prv = None
-    if prv is not None and not math.isfinite(prv):
-        prv = None
-    return Epsilons(rdp=rdp, prv=prv)
+        prv = math.inf  # PRV's numerical domain can fail for extreme histories (huge ε); RDP still bounds it.
+    return Epsilons(rdp=rdp, prv=prv if math.isfinite(prv) else None)
 
 
 def sound_epsilon(*, events: Sequence[DPEvent], delta: float) -> float:

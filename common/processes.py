@@ -27,11 +27,6 @@ from common.errors import FederationError
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
-__all__ = [
-    "LOOPBACK", "ManagedProcess", "ProcessSet", "Usage", "alive", "can_connect", "crash", "descendants", "free_port",
-    "parse_address", "port_is_free", "stop_pids", "tree_usage", "wait_until",
-]
-
 
 def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.5, what: str) -> object:
     """Call ``predicate`` every ``interval`` s until it returns something truthy, and return that.
@@ -115,9 +110,6 @@ def alive(pid: int) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-
-
-_alive = alive  # the name older callers import
 
 
 @dataclass(frozen=True)
@@ -271,9 +263,7 @@ class ManagedProcess:
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop the process and every descendant it started."""
-        pids = self.tree()
-        if pids:
-            stop_pids(pids, timeout=timeout)
+        stop_pids(self.tree(), timeout=timeout)
         with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL already sent
             self.popen.wait(timeout=1)
         self._close_log()
@@ -301,12 +291,6 @@ class ProcessSet:
         """Every live PID of the set: each process and its descendants."""
         return {pid for proc in self.processes for pid in proc.tree()}
 
-    def stop_all(self) -> None:
-        """Stop every process of the set with its descendants, the last started first, and empty the set."""
-        for proc in reversed(self.processes):
-            proc.stop()
-        self.processes.clear()
-
     def _on_signal(self, signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"received signal {signum}")
 
@@ -322,7 +306,9 @@ class ProcessSet:
         for sig in self._old_handlers:
             signal.signal(sig, signal.SIG_IGN)
         try:
-            self.stop_all()
+            for proc in reversed(self.processes):
+                proc.stop()
+            self.processes.clear()
         finally:
             for sig, handler in self._old_handlers.items():
                 signal.signal(sig, handler)  # type: ignore[arg-type]

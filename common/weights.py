@@ -14,9 +14,9 @@ import hashlib
 import io
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.config import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY
 from common.errors import ConfigError
@@ -27,15 +27,11 @@ if TYPE_CHECKING:
 
     from common.config import Launch, RunConfig
 
-__all__ = [
-    "INIT_WEIGHTS_KEY", "INIT_WEIGHTS_SHA256_KEY", "WRAPPER_PREFIXES", "file_sha256", "init_weights_config",
-    "load_init_weights", "model_for_run", "run_init_weights", "sized_encoding",
-]
-
 log = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("module.", "_module.", "model.")
 OPTION = "--init-weights"
+_T = TypeVar("_T")
 _FIX = "save the run model's state_dict() with safetensors.torch.save_file or torch.save"
 
 
@@ -43,38 +39,27 @@ def _what(option: str) -> str:
     return f"`{option}` FILE"
 
 
-def _check_file(path: Path, option: str) -> None:
+def _read(path: Path, option: str, read: Callable[[io.BufferedReader], _T]) -> _T:
+    """``read`` applied to the opened file; a :class:`ConfigError` naming ``option`` if it is missing or unreadable."""
     if not path.exists():
         raise ConfigError(f"Expected {_what(option)} to be a file, but {path} does not exist; check the path")
     if not path.is_file():
         raise ConfigError(
             f"Expected {_what(option)} to be a file, but {path} is not a regular file; give the weights file"
         )
-
-
-def _unreadable(path: Path, option: str, exc: OSError) -> ConfigError:
-    return ConfigError(
-        f"Expected {_what(option)} to be a readable file, but {path} cannot be read ({exc.strerror or exc}); "
-        "check its permissions"
-    )
-
-
-def _read_bytes(path: Path, option: str) -> bytes:
-    _check_file(path, option)
     try:
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            return read(handle)
     except OSError as exc:
-        raise _unreadable(path, option, exc) from None
+        raise ConfigError(
+            f"Expected {_what(option)} to be a readable file, but {path} cannot be read ({exc.strerror or exc}); "
+            "check its permissions"
+        ) from None
 
 
 def file_sha256(path: Path, *, option: str = OPTION) -> str:
     """The SHA-256 of a file's bytes as lower-case hex; a :class:`ConfigError` naming ``option`` if unreadable."""
-    _check_file(path, option)
-    try:
-        with path.open("rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError as exc:
-        raise _unreadable(path, option, exc) from None
+    return _read(path, option, lambda handle: hashlib.file_digest(handle, "sha256").hexdigest())
 
 
 def _short(exc: BaseException) -> str:
@@ -213,7 +198,7 @@ def load_init_weights(
         The option that named the file, for the error messages.
     """
     path = Path(path)
-    data = _read_bytes(path, option)
+    data = _read(path, option, lambda handle: handle.read())
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise ConfigError(

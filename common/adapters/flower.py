@@ -27,12 +27,6 @@ if TYPE_CHECKING:
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.serverapp import Grid
 
-__all__ = [
-    "TESTED_VERSION", "SecAggPlusHalt", "clientapp_metrics", "console_warnings_only", "current_round", "fit_reply",
-    "global_arrays", "parse_config_args", "read_fit_instructions", "run_secaggplus_stages", "run_simulation",
-    "run_workflow_rounds", "secaggplus_stage", "serverapp_identity", "undelivered",
-]
-
 TESTED_VERSION = "1.41.0"
 """The Flower version fedrad was tested with."""
 

@@ -15,8 +15,6 @@ from typing import Any
 
 from common.adapters.version import require_version
 
-__all__ = ["TESTED_VERSION", "memoized_rdp"]
-
 TESTED_VERSION = "1.6.0"
 """The Opacus version fedrad was tested with."""
 

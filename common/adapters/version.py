@@ -6,8 +6,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 from common.errors import IncompatibleVersion
 
-__all__ = ["require_version"]
-
 
 def require_version(distribution: str, tested: str, *, install: str) -> str:
     """The installed version of ``distribution``, when it is ``tested``; else :class:`IncompatibleVersion`.

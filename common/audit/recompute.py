@@ -99,10 +99,6 @@ def recompute(tasks: Sequence[tuple[Sequence[DPEvent], Any]]) -> list[Epsilons |
         warnings.simplefilter("ignore")
         order = sorted(unique, key=lambda k: -sum(steps for _, _, steps in k[0]) * len(k[0]))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(max(1, cores), len(order))
-        if workers <= 1:
-            results = {key: one(key) for key in order}
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = dict(zip(order, pool.map(one, order), strict=True))
+        with ThreadPoolExecutor(max_workers=min(max(1, cores), len(order))) as pool:
+            results = dict(zip(order, pool.map(one, order), strict=True))
     return [key[2] if key[0] == "error" else results[key] for key in keys]

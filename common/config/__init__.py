@@ -33,7 +33,7 @@ from common.config.run import (
     parse_operating_point,
 )
 from common.config.secagg import SecAggConfig, check_model_fits, largest_magnitude, sized_secagg
-from common.config.site import DEVICES, PARTITION_ID_KEY, PRIVACY_UNITS, SiteConfig, simulated_node_config
+from common.config.site import DEVICES, PARTITION_ID_KEY, PRIVACY_UNITS, SiteConfig
 from common.config.values import SITE_NAME_RE, choice, fraction, positive_float, positive_int, site_name
 
 __all__ = [
@@ -42,6 +42,5 @@ __all__ = [
     "SIM_SITES_KEY", "SITE_NAME_RE", "SITE_NODES_KEY", "TRANSPORT_KEY", "WINDOWS", "WINDOW_PRESETS", "WORKDIR_KEY",
     "YOUDEN", "AugmentConfig", "InitWeightsConfig", "Launch", "PreprocessConfig", "RoundPolicy", "RunConfig",
     "SecAggConfig", "SiteConfig", "check_model_fits", "choice", "fraction", "largest_magnitude", "parse_classes",
-    "parse_operating_point", "positive_float", "positive_int", "refuse_launch_keys", "simulated_node_config",
-    "site_name", "sized_secagg",
+    "parse_operating_point", "positive_float", "positive_int", "refuse_launch_keys", "site_name", "sized_secagg",
 ]

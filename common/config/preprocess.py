@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.config.values import choice
+from common.config.values import as_number, choice
 from common.errors import ConfigError
 
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -86,11 +86,8 @@ class AugmentConfig:
 
         def bounded(key: str, default: float, high: float) -> float:
             value = run_config.get(key, default)
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                number = float("nan")
-            if isinstance(value, bool) or not 0 <= number <= high:
+            number = as_number(value)
+            if not 0 <= number <= high:
                 raise ConfigError(f"Expected `{key}` to be a number in [0, {high:g}], but got {value!r}")
             return number
 

@@ -20,18 +20,6 @@ PRIVACY_UNITS = ("patient", "image")  # what one DP "record" is: all of a patien
 PARTITION_ID_KEY = "partition-id"  # node config key Flower's simulation runtime sets
 
 
-def simulated_node_config(table: Path, partition_id: int) -> dict[str, Any]:
-    """Row ``partition_id`` of fl-sim's site table (a JSON list of node-config dicts)."""
-    try:
-        rows = json.loads(table.read_text())
-        return dict(rows[partition_id])
-    except (OSError, ValueError, IndexError, TypeError) as exc:
-        raise ConfigError(
-            f"Expected fl-sim's site table {table} to hold a node config for partition {partition_id}, "
-            f"but it could not be read ({exc}); rerun fl-sim"
-        ) from exc
-
-
 def _flag(node_config: Mapping[str, Any], key: str) -> bool:
     value = node_config.get(key, True)
     if not isinstance(value, bool):
@@ -96,10 +84,18 @@ class SiteConfig:
         the run config's ``sim-sites`` names; a real SuperNode never has one, so a coordinator
         cannot use ``sim-sites`` to change a real site's settings.
         """
-        table = Launch.from_flower(run_config).sim_sites
-        if PARTITION_ID_KEY not in node_config or not table:
+        sim_sites = Launch.from_flower(run_config).sim_sites
+        if PARTITION_ID_KEY not in node_config or not sim_sites:
             return cls.from_flower(node_config)
-        return cls.from_flower(simulated_node_config(Path(table), int(node_config[PARTITION_ID_KEY])))
+        table, partition_id = Path(sim_sites), int(node_config[PARTITION_ID_KEY])
+        try:
+            row = dict(json.loads(table.read_text())[partition_id])  # fl-sim's table: a JSON list of node configs
+        except (OSError, ValueError, IndexError, TypeError) as exc:
+            raise ConfigError(
+                f"Expected fl-sim's site table {table} to hold a node config for partition {partition_id}, "
+                f"but it could not be read ({exc}); rerun fl-sim"
+            ) from exc
+        return cls.from_flower(row)
 
     def to_flower(self) -> str:
         """Render as a ``--node-config`` string for ``flower-supernode``."""

@@ -12,7 +12,8 @@ from common.errors import ConfigError
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
-def _number(value: Any) -> float:
+def as_number(value: Any) -> float:
+    """``value`` as a float; NaN for a bool or anything that does not parse as a number."""
     try:
         return math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
@@ -21,7 +22,7 @@ def _number(value: Any) -> float:
 
 def positive_float(key: str, value: Any) -> float:
     """Return ``value`` as a finite float > 0 or raise :class:`ConfigError`."""
-    number = _number(value)
+    number = as_number(value)
     if not math.isfinite(number) or number <= 0:
         raise ConfigError(f"Expected `{key}` to be a positive number, but got {value!r}")
     return number
@@ -29,7 +30,7 @@ def positive_float(key: str, value: Any) -> float:
 
 def positive_int(key: str, value: Any) -> int:
     """Return ``value`` as an int >= 1 or raise :class:`ConfigError`."""
-    number = _number(value) if isinstance(value, int | float) else math.nan
+    number = as_number(value) if isinstance(value, int | float) else math.nan
     whole = math.isfinite(number) and int(number) == number
     if not whole or number < 1:
         raise ConfigError(f"Expected `{key}` to be a positive integer, but got {value!r}")
@@ -45,7 +46,7 @@ def non_negative_int(key: str, value: Any) -> int:
 
 def non_negative_float(key: str, value: Any) -> float:
     """Return ``value`` as a finite float >= 0 or raise :class:`ConfigError`."""
-    number = _number(value)
+    number = as_number(value)
     if not math.isfinite(number) or number < 0:
         raise ConfigError(f"Expected `{key}` to be a non-negative number, but got {value!r}")
     return number
@@ -62,7 +63,7 @@ def fraction(key: str, value: Any, *, allow_zero: bool = False) -> float:
     allow_zero
         Accept 0 too: the interval is [0, 1] instead of (0, 1].
     """
-    number = _number(value)
+    number = as_number(value)
     low_ok = number >= 0 if allow_zero else number > 0
     if not (low_ok and number <= 1):
         interval = "[0, 1]" if allow_zero else "(0, 1]"

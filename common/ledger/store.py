@@ -11,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import common.ledger.records as rec
 from common.errors import DataError
-from common.ledger import records as rec
 from common.ledger.records import Entry, Plan, Row
 from common.privacy import DPEvent
 

@@ -26,7 +26,7 @@ from common.processes import (
     LOOPBACK,
     ManagedProcess,
     ProcessSet,
-    _alive,
+    alive,
     can_connect,
     descendants,
     free_port,
@@ -406,5 +406,5 @@ def test_stopping_the_process_set_stops_nginx_master_and_workers(pki: Pki, tmp_p
         assert len(started) >= 2  # master and at least one worker
         # Nothing behind it: a Fleet call gets nginx's 502, the TLS side works.
         assert _post(port, "/v1/fleet/pull-messages", pki.ca)[0] == 502
-    assert not any(_alive(pid) for pid in started)
+    assert not any(alive(pid) for pid in started)
     assert not can_connect(LOOPBACK, port)
