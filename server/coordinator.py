@@ -207,11 +207,10 @@ def run_config_args(
         When ``extra`` is not ``key=value`` pairs, or sets a key that fedrad sets (:data:`common.config.LAUNCH_KEYS`).
     """
     refuse_launch_keys(_parse_config_args(extra, shown=extra), option="--run-config")
-    overrides = {**options, **launch.to_flower()}
-    if saved is not None:
-        overrides = {k: v for k, v in saved.items() if k not in (SITE_NODES_KEY, RESUME_RUN_ID_KEY)}
-        overrides.update(launch.to_flower())
-    return [_config_arg(overrides), *(extra if saved is None else [])]
+    if saved is None:
+        return [_config_arg({**options, **launch.to_flower()}), *extra]
+    kept = {k: v for k, v in saved.items() if k not in (SITE_NODES_KEY, RESUME_RUN_ID_KEY)}
+    return [_config_arg({**kept, **launch.to_flower()})]
 
 
 def check_run_config(config_args: list[str]) -> tuple[RunConfig, Launch]:
@@ -376,26 +375,24 @@ def report_run(workdir: Path, run_id: str, *, status: str, details: str) -> dict
         When ``status`` is not ``finished:completed``: why (the report's ``stopped ...`` status, else
         ``details``, else where the logs are), and the ``fl-server --resume`` command.
     """
-    run_dir = RunFolder.of(workdir, run_id).path
+    folder = RunFolder.of(workdir, run_id)
     if status != "finished:completed":
         try:  # the ServerApp writes why it stopped into the report
-            why = str(RunFolder(run_dir).read_report().get("status", ""))
+            why = str(folder.read_report().get("status", ""))
         except (OSError, ValueError):
             why = ""
         why = why if why.startswith("stopped") else ""
         raise FederationError(
             f"run {run_id} ended as {status}: {why or details or 'see ' + str(workdir / 'logs')}"
-            f"; after fixing the cause, continue it with `fl-server --resume {run_dir}`"
+            f"; after fixing the cause, continue it with `fl-server --resume {folder.path}`"
         )
-    return _print_summary(run_dir)
+    return _print_summary(folder)
 
 
 def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[str]]) -> Any:
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col, justify="right")
+    table = Table(*(Column(col, justify="right") for col in columns), title=title)
     for row in rows:
         table.add_row(*row)
     return table
@@ -405,11 +402,10 @@ def _cell(value: Any, spec: str = ".3f") -> str:
     return f"{value:{spec}}" if value is not None else "–"
 
 
-def _print_summary(run_dir: Path) -> dict[str, Any]:
+def _print_summary(folder: RunFolder) -> dict[str, Any]:
     """Print the pooled metrics per round and the privacy spent per site; returns the report."""
     from rich.console import Console
 
-    folder = RunFolder(run_dir)
     report = folder.read_report()
     console = Console()
     metrics = ("auroc", "sensitivity", "specificity", "f1", "accuracy")

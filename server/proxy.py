@@ -71,12 +71,9 @@ def nginx_binary() -> str:
     FederationError
         When nginx is not installed.
     """
-    found = shutil.which("nginx")
+    found = shutil.which("nginx") or next((c for c in _SEARCH_PATHS if os.access(c, os.X_OK)), None)
     if found:
         return found
-    for candidate in _SEARCH_PATHS:
-        if os.access(candidate, os.X_OK):
-            return candidate
     raise FederationError(
         "nginx is not installed (needed for the coordinator's Fleet API proxy); "
         "run `make install`, or install the `nginx` package"
@@ -233,16 +230,12 @@ def _check_can_listen(host: str, port: int) -> None:
             ) from exc
 
 
-def _read_log(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
-
-
 def _errors_since(path: Path, offset: int, lines: int = 3) -> str:
     """The last ``lines`` messages nginx logged after ``offset``, without timestamps, on one line."""
-    text = _read_log(path)[offset:].decode(errors="replace")
+    try:
+        text = path.read_bytes()[offset:].decode(errors="replace")
+    except OSError:
+        return ""
     found = [_LOG_PREFIX.sub(r"[\1] ", ln) for ln in text.splitlines() if ln.strip()]
     return " | ".join(found[-lines:])
 
@@ -289,7 +282,7 @@ def start_fleet_proxy(
     _check_conf(binary, prefix, conf)
     _check_can_listen(listen_host, listen_port)
     error_log = prefix / "logs" / "error.log"
-    log_offset = len(_read_log(error_log))
+    log_offset = error_log.stat().st_size if error_log.is_file() else 0
     proxy = procs.start("Fleet API proxy (nginx)", [*_nginx_cmd(binary, prefix, conf), "-g", "daemon off;"],
                         log_path=prefix / "logs" / "nginx.out")
     wildcard = {"0.0.0.0": LOOPBACK, "::": "::1", "[::]": "::1"}

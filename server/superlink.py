@@ -181,11 +181,6 @@ def _register_site(env: dict[str, str], public_key: Path) -> str:
     return str(flwr_cli(["supernode", "register", str(public_key), CONNECTION], env)["node-id"])
 
 
-def _unregister_node(env: dict[str, str], node_id: str) -> None:
-    """Unregister node ``node_id`` from the SuperLink: its key is refused from now on."""
-    flwr_cli(["supernode", "unregister", node_id, CONNECTION], env)
-
-
 def sync_live_superlink(workdir: Path, *, add: dict[str, Path] | None = None, drop: tuple[str, ...] = ()) -> bool:
     """Tell this workdir's running SuperLink about new and removed sites; False when none runs (nothing done).
 
@@ -211,7 +206,7 @@ def sync_live_superlink(workdir: Path, *, add: dict[str, Path] | None = None, dr
     nodes: dict[str, str] = state.setdefault("nodes", {})
     for site in drop:
         if node_id := nodes.pop(site, ""):
-            _unregister_node(env, node_id)
+            flwr_cli(["supernode", "unregister", node_id, CONNECTION], env)  # its key is refused from now on
             log.info("Unregistered site %s (node %s) from the running SuperLink", site, node_id)
     for site, public_key in (add or {}).items():
         nodes[site] = _register_site(env, public_key)
@@ -259,7 +254,7 @@ def register_enrolled(env: dict[str, str], workdir: Path, enrolled: dict[str, di
     for site, old in known.items():
         if site not in enrolled or enrolled[site]["fingerprint"] != old.get("fingerprint"):
             try:  # removed or re-keyed while the coordinator was down
-                _unregister_node(env, old["node-id"])
+                flwr_cli(["supernode", "unregister", old["node-id"], CONNECTION], env)
             except FederationError as exc:
                 log.warning("Could not unregister the old key of site %s (node %s): %s", site, old["node-id"], exc)
     nodes = {}

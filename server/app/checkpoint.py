@@ -66,8 +66,6 @@ def save_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, metadata: 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Weights and metadata of a checkpoint."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    return load_file(str(path)), metadata
+        return f.get_tensors(), dict(f.metadata() or {})

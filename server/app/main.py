@@ -35,36 +35,34 @@ PLAIN_AGGREGATION_WARNING = (
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds (from the last completed one when resuming) and write the run report."""
-    from common.models import build_model
+    from common.weights import model_for_run, run_init_weights
 
     use_flower_log_handlers("server", "common")
     run, launch = RunConfig.from_flower(context.run_config), Launch.from_flower(context.run_config)
     folder = launch.run_folder(context.run_id)
     run_dir, run_id = folder.path, launch.run_id(context.run_id)
-    transport = launch.transport or "unknown"
     aggregation = "SecAgg+" if run.secagg.enabled else f"plain {run.rounds.aggregation} (no secure aggregation)"
+    transport = f"{launch.transport or 'unknown'}; {aggregation}"
     config = {k: v for k, v in context.run_config.items() if k != RESUME_RUN_ID_KEY}
-    model = build_model(run.model, image_size=run.preprocess.image_size, num_classes=len(run.classes), seed=run.seed)
+    model = model_for_run(run)
     weights = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     saved: OrderedDict[str, torch.Tensor] | None = None
     if launch.resume_run_id:
         state = load_state(run_dir)
         report = RunReport.load(run_dir, keep_rounds=state.completed_round)
         report.status = "running"
-        report.transport = f"{transport}; {aggregation}"
+        report.transport = transport
         saved = load_weights(run_dir, state)
         if saved is not None:
             weights = OrderedDict((k, saved[k]) for k in weights)
         first, segments = state.completed_round + 1, list(state.segments)
         log.info("Resuming run %s at round %d of %d (Flower run %d)", run_id, first, run.num_server_rounds, context.run_id)
     else:
-        report = RunReport(run_dir=run_dir, run_id=int(run_id), config=config, transport=f"{transport}; {aggregation}",
+        report = RunReport(run_dir=run_dir, run_id=int(run_id), config=config, transport=transport,
                            kind="simulation" if launch.sim_sites else "deployment")
         first, segments = 1, []
     segments.append({"flower-run-id": context.run_id, "first-round": first, "started": time.time()})
     if saved is None and launch.init_weights.path:  # --init-weights, checked by the launcher; a checkpoint wins
-        from common.weights import run_init_weights
-
         weights = run_init_weights(launch, model=model)
     if not transport.startswith(("tls", "simulation")):
         log.warning(INSECURE_WARNING)

@@ -57,14 +57,10 @@ def _spread(series: Mapping[str, list[Point]], rounds: Iterable[int]) -> dict[st
             if value is not None:
                 by_round.setdefault(r, []).append(value)
     ordered = sorted(by_round)
-    out: dict[str, list[Any]] = {"rounds": ordered, "min": [], "median": [], "max": [], "sites": []}
-    for r in ordered:
-        values = by_round[r]
-        out["min"].append(min(values) if values else None)
-        out["median"].append(float(statistics.median(values)) if values else None)
-        out["max"].append(max(values) if values else None)
-        out["sites"].append(len(values))
-    return out
+    columns = [by_round[r] for r in ordered]
+    return {"rounds": ordered, "min": [min(v) if v else None for v in columns],
+            "median": [float(statistics.median(v)) if v else None for v in columns],
+            "max": [max(v) if v else None for v in columns], "sites": [len(v) for v in columns]}
 
 
 def _entries(report: Mapping[str, Any], key: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
@@ -185,7 +181,8 @@ def _new_figure(title: str) -> tuple[Figure, Axes]:
     return fig, ax
 
 
-def _round_axis(ax: Axes, rounds: list[int]) -> None:
+def _finish_axes(ax: Axes, rounds: list[int]) -> None:
+    """Round numbers on the x axis, and a legend right of the axes (shrunk to leave it room: measured, not guessed)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel("round")
@@ -195,22 +192,18 @@ def _round_axis(ax: Axes, rounds: list[int]) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if rounds:
         ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
-
-
-def _empty(ax: Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize="large", color="0.4")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _legend(ax: Axes) -> None:
-    """A legend right of the axes; the axes shrink to leave it room (measured, not guessed)."""
     if not ax.get_legend_handles_labels()[0]:
         return
     legend = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     fig = cast("Figure", ax.get_figure())
     width = legend.get_window_extent().width / (fig.get_figwidth() * fig.dpi)
     fig.subplots_adjust(right=max(0.5, 0.98 - width - 0.02))
+
+
+def _empty(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize="large", color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _draw_spread(ax: Axes, spread: Mapping[str, list[Any]], *, color: Any) -> None:
@@ -244,8 +237,7 @@ def _draw_auroc(series: Mapping[str, Any], colors: Mapping[str, Any], title: str
     ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1.0, label="chance")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("AUROC (validation)")
-    _round_axis(ax, series["rounds"])
-    _legend(ax)
+    _finish_axes(ax, series["rounds"])
     return fig
 
 
@@ -260,8 +252,7 @@ def _draw_epsilon(series: Mapping[str, Any], colors: Mapping[str, Any], title: s
         ax.axhline(line["value"], color=color, linestyle="--", linewidth=1.2, label=line["label"])
     ax.set_ylim(bottom=0)
     ax.set_ylabel("ε (cumulative over the site's runs)")
-    _round_axis(ax, series["rounds"])
-    _legend(ax)
+    _finish_axes(ax, series["rounds"])
     return fig
 
 
@@ -279,8 +270,7 @@ def _draw_participation(series: Mapping[str, list[int]], title: str) -> Figure:
         bottom = [b + v for b, v in zip(bottom, series[key], strict=True)]
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("sites")
-    _round_axis(ax, series["rounds"])
-    _legend(ax)
+    _finish_axes(ax, series["rounds"])
     return fig
 
 

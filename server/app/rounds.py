@@ -18,7 +18,6 @@ own loop over the same strategy hooks (:class:`server.app.strategy.FedradFedAvg`
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -30,6 +29,7 @@ from common import records
 from common.config import RunConfig
 from common.errors import FederationError
 from common.processes import wait_until
+from server.app.learning import finite_number
 from server.app.strategy import FedradFedAvg, Names, RoundBook
 
 if TYPE_CHECKING:
@@ -69,34 +69,28 @@ def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, server_round: 
     seen: list[int] = []  # the nodes connected at the last look
     logged = [-1]  # how many were connected when that was last logged
 
-    def enough() -> tuple[list[int]] | None:
+    def enough() -> list[int] | None:
         seen[:] = sorted(grid.get_node_ids())
         if len(seen) >= min_sites:
-            return (list(seen),)  # a tuple: truthy even for an empty list
+            return list(seen)  # not empty: min-sites is at least 1
         if len(seen) != logged[0]:
             log.info("Round %d: waiting for sites: %d connected, %d needed", server_round, len(seen), min_sites)
             logged[0] = len(seen)
         return None
 
     try:
-        found = cast("tuple[list[int]]", wait_until(enough, timeout=timeout, interval=poll, what="sites to join"))
+        return cast("list[int]", wait_until(enough, timeout=timeout, interval=poll, what="sites to join"))
     except TimeoutError:
         raise RunStopped(
             f"Round {server_round}: only {len(seen)} of the {min_sites} sites needed (min-sites) were connected "
             f"after waiting {timeout:g} s (join-timeout)"
         ) from None
-    return found[0]
 
 
 def _expires(messages: Iterable[Message], ttl: float) -> list[Message]:
     """The messages with a TTL of the round deadline: after it the SuperLink drops them and their replies."""
     return [Message(content=m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type,
                     ttl=ttl, group_id=m.metadata.group_id) for m in messages]
-
-
-def _count_ok(value: object) -> bool:
-    """A reply's example count: a finite number >= 0 (it weighs the site's update)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def destinations(messages: list[Message]) -> dict[str, int]:
@@ -206,7 +200,8 @@ class PlainRounds:
                 continue
             metrics = msg.content.get(records.METRICS, {})
             site_record = msg.content.get(records.SITE, {})
-            if records.DECLINED not in site_record and not _count_ok(metrics.get(records.NUM_EXAMPLES)):
+            count = finite_number(metrics.get(records.NUM_EXAMPLES))  # it weighs the site's update
+            if records.DECLINED not in site_record and (count is None or count < 0):
                 book.reject(name, f"no usable example count ({metrics.get(records.NUM_EXAMPLES)!r})")
                 continue
             if not book.reply(name, metrics, site_record):

@@ -30,7 +30,7 @@ from server.app.strategy import SITE_FACTS, RoundBook
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from flwr.app import ArrayRecord, Context, Message
+    from flwr.app import Context, Message
     from flwr.serverapp import Grid
 
     from server.app.strategy import FedradFedAvg
@@ -75,9 +75,7 @@ class SecureFedAvg(LegacyFedAvg):
         FederationError
             When no site trained for another reason, or the sum's arrays do not match the model's keys.
         """
-        book = RoundBook(server_round)
-        for name, reason in self.dropped.items():
-            book.fail(name, reason)
+        book = RoundBook(server_round, self.dropped)
         trained: list[FitRes] = []
         for proxy, fitres in results:
             metrics = dict(fitres.metrics)
@@ -86,13 +84,11 @@ class SecureFedAvg(LegacyFedAvg):
             metrics.setdefault(records.NUM_EXAMPLES, fitres.num_examples)
             if book.reply(name, metrics, site):
                 trained.append(fitres)
-        state = None
-        if trained and sum(f.num_examples for f in trained) > 0:
-            # SecAgg+ gives every result the same unmasked weighted mean.
-            state = self.to_state(parameters_to_ndarrays(trained[0].parameters))
+        total = sum(f.num_examples for f in trained)
+        # SecAgg+ gives every result the same unmasked weighted mean.
+        state = self.to_state(parameters_to_ndarrays(trained[0].parameters)) if total > 0 else None
         book.close(self.report, state)
         assert state is not None  # close() raised otherwise
-        total = sum(f.num_examples for f in trained)
         return ndarrays_to_parameters([t.numpy() for t in state.values()]), {"examples": total}
 
     def to_state(self, arrays: list[np.ndarray]) -> OrderedDict[str, torch.Tensor]:
@@ -169,9 +165,7 @@ class FedradSecAggPlus(SecAggPlusWorkflow):
 
         halt = flower.run_secaggplus_stages(self, tracking, context, before_unmask=before_unmask)  # type: ignore[arg-type, unused-ignore]
         if halt is not None:
-            book = RoundBook(server_round)
-            for name, reason in tracking.dropped.items():
-                book.fail(name, reason)
+            book = RoundBook(server_round, tracking.dropped)
             strategy.report.record_train(server_round, site_metrics={}, declined={}, failed=book.failed, checkpoint=None)
             raise SecAggHalted(
                 f"Round {server_round}: secure aggregation stopped at stage {tracking.stage}: "
@@ -188,8 +182,7 @@ def evaluate_workflow(evaluator: FedradFedAvg, keys: list[str]) -> Callable[[Gri
 
         server_round = flower.current_round(context)
         strategy: SecureFedAvg = context.strategy  # type: ignore[assignment, unused-ignore]
-        state = strategy.to_state(flower.global_arrays(context))
-        arrays: ArrayRecord = ArrayRecord(state)
+        arrays = ArrayRecord(strategy.to_state(flower.global_arrays(context)))
         messages = evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
         if not messages:
             return

@@ -119,13 +119,15 @@ class RoundBook:
     """What one training round brought in, site by site: trained updates, declines (a site's own budget
     decision), failures and rejections. :meth:`close` checkpoints and reports the round."""
 
-    def __init__(self, server_round: int) -> None:
+    def __init__(self, server_round: int, dropped: Mapping[str, str] | None = None) -> None:
         self.server_round = server_round
         self.site_metrics: dict[str, dict[str, Any]] = {}
         self.declined: dict[str, str] = {}
         self.failed: dict[str, str] = {}
         self.rejected: dict[str, str] = {}
         self.rejected_metrics: dict[str, dict[str, Any]] = {}
+        for name, reason in (dropped or {}).items():  # sites known to have dropped out already
+            self.fail(name, reason)
 
     def fail(self, name: str, reason: str) -> None:
         """Book site ``name`` as having not trained this round (``reason``: deadline, lost connection...) and log it."""

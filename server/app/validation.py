@@ -243,9 +243,7 @@ def aggregate(
     for name, template in first.items():
         values = [state[name].detach().to(device=template.device, dtype=torch.float64) for state in states]
         if method == "fedavg":
-            combined = torch.zeros_like(values[0])
-            for value, weight in zip(values, weights, strict=True):
-                combined += value * weight
+            combined = sum((v * w for v, w in zip(values, weights, strict=True)), torch.zeros_like(values[0]))
         else:
             ordered = torch.sort(torch.stack(values), dim=0).values
             if method == "trimmed-mean":

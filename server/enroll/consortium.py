@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from common.config import site_name
 from common.errors import ConfigError
 from common.files import write_atomic
@@ -205,8 +207,8 @@ class Consortium:
             _, ca_cert = self.ca.load_or_create()
             kit, sites[site] = write_kit(self.kits_dir, site, address=address, ca_pem=cert_pem(ca_cert), data=settings)
             self._save_sites(sites)
-            if data is not None:
-                self._save_settings(settings)
+            if data is not None:  # recorded as the consortium's: every later kit carries them
+                write_atomic(self.data_path, tomli_w.dumps(settings), mode=0o644)
         if rekey:
             logger.info("Re-keyed site %s: key %s replaces %s", site, sites[site]["fingerprint"],
                         old.get("fingerprint"))
@@ -267,9 +269,3 @@ class Consortium:
                 pairs, ", ".join(others), pairs,
             )
         return settings
-
-    def _save_settings(self, settings: dict[str, Any]) -> None:
-        """Record ``settings`` as the consortium's data settings (lock held)."""
-        import tomli_w
-
-        write_atomic(self.data_path, tomli_w.dumps(settings), mode=0o644)
