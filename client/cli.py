@@ -50,23 +50,10 @@ RUN_CONFIG_HELP = (
 
 def _data_settings(items: list[str] | None, *, kit: Kit | None) -> dict[str, dict[str, Any]]:
     """Every data setting → ``{"value": ..., "from": "-c" | "kit" | "default"}``: ``-c`` wins, then the kit's."""
-    given = parse_data_args(items)
-    layers = (("-c", given), ("kit", kit.data if kit is not None and kit.data else {}),
+    layers = (("-c", parse_data_args(items)), ("kit", kit.data if kit is not None and kit.data else {}),
               ("default", check_data_settings({})))
     return {key: next({"value": values[key], "from": source} for source, values in layers if key in values)
             for key in DATA_KEYS}
-
-
-def _check_data(site: SiteConfig, settings: dict[str, dict[str, Any]], *, workers: int) -> dict[str, Any]:
-    """Check and cache the site's data with ``settings``; the data report, with ``site`` and ``settings``."""
-    from client.data.dataset import load_site_data
-
-    run = RunConfig.from_flower({key: setting["value"] for key, setting in settings.items()})
-    data = load_site_data(
-        data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess, classes=run.classes,
-        val_fraction=run.val_fraction, seed=run.seed, workers=workers, require_usable=False,
-    )
-    return {"site": site.site, **data.report, "settings": settings}
 
 
 @cli.command()
@@ -143,7 +130,11 @@ def join(
 
     settings = _data_settings(run_config, kit=site_kit)
     log.info("Site %s data settings: %s", site_cfg.site, _describe_settings(settings))
-    report = _check_data(site_cfg, settings, workers=workers)
+    from client.app.site import open_data
+
+    site_data = open_data(site_cfg, RunConfig.from_flower({key: s["value"] for key, s in settings.items()}),
+                          workers=workers, require_usable=False)
+    report = {"site": site_cfg.site, **site_data.report, "settings": settings}
     if check:
         if json_output:
             print(json.dumps(json_safe(report), indent=2, allow_nan=False))

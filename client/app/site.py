@@ -15,7 +15,7 @@ from client.app.replay import UpdateStore, weights_digest
 from common import records
 from common.config import RunConfig, SiteConfig
 from common.errors import DataError, PrivacyBudgetExceeded
-from common.ledger import Entry, Ledger, Plan, key_fingerprint, load_public_key, verify
+from common.ledger import Entry, Ledger, Plan, Row, key_fingerprint, load_public_key, verify
 from common.privacy import DPEvent, Epsilons, calibrate_noise, epsilons, poisson_sample_rate, steps_per_epoch
 
 if TYPE_CHECKING:
@@ -68,23 +68,42 @@ def plan_privacy(*, site: SiteConfig, run: RunConfig, num_units: int, earlier: l
     return Plan(noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, planned_rounds=run.num_server_rounds)
 
 
-def _check_ledger(site: SiteConfig, ledger: Ledger) -> None:
-    """Refuse to train on a ledger that fails verification: it could under-count ε."""
-    rows = ledger.rows()
-    problems = verify(rows, ledger.head(), load_public_key(ledger.public_pem()))
+def _verified_rows(site: SiteConfig, ledger: Ledger) -> list[Row]:
+    """The ledger's rows; refuse to train on a ledger that fails verification: it could under-count ε."""
+    _, rows, head = ledger.snapshot()  # rows and seal read together, so a concurrent append cannot break the seal
+    problems = verify(rows, head, load_public_key(ledger.public_pem()))
     if problems:
         raise DataError(
             f"site {site.site}'s privacy ledger {ledger.path} fails verification ({problems[0]}); "
             "run `fl-audit --ledger` and restore the ledger from backup before training again"
         )
+    return rows
 
 
-def open_data(site: SiteConfig, run: RunConfig) -> SiteData:
-    """The site's data for this run, from its cache (updated first if files changed)."""
+def open_data(site: SiteConfig, run: RunConfig, *, workers: int = 0, require_usable: bool = True) -> SiteData:
+    """The site's data for this run, from its cache (updated first if files changed).
+
+    Parameters
+    ----------
+    site
+        The site's config: its data and work folders.
+    run
+        The run config: preprocessing, classes, validation share and seed.
+    workers
+        Processes decoding DICOM when the cache is updated (0 = one per CPU core).
+    require_usable
+        Raise when nothing is left to train on; ``False`` (``fl-client --check``) returns the data with
+        ``usable`` false and the reason in its report.
+
+    Returns
+    -------
+    SiteData
+        As :func:`client.data.dataset.load_site_data` returns it.
+    """
     from client.data.dataset import load_site_data
 
     return load_site_data(data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess, classes=run.classes,
-                          val_fraction=run.val_fraction, seed=run.seed)
+                          val_fraction=run.val_fraction, seed=run.seed, workers=workers, require_usable=require_usable)
 
 
 def _setup_torch(site: SiteConfig) -> torch.device:
@@ -180,8 +199,7 @@ def train_round(
     if not site.dp:
         return _train_without_dp(site=site, run=run, server_round=server_round, weights=weights, data=data)
     ledger = Ledger(site.privacy_dir)
-    _check_ledger(site, ledger)
-    on_dataset = [row for row in ledger.rows() if row.fingerprint == data.fingerprint]
+    on_dataset = [row for row in _verified_rows(site, ledger) if row.fingerprint == data.fingerprint]
     store = UpdateStore(site.work_dir)
     started_from = weights_digest(weights)
     booked = [row for row in on_dataset if row.run_id == str(run_id) and row.server_round == server_round]

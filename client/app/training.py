@@ -33,6 +33,7 @@ import numpy as np
 
 from client.app.augment import augment_batch
 from common.config import AugmentConfig
+from common.errors import ConfigError
 from common.privacy import DPEvent
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ class TrainOutcome:
 def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     import torch
-
-    from common.errors import ConfigError
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

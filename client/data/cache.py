@@ -154,19 +154,17 @@ def read_details(folder: Path, index: dict[str, Any]) -> dict[str, dict[str, Any
     return details["files"]
 
 
-def _open_store(folder: Path, index: dict[str, Any]) -> np.ndarray | None:
-    """``images.npy`` memory-mapped, or ``None`` when it is missing or has other rows than the index says."""
+def _open_store(folder: Path, index: dict[str, Any], config: PreprocessConfig) -> np.ndarray | None:
+    """``images.npy`` memory-mapped, or ``None`` when it is missing or has another shape than the index says."""
     try:
         store = np.load(folder / IMAGES, mmap_mode="r")
     except (OSError, ValueError):
         return None
     expected = sum(rows[1] for rows in index["rows"] if rows)
-    return store if store.ndim == 4 and store.shape[0] == expected else None
+    return store if store.shape == (expected, 1, config.image_size, config.image_size) else None
 
 
-def _is_fresh(index: dict[str, Any] | None, files: dict[str, list[int] | None], config: PreprocessConfig) -> bool:
-    if index is None or index.get("preprocess") != config.key():
-        return False
+def _is_fresh(index: dict[str, Any], files: dict[str, list[int] | None]) -> bool:
     if any(reason.startswith(RETRYABLE) for reason in index["reasons"].values()):
         return False  # e.g. a decoder plugin was missing: try those files again
     return index["paths"] == list(files) and index["states"] == list(files.values())
@@ -188,8 +186,6 @@ def _entries(index: dict[str, Any], details: dict[str, dict[str, Any]]) -> dict[
 
 
 def _write_index(folder: Path, *, config: PreprocessConfig, data_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    ok = {rel: e for rel, e in entries.items() if e["status"] == "ok"}
-
     def column(field: int) -> list[str]:
         return [e["info"][field] if e["status"] == "ok" else "" for e in entries.values()]
 
@@ -214,7 +210,8 @@ def _write_index(folder: Path, *, config: PreprocessConfig, data_dir: Path, entr
         "build": build,
         "files": {
             rel: {"info": e["info"], "stats": e["stats"], "reader": e["reader"], "warnings": e["warnings"]}
-            for rel, e in ok.items()
+            for rel, e in entries.items()
+            if e["status"] == "ok"
         },
     }
     (folder / DETAILS).write_text(json.dumps(details, separators=(",", ":")))
@@ -344,9 +341,8 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
         old = read_index(folder)
         if old is not None and old.get("preprocess") != config.key():
             old = None
-        if _is_fresh(old, files, config):
-            assert old is not None
-            store = _open_store(folder, old)
+        if old is not None and _is_fresh(old, files):
+            store = _open_store(folder, old, config)
             if store is not None:
                 return CacheUpdate(folder, old, store, 0, len(files))
             old = None  # images.npy is missing or does not match the index: rebuild
@@ -356,7 +352,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
             old_entries: dict[str, Any] = _entries(old, read_details(folder, old)) if old else {}
         except (DataError, KeyError, IndexError, TypeError):
             old, old_entries = None, {}  # an unreadable cache is rebuilt, not trusted
-        old_store = _open_store(folder, old) if old else None
+        old_store = _open_store(folder, old, config) if old else None
         if old is not None and old_store is None:
             old, old_entries = None, {}
         by_sha = {
@@ -380,7 +376,6 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
             # Decoded frames stream to disk as they arrive, so memory stays bounded
             # whatever the archive size; they are assembled below.
             new_rows: dict[str, int] = {}  # a decoded file's first row in new-frames.raw
-            shape: tuple[int, ...] | None = tuple(old_store.shape[1:]) if old_store is not None else None
             with open(tmp / "new-frames.raw", "wb") as raw:
                 written = 0
                 for (rel, _, _), (entry, frames) in zip(
@@ -391,7 +386,6 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
                         reused += 1
                     elif entry["status"] == "ok":
                         assert frames is not None
-                        shape = tuple(frames.shape[1:])
                         raw.write(np.ascontiguousarray(frames, dtype=np.float32).tobytes())
                         new_rows[rel] = written
                         entry["frames"] = int(frames.shape[0])
@@ -399,7 +393,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
                         decoded += 1
                     entries[rel] = entry
             entries = {rel: entries[rel] for rel in files}  # the scan's order: what the freshness check compares
-            shape = shape or (1, config.image_size, config.image_size)
+            shape = (1, config.image_size, config.image_size)  # every decoded frame, and every cached one
             new_store = np.memmap(tmp / "new-frames.raw", dtype=np.float32, mode="r", shape=(written, *shape)) if written else None
             total = sum(e["frames"] for e in entries.values() if e["status"] == "ok")
             store = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.float32, shape=(total, *shape))
@@ -422,7 +416,7 @@ def update_cache(*, data_dir: Path, work_dir: Path, config: PreprocessConfig, wo
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        store = _open_store(folder, index)
+        store = _open_store(folder, index, config)
         assert store is not None
     rejected = sum(e["status"] == "rejected" for e in entries.values())
     log.info("Cache %s: %d files decoded, %d reused, %d rejected", folder.name, decoded, reused, rejected)

@@ -81,11 +81,7 @@ def patient_split(patients: tuple[str, ...] | list[str], *, val_fraction: float,
     """
     unique = sorted(set(patients))
     order = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}|{p}".encode()).hexdigest())
-    n_val = round(len(unique) * val_fraction)
-    if len(unique) >= 2:
-        n_val = min(max(n_val, 1), len(unique) - 1)
-    else:
-        n_val = 0
+    n_val = min(max(round(len(unique) * val_fraction), 1), len(unique) - 1) if len(unique) >= 2 else 0
     val_patients = set(order[:n_val])
     is_val = np.array([p in val_patients for p in patients], dtype=bool)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
@@ -130,29 +126,27 @@ def load_site_data(
     labels = read_labels(data_dir, classes=classes)  # fail fast, before any decoding
     update = update_cache(data_dir=data_dir, work_dir=work_dir, config=config, workers=workers)
     store, index = update.store, update.index  # opened under the cache lock: they match
-    paths, status, sha, index_rows = index["paths"], index["status"], index["sha256"], index["rows"]
+    paths, sop, sha, index_rows = index["paths"], index["sop"], index["sha256"], index["rows"]
     key_column = index[KEY_COLUMNS[labels.key]]
+    ok = [i for i, status in enumerate(index["status"]) if status == "ok"]
 
     rejected: dict[str, str] = dict(index["reasons"])
     # Duplicates (one SOPInstanceUID, several files) keep one file: the first
     # with a usable label, else the first; the others are rejected.
     keep: dict[str, int] = {}
-    for i, uid in enumerate(index["sop"]):
-        if status[i] != "ok":
-            continue
-        if uid not in keep or (labels.by_key.get(key_column[keep[uid]]) is None and labels.by_key.get(key_column[i]) is not None):
-            keep[uid] = i
+    for i in ok:
+        first = keep.get(sop[i])
+        if first is None or (labels.by_key.get(key_column[first]) is None and labels.by_key.get(key_column[i]) is not None):
+            keep[sop[i]] = i
     accepted: list[tuple[int, int]] = []  # (file index, label)
     matched_keys: set[str] = set()
     unlabelled = duplicates = 0
-    for i, uid in enumerate(index["sop"]):
-        if status[i] != "ok":
-            continue
-        if keep[uid] != i:
+    for i in ok:
+        if keep[sop[i]] != i:
             duplicates += 1
             rejected[paths[i]] = (
                 "duplicate file (identical copy of another file)"
-                if sha[keep[uid]] == sha[i]
+                if sha[keep[sop[i]]] == sha[i]
                 else "duplicate SOPInstanceUID (another file has the same image UID)"
             )
             continue
@@ -219,8 +213,7 @@ def _counts(values: Any) -> dict[str, int]:
 
 
 def _class_counts(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:
-    counts = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), dtype=int)
-    return {name: int(counts[i]) for i, name in enumerate(classes)}
+    return dict(zip(classes, np.bincount(labels, minlength=len(classes)).tolist(), strict=False))
 
 
 def _report(
@@ -258,15 +251,11 @@ def _report(
         warnings.append(f"{without_id} image file(s) without PatientID: grouped by study for the split")
     if unmatched:
         warnings.append(f"{len(unmatched)} label(s) in {LABELS_FILE} match no accepted file")
-    usable = not problems
     n_images = len(image_labels)
-    summary = (
-        f"{seen} files seen, {accepted} accepted ({n_images} images), {len(rejected)} rejected"
-        if usable
-        else problems[0]
-    )
+    summary = (problems[0] if problems
+               else f"{seen} files seen, {accepted} accepted ({n_images} images), {len(rejected)} rejected")
     return {
-        "usable": usable,
+        "usable": not problems,
         "summary": summary,
         "problems": problems,
         "warnings": warnings,

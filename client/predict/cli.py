@@ -50,11 +50,6 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 WORK_PREFIX = ".fedrad-predict-"
 
 
-def _score_columns(classes: tuple[str, ...]) -> list[str]:
-    """``score`` (= P(class 1)) for a binary model, else ``p_<class>`` per class."""
-    return ["score"] if len(classes) == 2 else [f"p_{c}" for c in classes]
-
-
 def _number(value: float) -> str:
     return format(float(value), ".8g")  # a float32 probability, to its precision
 
@@ -62,15 +57,13 @@ def _number(value: float) -> str:
 def _render_csv(predictions: Predictions, *, threshold: float | None) -> tuple[str, int]:
     """The scores CSV and the number of images labelled positive (``classes[1]``) at ``threshold``.
 
-    Columns: ``file, frame, status, reason, sop_instance_uid``, the score
-    column(s), then ``label`` (binary with a threshold: ``classes[1]`` when
-    score >= threshold, else ``classes[0]``; multi-class: the most probable class).
+    ``label``: binary with a threshold, ``classes[1]`` when score >= threshold; multi-class, the most probable class.
     """
     classes = predictions.classes
     binary = len(classes) == 2
     with_label = threshold is not None or not binary
-    columns = [*_score_columns(classes), *(["label"] if with_label else [])]
-    header = ["file", "frame", "status", "reason", "sop_instance_uid", *columns]
+    scores = ["score"] if binary else [f"p_{c}" for c in classes]  # score = P(class 1)
+    header = ["file", "frame", "status", "reason", "sop_instance_uid", *scores, *(["label"] if with_label else [])]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

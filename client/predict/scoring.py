@@ -24,11 +24,7 @@ OK, REJECTED = "ok", "rejected"
 def _predict_probs(
     model: nn.Module, *, images: np.ndarray, device: torch.device, num_classes: int, batch_size: int
 ) -> np.ndarray:
-    """Class probabilities ``(n, num_classes)`` float32 of ``model`` in eval mode, as evaluation computes them.
-
-    Binary models have one logit: ``P(class 1) = sigmoid(logit)``; otherwise softmax over the logits.
-    ``images`` (e.g. the memory-mapped cache) are read batch by batch, never written.
-    """
+    """Class probabilities ``(n, num_classes)`` float32 of ``model`` in eval mode, as evaluation computes them."""
     import torch
 
     model = model.to(device).eval()
@@ -166,15 +162,11 @@ def labelled_auroc(data_dir: Path, predictions: Predictions, index: dict[str, An
     except DataError as exc:
         log.warning("%s not used for AUROC: %s", LABELS_FILE, exc)
         return None
-    keys = index[KEY_COLUMNS[labels.key]]
-    by_path = {rel: i for i, rel in enumerate(index["paths"])}
     targets: list[int] = []
     scores: list[np.ndarray] = []
-    for result in predictions.files:
-        if result.probs is None:
-            continue
-        label = labels.by_key.get(keys[by_path[result.file]])
-        if label is not None:
+    for result, key in zip(predictions.files, index[KEY_COLUMNS[labels.key]], strict=True):  # one file per path
+        label = labels.by_key.get(key)
+        if result.probs is not None and label is not None:
             targets += [label] * len(result.probs)
             scores.append(result.probs)
     if not targets or len(set(targets)) < len(classes):

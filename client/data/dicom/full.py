@@ -21,11 +21,8 @@ if TYPE_CHECKING:
 
 
 def _frame_view(ds: Dataset, index: int) -> Dataset:
-    """A dataset with the LUT attributes that apply to frame ``index``.
-
-    Enhanced multi-frame objects keep Rescale and Window per frame (or shared)
-    in functional groups; classic objects at the top level.
-    """
+    """A dataset with the LUT attributes that apply to frame ``index``: at the top level of classic objects, in
+    per-frame (or shared) functional groups of enhanced multi-frame ones."""
     from pydicom.dataset import Dataset
 
     view = Dataset()
