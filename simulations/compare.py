@@ -85,24 +85,21 @@ def compare(sc: Scenario, *, arms: Sequence[str] = ARMS, epsilons: Sequence[floa
     workdir, runs_dir = workdir.resolve(), runs_dir.resolve()
     run = checked_run_config(run_overrides(sc, workdir=workdir, runs_dir=runs_dir, table=workdir / "unused.json"))
     results: list[ArmResult] = []
-    pretrained: tuple[Path, ArmResult] | None = None
+    pretrained: tuple[Scenario, ArmResult] | None = None
     if "public-pretrain" in arms:  # first: a weights file the federation cannot use fails before any long run
-        pretrained = _public_pretrain(sc, run, workdir, echo)
-        run_overrides(replace(sc, run={**sc.run, "init-weights": str(pretrained[0])}), workdir=workdir,
-                      runs_dir=runs_dir, table=workdir / "unused.json")
-    for arm in ARMS:
-        if arm not in arms:
-            continue
+        weights, public_only = _public_pretrain(sc, run, workdir, echo)
+        pretrained = replace(sc, run={**sc.run, "init-weights": str(weights)}), public_only
+        run_overrides(pretrained[0], workdir=workdir, runs_dir=runs_dir, table=workdir / "unused.json")
+    for arm in (a for a in ARMS if a in arms):
         echo(f"--- arm: {arm}")
         if arm in ("pooled", "local"):
             results.append(_baseline(arm, sc, run, workdir))
         else:
             start = sc
             if arm == "public-pretrain" and pretrained is not None:
-                weights, only = pretrained
+                start, only = pretrained
                 results.append(only)
                 echo(f"{only.label}: pooled AUROC {cell(only, 'auroc')} ({only.seconds:.0f} s)")
-                start = replace(sc, run={**sc.run, "init-weights": str(weights)})
             for eps in epsilons if arm in DP_ARMS else (None,):  # without DP: one run, no ε
                 results.append(_federated(arm, start, epsilon=eps, repeats=repeats, workdir=workdir,
                                           runs_dir=runs_dir, progress=progress, verbose=verbose, echo=echo))
@@ -114,12 +111,16 @@ def compare(sc: Scenario, *, arms: Sequence[str] = ARMS, epsilons: Sequence[floa
     return Comparison(folder=folder, arms=results, markdown_table=table)
 
 
-def _site_configs(sc: Scenario, workdir: Path, run: RunConfig) -> list[SiteConfig]:
+def _site_data(sc: Scenario, workdir: Path, run: RunConfig) -> dict[str, Any]:
+    """Site name → its data, opened as the site opens it (without DP)."""
+    from client.app.site import open_data
+
     data_dirs = prepare_data(sc.sites, workdir, classes=run.classes)
     sites_dir = workdir / "sites" / sc.sites.data_key()
     warm_caches(data_dirs, sites_dir, run)
     rows = site_rows(sc, data_dirs, sites_dir=sites_dir, ledgers_dir=workdir / "ledgers" / "baselines")
-    return [SiteConfig.from_flower({**r, "dp": False}) for r in rows]
+    configs = [SiteConfig.from_flower({**r, "dp": False}) for r in rows]
+    return {c.site: open_data(c, run) for c in configs}
 
 
 def _train_central(run: RunConfig, parts: list[Any], *, seed: int) -> Any:
@@ -153,11 +154,10 @@ def _statistics(model: Any, data: Any, run: RunConfig) -> dict[str, list[int]]:
 
     from client.app.evaluation import evaluate
 
-    outcome = evaluate(
+    return evaluate(
         model, images=data.images(data.validation), labels=data.labels[data.validation],
         device=torch.device("cpu"), num_classes=len(run.classes),
-    )
-    return outcome.statistics
+    ).statistics
 
 
 def _scored(arm: str, label: str, stats: dict[str, dict[str, list[int]]], run: RunConfig, t0: float) -> ArmResult:
@@ -170,36 +170,17 @@ def _scored(arm: str, label: str, stats: dict[str, dict[str, list[int]]], run: R
 
 def _baseline(arm: str, sc: Scenario, run: RunConfig, workdir: Path) -> ArmResult:
     """The ``pooled`` arm (one model on every site's split) or ``local`` (one per site, scored on its own)."""
-    from client.app.site import open_data
-
     t0 = time.monotonic()
-    configs = _site_configs(sc, workdir, run)
-    data = [open_data(c, run) for c in configs]
+    data = _site_data(sc, workdir, run)
     stats: dict[str, dict[str, list[int]]] = {}
     if arm == "pooled":
-        model = _train_central(run, data, seed=run.seed)
-        stats = {c.site: _statistics(model, d, run) for c, d in zip(configs, data, strict=True)}
+        model = _train_central(run, list(data.values()), seed=run.seed)
+        stats = {name: _statistics(model, d, run) for name, d in data.items()}
     else:
-        for i, (c, d) in enumerate(zip(configs, data, strict=True)):
-            stats[c.site] = _statistics(_train_central(run, [d], seed=run.seed + i), d, run)
+        for i, (name, d) in enumerate(data.items()):
+            stats[name] = _statistics(_train_central(run, [d], seed=run.seed + i), d, run)
     label = "pooled (centralised, no DP)" if arm == "pooled" else "local only (each site alone, no DP)"
     return _scored(arm, label, stats, run, t0)
-
-
-def _one_run(arm: str, sc: Scenario, *, workdir: Path, runs_dir: Path, progress: bool, verbose: bool,
-             echo: Callable[[str], None]) -> Draw:
-    """One simulated federation (a real fl-sim run with its own report)."""
-    result = simulate(sc, workdir=workdir, runs_dir=runs_dir, progress=progress, verbose=verbose, echo=echo)
-    report = result.report
-    if report.get("status") != "completed":
-        raise FederationError(f"the {arm} arm ended as {report.get('status')!r}; see {result.run_dir}")
-    evaluated = [r for r in report["rounds"] if "evaluate" in r]
-    last = evaluated[-1]["evaluate"]
-    return Draw(
-        pooled=dict(last["pooled"]), sites=dict(last["sites"]),
-        auroc_per_round=[r["evaluate"]["pooled"].get("auroc") for r in evaluated],
-        seconds=result.seconds, run_dir=str(result.run_dir),
-    )
 
 
 def _federated(arm: str, sc: Scenario, *, epsilon: float | None, repeats: int, workdir: Path, runs_dir: Path,
@@ -213,8 +194,16 @@ def _federated(arm: str, sc: Scenario, *, epsilon: float | None, repeats: int, w
     for i in range(runs):
         if runs > 1:
             echo(f"{arm}: draw {i + 1} of {runs}")
-        draws.append(_one_run(arm, scenario, workdir=workdir, runs_dir=runs_dir, progress=progress,
-                              verbose=verbose, echo=echo))
+        result = simulate(scenario, workdir=workdir, runs_dir=runs_dir, progress=progress, verbose=verbose, echo=echo)
+        if result.report.get("status") != "completed":
+            raise FederationError(f"the {arm} arm ended as {result.report.get('status')!r}; see {result.run_dir}")
+        evaluated = [r for r in result.report["rounds"] if "evaluate" in r]
+        last = evaluated[-1]["evaluate"]
+        draws.append(Draw(
+            pooled=dict(last["pooled"]), sites=dict(last["sites"]),
+            auroc_per_round=[r["evaluate"]["pooled"].get("auroc") for r in evaluated],
+            seconds=result.seconds, run_dir=str(result.run_dir),
+        ))
         if runs > 1:
             echo(f"{arm}: draw {i + 1}: final pooled AUROC {fmt(draws[-1].pooled.get('auroc'))}")
     eps = epsilon if epsilon is not None else max(scenario.epsilons())
@@ -243,17 +232,13 @@ def _public_pretrain(sc: Scenario, run: RunConfig, workdir: Path,
     """Pretrain without DP on :func:`public_scenario`: the weights file, and that model's own scores on the sites."""
     from safetensors.torch import save
 
-    from client.app.site import open_data
-
     t0 = time.monotonic()
     public = public_scenario(sc)
     echo(f"public-pretrain: {len(PUBLIC_SITES)} public hospitals × {public.sites.images_per_site()[0]} slices, no DP")
-    parts = [open_data(c, run) for c in _site_configs(public, workdir, run)]
-    model = _train_central(run, parts, seed=run.seed)
+    model = _train_central(run, list(_site_data(public, workdir, run).values()), seed=run.seed)
     epochs = run.num_server_rounds * run.local_epochs
     path = workdir / "pretrained" / f"{public.sites.data_key()}-{run.model}-{epochs}ep.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
-    configs = _site_configs(sc, workdir, run)
-    stats = {c.site: _statistics(model, open_data(c, run), run) for c in configs}
+    stats = {name: _statistics(model, d, run) for name, d in _site_data(sc, workdir, run).items()}
     return path, _scored("public", "public model only (no DP, no fine-tuning)", stats, run, t0)

@@ -60,6 +60,7 @@ class Federation:
                  secure: bool = True, threads: int = 1, server_cmd: Sequence[str] | None = None,
                  server_cwd: Path | None = None) -> None:
         self.root = root.resolve()
+        self.server_dir, self.logs = self.root / "server", self.root / "logs"
         self.sites = list(sites)
         self.data = {s: data[s] for s in self.sites} if isinstance(data, Mapping) else {s: data / s for s in self.sites}
         self.server_args, self.client_args = list(server_args), client_args
@@ -72,16 +73,6 @@ class Federation:
         self.clients: dict[str, ManagedProcess] = {}
         self.pids: set[int] = set()  # every PID seen: what was started and its children
         self.env = {**os.environ, "FLWR_HOME": str(self.root / "flwr-home")}
-
-    @property
-    def server_dir(self) -> Path:
-        """The coordinator's work folder, ``<root>/server``."""
-        return self.root / "server"
-
-    @property
-    def logs(self) -> Path:
-        """The folder of every process's log, ``<root>/logs``."""
-        return self.root / "logs"
 
     def site_dir(self, site: str) -> Path:
         """The site's work folder, ``<root>/site-<site>``."""
@@ -217,16 +208,6 @@ class Federation:
         if self.server.popen.poll() != 0:
             raise _exited("fl-server", self.server)
 
-    def crash_server(self) -> list[int]:
-        """SIGKILL the coordinator's whole process tree, frozen first: a crash, nothing cleaned up."""
-        assert self.server is not None
-        self.remember()
-        killed = crash(self.server.pid)
-        self.server.popen.wait(timeout=10)
-        wait_until(lambda: not can_connect(LOOPBACK, self.port, timeout=0.5), timeout=30, interval=0.2,
-                   what=f"the killed coordinator's port {self.port} to close")
-        return killed
-
     def run_folder(self) -> RunFolder | None:
         """The coordinator's run folder (the latest), or None before it exists."""
         found = RunFolder.in_workdir(self.server_dir)
@@ -253,12 +234,13 @@ class Federation:
             return set()
         return {int(row.server_round) for row in rows if str(row.run_id) == folder.path.name}
 
-    def crash_after(self, server_round: int, *, timeout: float,
-                    on_poll: Callable[[], object] | None = None) -> list[int]:
-        """Crash the coordinator at the worst moment for round ``server_round + 1``; the PIDs killed.
+    def crash_and_resume(self, server_round: int, *, timeout: float,
+                         on_poll: Callable[[], object] | None = None) -> dict[str, Any]:
+        """Crash the coordinator at the worst moment for round ``server_round + 1``, then ``fl-server --resume``.
 
-        Waits until the coordinator has committed ``server_round`` and a site has trained and booked
-        the next round, which the coordinator then loses, and runs :meth:`crash_server`.
+        Waits until the coordinator has committed ``server_round`` and a site has trained and booked the
+        next round, which the coordinator then loses; SIGKILLs the coordinator's whole process tree, frozen
+        first (a crash, nothing cleaned up); then resumes the run on the same port.
 
         Parameters
         ----------
@@ -269,26 +251,6 @@ class Federation:
         on_poll
             Called at every poll (see :meth:`wait`).
 
-        Raises
-        ------
-        FederationError
-            When a process exits or ``timeout`` passes before that moment (:meth:`wait`).
-        """
-        lost = server_round + 1
-        self.wait(timeout=timeout, on_poll=on_poll, what=f"round {server_round} to be committed and a site to book "
-                  f"round {lost}", until=lambda: self.completed_round() >= server_round
-                  and any(lost in self.booked(site) for site in self.sites))
-        return self.crash_server()
-
-    def crash_and_resume(self, server_round: int, *, timeout: float,
-                         on_poll: Callable[[], object] | None = None) -> dict[str, Any]:
-        """:meth:`crash_after` round ``server_round``, then ``fl-server --resume`` of the run on the same port.
-
-        Parameters
-        ----------
-        server_round, timeout, on_poll
-            As for :meth:`crash_after`.
-
         Returns
         -------
         dict
@@ -298,10 +260,19 @@ class Federation:
         Raises
         ------
         FederationError
-            When the crash moment is not reached (:meth:`wait`), or the resumed fl-server exits before it
-            listens.
+            When a process exits or ``timeout`` passes before that moment (:meth:`wait`), or the resumed
+            fl-server exits before it listens.
         """
-        killed = self.crash_after(server_round, timeout=timeout, on_poll=on_poll)
+        lost = server_round + 1
+        self.wait(timeout=timeout, on_poll=on_poll, what=f"round {server_round} to be committed and a site to book "
+                  f"round {lost}", until=lambda: self.completed_round() >= server_round
+                  and any(lost in self.booked(site) for site in self.sites))
+        assert self.server is not None
+        self.remember()
+        killed = crash(self.server.pid)
+        self.server.popen.wait(timeout=10)
+        wait_until(lambda: not can_connect(LOOPBACK, self.port, timeout=0.5), timeout=30, interval=0.2,
+                   what=f"the killed coordinator's port {self.port} to close")
         crashed_at, folder = time.monotonic(), self.run_folder()
         assert folder is not None, "a crash after a committed round leaves a run folder"
         out = {"killed": killed, "completed_round": self.completed_round(), "crashed_at": crashed_at,

@@ -11,10 +11,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.config import INIT_WEIGHTS_KEY, INIT_WEIGHTS_SHA256_KEY, LAUNCH_KEYS, Launch, RunConfig
 from common.errors import ConfigError, FederationError
@@ -23,9 +23,6 @@ from common.runfolder import RunFolder
 from simulations.runtime import SimulationMetrics, new_run_id, project_dir, run_app
 from simulations.scenario import SCENARIO_LAUNCH_KEYS, Scenario
 from simulations.sites import prepare_data, site_rows, warm_caches
-
-if TYPE_CHECKING:
-    import torch
 
 SIM_TRANSPORT = "simulation (Flower Simulation Runtime, Ray, one process)"
 
@@ -92,7 +89,11 @@ def run_overrides(sc: Scenario, *, workdir: Path, runs_dir: Path, table: Path) -
     if overrides.get(INIT_WEIGHTS_KEY):
         overrides.update(checked_init_weights(overrides, sites=sc.sites.count))
     else:
-        overrides.update(_secagg_encoding(overrides, checked_run_config(overrides), start=None, sites=sc.sites.count))
+        run = checked_run_config(overrides)
+        if run.secagg.enabled:
+            from common.weights import sized_encoding
+
+            overrides.update(sized_encoding(overrides, run=run, start=None, sites=sc.sites.count))
     return overrides
 
 
@@ -108,7 +109,7 @@ def checked_init_weights(overrides: dict[str, Any], *, sites: int | None = None)
         ``init-weights`` (the absolute path) and ``init-weights-sha256``, for the run config; with
         SecAgg+ on, also its encoding sized from these weights (an explicit one must fit them).
     """
-    from common.weights import init_weights_config, load_init_weights, model_for_run
+    from common.weights import init_weights_config, load_init_weights, model_for_run, sized_encoding
 
     path, pinned = overrides[INIT_WEIGHTS_KEY], overrides.get(INIT_WEIGHTS_SHA256_KEY) or None
     if not isinstance(path, str) or (pinned is not None and not isinstance(pinned, str)):
@@ -123,20 +124,7 @@ def checked_init_weights(overrides: dict[str, Any], *, sites: int | None = None)
         return entries
     weights, _ = load_init_weights(Path(entries[INIT_WEIGHTS_KEY]), model=model_for_run(run),
                                    expected_sha256=entries[INIT_WEIGHTS_SHA256_KEY])
-    return {**entries, **_secagg_encoding(rest, run, start=weights, sites=sites)}
-
-
-def _secagg_encoding(overrides: dict[str, Any], run: RunConfig, *, start: Mapping[str, torch.Tensor] | None,
-                     sites: int | None) -> dict[str, Any]:
-    """The run's SecAgg+ encoding, sized from ``start`` (None: the seeded model); ``{}`` without SecAgg+.
-
-    As fl-server does, an explicit range the initial weights do not fit is refused before anything runs.
-    """
-    if not run.secagg.enabled:
-        return {}
-    from common.weights import sized_encoding
-
-    return sized_encoding(overrides, run=run, start=start, sites=sites)
+    return {**entries, **sized_encoding(rest, run=run, start=weights, sites=sites)}
 
 
 def checked_run_config(overrides: dict[str, Any]) -> RunConfig:

@@ -43,18 +43,6 @@ class SimulationMetrics:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-def _vce_metrics(counters: SimulationMetrics) -> Any:
-    from common.adapters.flower import clientapp_metrics
-
-    def count(runtime: float) -> None:
-        with counters.lock:
-            counters.messages += 1
-            counters.clientapp_seconds += runtime
-            counters.finished.append((time.time(), runtime))
-
-    return clientapp_metrics(count)
-
-
 def new_run_id() -> int:
     """A random positive 63-bit run id, like Flower's own."""
     return secrets.randbits(63) or 1
@@ -83,8 +71,16 @@ def run_app(*, run_id: int, num_sites: int, run_config: dict[str, Any], concurre
     for flag in ("FLWR_TELEMETRY_ENABLED", "RAY_DEDUP_LOGS", "RAY_USAGE_STATS_ENABLED",
                  "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"):
         os.environ.setdefault(flag, "0")
-    from common.adapters.flower import run_simulation
+    from common.adapters.flower import clientapp_metrics, run_simulation
     from common.processes import descendants, stop_pids
+
+    counters = metrics or SimulationMetrics()
+
+    def count(runtime: float) -> None:
+        with counters.lock:
+            counters.messages += 1
+            counters.clientapp_seconds += runtime
+            counters.finished.append((time.time(), runtime))
 
     app_dir = project_dir()
     ray_dir = Path(tempfile.mkdtemp(prefix="fedrad-ray-"))  # short: Ray's socket paths must fit 107 bytes
@@ -101,7 +97,7 @@ def run_app(*, run_id: int, num_sites: int, run_config: dict[str, Any], concurre
         run_simulation(
             app_dir=app_dir, server_app_attr="server.app:app", client_app_attr="client.app:app",
             run_id=run_id, task_id=new_run_id(), run_config=run_config, num_supernodes=num_sites,
-            backend_config=backend_config, metrics=_vce_metrics(metrics or SimulationMetrics()), verbose=verbose,
+            backend_config=backend_config, metrics=clientapp_metrics(count), verbose=verbose,
         )
     finally:
         # Flower shuts Ray down; whatever Ray process is still running is ours to stop (by PID).

@@ -64,16 +64,14 @@ def _scenario(name: str, sets: list[str] | None, options: dict[str, Any]) -> Sce
 
 
 def _summary(result: SimResult) -> list[str]:
+    from simulations.arms import fmt
+
     report = result.report
     final = report.get("final", {})
     lines = [
         (f"run {result.run_id}: {report.get('status')} in {result.seconds:.0f} s "
         f"({result.messages} site messages, {result.clientapp_seconds:.0f} s of site compute)")
     ]
-
-    def fmt(v: Any) -> str:
-        return "–" if v is None else f"{v:.3f}"
-
     if final:
         lines.append(
             f"pooled: AUROC {fmt(final.get('auroc'))}, sensitivity {fmt(final.get('sensitivity'))}, "

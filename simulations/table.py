@@ -31,12 +31,10 @@ def cell(arm: ArmResult, metric: str) -> str:
 
 def ratios(arm: ArmResult, ref: ArmResult | None) -> dict[str, dict[str, float | None]]:
     """Each metric over the pooled arm's: for the median draw and for the worst draw (lowest AUROC)."""
-    worst = arm.worst()
-    return {
-        "median": {m: _ratio(arm.spread(m)["median"], ref.pooled.get(m) if ref else None) for m in METRICS},
-        "worst": {m: _ratio((worst.pooled if worst else arm.pooled).get(m), ref.pooled.get(m) if ref else None)
-                  for m in METRICS},
-    }
+    base = ref.pooled if ref else {}
+    worst = (arm.worst() or arm).pooled
+    return {"median": {m: _ratio(arm.spread(m)["median"], base.get(m)) for m in METRICS},
+            "worst": {m: _ratio(worst.get(m), base.get(m)) for m in METRICS}}
 
 
 def render_table(arms: list[ArmResult]) -> str:
