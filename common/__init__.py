@@ -1,7 +1,3 @@
-"""What both sides of a fedrad federation must agree on.
-
-Model registry, typed configuration, record keys, federatable metrics,
-privacy accounting, process handling and the error hierarchy.
-"""
+"""What both sides of a fedrad federation must agree on: models, config, records, metrics, privacy, ledger, audit."""
 
 __all__: list[str] = []

@@ -1,7 +1,3 @@
-"""The coordinator side of fedrad: ServerApp, strategy, checkpoints, run report, fl-server.
-
-What runs inside the federation is in :mod:`server.app`; beside it, the launchers: the ``fl-server`` CLI,
-the coordinator and SuperLink processes, the nginx proxy and enrollment (:mod:`server.enroll`).
-"""
+"""The coordinator side of fedrad: the ServerApp (``app/``), fl-server, its SuperLink, proxy and enrollment."""
 
 __all__: list[str] = []

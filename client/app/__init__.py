@@ -1,9 +1,4 @@
-"""Code that runs inside the federation at a site: the ClientApp and what it calls.
-
-Flower loads ``client.app:app`` in a fresh process for each message. ``app`` and ``client_app`` are
-built on first access, so a launcher or benchmark that imports ``client.app.training`` does not
-import Flower.
-"""
+"""Code that runs inside the federation at a site: the ClientApp and what it calls."""
 
 from __future__ import annotations
 
@@ -13,6 +8,7 @@ __all__ = ["app", "client_app"]
 
 
 def __getattr__(name: str) -> Any:
+    """Build ``app`` on first access (once per process), so importing ``client.app.training`` does not import Flower."""
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from client.app import handlers

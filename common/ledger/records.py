@@ -1,4 +1,4 @@
-"""Ledger rows and keys: what one row holds, its canonical hash, the site's Ed25519 keys (see :mod:`common.ledger`)."""
+"""Ledger rows and keys: what one row holds, its canonical hash, the site's Ed25519 keys (design: docs/privacy.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ledger's SQLite store: one transaction per appended, signed, chained row (see :mod:`common.ledger`)."""
+"""The ledger's SQLite store: one transaction per appended, signed, chained row (design: docs/privacy.md)."""
 
 from __future__ import annotations
 

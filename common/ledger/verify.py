@@ -1,4 +1,4 @@
-"""Verifying a ledger: chain, signatures and sealed head, with the public key only (see :mod:`common.ledger`)."""
+"""Verifying a ledger: chain, signatures and sealed head, with the public key only (design: docs/privacy.md)."""
 
 from __future__ import annotations
 
