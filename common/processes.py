@@ -282,7 +282,22 @@ class ProcessSet:
         self._old_handlers: dict[int, object] = {}
 
     def start(self, name: str, cmd: Sequence[str], **kwargs: object) -> ManagedProcess:
-        """Start a :class:`ManagedProcess` (``kwargs``: its ``env``, ``log_path``, ``cwd``) and add it to the set."""
+        """Start a :class:`ManagedProcess` and add it to the set.
+
+        Parameters
+        ----------
+        name : str
+            What logs and errors call the process.
+        cmd : Sequence[str]
+            The command line.
+        **kwargs
+            :class:`ManagedProcess`'s ``env``, ``log_path`` and ``cwd``.
+
+        Returns
+        -------
+        ManagedProcess
+            The started process, stopped with the set.
+        """
         proc = ManagedProcess(name, cmd, **kwargs)  # type: ignore[arg-type]
         self.processes.append(proc)
         return proc
