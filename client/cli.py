@@ -3,7 +3,9 @@
 ``fl-client --site A --data DIR --check [--json]`` only checks and caches the
 data and prints the data report (exit 0 when the data is usable, 3 when not).
 Without ``--check`` it does the same, then starts a Flower SuperNode for the
-site. The data settings (window, image size, ...) are the coordinator's, from the
+site and the site's worker (:mod:`client.worker`), which runs the site's installed
+ClientApp for runs of an approved app only (``fl-client apps`` prints the hashes;
+``fl-client --approve-app HASH`` approves another). The data settings (window, image size, ...) are the coordinator's, from the
 site's kit (``-c`` overrides them; without a kit, the run's defaults). The
 site's own choices — data folder, privacy budget, device — travel in the
 SuperNode's node config, which the coordinator cannot change.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -20,13 +24,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from client.approval import APPROVALS_FILE, SiteApp, approve, read_approvals
 from common.cli import run_typer, setup_logging
 from common.config import DEVICES, RunConfig, SiteConfig, positive_float, site_name
 from common.errors import ConfigError, DataError, FederationError
 from common.files import json_safe, write_atomic
 from common.flower import flower_bin, flower_env
 from common.kit import DATA_KEYS, check_data_settings, parse_data_args
-from common.processes import LOOPBACK, ProcessSet, can_connect, free_port, parse_address
+from common.processes import LOOPBACK, ManagedProcess, ProcessSet, can_connect, free_port, parse_address
 
 if TYPE_CHECKING:
     from common.kit import Kit
@@ -42,6 +47,10 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 CONNECTED_MARKER = "connected.json"  # in the site's workdir while its SuperNode is connected
 REJOIN_WAIT = 180  # s: how long a restarted site waits for the coordinator to notice its previous client is gone
 REJOIN_RETRY = 5  # s between tries (a try costs one short SuperNode start)
+APP_DIR_HELP = ("The project folder whose ClientApp this site runs (default: the folder fedrad is installed from). "
+                "Its FAB hash is the app this site approves; `fl-client apps` prints it.")
+WORKER_RETRIES = 3  # worker deaths in a row, each within WORKER_HEALTHY s of its start, before fl-client gives up
+WORKER_HEALTHY = 60.0
 RUN_CONFIG_HELP = (
     "The run's data settings, when they differ from the kit's (the coordinator's), e.g. "
     "-c 'image-size=64 window=\"voi\"'. Keys: " + ", ".join(DATA_KEYS) + "."
@@ -58,7 +67,7 @@ def _data_settings(items: list[str] | None, *, kit: Kit | None) -> dict[str, dic
 
 @cli.command()
 def join(
-    data: Annotated[Path, typer.Option(help="Folder with the site's DICOM files and labels.csv.")],
+    data: Annotated[Path | None, typer.Option(help="Folder with the site's DICOM files and labels.csv.")] = None,
     site: Annotated[str | None, typer.Option(help="This site's name, e.g. A (default: the kit's).")] = None,
     kit: Annotated[Path | None, typer.Option(help="The enrollment kit from the coordinator (`fl-server enroll`): "
                                              "TLS trust, this site's key and the coordinator's address.")] = None,
@@ -82,6 +91,10 @@ def join(
     json_output: Annotated[bool, typer.Option("--json", help="With --check: print the report as JSON.")] = False,
     run_config: Annotated[list[str] | None, typer.Option("--run-config", "-c", help=RUN_CONFIG_HELP)] = None,
     workers: Annotated[int, typer.Option(min=0, help="Processes decoding DICOM (0 = one per CPU core).")] = 0,
+    app_dir: Annotated[Path | None, typer.Option(help=APP_DIR_HELP)] = None,
+    approve_app: Annotated[str | None, typer.Option(help=(
+        "Approve runs of the app with this FAB hash at this site (besides the installed app), remember it in "
+        "the site's work folder and exit. Its runs are still executed by the installed code."))] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> int:
     """Check the data, then run a SuperNode for this site until stopped (Ctrl-C)."""
@@ -92,13 +105,17 @@ def join(
     site = site or (site_kit.site if site_kit else None)
     if not site:
         raise ConfigError("Expected `--site` (or `--kit`), but got neither")
+    if approve_app is not None:
+        return _approve(approve_app, work_dir=_work_dir(workdir, site))
+    if data is None:
+        raise ConfigError("Expected `--data DIR` (the site's DICOM folder), but got none")
     server = server or (site_kit.server if site_kit else f"{LOOPBACK}:9092")
     if device not in DEVICES:
         raise ConfigError(f"Expected `--device` to be one of {', '.join(DEVICES)}, but got {device!r}")
     site_cfg = SiteConfig(
         site=site_name(site),
         data_dir=data.resolve(),
-        work_dir=(workdir or Path(f"fedrad-site-{site}")).resolve(),
+        work_dir=_work_dir(workdir, site),
         max_epsilon=positive_float("max-epsilon", max_epsilon),
         delta=positive_float("delta", delta),
         device=device,
@@ -157,6 +174,9 @@ def join(
         _check_coordinator_tls(host, port, site_kit.ca_cert)
         security = ["--root-certificates", str(site_kit.ca_cert), "--auth-supernode-private-key", str(site_kit.private_key)]
 
+    app = SiteApp.load(app_dir, work_dir=site_cfg.work_dir)
+    log.info("Site %s runs app %s (from %s)%s", site_cfg.site, app.installed, app.folder,
+             f"; also approved: {', '.join(sorted(app.approved - {app.installed}))}" if len(app.approved) > 1 else "")
     env = flower_env(site_cfg.work_dir / "flwr-home")
     # A client of this site that died without leaving (crash, kill) leaves its marker behind; the
     # coordinator then still counts the site's node online until it misses two heartbeats, and
@@ -166,8 +186,8 @@ def join(
     deadline = time.monotonic() + REJOIN_WAIT
     try:
         while True:
-            code, output = _run_supernode(site_cfg, site_kit, host=host, port=port, security=security, env=env,
-                                          marker=marker)
+            code, output = _run_supernode(site_cfg, site_kit, app, host=host, port=port, security=security,
+                                          env=env, marker=marker)
             refused = site_kit is not None and "Failed to activate SuperNode" in output
             if not (refused and crashed) or time.monotonic() > deadline:
                 break
@@ -189,27 +209,36 @@ def join(
 
 
 def _run_supernode(
-    site_cfg: SiteConfig, site_kit: Kit | None, *, host: str, port: int, security: list[str], env: dict[str, str],
-    marker: Path,
+    site_cfg: SiteConfig, site_kit: Kit | None, app: SiteApp, *, host: str, port: int, security: list[str],
+    env: dict[str, str], marker: Path,
 ) -> tuple[int | None, str]:
-    """Run the site's SuperNode until it exits, echoing its log; its exit code and output.
+    """Run the site's SuperNode and its worker until the SuperNode exits, echoing their log; its exit code and output.
 
+    The SuperNode leaves each message on its Runtime API (``--isolation process``), guarded by a secret
+    only the site's worker (:mod:`client.worker`) holds; a worker that dies is started again.
     ``marker`` is written once the SuperNode is connected (and removed by the caller when it leaves).
     """
-    runtime_port = free_port()
+    runtime = f"{LOOPBACK}:{free_port()}"
     supernode_log = site_cfg.work_dir / "logs" / "supernode.log"
+    secret = site_cfg.work_dir / "worker.secret"
+    write_atomic(secret, secrets.token_bytes(32))  # a new one at every start, readable by this user only
     with ProcessSet() as procs:
         start = supernode_log.stat().st_size if supernode_log.exists() else 0
         supernode = procs.start(
             f"SuperNode {site_cfg.site}",
             [
                 flower_bin("flower-supernode"), *security, "--superlink", f"{host}:{port}",
-                "--host", LOOPBACK, "--port", str(runtime_port),
-                "--node-config", site_cfg.to_flower(),
+                "--host", LOOPBACK, "--port", runtime.rsplit(":", 1)[1], "--isolation", "process",
+                "--superexec-auth-secret-file", str(secret), "--node-config", site_cfg.to_flower(),
             ],
             env=env,
             log_path=supernode_log,
         )
+        worker_cmd = [sys.executable, "-m", "client.worker", "--runtime-api", runtime, "--secret-file", str(secret),
+                      "--site", site_cfg.site, "--installed", app.installed, "--approvals", str(app.approvals),
+                      "--stats", str(supernode_log.with_name("worker.jsonl")), "--parent-pid", str(os.getpid())]
+        workers = _WorkerKeeper(procs, f"worker {site_cfg.site}", worker_cmd, env=env, cwd=app.folder,
+                                log_path=supernode_log)
         log.info("Site %s joined via %s:%d over %s (SuperNode pid %d, log %s); Ctrl-C to leave", site_cfg.site, host,
                  port, "plain HTTP" if site_kit is None else f"TLS, key {site_kit.fingerprint}", supernode.pid,
                  supernode_log)
@@ -217,6 +246,7 @@ def _run_supernode(
             follow.seek(start)
             connected = False
             while supernode.running():
+                workers.check()
                 chunk = _echo(follow)
                 if not connected and "SuperNode ID:" in chunk:
                     connected = True
@@ -226,6 +256,44 @@ def _run_supernode(
             follow.seek(start)
             output = follow.read()
         return supernode.popen.returncode, output
+
+
+class _WorkerKeeper:
+    """The site's worker process, started again (and the reason logged) whenever it exits."""
+
+    def __init__(self, procs: ProcessSet, name: str, cmd: list[str], **kwargs: Any) -> None:
+        self.procs, self.name, self.cmd, self.kwargs = procs, name, cmd, kwargs
+        self.failures = 0
+        self.proc = self._start()
+
+    def _start(self) -> ManagedProcess:
+        self.started = time.monotonic()
+        return self.procs.start(self.name, self.cmd, **self.kwargs)
+
+    def check(self) -> None:
+        """Start the worker again if it exited; give up after :data:`WORKER_RETRIES` quick deaths in a row."""
+        if self.proc.running():
+            return
+        code = self.proc.popen.returncode
+        self.failures = self.failures + 1 if time.monotonic() - self.started < WORKER_HEALTHY else 1
+        if self.failures > WORKER_RETRIES:
+            raise FederationError(f"The {self.name} process exited with code {code} {self.failures} times in a row "
+                                  f"within {WORKER_HEALTHY:.0f} s of its start; last lines:\n{self.proc.tail(5)}")
+        log.warning("The %s process (pid %d) exited with code %s; starting it again", self.name, self.proc.pid, code)
+        self.proc = self._start()
+
+
+def _work_dir(workdir: Path | None, site: str) -> Path:
+    return (workdir or Path(f"fedrad-site-{site}")).resolve()
+
+
+def _approve(value: str, *, work_dir: Path) -> int:
+    """``--approve-app``: remember ``value`` in the site's approvals; 0."""
+    path = work_dir / APPROVALS_FILE
+    added = approve(path, value)
+    print(f"{'Approved' if added else 'Already approved'}: app {value.strip().lower()} ({path}); "
+          "a running fl-client applies it from the next message on")
+    return 0
 
 
 def _echo(follow: Any) -> str:
@@ -342,9 +410,46 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"[red]problem:[/red] {escape(problem)}")
 
 
+apps_cli = typer.Typer(add_completion=False)
+
+
+@apps_cli.command()
+def apps(
+    site: Annotated[str | None, typer.Option(help="This site's name (default: the kit's).")] = None,
+    kit: Annotated[Path | None, typer.Option(help="The site's enrollment kit.")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Site work folder (default: ./fedrad-site-<site>).")] = None,
+    app_dir: Annotated[Path | None, typer.Option(help=APP_DIR_HELP)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> int:
+    """Print the FAB hash of the app this site runs, and the other app hashes it approved.
+
+    The coordinator's `fl-server` logs the hash of the app it submits: the two must match (or the
+    site must approve the coordinator's with `fl-client --approve-app HASH`), or the site refuses the run.
+    """
+    site_kit = _site_kit(kit, site=site, insecure=False)
+    name = site or (site_kit.site if site_kit else None)
+    if not name:
+        raise ConfigError("Expected `--site` (or `--kit`), but got neither")
+    app = SiteApp.load(app_dir, work_dir=_work_dir(workdir, name))
+    approved = read_approvals(app.approvals)
+    if json_output:
+        print(json.dumps({"site": name, "installed": {"hash": app.installed, "folder": str(app.folder)},
+                          "approved": approved, "approvals-file": str(app.approvals)}, indent=2))
+        return 0
+    print(f"Site {name} runs app {app.installed} (installed in {app.folder})")
+    for entry in approved:
+        print(f"  also approved: {entry['hash']} (since {entry['approved-at']})")
+    if not approved:
+        print(f"  no other app approved ({app.approvals})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the ``fl-client`` command line on ``argv`` (default: ``sys.argv[1:]``)."""
-    run_typer(cli, argv if argv is not None else sys.argv[1:], prog_name="fl-client")
+    """Run the ``fl-client`` command line on ``argv`` (default: ``sys.argv[1:]``); ``fl-client apps ...`` lists apps."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    if args[:1] == ["apps"]:
+        run_typer(apps_cli, args[1:], prog_name="fl-client apps")
+    run_typer(cli, args, prog_name="fl-client")
 
 
 if __name__ == "__main__":

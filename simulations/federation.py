@@ -53,12 +53,14 @@ class Federation:
         ``fl-client --threads``.
     server_cmd, server_cwd
         How to start fl-server (default: the installed one), e.g. from a copy of the app.
+    site_app
+        The app folder every site runs and approves (``fl-client --app-dir``; default: fedrad's own).
     """
 
     def __init__(self, root: Path, sites: Sequence[str], data: Path | Mapping[str, Path], *,
                  server_args: Sequence[str] = (), client_args: Sequence[str] | Mapping[str, Sequence[str]] = (),
                  secure: bool = True, threads: int = 1, server_cmd: Sequence[str] | None = None,
-                 server_cwd: Path | None = None) -> None:
+                 server_cwd: Path | None = None, site_app: Path | None = None) -> None:
         self.root = root.resolve()
         self.server_dir, self.logs = self.root / "server", self.root / "logs"
         self.sites = list(sites)
@@ -67,6 +69,7 @@ class Federation:
         self.secure, self.threads = secure, threads
         self.server_cmd = list(server_cmd) if server_cmd else [flower_bin("fl-server")]
         self.server_cwd = server_cwd
+        self.site_app = site_app
         self.port = free_port()
         self.procs = ProcessSet()
         self.server: ManagedProcess | None = None
@@ -134,6 +137,8 @@ class Federation:
         else:
             how = ["--insecure", "--site", site, "--server", f"{LOOPBACK}:{self.port}"]
         extra = self.client_args.get(site, ()) if isinstance(self.client_args, Mapping) else self.client_args
+        if self.site_app is not None:
+            how += ["--app-dir", str(self.site_app)]
         client = self.procs.start(
             f"fl-client {site}",
             [flower_bin("fl-client"), *how, "--data", str(self.data[site]), "--workdir", str(self.site_dir(site)),

@@ -83,6 +83,9 @@ def _verified_rows(site: SiteConfig, ledger: Ledger) -> list[Row]:
 def open_data(site: SiteConfig, run: RunConfig, *, workers: int = 0, require_usable: bool = True) -> SiteData:
     """The site's data for this run, from its cache (updated first if files changed).
 
+    In the site worker the first message of a run opens it and later messages of the run reuse it
+    (:mod:`client.app.warm`).
+
     Parameters
     ----------
     site
@@ -102,8 +105,17 @@ def open_data(site: SiteConfig, run: RunConfig, *, workers: int = 0, require_usa
     """
     from client.data.dataset import load_site_data
 
-    return load_site_data(data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess, classes=run.classes,
-                          val_fraction=run.val_fraction, seed=run.seed, workers=workers, require_usable=require_usable)
+    def load() -> SiteData:
+        return load_site_data(data_dir=site.data_dir, work_dir=site.work_dir, config=run.preprocess,
+                              classes=run.classes, val_fraction=run.val_fraction, seed=run.seed, workers=workers,
+                              require_usable=require_usable)
+
+    if not require_usable:  # fl-client --check: always a fresh look at the folder
+        return load()
+    from client.app.warm import kept
+
+    key = (site.data_dir, site.work_dir, run.preprocess, run.classes, run.val_fraction, run.seed)
+    return kept(key, load)
 
 
 def _setup_torch(site: SiteConfig) -> torch.device:

@@ -21,6 +21,8 @@ The plan (JSON) may hold:
 - ``"sites"``: how many sites must be connected before fedrad's ServerApp starts, so
   that round 1 goes to every site however slowly each one starts (``min-sites`` would
   let round 1 start with the first two).
+- ``"marker"``: an absolute folder where :data:`foreign`, the ClientApp of a coordinator
+  that would abuse the sites, leaves what it read of each site's data folder.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from client.app import client_app
@@ -135,7 +138,21 @@ class MaskedVectorTap:
         return replies
 
 
+def _foreign(msg: Message, context: Context) -> Message:
+    """What a coordinator would make every site run if sites ran the code it ships: list the site's
+    DICOM folder and leave the list in a marker file (or send it home in the reply)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    data = Path(str(context.node_config["data-dir"]))
+    names = sorted(p.name for p in data.iterdir())
+    Path(plan()["marker"], f"foreign-{context.node_config['site']}.txt").write_text("\n".join(names))
+    return Message(RecordDict({"loot": ConfigRecord({"files": names})}), reply_to=msg)
+
+
 client = client_app(mods=[fault_mod, plaintext_mod])
+foreign = ClientApp()
+foreign.train()(_foreign)
+foreign.evaluate()(_foreign)
 server = ServerApp()
 
 

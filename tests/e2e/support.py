@@ -25,12 +25,13 @@ TEST_APP_FILES = ("tests/__init__.py", "tests/e2e/__init__.py", "tests/e2e/apps.
 
 
 def copy_app(dest: Path, *, faults: Mapping[str, str] | None = None, inspect: Path | None = None,
-             sites: int = 0) -> Path:
+             sites: int = 0, marker: Path | None = None, client: str = "tests.e2e.apps:client") -> Path:
     """A copy of the project whose Flower App is ``tests/e2e/apps.py``'s, with the test's plan bundled.
 
     fl-server submits the project it runs from, so a test that needs the test app
     starts fl-server from the copy (``federation(..., app=copy)``). ``faults``,
-    ``inspect`` and ``sites`` are the plan described in :mod:`tests.e2e.apps`.
+    ``inspect``, ``sites`` and ``marker`` are the plan described in :mod:`tests.e2e.apps`;
+    ``client`` is the copy's ClientApp (``"tests.e2e.apps:foreign"``: one that abuses the sites).
     """
     from tests.e2e.apps import PLAN_FILE, parse_fault
 
@@ -43,6 +44,8 @@ def copy_app(dest: Path, *, faults: Mapping[str, str] | None = None, inspect: Pa
         plan["inspect"] = str(inspect.resolve())
     if sites:
         plan["sites"] = sites
+    if marker is not None:
+        plan["marker"] = str(marker.resolve())
     dest.mkdir(parents=True)
     for package in APP_PACKAGES:
         shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -51,7 +54,7 @@ def copy_app(dest: Path, *, faults: Mapping[str, str] | None = None, inspect: Pa
         shutil.copyfile(ROOT / name, dest / name)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     flwr_app = project["tool"]["flwr"]["app"]
-    flwr_app["components"] = {"serverapp": "tests.e2e.apps:server", "clientapp": "tests.e2e.apps:client"}
+    flwr_app["components"] = {"serverapp": "tests.e2e.apps:server", "clientapp": client}
     for key in ("fab-include", "fab-exclude"):  # the copy holds only what its bundle needs, tests/e2e/apps.py included
         flwr_app.pop(key, None)
     (dest / "pyproject.toml").write_text(tomli_w.dumps(project))
@@ -60,16 +63,18 @@ def copy_app(dest: Path, *, faults: Mapping[str, str] | None = None, inspect: Pa
 
 
 def federation(root: Path, sites: Sequence[str], data: Path | Mapping[str, Path], *, app: Path | None = None,
-               **kwargs: Any) -> Federation:
+               sites_run_app: bool = True, **kwargs: Any) -> Federation:
     """:class:`simulations.federation.Federation`, whose fl-server runs from ``app`` (a :func:`copy_app`) if given.
 
     fl-server submits the project it runs from: started in the copy (its packages first on
-    ``sys.path``), it submits the test app.
+    ``sys.path``), it submits the test app. Every site runs the same copy (``fl-client --app-dir``),
+    so its app is the one each site approves, unless ``sites_run_app`` is false: the sites then
+    run fedrad's own app and refuse the copy's.
     """
     if app is None:
         return Federation(root, sites, data, **kwargs)
     return Federation(root, sites, data, server_cmd=[sys.executable, "-c", "from server.cli import main; main()"],
-                      server_cwd=app, **kwargs)
+                      server_cwd=app, site_app=app if sites_run_app else None, **kwargs)
 
 
 def crash_site(fed: Federation, site: str) -> list[int]:
@@ -85,19 +90,20 @@ def crash_site(fed: Federation, site: str) -> list[int]:
     return killed
 
 
-def runs_clientapp(proc: ManagedProcess) -> bool:
-    """Whether a ``flwr-clientapp`` process (Flower starts one per message) runs under ``proc``."""
+def processes_under(proc: ManagedProcess, needle: str) -> list[psutil.Process]:
+    """The live processes under ``proc`` whose command line has a part ending in ``needle``."""
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
-        return False
+        return []
+    found = []
     for child in children:
         try:
-            if any(part.endswith("flwr-clientapp") for part in child.cmdline()):
-                return True
+            if any(part.endswith(needle) for part in child.cmdline()):
+                found.append(child)
         except psutil.Error:
             continue
-    return False
+    return found
 
 
 def assert_all_stopped(fed: Federation) -> None:
