@@ -77,6 +77,7 @@ def serve(
     bind = steps.check_address(window=window, insecure=insecure, host=host, port=port)
     source = app_dir()
     workdir = steps.open_workdir(workdir)
+    source = steps.stage_app(source, workdir)
     transport = steps.choose_transport(
         workdir, insecure=insecure, bind=bind, port=port, min_sites=min_sites, public_host=public_host or []
     )

@@ -138,6 +138,18 @@ def open_workdir(workdir: Path) -> Path:
     return workdir
 
 
+def stage_app(source: Path, workdir: Path) -> Path:
+    """The app to submit: the files of ``source``'s bundle copied to ``<workdir>/app`` (``flwr run`` then bundles
+    them without walking the project's virtual environment); its FAB hash logged, for the sites to compare."""
+    from common.adapters.runtime import stage_app as stage
+
+    staged = workdir / "app"
+    fab = stage(source, staged)
+    log.info("Submitting app %s (each site's `fl-client apps` prints the app it runs; a site refuses any other)",
+             fab)
+    return staged
+
+
 def choose_transport(
     workdir: Path, *, insecure: bool, bind: str, port: int, min_sites: int, public_host: list[str]
 ) -> Transport:

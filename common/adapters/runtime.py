@@ -28,38 +28,69 @@ require_version("flwr", TESTED_VERSION, install="flwr[simulation]")
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"  # the call the SuperNode guards with the shared secret
 
 
-def fab_hash(app_dir: Path) -> str:
-    """The hash ``flwr run`` gives the FAB it builds from ``app_dir`` (SHA-256 of the bundle's bytes).
+def _app_files(app_dir: Path) -> dict[str, Path]:
+    """The files ``flwr run`` collects from ``app_dir`` (``flwr.cli.utils.collect_files``: no symlink, nothing
+    outside the folder), without walking folders every file of which Flower's built-in rules exclude
+    (``.venv/``, ``__pycache__/`` ...): a project with its virtual environment inside is read in a fraction of
+    a second rather than in seconds, and bundles to the same bytes."""
+    import os
 
-    The bundle is built by Flower's own ``build_fab_from_files`` from the files ``flwr run`` collects,
-    except that folders every file of which Flower's built-in rules exclude (``.venv/``,
-    ``__pycache__/`` ...) are not walked: a project with its virtual environment inside hashes in
-    a fraction of a second rather than in seconds, to the same bytes.
+    from flwr.common.constant import FAB_EXCLUDE_PATTERNS
+
+    root = app_dir.expanduser().resolve()
+    skipped_top = {p[:-3] for p in FAB_EXCLUDE_PATTERNS if p.endswith("/**") and "*" not in p[:-3]}
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        top = Path(dirpath) == root
+        dirnames[:] = [d for d in dirnames if d != "__pycache__" and not (top and d in skipped_top)]
+        for filename in filenames:
+            path = Path(dirpath) / filename
+            if not path.is_symlink() and path.resolve().is_relative_to(root):
+                files[path.relative_to(root).as_posix()] = path
+    return files
+
+
+def fab_hash(app_dir: Path) -> str:
+    """The hash ``flwr run`` gives the FAB it builds from ``app_dir`` (SHA-256 of the bundle's bytes, built by
+    Flower's own ``build_fab_from_files``).
 
     Raises
     ------
     ValueError
         When ``app_dir`` holds no Flower App (its pyproject.toml, or a file it includes, is missing).
     """
-    import os
     import warnings
 
     from flwr.cli.build import build_fab_from_files
-    from flwr.common.constant import FAB_EXCLUDE_PATTERNS
 
-    root = app_dir.expanduser().resolve()
-    skipped_top = {p[:-3] for p in FAB_EXCLUDE_PATTERNS if p.endswith("/**") and "*" not in p[:-3]}
-    files: dict[str, bytes | Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        top = Path(dirpath) == root
-        dirnames[:] = [d for d in dirnames if d != "__pycache__" and not (top and d in skipped_top)]
-        for filename in filenames:  # as flwr.cli.utils.collect_files: no symlink, nothing outside the root
-            path = Path(dirpath) / filename
-            if not path.is_symlink() and path.resolve().is_relative_to(root):
-                files[path.relative_to(root).as_posix()] = path
     with warnings.catch_warnings():  # pathspec warns about the pattern API Flower 1.41 calls
         warnings.simplefilter("ignore", DeprecationWarning)
-        return hashlib.sha256(build_fab_from_files(files)[0]).hexdigest()
+        return hashlib.sha256(build_fab_from_files(dict(_app_files(app_dir)))[0]).hexdigest()
+
+
+def stage_app(app_dir: Path, dest: Path) -> str:
+    """Copy into ``dest`` (replaced) exactly the files of ``app_dir``'s FAB and its pyproject.toml; the FAB hash.
+
+    ``flwr run dest`` then builds the same bundle as ``flwr run app_dir`` without walking the project's
+    virtual environment and everything else the bundle leaves out.
+    """
+    import shutil
+    import tomllib
+    import warnings
+
+    from flwr.cli.build import get_filtered_fab_paths
+
+    files = _app_files(app_dir)
+    config = tomllib.loads(files["pyproject.toml"].read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        keep = {*get_filtered_fab_paths(dict(files), config), "pyproject.toml"}
+    shutil.rmtree(dest, ignore_errors=True)
+    for name in sorted(keep):
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files[name], target)
+    return fab_hash(dest)
 
 
 def _client(address: str, *, secret: bytes | None = None, token: str | None = None) -> Any:

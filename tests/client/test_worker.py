@@ -19,7 +19,7 @@ import client.worker as worker_module
 from client.app import warm
 from client.approval import APPROVALS_FILE, SiteApp, approve, approved_hashes, read_approvals
 from client.worker import Worker
-from common.adapters.runtime import TaskInput, fab_hash
+from common.adapters.runtime import TaskInput, fab_hash, stage_app
 from common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,6 +170,9 @@ def test_fab_hash_is_the_hash_flwr_run_gives_the_bundle(tmp_path: Path) -> None:
     (app / "client" / "__pycache__" / "cli.cpython-311.pyc").write_bytes(b"\0")
     expected = hashlib.sha256(build_fab_from_disk(app)).hexdigest()
     assert fab_hash(app) == expected
+    staged = tmp_path / "staged"  # what fl-server submits: the bundle's files only, the same bundle
+    assert stage_app(app, staged) == expected == hashlib.sha256(build_fab_from_disk(staged)).hexdigest()
+    assert not (staged / ".venv").exists() and not (staged / "client" / "__pycache__").exists()
     (app / "client" / "extra.py").write_text("import os\n")  # any change to the code is another app
     assert fab_hash(app) != expected
 

@@ -71,9 +71,9 @@ def secure_run(three_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     inspect = root / "inspect"
     inspect.mkdir()
     app = copy_app(root / "app", inspect=inspect)
-    # A SecAgg+ stage may take minutes on a busy 2-core machine (three ClientApps starting at once); round 2 does
-    # not wait that out for C: it leaves cleanly (its node is deactivated), or misses two heartbeats at most.
-    server_args = [*SERVER_ARGS, "--rounds", "2", "-c", "batch-size=8 fraction-evaluate=0.0 secagg-timeout=300.0"]
+    # Each site's warm worker answers a SecAgg+ stage within seconds (the first training message included); round 2
+    # waits for C at most secagg-timeout (Flower would notice its node gone only after two missed heartbeats, ~60 s).
+    server_args = [*SERVER_ARGS, "--rounds", "2", "-c", "batch-size=8 fraction-evaluate=0.0 secagg-timeout=30.0"]
     with federation(root / "fed", SITES, three_sites, app=app, server_args=server_args,
                     client_args=CLIENT_ARGS) as fed:
         fed.start()
