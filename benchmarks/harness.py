@@ -24,9 +24,9 @@ import psutil
 from common.processes import Usage, descendants, stop_pids, tree_usage
 
 __all__ = [
-    "MACHINE", "CpuSampler", "Progress", "TreeSampler", "breakdown", "by_name", "cores", "fmt", "machine_cpu",
-    "markdown", "memory_mb", "parse_counts", "positive", "run_quietly", "say", "thread_label", "top", "tree_cpu",
-    "workdir",
+    "MACHINE", "CpuSampler", "Progress", "TreeSampler", "breakdown", "by_name", "cores", "fmt", "header_key",
+    "machine_cpu", "markdown", "memory_mb", "parse_counts", "positive", "run_quietly", "say", "thread_label", "top", "tree_cpu",
+    "workdir", "worker_messages",
 ]
 _BEGAN = time.monotonic()
 MACHINE = "(machine)"
@@ -132,6 +132,26 @@ def tree_cpu(root: int) -> float:
         # a reaped child's time moves into its parent's children_* counters
         total += t.user + t.system + t.children_user + t.children_system
     return total
+
+
+def header_key(public_key_file: Path) -> str:
+    """A kit's public key as a SuperNode sends it in ``flwr-public-key`` (base64 of the PEM SubjectPublicKeyInfo)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_public_key(public_key_file.read_bytes())
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(pem).decode("ascii")
+
+
+def worker_messages(site_dir: Path, windows: dict[int, tuple[float, float]]) -> dict[int, list[dict[str, Any]]]:
+    """The messages a site's worker answered (its ``logs/worker.jsonl``, :mod:`client.worker`) per round window."""
+    import json
+
+    path = site_dir / "logs" / "worker.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r: [row for row in rows if "app_cpu_s" in row and a < row["at"] <= b] for r, (a, b) in windows.items()}
 
 
 class CpuSampler(threading.Thread):

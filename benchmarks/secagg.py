@@ -8,7 +8,6 @@ access log, each site's process-tree CPU (psutil) and ``logs/secagg.jsonl``. doc
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import re
 import statistics
@@ -18,21 +17,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import MACHINE, CpuSampler, Progress, cores, fmt, parse_counts, say, workdir
+import benchmarks.harness as bench
+from benchmarks.harness import MACHINE, CpuSampler, Progress, cores, fmt, header_key, parse_counts, say, workdir
 
 MODES, LABEL = ("plain", "secagg"), {"plain": "plain", "secagg": "SecAgg+"}
 ACCESS_LOG = Path("proxy") / "logs" / "access.log"  # under the coordinator's workdir (server/proxy.py)
 # The tail of server/proxy.py's "fedrad" log format: ... $request_length $msec "$http_flwr_public_key"
 _ACCESS = re.compile(r'"(?P<method>\S+) (?P<uri>\S+)[^"]*" (?P<status>\d{3}) (?P<sent>\d+) "[^"]*" "[^"]*" '
                      r'(?P<length>\d+) (?P<msec>\d+\.\d+) "(?P<key>[^"]*)"$')
-
-
-def header_key(public_key_file: Path) -> str:
-    """A kit's public key as a SuperNode sends it in ``flwr-public-key`` (base64 of the PEM SubjectPublicKeyInfo)."""
-    from cryptography.hazmat.primitives import serialization
-    key = serialization.load_ssh_public_key(public_key_file.read_bytes())
-    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(pem).decode("ascii")
 
 
 def run_federation(mode: str, names: list[str], root: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -85,10 +77,14 @@ def figures(mode: str, names: list[str], report: dict[str, Any], fed: Any, keys:
             up[keys[m["key"]], at] += int(m["length"])
             down[keys[m["key"]], at] += int(m["sent"])
     upload = [up[s, r] for s in names for r in windows]
-    site_cpu, server_cpu, others = list[float](), list[float](), list[float]()
-    for a, b in windows.values():
+    site_cpu, server_cpu, others, overhead = list[float](), list[float](), list[float](), list[float]()
+    answered = {n: bench.worker_messages(fed.site_dir(n), windows) for n in names}
+    messages = [m for n in names for r in windows for m in answered[n][r]]
+    for r, (a, b) in windows.items():
         used = cpu.used(a, b)
         site_cpu += [v for n, v in used.items() if n in names]
+        overhead += [(used[n] - sum(m["app_cpu_s"] for m in answered[n][r])) / len(answered[n][r])
+                     for n in names if n in used and answered[n][r]]
         server_cpu += [used["server"]] if "server" in used else []
         if len(used) == len(names) + 2:
             others.append((used[MACHINE] - sum(v for k, v in used.items() if k != MACHINE)) / (b - a))
@@ -110,6 +106,10 @@ def figures(mode: str, names: list[str], report: dict[str, Any], fed: Any, keys:
         "upload_bytes_per_site_round": mean([float(x) for x in upload]),
         "download_bytes_per_site_round": mean([float(down[s, r]) for s in names for r in windows]),
         "site_cpu_s_per_round": mean(site_cpu), "server_cpu_s_per_round": mean(server_cpu),
+        "messages_per_site_round": len(messages) / (len(names) * len(windows)) if windows else None,
+        "site_overhead_cpu_s_per_message": mean(overhead),
+        "worker_take_cpu_s_per_message": mean([m["take_cpu_s"] + m["answer_cpu_s"] for m in messages]),
+        "message_wait_s": mean([m["waited_s"] for m in messages]),
         "machine_cores_used_by_others": mean(others),
         "mask_cpu_s_per_site_round": sum(mask.values()) / len(mask) if mask else None,
         "train_cpu_s_per_site_round": sum(train_cpu.values()) / len(train_cpu) if train_cpu else None,
@@ -120,7 +120,7 @@ def figures(mode: str, names: list[str], report: dict[str, Any], fed: Any, keys:
 
 def table(results: list[dict[str, Any]]) -> list[str]:
     head = (f"{'sites':>5}  {'mode':<8}{'round s':>9}{'× plain':>9}{'fit s':>8}{'upload kB':>11}{'× plain':>9}"
-            f"{'site CPU s':>12}{'mask CPU s':>12}{'mask/train':>12}{'others':>8}")
+            f"{'site CPU s':>12}{'msgs':>6}{'CPU/msg':>9}{'wait s':>8}{'mask CPU s':>12}{'mask/train':>12}{'others':>8}")
     lines, plain = [head, "-" * len(head)], {r["sites"]: r for r in results if r["mode"] == "plain"}
     for res in sorted(results, key=lambda r: (r["sites"], MODES.index(r["mode"]))):
         base = plain.get(res["sites"]) if res["mode"] != "plain" else None
@@ -131,6 +131,8 @@ def table(results: list[dict[str, Any]]) -> list[str]:
             f"{fmt(ratio('round_s'), '.2f'):>9}{fmt(res['fit_s'], '.1f'):>8}"
             f"{fmt(None if up is None else up / 1e3, ',.1f'):>11}"
             f"{fmt(ratio('upload_bytes_per_site_round'), '.2f'):>9}{fmt(res['site_cpu_s_per_round'], '.1f'):>12}"
+            f"{fmt(res['messages_per_site_round'], '.0f'):>6}{fmt(res['site_overhead_cpu_s_per_message'], '.2f'):>9}"
+            f"{fmt(res['message_wait_s'], '.1f'):>8}"
             f"{fmt(res['mask_cpu_s_per_site_round'], '.3f'):>12}{'–' if pct is None else f'{pct:.2f} %':>12}"
             f"{fmt(res['machine_cores_used_by_others'], '.1f'):>8}")
     return lines
@@ -167,25 +169,21 @@ def main() -> None:
                         say(f"{n} sites, {LABEL[mode]}: FAILED: {exc}")
                         continue
                     results.append(res)
-                    say(f"{n} sites, {LABEL[mode]}: round {fmt(res['round_s'], '.1f')} s, upload "
-                        f"{(res['upload_bytes_per_site_round'] or 0) / 1e3:,.1f} kB/site/round, federation "
+                    say(f"{n} sites, {LABEL[mode]}: round {fmt(res['round_s'], '.1f')} s, federation "
                         f"{res['federation_wall_s']:.0f} s; problems: {res['problems'] or 'none'}")
         except KeyboardInterrupt:
             say("interrupted; every process we started is stopped")
             failed = True
     total, demo = time.monotonic() - began, next((r for r in results if r.get("train_images_per_site")), None)
-    settings = {k: getattr(args, k) for k in ("images_per_site", "local_epochs", "image_size", "dicom_size", "rounds")}
-    settings |= {"train_images_per_site": demo and demo["train_images_per_site"], "threads_per_site": args.threads,
-                 "cores": cores()}
+    settings = {k: getattr(args, k) for k in ("images_per_site", "local_epochs", "image_size", "dicom_size", "rounds",
+                                              "threads")} | {"train_images_per_site": demo and demo["train_images_per_site"]}
     train = f" (~{settings['train_images_per_site']:,.0f} in the training split)" if demo else ""
     print(f"fedrad SecAgg+ overhead: plain FedAvg vs SecAgg+ over the same TLS federation (nginx Fleet-API proxy, "
-          f"SuperNode auth), {cores()} cores, every process on loopback")
-    print(f"demo-size: {args.images_per_site:,} synthetic {args.dicom_size}x{args.dicom_size} CT images per site"
-          f"{train}, model input {args.image_size}x{args.image_size}, {args.local_epochs} local epochs of Opacus "
-          f"DP-SGD per round, fl-client --threads {args.threads}")
-    print(f"rounds 2..{args.rounds} measured (round = evaluated_at(r) - evaluated_at(r-1): fit + evaluation); per site "
-          "and round: upload = request bytes at the proxy, site CPU = its whole process tree, mask CPU = "
-          "secaggplus_mod's own CPU; others = cores busy with processes not of the federation")
+          f"SuperNode auth, one worker per site), {cores()} cores, every process on loopback; demo-size: "
+          f"{args.images_per_site:,} synthetic {args.dicom_size}x{args.dicom_size} CT images per site{train}, model "
+          f"input {args.image_size}x{args.image_size}, {args.local_epochs} local epochs of Opacus DP-SGD per round, "
+          f"fl-client --threads {args.threads}; rounds 2..{args.rounds} measured, per site and round (columns: "
+          "docs/benchmarks.md)")
     print("\n".join([*table(results), f"total {total / 60:.1f} min"]))
     for res in results:
         for problem in res["problems"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.client
 import http.server
+import json
 import ssl
 import subprocess
 import sys
@@ -123,3 +124,15 @@ def test_the_sampler_gives_each_trees_cpu_between_two_moments() -> None:
     assert 0.2 * (end - start) <= used["child"] <= 1.1 * (end - start)  # at most one busy core (a busy machine shares it)
     assert used[MACHINE] >= used["child"] * 0.9
     assert sampler.used(start - 100, end) == {}  # before the first sample: not measured
+
+
+def test_worker_messages_groups_a_sites_answered_messages_by_round_window(tmp_path: Path) -> None:
+    from benchmarks.harness import worker_messages
+
+    (tmp_path / "logs").mkdir()
+    rows = [{"at": 5.0, "app_cpu_s": 1.0}, {"at": 15.0, "app_cpu_s": 2.0}, {"at": 16.0, "ok": False},
+            {"at": 25.0, "app_cpu_s": 3.0}]
+    (tmp_path / "logs" / "worker.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = worker_messages(tmp_path, {2: (10.0, 20.0), 3: (20.0, 30.0)})
+    assert {r: [m["app_cpu_s"] for m in ms] for r, ms in got.items()} == {2: [2.0], 3: [3.0]}
+    assert worker_messages(tmp_path / "none", {2: (0.0, 1.0)}) == {2: []}
