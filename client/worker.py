@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedrad.worker")
-POLL = 0.1  # s between looks at the SuperNode's pending tasks while idle (a loopback call of ~1 ms)
+POLL = 0.25  # s between looks at the SuperNode's pending tasks while idle (each look costs ~2 ms of CPU, both sides)
 
 
 def load_client_app(app_dir: Path) -> ClientApp:

@@ -88,6 +88,10 @@ def main(grid: Grid, context: Context) -> None:
                       "names": {str(k): v for k, v in {**names.learned, **names.enrolled}.items()}},
         ))
 
+    if report.kind != "simulation":  # fl-sim keeps Flower's in-memory grid as it is
+        from server.app.grid import PromptGrid
+
+        grid = PromptGrid(grid)
     engine: RoundEngine = (
         SecureRounds(grid, context, run=run, strategy=strategy, on_round_done=round_done) if run.secagg.enabled
         else PlainRounds(grid, run=run, strategy=strategy, names=names, on_round_done=round_done)

@@ -120,12 +120,12 @@ class MaskedVectorTap:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+    def pull_messages(self, message_ids: Any) -> list[Message]:
         import numpy as np
         from flwr.common import bytes_to_ndarray
         from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = list(self._grid.pull_messages(message_ids))
         for reply in replies:
             if reply.has_error():
                 continue

@@ -9,7 +9,7 @@ import pytest
 
 from common.processes import free_port
 from common.runfolder import RunFolder
-from tests.e2e.support import BIN, assert_all_stopped, federation, one_line_error, run_cli
+from tests.e2e.support import BIN, assert_all_stopped, federation, one_line_error, processes_under, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -177,9 +177,15 @@ def test_bad_option_values_fail_cleanly(tmp_path: Path) -> None:
     assert "--insecure" in one_line_error(proc)
 
 
-def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp_path: Path) -> None:
+def test_a_multiclass_run_trains_reports_macro_metrics_and_survives_its_worker_being_killed(
+        tiny_sites: Path, tmp_path: Path) -> None:
+    # Two rounds; the site's worker is killed (as the kernel's OOM killer would) once it answered its first message:
+    # fl-client logs it, starts a new worker, and the new worker serves the rest of the run. (A worker killed while it
+    # holds a message costs that message: Flower expires it after ~60 s as "ClientApp stopped responding" and the
+    # coordinator tries the round again; tests/e2e/test_faults.py kills a whole site.)
     import csv
     import shutil
+    import signal
 
     site_dir = tmp_path / "A"
     shutil.copytree(tiny_sites / "A", site_dir)
@@ -189,13 +195,24 @@ def test_a_multiclass_run_trains_and_reports_macro_metrics(tiny_sites: Path, tmp
     with (site_dir / "labels.csv").open("w", newline="") as f:
         csv.writer(f).writerows(rows)
     with federation(tmp_path / "fed", ["A"], {"A": site_dir}, secure=False,
-                    server_args=["--rounds", "1", "--image-size", "32", "--local-epochs", "1",
+                    server_args=["--rounds", "2", "--image-size", "32", "--local-epochs", "1",
                                  "--run-config", 'batch-size=8 classes="none,small,large" secagg=false'],
                     client_args=["-c", 'image-size=32 classes="none,small,large"']) as fed:
-        fed.start().wait(timeout=300)
+        fed.start()
+        answered = fed.site_dir("A") / "logs" / "worker.jsonl"
+        fed.wait(timeout=300, what="site A's first answer", interval=0.1, until=answered.exists)
+        (worker,) = processes_under(fed.clients["A"], "client.worker")
+        worker.send_signal(signal.SIGKILL)
+        fed.wait(timeout=300)
         fed.check_exit()
+    assert_all_stopped(fed)
+    assert (f"The worker A process (pid {worker.pid}) exited with code -9; starting it again"
+            in (fed.logs / "site-A.log").read_text())
+    runs = [json.loads(line)["run"] for line in answered.read_text().splitlines()]
+    assert len(set(runs)) == 1 and len(runs) >= 3  # the new worker served the same run
     (folder,) = RunFolder.in_workdir(fed.server_dir)
     report = folder.read_report()
+    assert [sorted(r["train"]["sites"]) for r in report["rounds"]] == [["A"], ["A"]]
     assert report["transport"].startswith("insecure") and "no secure aggregation" in report["transport"]
     pooled = report["rounds"][0]["evaluate"]["pooled"]
     assert report["status"] == "completed" and pooled["examples"] > 0

@@ -2,20 +2,19 @@
 
 Real ``fl-server`` (SuperLink behind its TLS proxy) and ``fl-client`` processes on
 127.0.0.1; each site's SuperNode runs with ``--isolation process`` and its messages are
-taken by the site's worker (:mod:`client.worker`). SecAgg+ through warm workers over
-several rounds, and a site restarted mid-run: ``tests/e2e/test_secure_federation.py`` and
-``tests/e2e/test_faults.py``.
+taken by the site's worker (:mod:`client.worker`). A worker killed and started again:
+``tests/e2e/test_federation.py``; SecAgg+ through warm workers over several rounds, and a
+site restarted mid-run: ``tests/e2e/test_secure_federation.py`` and ``tests/e2e/test_faults.py``.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import BIN, assert_all_stopped, copy_app, federation, processes_under, run_cli
+from tests.e2e.support import BIN, assert_all_stopped, copy_app, federation, run_cli
 
 pytestmark = pytest.mark.e2e
 SERVER_ARGS = ["--rounds", "1", "--image-size", "32", "--local-epochs", "1",
@@ -49,28 +48,3 @@ def test_a_coordinator_that_ships_another_app_is_refused_by_every_site_and_none_
     failed = json.dumps(report["rounds"])
     for site in ("A", "B"):
         assert f"site {site} refused run" in failed and "is not approved at this site" in failed, failed[:2000]
-
-
-def test_a_worker_killed_mid_run_is_started_again_and_the_run_completes(tiny_sites: Path, tmp_path: Path) -> None:
-    # Two rounds; site A's worker is killed (as the kernel's OOM killer would) once it answered its first message.
-    # (A worker killed while it holds a message costs that message: Flower expires it after ~60 s as "ClientApp
-    # stopped responding" and the coordinator tries the round again; tests/e2e/test_faults.py kills a whole site.)
-    args = ["--rounds", "2", "--image-size", "32", "--local-epochs", "1",
-            "--run-config", "secagg=false round-timeout=90 join-timeout=120"]
-    with federation(tmp_path / "fed", ["A", "B"], tiny_sites, server_args=args, client_args=CLIENT_ARGS) as fed:
-        fed.start()
-        answered = fed.site_dir("A") / "logs" / "worker.jsonl"
-        fed.wait(timeout=300, what="site A's first answer", interval=0.1, until=answered.exists)
-        (worker,) = processes_under(fed.clients["A"], "client.worker")
-        worker.send_signal(signal.SIGKILL)
-        fed.wait(timeout=600)
-        fed.check_exit()
-    assert_all_stopped(fed)
-    assert f"The worker A process (pid {worker.pid}) exited with code -9; starting it again" in (fed.logs / "site-A.log").read_text()
-    folder = fed.run_folder()
-    assert folder is not None
-    report = folder.read_report()
-    assert report["status"] == "completed"
-    assert "A" in report["rounds"][-1]["train"]["sites"], report["rounds"][-1]["train"]
-    runs = {json.loads(line)["run"] for line in answered.read_text().splitlines()}
-    assert len(runs) == 1 and len(answered.read_text().splitlines()) >= 3  # the new worker served the same run
