@@ -70,9 +70,12 @@ def read_approvals(path: Path) -> list[dict[str, Any]]:
         return []
     try:
         entries = json.loads(path.read_text())
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("hash"), str)
+                                                    for e in entries):
+            raise ValueError('expected a JSON list of {"hash": "..."} objects')
         for entry in entries:
             check_hash(entry["hash"])
-    except (ValueError, TypeError, KeyError, ConfigError) as exc:
+    except (ValueError, OSError) as exc:
         raise ConfigError(f"{path} is not a list of approved apps ({exc}); fix or remove it, then approve "
                           "again with `fl-client --approve-app HASH`") from None
     return list(entries)

@@ -9,25 +9,6 @@ import pytest
 from simulations.synth import synthesize
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The federation tests (``tests/e2e/``) first, all in one pytest-xdist group (``-n 2 --dist loadgroup``).
-
-    They start real federations, one at a time on one worker (free loopback ports, deadlines that assume
-    one federation on the machine), and spend most of their time waiting on Flower's polling; the other
-    worker runs every other test meanwhile.
-    """
-    del config
-
-    def federation(item: pytest.Item) -> bool:
-        return item.nodeid.startswith("tests/e2e/")
-
-    items.sort(key=lambda item: not federation(item))  # stable: federations first, each in its order
-    for item in items:
-        if federation(item):
-            item.add_marker(pytest.mark.xdist_group("federations"))
-
-
 @pytest.fixture(autouse=True)
 def _private_flwr_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))

@@ -185,9 +185,13 @@ def test_approvals_are_validated_deduplicated_and_a_broken_file_is_an_error(tmp_
     assert approved_hashes(path, installed=INSTALLED) == {INSTALLED, OTHER}
     with pytest.raises(ConfigError, match="Expected `--approve-app` to be a FAB hash"):
         approve(path, "abc")
-    path.write_text(json.dumps([{"hash": "not-a-hash"}]))
+    for broken in ([{"hash": "not-a-hash"}], [{"hash": 1}], {"hash": OTHER}, [OTHER], "x"):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ConfigError, match="is not a list of approved apps"):
+            approved_hashes(path, installed=INSTALLED)
+    path.write_text("{")
     with pytest.raises(ConfigError, match="is not a list of approved apps"):
-        approved_hashes(path, installed=INSTALLED)
+        approve(path, OTHER)
 
 
 def test_a_folder_without_a_flower_app_is_a_config_error(tmp_path: Path) -> None:
