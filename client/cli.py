@@ -29,7 +29,7 @@ from common.cli import run_typer, setup_logging
 from common.config import DEVICES, RunConfig, SiteConfig, positive_float, site_name
 from common.errors import ConfigError, DataError, FederationError
 from common.files import json_safe, write_atomic
-from common.flower import flower_bin, flower_env
+from common.flower import flower_env
 from common.kit import DATA_KEYS, check_data_settings, parse_data_args
 from common.processes import LOOPBACK, ManagedProcess, ProcessSet, can_connect, free_port, parse_address
 
@@ -227,7 +227,7 @@ def _run_supernode(
         supernode = procs.start(
             f"SuperNode {site_cfg.site}",
             [
-                flower_bin("flower-supernode"), *security, "--superlink", f"{host}:{port}",
+                sys.executable, "-m", "common.adapters.supernode", *security, "--superlink", f"{host}:{port}",
                 "--host", LOOPBACK, "--port", runtime.rsplit(":", 1)[1], "--isolation", "process",
                 "--superexec-auth-secret-file", str(secret), "--node-config", site_cfg.to_flower(),
             ],
