@@ -71,12 +71,12 @@ class Worker:
             task, reply, ok, details = None, None, False, ""
             try:
                 task = channel.pull()
-                self._enter_run(task.run_id)
                 refusal = self.refusal(task.fab_hash, task.run_id)
-                if refusal is not None:
+                if refusal is not None:  # before anything else: a refused run does not even end the current one
                     log.error("%s", refusal)
                     reply, details = error_reply(task.message, refusal, refused=True), refusal
                 else:
+                    self._enter_run(task.run_id)
                     marks.append((time.process_time(), time.time()))
                     log.info("Site %s: %s message of run %d taken (%.3f s of CPU to take it)", self.site,
                              task.message.metadata.message_type, task.run_id, marks[1][0] - marks[0][0])

@@ -141,11 +141,11 @@ def test_a_message_of_another_run_drops_what_the_previous_run_kept_warm(monkeypa
 
     monkeypatch.setattr(warm, "_enabled", True)
     monkeypatch.setattr(warm, "_kept", type(warm._kept)())
-    tasks = {"a1": _task(INSTALLED, 1), "a2": _task(INSTALLED, 1), "b1": _task(INSTALLED, 2)}
+    tasks = {"a1": _task(INSTALLED, 1), "x": _task(OTHER, 9), "a2": _task(INSTALLED, 1), "b1": _task(INSTALLED, 2)}
     worker, _ = _worker(monkeypatch, tmp_path, tasks, app)
     while worker.poll_once():
         pass
-    assert builds == [1, 2]  # opened once for run 1's two messages, and again for run 2
+    assert builds == [1, 2]  # opened once for run 1's two messages (a refused run between them ends nothing), again for run 2
 
 
 def test_nothing_is_kept_between_calls_in_a_process_that_did_not_enable_it() -> None:
