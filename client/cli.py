@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -45,6 +47,7 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 
 
 CONNECTED_MARKER = "connected.json"  # in the site's workdir while its SuperNode is connected
+NODE_ID = re.compile(r"SuperNode ID: (\d+)")  # what flower-supernode logs once its node is active
 REJOIN_WAIT = 180  # s: how long a restarted site waits for the coordinator to notice its previous client is gone
 REJOIN_RETRY = 5  # s between tries (a try costs one short SuperNode start)
 APP_DIR_HELP = ("The project folder whose ClientApp this site runs (default: the folder fedrad is installed from). "
@@ -178,11 +181,8 @@ def join(
     log.info("Site %s runs app %s (from %s)%s", site_cfg.site, app.installed, app.folder,
              f"; also approved: {', '.join(sorted(app.approved - {app.installed}))}" if len(app.approved) > 1 else "")
     env = flower_env(site_cfg.work_dir / "flwr-home")
-    # A client of this site that died without leaving (crash, kill) leaves its marker behind; the
-    # coordinator then still counts the site's node online until it misses two heartbeats, and
-    # refuses to activate it again until then. Only in that case is a refusal worth waiting out.
     marker = site_cfg.work_dir / CONNECTED_MARKER
-    crashed = site_kit is not None and marker.exists()
+    crashed = site_kit is not None and _rejoin_after_crash(site_cfg, site_kit, marker, address=f"{host}:{port}")
     deadline = time.monotonic() + REJOIN_WAIT
     try:
         while True:
@@ -208,6 +208,44 @@ def join(
     )
 
 
+def _rejoin_after_crash(site_cfg: SiteConfig, site_kit: Kit, marker: Path, *, address: str) -> bool:
+    """Whether this site's previous client died without leaving (its marker is left behind); if so, say it is gone.
+
+    The coordinator would count that client's node online until it misses two heartbeats (about
+    60 s), wait for its answers meanwhile, and refuse this site's key until then. The marker holds
+    the node id, so the site tells the coordinator at once (:func:`deactivate_node`, signed with
+    its key). A client of this site that still runs is an error: two cannot share one key.
+    """
+    if not marker.exists():
+        return False
+    try:
+        previous = json.loads(marker.read_text())
+        pid, since, node_id = int(previous["pid"]), float(previous["since"]), previous.get("node_id")
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # unreadable (cut short while written): the crashed case, without a node id to tell
+    if _is_supernode(pid, since):
+        raise FederationError(f"Another fl-client of site {site_cfg.site} is connected (its SuperNode has pid {pid}); "
+                              f"stop it first, or give this one its own --workdir")
+    if isinstance(node_id, int):
+        from common.adapters.supernode import deactivate_node
+
+        why = deactivate_node(address, ca_cert=site_kit.ca_cert, private_key=site_kit.private_key, node_id=node_id)
+        log.info("Site %s: its previous client did not leave cleanly; %s", site_cfg.site,
+                 "told the coordinator it is gone" if why is None else f"the coordinator did not take note ({why})")
+    return True
+
+
+def _is_supernode(pid: int, since: float) -> bool:
+    """Whether ``pid`` is still the SuperNode that connected at ``since`` (not a later process with its PID)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() <= since + 1 and "common.adapters.supernode" in " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def _run_supernode(
     site_cfg: SiteConfig, site_kit: Kit | None, app: SiteApp, *, host: str, port: int, security: list[str],
     env: dict[str, str], marker: Path,
@@ -219,43 +257,72 @@ def _run_supernode(
     ``marker`` is written once the SuperNode is connected (and removed by the caller when it leaves).
     """
     runtime = f"{LOOPBACK}:{free_port()}"
-    supernode_log = site_cfg.work_dir / "logs" / "supernode.log"
     secret = site_cfg.work_dir / "worker.secret"
     write_atomic(secret, secrets.token_bytes(32))  # a new one at every start, readable by this user only
-    with ProcessSet() as procs:
-        start = supernode_log.stat().st_size if supernode_log.exists() else 0
-        supernode = procs.start(
-            f"SuperNode {site_cfg.site}",
-            [
-                sys.executable, "-m", "common.adapters.supernode", *security, "--superlink", f"{host}:{port}",
-                "--host", LOOPBACK, "--port", runtime.rsplit(":", 1)[1], "--isolation", "process",
-                "--superexec-auth-secret-file", str(secret), "--node-config", site_cfg.to_flower(),
-            ],
-            env=env,
-            log_path=supernode_log,
-        )
-        worker_cmd = [sys.executable, "-m", "client.worker", "--runtime-api", runtime, "--secret-file", str(secret),
-                      "--site", site_cfg.site, "--installed", app.installed, "--approvals", str(app.approvals),
-                      "--stats", str(supernode_log.with_name("worker.jsonl")), "--parent-pid", str(os.getpid())]
-        workers = _WorkerKeeper(procs, f"worker {site_cfg.site}", worker_cmd, env=env, cwd=app.folder,
-                                log_path=supernode_log)
-        log.info("Site %s joined via %s:%d over %s (SuperNode pid %d, log %s); Ctrl-C to leave", site_cfg.site, host,
-                 port, "plain HTTP" if site_kit is None else f"TLS, key {site_kit.fingerprint}", supernode.pid,
-                 supernode_log)
-        with supernode_log.open(errors="replace") as follow:
-            follow.seek(start)
-            connected = False
-            while supernode.running():
-                workers.check()
-                chunk = _echo(follow)
-                if not connected and "SuperNode ID:" in chunk:
-                    connected = True
-                    write_atomic(marker, json.dumps({"pid": supernode.pid, "since": time.time()}).encode())
-                time.sleep(0.5)
-            _echo(follow)
-            follow.seek(start)
-            output = follow.read()
-        return supernode.popen.returncode, output
+    joined = _Joined()
+    try:
+        with ProcessSet() as procs:
+            return _supervise(site_cfg, site_kit, app, procs, joined, marker=marker, runtime=runtime, secret=secret,
+                              env=env, host=host, port=port, security=security)
+    finally:
+        if joined.node_id is not None and site_kit is not None:
+            # Flower's SuperNode deactivates its node when it leaves, unless its exit is cut short
+            # (a second signal, its force-exit timer); then the coordinator would wait out its heartbeats.
+            from common.adapters.supernode import deactivate_node
+
+            if deactivate_node(f"{host}:{port}", ca_cert=site_kit.ca_cert, private_key=site_kit.private_key,
+                               node_id=joined.node_id, timeout=3.0) is None:
+                log.info("Site %s: told the coordinator this site has left (its SuperNode did not)", site_cfg.site)
+
+
+@dataclass
+class _Joined:
+    """The node id this site's SuperNode activated at the coordinator, once it has."""
+
+    node_id: int | None = None
+
+
+def _supervise(
+    site_cfg: SiteConfig, site_kit: Kit | None, app: SiteApp, procs: ProcessSet, joined: _Joined, *, marker: Path,
+    runtime: str, secret: Path, env: dict[str, str], host: str, port: int, security: list[str],
+) -> tuple[int | None, str]:
+    """Start the SuperNode and the worker in ``procs`` and follow them until the SuperNode exits: its code and output.
+
+    Once the SuperNode is connected, its node id goes into ``joined`` and the ``marker``.
+    """
+    supernode_log = site_cfg.work_dir / "logs" / "supernode.log"
+    start = supernode_log.stat().st_size if supernode_log.exists() else 0
+    supernode = procs.start(
+        f"SuperNode {site_cfg.site}",
+        [
+            sys.executable, "-m", "common.adapters.supernode", *security, "--superlink", f"{host}:{port}",
+            "--host", LOOPBACK, "--port", runtime.rsplit(":", 1)[1], "--isolation", "process",
+            "--superexec-auth-secret-file", str(secret), "--node-config", site_cfg.to_flower(),
+        ],
+        env=env,
+        log_path=supernode_log,
+    )
+    worker_cmd = [sys.executable, "-m", "client.worker", "--runtime-api", runtime, "--secret-file", str(secret),
+                  "--site", site_cfg.site, "--installed", app.installed, "--approvals", str(app.approvals),
+                  "--stats", str(supernode_log.with_name("worker.jsonl")), "--parent-pid", str(os.getpid())]
+    workers = _WorkerKeeper(procs, f"worker {site_cfg.site}", worker_cmd, env=env, cwd=app.folder,
+                            log_path=supernode_log)
+    log.info("Site %s joined via %s:%d over %s (SuperNode pid %d, log %s); Ctrl-C to leave", site_cfg.site, host,
+             port, "plain HTTP" if site_kit is None else f"TLS, key {site_kit.fingerprint}", supernode.pid,
+             supernode_log)
+    with supernode_log.open(errors="replace") as follow:
+        follow.seek(start)
+        while supernode.running():
+            workers.check()
+            chunk = _echo(follow)
+            if joined.node_id is None and (found := NODE_ID.search(chunk)):
+                joined.node_id = int(found.group(1))
+                write_atomic(marker, json.dumps({"pid": supernode.pid, "since": time.time(),
+                                                 "node_id": joined.node_id}).encode())
+            time.sleep(0.5)
+        _echo(follow)
+        follow.seek(start)
+        return supernode.popen.returncode, follow.read()
 
 
 class _WorkerKeeper:

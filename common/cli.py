@@ -28,6 +28,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
 
 
 def run_typer(app: typer.Typer, argv: Sequence[str] | None = None, *, prog_name: str) -> NoReturn:

@@ -106,14 +106,14 @@ def origin(reply: Message, sent_to: dict[str, int]) -> int:
 
 def _failure(reply: Message, timeout: float) -> str:
     """Why a site did not answer, in the coordinator's words (the SuperLink's errors for a
-    message that expired unanswered, or a node that stopped sending heartbeats)."""
+    message that expired unanswered, or a node that left or stopped sending heartbeats)."""
     from common.adapters.flower import undelivered
 
     why = undelivered(reply.error.code)
     if why == "expired":
         return f"no answer within the {timeout:g} s deadline (round-timeout)"
     if why == "node unavailable":
-        return "connection lost: the site stopped sending heartbeats (Node Unavailable)"
+        return "connection lost: the site left, or stopped sending heartbeats (Node Unavailable)"
     return reply.error.reason
 
 

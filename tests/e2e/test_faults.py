@@ -23,7 +23,7 @@ from tests.e2e.support import assert_all_stopped, copy_app, crash_site, federati
 
 pytestmark = pytest.mark.e2e
 
-DEADLINE = 60  # round-timeout (s): also what lets killed site C rejoin (its old node expires) before round 2
+DEADLINE = 30  # round-timeout (s): slow site S never answers in time, so each round lasts this long
 RUN_CONFIG = (f"secagg=false batch-size=16 optimizer='adam' learning-rate=0.03 round-timeout={DEADLINE} "
               "join-timeout=120 seed=7")
 SIZES = {"A": 200, "B": 200, "C": 200, "N": 60, "S": 60}
@@ -109,8 +109,9 @@ def trained_in(report: dict, site: str, key: str = "sites") -> list[int]:
 def test_dead_nan_and_slow_sites_do_not_stop_or_poison_the_run(sites: Path, tmp_path: Path) -> None:
     """Three sites each fail differently next to two healthy ones (A and B), over two rounds:
 
-    - C is killed mid-round 1 and started again (its node stays "online" at the SuperLink until it misses
-      two heartbeats; fl-client waits that out): round 1 goes on without it, and it rejoins;
+    - C is killed mid-round 1 and started again: its restarted fl-client tells the coordinator its old node is
+      gone (else the SuperLink would count it online until it missed two heartbeats, about 60 s), so round 1
+      goes on without it at once, and it rejoins for round 2;
     - N sends NaN weights every round: each update is rejected, with the reason, by name;
     - S answers 10x later than the round deadline: every round goes on without it.
     """
@@ -147,7 +148,8 @@ def test_dead_nan_and_slow_sites_do_not_stop_or_poison_the_run(sites: Path, tmp_
     # the rounds it was aggregated in. (On a busy machine round 1 may need its retry: the sites answer
     # the retry with their stored update, so nobody pays for round 1 twice.)
     first_try = report["rounds"][0].get("attempts", [{}])[0].get("failed", train[1]["failed"])
-    assert "heartbeats" in first_try.get("C", "") or "deadline" in first_try.get("C", ""), first_try
+    assert "heartbeats" in first_try.get("C", ""), first_try
+    assert "did not leave cleanly; told the coordinator it is gone" in c_log.read_text()
     booked_c = ledger_rounds(fed, "C", run_id)
     assert booked_c and booked_c == trained_in(report, "C")
     # N: never aggregated; every round it trained is booked in its ledger, and every update it

@@ -71,8 +71,9 @@ def secure_run(three_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     inspect = root / "inspect"
     inspect.mkdir()
     app = copy_app(root / "app", inspect=inspect)
-    # Each site's warm worker answers a SecAgg+ stage within seconds (the first training message included); round 2
-    # waits for C at most secagg-timeout (Flower would notice its node gone only after two missed heartbeats, ~60 s).
+    # Each site's warm worker answers a SecAgg+ stage within seconds (the first training message included). C leaves
+    # in round 2: its node is deactivated as it goes, so the coordinator hears at once that it will not answer
+    # (secagg-timeout only bounds the wait for a site that falls silent without leaving).
     server_args = [*SERVER_ARGS, "--rounds", "2", "-c", "batch-size=8 fraction-evaluate=0.0 secagg-timeout=30.0"]
     with federation(root / "fed", SITES, three_sites, app=app, server_args=server_args,
                     client_args=CLIENT_ARGS) as fed:
