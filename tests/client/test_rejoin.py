@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from client import cli
+from client import connection as cli
 from common.adapters.supernode import deactivate_node
 from common.config import SiteConfig
 from common.errors import FederationError
