@@ -75,9 +75,7 @@ def serve(
         workdir, saved = steps.resume_config(resume.resolve(), insecure=insecure)
         min_sites = int(saved.get("min-sites", min_sites))
     bind = steps.check_address(window=window, insecure=insecure, host=host, port=port)
-    source = app_dir()
     workdir = steps.open_workdir(workdir)
-    source = steps.stage_app(source, workdir)
     transport = steps.choose_transport(
         workdir, insecure=insecure, bind=bind, port=port, min_sites=min_sites, public_host=public_host or []
     )
@@ -89,6 +87,7 @@ def serve(
     run, launch = steps.check_run_config(config_args)
     start = steps.check_init_weights(run, launch, resume=resume)
     config_args = steps.secagg_args(config_args, run=run, start=start, sites=len(transport.enrolled) or None)
+    source = steps.stage_app(app_dir(), workdir)
     status, details, flower_run_id = steps.run_federation(
         workdir, source=source, transport=transport, port=port, config_args=config_args, min_sites=min_sites,
         resumed=saved is not None,

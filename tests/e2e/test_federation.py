@@ -169,11 +169,13 @@ def test_bad_option_values_fail_cleanly(tmp_path: Path) -> None:
     assert "--kit" in one_line_error(proc)
     proc = run_cli(str(BIN / "fl-client"), "--kit", str(tmp_path / "no-kit"), "--data", str(tmp_path))
     assert "no-kit" in one_line_error(proc)
-    proc = run_cli(str(BIN / "fl-server"), "--insecure", "--min-sites", "1", "--port", str(free_port()))
+    proc = run_cli(str(BIN / "fl-server"), "--insecure", "--min-sites", "1", "--port", str(free_port()),
+                   "--workdir", str(tmp_path / "w"))
     assert "min-sites" in one_line_error(proc) and "secagg=false" in one_line_error(proc)
     proc = run_cli(str(BIN / "fl-server"), "--port", str(free_port()), "--workdir", str(tmp_path / "s"))
     assert "fl-server enroll" in one_line_error(proc)
-    proc = run_cli(str(BIN / "fl-server"), "--insecure", "--host", "0.0.0.0", "--port", str(free_port()))
+    proc = run_cli(str(BIN / "fl-server"), "--insecure", "--host", "0.0.0.0", "--port", str(free_port()),
+                   "--workdir", str(tmp_path / "w"))
     assert "--insecure" in one_line_error(proc)
 
 
