@@ -143,9 +143,15 @@ def test_a_secagg_run_rewound_to_round_1_resumes_round_2_without_charging_it_twi
 
 
 def test_compare_puts_each_arm_against_pooled_and_repeats_only_the_dp_arm(tmp_path: Path) -> None:
+    """``fl-sim compare`` on a user's own labelled DICOM folder, split into three virtual sites by patient."""
+    from simulations.synth import synthesize
+
+    archive = tmp_path / "archive"
+    synthesize(archive, sites=["X"], images_per_site=120, seed=5, size=32)
     out = tmp_path / "compare.json"
     proc = _sim(tmp_path, "compare", "tiny", "--arms", "pooled,local,fedavg,fedavg-dp", "--no-secagg", "--rounds", "1",
-                "--repeats", "2", "--json", str(out))
+                "--repeats", "2", "--json", str(out),
+                "--set", "sites.source=folder", "--set", f"sites.folder={json.dumps(str(archive / 'X'))}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (folder,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("compare-")]
     data = json.loads((folder / "compare.json").read_text())
@@ -158,9 +164,12 @@ def test_compare_puts_each_arm_against_pooled_and_repeats_only_the_dp_arm(tmp_pa
         assert set(a["sites"]) == {"site-001", "site-002", "site-003"}
         if a["pooled"]["auroc"] is not None:
             assert a["ratio_to_pooled"]["auroc"] == pytest.approx(a["spread"]["auroc"]["median"] / arms["pooled"]["pooled"]["auroc"])
-    # The FedAvg arm is a real simulated run with its own report, trained without DP.
+    # The FedAvg arm is a real simulated run with its own report, trained without DP, on the folder's patients.
     fed = json.loads((Path(arms["fedavg"]["run_dir"]) / "report.json").read_text())
     assert fed["final"]["auroc"] == pytest.approx(arms["fedavg"]["pooled"]["auroc"])
+    assert len(fed["rounds"][0]["train"]["sites"]) == 3
+    examples = sum(m["num-examples"] for m in fed["rounds"][0]["train"]["sites"].values())
+    assert 0 < examples < 120  # each site's training split of its share of the folder
     assert all(s.get("epsilon") is None for s in fed["sites"].values())
     assert all(s["privacy_unit"].startswith("none") for s in fed["sites"].values())
     # The DP arm: two independent draws, each a real simulated run with its own report and ledgers.
@@ -197,21 +206,3 @@ def test_bad_input_is_one_line(tmp_path: Path, args: tuple[str, ...], expected: 
     proc = _sim(tmp_path, *args, timeout=120)
     assert expected in one_line_error(proc)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-
-
-def test_partitioned_folder_source(tmp_path: Path) -> None:
-    """A user's own labelled DICOM folder, split into virtual sites by patient."""
-    from simulations.synth import synthesize
-
-    folder = tmp_path / "archive"
-    synthesize(folder, sites=["X"], images_per_site=120, seed=5, size=32)
-    proc = _sim(
-        tmp_path, "run", "tiny", "--no-secagg", "--no-dp", "--rounds", "1",
-        "--set", "sites.source=folder", "--set", f"sites.folder={json.dumps(str(folder / 'X'))}",
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    report = json.loads((run_dir / "report.json").read_text())
-    assert len(report["rounds"][0]["train"]["sites"]) == 3
-    examples = sum(m["num-examples"] for m in report["rounds"][0]["train"]["sites"].values())
-    assert 0 < examples < 120
