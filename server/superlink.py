@@ -23,7 +23,7 @@ CONNECTION = "fedrad"
 SUPERLINK_STATE = "superlink.json"  # the running SuperLink of a workdir: pid, Control API port, node per site
 SUPERLINK_DB = Path("state") / "superlink.sqlite"  # the SuperLink's state (nodes, runs): survives a crash
 NODES_FILE = Path("state") / "nodes.json"  # site → node id and key fingerprint registered in that database
-STATUS_POLL = 30.0  # s between two questions for a run's status while its log stream runs
+STATUS_POLL = 5.0  # s between two questions for a run's status while its log stream runs
 
 
 def app_dir() -> Path:
@@ -62,7 +62,8 @@ def write_connection(flwr_home: Path, port: int, *, ca_cert: Path | None = None)
 
 
 def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict[str, Any]:
-    """Run ``flwr ARGS --format json`` and return its JSON (``"success": true``).
+    """Run ``flwr ARGS --format json`` and return its JSON (``"success": true``); ``ls``, ``stop`` and ``supernode
+    register/unregister`` are answered from this process (:mod:`common.adapters.control`), the same way.
 
     Parameters
     ----------
@@ -79,6 +80,10 @@ def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> dict
         When ``flwr`` is not installed, does not answer within ``timeout`` seconds, exits with an error or
         reports no success; with ``flwr``'s error message.
     """
+    from common.adapters import control
+
+    if control.handles(args):  # the same call and answer, without a `flwr` process (about 1 s of CPU)
+        return control.control_call(args, Path(env["FLWR_HOME"]))
     try:
         proc = subprocess.run(
             [flower_bin("flwr"), *args, "--format", "json"],
@@ -326,8 +331,7 @@ def submit_and_follow(
     log.info("Submitted run %s; waiting for %d site(s) to connect", run_id, min_sites)
     stream = procs.start("log stream", [flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=env)
     # `flwr log --stream` ends when the run finishes: the run's status is asked for then, and every
-    # STATUS_POLL s besides (each `flwr` call is a process start, about 1 s of CPU), or every 5 s
-    # if the stream ended early.
+    # STATUS_POLL s besides.
     asked = time.monotonic()
     while True:
         if not superlink.running():
@@ -341,7 +345,7 @@ def submit_and_follow(
         if status.startswith("finished"):
             break
         if not stream.running():
-            time.sleep(5)
+            time.sleep(STATUS_POLL)
     if stream.running():
         time.sleep(1.5)  # let the log stream print the last lines
     return status, details, run_id

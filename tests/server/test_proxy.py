@@ -293,6 +293,39 @@ def test_control_api_is_forbidden_through_the_proxy_but_exists_behind_it(coordin
     assert direct_status != 403 and direct_body.decode(errors="replace") != FORBIDDEN_BODY
 
 
+def test_the_control_api_from_this_process_answers_as_the_flwr_cli_does(coordinator: Coordinator,
+                                                                          tmp_path: Path) -> None:
+    """fl-server calls `flwr ls/stop/supernode register/unregister` in-process (common/adapters/control.py)."""
+    from common.adapters.control import control_call, handles
+    from server.enroll import Consortium
+    from server.superlink import CONNECTION, flwr_cli, write_connection
+
+    home = tmp_path / "cli"
+    write_connection(home, coordinator.internal, ca_cert=coordinator.pki.ca)
+    env = flower_env(home)
+    kit = Consortium(tmp_path / "consortium").enroll("A", server_address="127.0.0.1:9092")
+    assert handles(["ls", CONNECTION]) and handles(["supernode", "register"]) and not handles(["run", "."])
+
+    registered = control_call(["supernode", "register", str(kit / "site.pub"), CONNECTION], home)
+    assert registered["success"] and int(registered["node-id"]) > 0
+    with pytest.raises(FederationError, match="already"):  # Flower's own refusal, as `flwr` prints it
+        control_call(["supernode", "register", str(kit / "site.pub"), CONNECTION], home)
+    assert control_call(["ls", CONNECTION], home) == {"success": True, "runs": []}
+    with pytest.raises(FederationError, match="`flwr stop` failed: .*"):
+        control_call(["stop", "12345", CONNECTION], home)
+    control_call(["supernode", "unregister", str(registered["node-id"]), CONNECTION], home)
+    with pytest.raises(FederationError, match="`flwr supernode` failed"):  # unregistered: gone for good
+        control_call(["supernode", "unregister", str(registered["node-id"]), CONNECTION], home)
+    # The `flwr` process itself answers with the same shape.
+    import subprocess
+
+    other = Consortium(tmp_path / "consortium").enroll("B", server_address="127.0.0.1:9092")
+    out = subprocess.run([flower_bin("flwr"), "supernode", "register", str(other / "site.pub"), CONNECTION, "--format",
+                          "json"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert '"node-id"' in out.stdout, out.stdout + out.stderr
+    assert flwr_cli(["ls", CONNECTION], env)["runs"] == []
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [
