@@ -23,7 +23,7 @@ CONNECTION = "fedrad"
 SUPERLINK_STATE = "superlink.json"  # the running SuperLink of a workdir: pid, Control API port, node per site
 SUPERLINK_DB = Path("state") / "superlink.sqlite"  # the SuperLink's state (nodes, runs): survives a crash
 NODES_FILE = Path("state") / "nodes.json"  # site → node id and key fingerprint registered in that database
-STATUS_POLL = 5.0  # s between two questions for a run's status while its log stream runs
+STATUS_POLL = 1.0  # s between two questions for a run's status (answered by the Control API, not a `flwr` process)
 
 
 def app_dir() -> Path:
@@ -330,22 +330,15 @@ def submit_and_follow(
     run_id = str(flwr_cli(run_args, env)["run-id"])
     log.info("Submitted run %s; waiting for %d site(s) to connect", run_id, min_sites)
     stream = procs.start("log stream", [flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=env)
-    # `flwr log --stream` ends when the run finishes: the run's status is asked for then, and every
-    # STATUS_POLL s besides.
-    asked = time.monotonic()
     while True:
         if not superlink.running():
             raise FederationError(f"SuperLink stopped unexpectedly: {superlink.tail(3)}")
-        if stream.running() and time.monotonic() - asked < STATUS_POLL:
-            time.sleep(0.5)
-            continue
-        asked = time.monotonic()
-        run = flwr_cli(["ls", CONNECTION, "--run-id", run_id], env)["runs"][0]
+        run = flwr_cli(["ls", CONNECTION, "--run-id", run_id], env)["runs"][0]  # from this process: milliseconds
         status, details = run.get("status", ""), run.get("status-details", "")
         if status.startswith("finished"):
             break
-        if not stream.running():
-            time.sleep(STATUS_POLL)
-    if stream.running():
-        time.sleep(1.5)  # let the log stream print the last lines
+        time.sleep(STATUS_POLL)
+    done = time.monotonic() + 1.5  # the log stream ends with the run: let it print its last lines
+    while stream.running() and time.monotonic() < done:
+        time.sleep(0.1)
     return status, details, run_id
